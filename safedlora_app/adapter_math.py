@@ -1,0 +1,188 @@
+"""LoRA adapter math: aggregation, SVD form, global rank allocation, truncation.
+
+Pure tensor functions (no Flower, no I/O). One adapted module holds ``B`` (d_out x r) and
+``A`` (r x d_in) with update ``dW = s * B @ A``. The server keeps ``B = U sqrt(S)``,
+``A = sqrt(S) V^T`` (balanced SVD form), so component j carries singular value ``S[j]`` and
+truncating to the first r components is the best rank-r approximation (Eckart-Young).
+Nothing here ever forms the d_out x d_in matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``sum_k w_k B_k A_k`` without forming it.
+
+    Stacks ``[sqrt(w_k) B_k]`` column-wise and ``[sqrt(w_k) A_k]`` row-wise, QR-factors both
+    stacks and takes the SVD of the small core: O((d_in + d_out) q^2) for q = sum of ranks.
+
+    Parameters
+    ----------
+    bs, as_ : sequences of Tensor
+        Client factors ``B_k`` (d_out x r_k) and ``A_k`` (r_k x d_in); ranks may differ.
+    weights : sequence of float
+        Non-negative weights ``w_k`` (not normalised here).
+
+    Returns
+    -------
+    U, S, Vh : Tensor
+        float64; ``U`` d_out x q', ``S`` descending, ``Vh`` q' x d_in.
+    """
+    if not (len(bs) == len(as_) == len(weights)) or not bs:
+        raise ValueError("need one B, one A and one weight per client, and at least one client")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0, got {list(weights)}")
+    roots = [math.sqrt(w) for w in weights]
+    b_stack = torch.cat([r * b.double() for r, b in zip(roots, bs)], dim=1)
+    a_stack = torch.cat([r * a.double() for r, a in zip(roots, as_)], dim=0)
+    q_b, r_b = torch.linalg.qr(b_stack)
+    q_a, r_a = torch.linalg.qr(a_stack.T)
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u_core, s, vh_core @ q_a.T
+
+
+def balanced_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``B = U sqrt(S)``, ``A = sqrt(S) V^T`` for the first ``rank`` components, float32.
+
+    Components beyond the numerical rank are set exactly to zero, so they are recognised as
+    dead (see ``revive_dead_components``) instead of carrying rounding noise.
+    """
+    rank = min(rank, s.numel())
+    s = s[:rank].clone()
+    tolerance = (s[0] if rank else 0.0) * max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps
+    s[s <= tolerance] = 0.0
+    root = s.sqrt()
+    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+
+
+def aggregate_products(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float],
+                       max_rank: int) -> tuple[Tensor, Tensor]:
+    """Exact weighted mean of client products, re-factored in balanced SVD form.
+
+    The mean ``sum_k p_k B_k A_k`` (``p_k = w_k / sum w``) is truncated to ``max_rank``
+    components, the best approximation at that rank.
+    """
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"total weight must be > 0, got {total}")
+    u, s, vh = product_svd(bs, as_, [w / total for w in weights])
+    return balanced_factors(u, s, vh, max_rank)
+
+
+def aggregate_factors(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """FedIT/HetLoRA baseline: weighted means of A and B separately, zero-padded to the largest rank.
+
+    The mean of products is *not* the product of means; this is the comparison point.
+    """
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"total weight must be > 0, got {total}")
+    rank = max(b.shape[1] for b in bs)
+    b_mean = sum((w / total) * resize(b, a, rank)[0].double() for w, b, a in zip(weights, bs, as_))
+    a_mean = sum((w / total) * resize(b, a, rank)[1].double() for w, b, a in zip(weights, bs, as_))
+    return b_mean.float(), a_mean.float()
+
+
+def to_balanced(b: Tensor, a: Tensor, max_rank: int) -> tuple[Tensor, Tensor]:
+    """Re-factor any ``(B, A)`` into balanced SVD form (same product, sorted components)."""
+    return aggregate_products([b], [a], [1.0], max_rank)
+
+
+def singular_values(b: Tensor, a: Tensor) -> Tensor:
+    """Singular values of ``B @ A`` (descending, float64), without forming the product."""
+    return product_svd([b], [a], [1.0])[1]
+
+
+def resize(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Keep the first ``rank`` components, zero-padding if there are fewer."""
+    current = b.shape[1]
+    if rank <= current:
+        return b[:, :rank], a[:rank]
+    extra = rank - current
+    return (torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1),
+            torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0))
+
+
+def allocate_ranks(sigmas: Mapping[str, Tensor], budget: int, floor: int, cap: int,
+                   uniform: bool = False) -> dict[str, int]:
+    """Split a total-rank ``budget`` over modules.
+
+    Global allocation (the "adaptive parameter allocation"): every module keeps ``floor``
+    components; the rest of the budget goes to the largest singular values across *all*
+    modules (one global threshold), at most ``cap`` per module. Ties (e.g. all zeros at the
+    start) go round-robin by component index, so equal energy gives equal ranks.
+
+    Parameters
+    ----------
+    sigmas : mapping of module name to Tensor
+        Each module's singular values, descending (missing components count as 0).
+    budget : int
+        Total rank, ``floor * M <= budget <= cap * M`` for M modules.
+    floor, cap : int
+        Per-module bounds, ``1 <= floor <= cap``.
+    uniform : bool
+        Ablation: equal ranks (``budget // M``, the remainder to the first modules).
+
+    Returns
+    -------
+    dict
+        Module name to rank, in the order of ``sigmas``; ranks sum to ``budget``.
+    """
+    names = list(sigmas)
+    count = len(names)
+    if not 1 <= floor <= cap:
+        raise ValueError(f"need 1 <= floor ({floor}) <= cap ({cap})")
+    if not floor * count <= budget <= cap * count:
+        raise ValueError(f"budget {budget} is outside [{floor * count}, {cap * count}] for {count} modules")
+    if uniform:
+        base, extra = divmod(budget, count)
+        return {name: base + (i < extra) for i, name in enumerate(names)}
+    candidates = []
+    for m, name in enumerate(names):
+        values = sigmas[name].double().tolist()
+        for j in range(floor, cap):
+            candidates.append((-(values[j] if j < len(values) else 0.0), j, m))
+    candidates.sort()
+    ranks = dict.fromkeys(names, floor)
+    for _, _, m in candidates[: budget - floor * count]:
+        ranks[names[m]] += 1
+    return ranks
+
+
+def dead_components(b: Tensor, a: Tensor) -> Tensor:
+    """Boolean mask of components whose A row and B column are both exactly zero.
+
+    Such a component gets no gradient in either factor, so it could never learn.
+    """
+    return (a.abs().amax(dim=1) == 0) & (b.abs().amax(dim=0) == 0)
+
+
+def revive_dead_components(b: Tensor, a: Tensor, seed: int) -> tuple[Tensor, Tensor, int]:
+    """Give dead components a fresh random A row (peft's default LoRA init) and a zero B column.
+
+    ``B @ A`` is unchanged (the B column stays zero), but both factors now get gradients.
+    The rows are drawn from ``U(-1/sqrt(d_in), 1/sqrt(d_in))``, which is what
+    ``kaiming_uniform_(a=sqrt(5))`` gives for lora_A, seeded by ``seed`` for reproducibility.
+
+    Returns
+    -------
+    b, a, revived : Tensor, Tensor, int
+        New tensors (inputs untouched) and how many components were revived.
+    """
+    dead = dead_components(b, a)
+    revived = int(dead.sum())
+    if not revived:
+        return b, a, 0
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(a.shape[1])
+    fresh = (torch.rand(revived, a.shape[1], generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    a = a.clone()
+    a[dead] = fresh.to(a.dtype)
+    return b.clone(), a, revived

@@ -1,0 +1,286 @@
+"""Run configuration: one dataclass, every field documented, validation in one place.
+
+Flower hands the ServerApp and every ClientApp ``context.run_config``, a flat mapping of
+kebab-case keys (declared with their defaults in ``pyproject.toml``). ``RunConfig.from_mapping``
+turns it into typed fields and rejects bad values *before* any training starts, with one
+error that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
+SCHEDULES = ("cubic", "linear", "cosine", "exponential", "constant")
+ALLOCATIONS = ("global", "uniform")
+AGGREGATIONS = ("product", "fedavg")
+INIT_TRAINABLE = ("lora", "full")
+TASKS = ("text-classification", "image-classification")
+PARTITIONERS = ("natural", "dirichlet", "iid")
+
+
+class ConfigError(ValueError):
+    """A run-config value is not allowed; the message names key, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key of the app (``pyproject.toml`` holds the same keys and defaults)."""
+
+    # --- Method and rounds ---------------------------------------------------------------
+    method: str = "sa-fedlora"
+    """``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or
+    ``fedit`` (LoRA at fixed ``rank-max``, A and B averaged separately)."""
+    num_server_rounds: int = 12
+    """Total federated rounds T."""
+    fraction_train: float = 1.0
+    """Fraction of connected nodes sampled each round."""
+    min_nodes: int = 2
+    """Nodes that must be connected before a round starts (and the fewest sampled)."""
+    node_wait_timeout: float = 300.0
+    """Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after."""
+    round_timeout: float = 3600.0
+    """Seconds to wait for replies in one round; late replies are dropped."""
+
+    # --- Initiating stage ----------------------------------------------------------------
+    init_rounds: int = 1
+    """Rounds 1..init-rounds use the proximal term (0 disables the stage)."""
+    init_trainable: str = "lora"
+    """What clients train while initiating: ``lora`` (adapters at rank-max + head) or ``full``
+    (backbone + head; the trained backbone becomes the frozen base of the annealing stage)."""
+    prox_mu: float = 0.01
+    """mu of the proximal term (mu/2)||w - w_global||^2 in the initiating stage (and fedprox)."""
+    prox_mu_anneal: float = 0.0
+    """mu of the proximal term during the annealing stage."""
+
+    # --- Annealing stage -----------------------------------------------------------------
+    rank_max: int = 8
+    """Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank."""
+    rank_min: int = 2
+    """Bottom rank per module; b_min = rank-min x modules."""
+    rank_floor: int = 1
+    """Fewest components any module keeps under global allocation."""
+    heat_rounds: int = 1
+    """Annealing rounds at b_max before the budget shrinks."""
+    cool_rounds: int = 2
+    """Final annealing rounds at b_min."""
+    schedule: str = "cubic"
+    """Budget shrink: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``."""
+    allocation: str = "global"
+    """``global`` (keep the largest singular values across all modules) or ``uniform``."""
+    aggregation: str = "product"
+    """``product`` (exact weighted mean of B·A, QR + small SVD) or ``fedavg`` (A, B averaged)."""
+    lora_scale: float = 2.0
+    """Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: str = "query,value"
+    """Comma-separated module-name suffixes that get LoRA adapters."""
+    head_modules: str = "classifier"
+    """Comma-separated module names of the task head (trained and averaged in every stage)."""
+
+    # --- Task, model and data ------------------------------------------------------------
+    task: str = "text-classification"
+    """``text-classification`` or ``image-classification``."""
+    model_name: str = ""
+    """Hub id or local directory; empty = the embedded all-MiniLM-L6-v2."""
+    dataset_name: str = ""
+    """Hub id, local csv/json/jsonl/parquet file or directory; empty = the embedded tweets."""
+    text_column: str = "text"
+    """Column with the input text (text tasks)."""
+    image_column: str = "image"
+    """Column with the input image (image tasks)."""
+    label_column: str = "label"
+    """Column with the class label."""
+    natural_column: str = "topic"
+    """Column whose values define the ``natural`` partitions."""
+    max_seq_len: int = 64
+    """Token limit per text (MiniLM's tweets: p99 50, max 62)."""
+    test_size: int = 1000
+    """Rows held out (fixed seed) for central evaluation every round."""
+    partitioner: str = "dirichlet"
+    """``natural`` (one partition per value of natural-column), ``dirichlet`` or ``iid``."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet split over labels."""
+    seed: int = 42
+    """Seed of partitions, client sampling of local data, and initialisation."""
+
+    # --- Local training ------------------------------------------------------------------
+    local_samples: int = 160
+    """Samples each client draws from its partition per round (0 = the whole partition)."""
+    local_epochs: int = 1
+    """Passes over those samples per round."""
+    batch_size: int = 16
+    """Training batch size."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step (low-memory clients)."""
+    lr: float = 2e-3
+    """AdamW learning rate for LoRA rounds (adapters + head)."""
+    full_lr: float = 5e-5
+    """AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    eval_batch_size: int = 64
+    """Batch size of central evaluation."""
+    torch_threads: int = 0
+    """torch intra-op threads per process (0 = torch's default)."""
+    max_num_examples: int = 1_000_000
+    """Replies claiming more training examples than this are dropped as absurd."""
+
+    # --- Outputs -------------------------------------------------------------------------
+    out_dir: str = "~/safedlora-runs"
+    """Absolute directory (or starting with ~) for run outputs."""
+    run_name: str = ""
+    """Sub-directory of out-dir; empty = ``<method>-<date>-<time>``."""
+    cache_dir: str = "~/.cache/safedlora"
+    """Node-local directory caching trained backbones by content hash."""
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``run_config`` (kebab-case keys), then validate.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key, a value of the wrong type, or a value outside what is allowed.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown run-config key {key!r}; known keys: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+                )
+            values[name] = _coerce(key, value, known[name].type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check every value; raise one ``ConfigError`` for the first bad one."""
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("init-trainable", self.init_trainable, INIT_TRAINABLE)
+        _choice("task", self.task, TASKS)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _at_least("num-server-rounds", self.num_server_rounds, 1)
+        _at_least("min-nodes", self.min_nodes, 1)
+        _at_least("init-rounds", self.init_rounds, 0)
+        _at_least("heat-rounds", self.heat_rounds, 0)
+        _at_least("cool-rounds", self.cool_rounds, 0)
+        _at_least("rank-floor", self.rank_floor, 1)
+        _at_least("rank-min", self.rank_min, 1)
+        _at_least("rank-max", self.rank_max, 1)
+        _at_least("max-seq-len", self.max_seq_len, 8)
+        _at_least("test-size", self.test_size, 1)
+        _at_least("local-samples", self.local_samples, 0)
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _at_least("grad-accum-steps", self.grad_accum_steps, 1)
+        _at_least("eval-batch-size", self.eval_batch_size, 1)
+        _at_least("torch-threads", self.torch_threads, 0)
+        _at_least("max-num-examples", self.max_num_examples, 1)
+        for key, value in (("prox-mu", self.prox_mu), ("prox-mu-anneal", self.prox_mu_anneal),
+                           ("weight-decay", self.weight_decay)):
+            _at_least(key, value, 0.0)
+        for key, value in (("lr", self.lr), ("full-lr", self.full_lr), ("lora-scale", self.lora_scale),
+                           ("dirichlet-alpha", self.dirichlet_alpha), ("node-wait-timeout", self.node_wait_timeout),
+                           ("round-timeout", self.round_timeout)):
+            if not value > 0:
+                raise ConfigError(f"{key} = {value!r} is not allowed; it must be > 0")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora-dropout = {self.lora_dropout!r} is not allowed; it must be in [0, 1)")
+        if self.rank_min > self.rank_max:
+            raise ConfigError(f"rank-min = {self.rank_min} is not allowed; it must be <= rank-max = {self.rank_max}")
+        if self.rank_floor > self.rank_min:
+            raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; it must be <= rank-min = {self.rank_min}")
+        if self.method == "sa-fedlora":
+            if self.init_rounds >= self.num_server_rounds:
+                raise ConfigError(
+                    f"init-rounds = {self.init_rounds} is not allowed; it must be < num-server-rounds = "
+                    f"{self.num_server_rounds} so that at least one annealing round remains"
+                )
+            annealing = self.num_server_rounds - self.init_rounds
+            if self.heat_rounds + self.cool_rounds > annealing:
+                raise ConfigError(
+                    f"heat-rounds + cool-rounds = {self.heat_rounds} + {self.cool_rounds} is not allowed; "
+                    f"it must be <= the {annealing} annealing rounds (num-server-rounds - init-rounds)"
+                )
+        if not self.module_names(self.target_modules):
+            raise ConfigError("target-modules = '' is not allowed; give comma-separated module names, e.g. 'query,value'")
+        if not self.module_names(self.head_modules):
+            raise ConfigError("head-modules = '' is not allowed; give the task head's module names, e.g. 'classifier'")
+        for key, path in (("out-dir", self.out_dir), ("cache-dir", self.cache_dir)):
+            if not os.path.isabs(os.path.expanduser(path)):
+                raise ConfigError(
+                    f"{key} = {path!r} is not allowed; it must be absolute or start with '~' "
+                    "(the ServerApp's working directory depends on where the SuperLink started)"
+                )
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(f"run-name = {self.run_name!r} is not allowed; it must be a plain directory name")
+
+    # --- Derived views -------------------------------------------------------------------
+    @property
+    def effective(self) -> RunConfig:
+        """The config with the method's fixed choices applied (what actually runs).
+
+        ``fedit`` is LoRA at a fixed rank with separate A/B averaging; ``fedavg``/``fedprox``
+        fine-tune the full model every round. Their stage keys are overridden, not rejected,
+        so one pyproject serves every method.
+        """
+        if self.method == "fedit":
+            return dataclasses.replace(self, init_rounds=0, schedule="constant", allocation="uniform",
+                                       aggregation="fedavg", prox_mu_anneal=0.0)
+        if self.method in ("fedavg", "fedprox"):
+            return dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
+                                       prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
+        return self
+
+    @staticmethod
+    def module_names(spec: str) -> list[str]:
+        """Split a comma-separated module list, dropping blanks."""
+        return [name.strip() for name in spec.split(",") if name.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping, as in ``pyproject.toml`` (for the resolved-config output)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a run-config value to the field's type; TOML gives int for 1 and float for 1.0."""
+    type_name = getattr(type_name, "__name__", type_name)
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+    elif type_name == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif type_name == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif type_name == "str":
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {type_name}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} = {value!r} is not allowed; it must be >= {low}")

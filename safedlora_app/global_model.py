@@ -1,0 +1,72 @@
+"""Turn the global ArrayRecord into a real model: for central evaluation and for the saved output."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from torch import nn
+
+from . import payload as pl
+from .model import build_lora_model, load_parameters, set_lora_weights
+from .strategy import SAFedLoRA
+
+
+class GlobalModel:
+    """Builds the model a round ended with, reusing the base (and a trained backbone) across rounds."""
+
+    def __init__(self, base: nn.Module, strategy: SAFedLoRA, head_modules: list[str]):
+        self.base = base
+        self.strategy = strategy
+        self.head_modules = head_modules
+        self._backbone: tuple[str, nn.Module] | None = None
+
+    def build(self, server_round: int, arrays: ArrayRecord) -> tuple[nn.Module, dict[str, int]]:
+        """``(model, ranks)``: peft LoRA at the round's allocation, or the plain model if no LoRA yet."""
+        tensors = pl.unpack(arrays)
+        base = self._base_for(server_round, tensors)
+        head = pl.select(tensors, pl.HEAD)
+        if not pl.select(tensors, pl.LORA_A):
+            model = copy.deepcopy(base)
+            load_parameters(model, head)
+            return model, {}
+        ranks, factors = self.strategy.truncated(server_round, tensors)
+        model = build_lora_model(base, ranks, self.strategy.config.lora_scale, 0.0, self.head_modules)
+        set_lora_weights(model, factors, head)
+        return model, ranks
+
+    def _base_for(self, server_round: int, tensors) -> nn.Module:
+        backbone = pl.select(tensors, pl.BACKBONE)
+        if not backbone:
+            return self.base
+        digest = self.strategy.backbone_hash(server_round, tensors)
+        if self._backbone is None or self._backbone[0] != digest:
+            model = copy.deepcopy(self.base)
+            load_parameters(model, backbone)
+            self._backbone = (digest, model)
+        return self._backbone[1]
+
+    def save(self, server_round: int, arrays: ArrayRecord, run_dir: Path, preprocessor, base_source: str) -> Path:
+        """Save what the run produced, loadable with standard tools.
+
+        LoRA runs: a peft adapter folder ``adapter/`` (head included via modules_to_save) for
+        ``PeftModel.from_pretrained``; if the backbone was trained, it goes to ``base-model/`` and
+        the adapter points there. Full fine-tuning runs: the whole model in ``model/``.
+        """
+        model, ranks = self.build(server_round, arrays)
+        backbone_trained = bool(pl.select(pl.unpack(arrays), pl.BACKBONE))
+        if not ranks:
+            target = run_dir / "model"
+            model.save_pretrained(target)
+            preprocessor.save_pretrained(target)
+            return target
+        if backbone_trained:
+            base_dir = run_dir / "base-model"
+            self._backbone[1].save_pretrained(base_dir)
+            preprocessor.save_pretrained(base_dir)
+            base_source = str(base_dir)
+        model.peft_config["default"].base_model_name_or_path = base_source
+        target = run_dir / "adapter"
+        model.save_pretrained(target)
+        return target

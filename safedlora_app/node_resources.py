@@ -1,0 +1,127 @@
+"""What a node keeps between rounds: model, preprocessor, tokenized partition, backbones.
+
+In simulation a ClientApp runs in a long-lived Ray actor, so module-level caches spare every
+round a model load and a re-tokenization. In deployment each round may start a fresh process:
+the trained backbone is then read from node-local disk (``cache-dir``), keyed by content hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import payload as pl
+from .config import RunConfig
+from .data import load_task_data, partition_dataset
+from .model import load_base_model, load_parameters, load_preprocessor
+from .training import Encoded
+
+_RESOURCES: dict[tuple, NodeResources] = {}
+_BACKBONES: dict[tuple, nn.Module] = {}  # (resources key, backbone hash) -> base model with that backbone
+
+
+@dataclass
+class NodeResources:
+    """A node's model, preprocessor and encoded local training data."""
+
+    model_name: str
+    base_model: nn.Module
+    data: Encoded
+    partition_label: str
+
+
+def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str, ...]) -> NodeResources:
+    """Cached per process: load once, reuse every round.
+
+    ``node_config`` may hold ``partition-id``/``num-partitions`` (a share of ``dataset-name``),
+    or ``data-path`` (a node-local file) and ``model-path`` (a node-local model directory).
+    """
+    data_path = str(node_config.get("data-path", ""))
+    model_name = str(node_config.get("model-path", "")) or config.model_name
+    partition = (int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1)))
+    cache_key = (model_name, config.task, config.dataset_name, config.text_column, config.image_column,
+                 config.label_column, config.natural_column, config.test_size, config.partitioner,
+                 config.dirichlet_alpha, config.seed, config.max_seq_len, data_path, partition, label_names)
+    if cache_key not in _RESOURCES:
+        _RESOURCES[cache_key] = _load(config, model_name, data_path, partition, label_names)
+    return _RESOURCES[cache_key]
+
+
+def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
+          label_names: tuple[str, ...]) -> NodeResources:
+    columns = dict(task=config.task, text_column=config.text_column, label_column=config.label_column,
+                   image_column=config.image_column, natural_column=config.natural_column)
+    if data_path:
+        path = Path(os.path.expanduser(data_path))
+        if not path.exists():
+            raise FileNotFoundError(f"node-config data-path = {data_path!r} does not exist on this node")
+        local = load_task_data(str(path), test_size=0, **columns)
+        train = _relabel(local.train, local.label_names, label_names, data_path)
+        where = f"data-path {data_path}"
+    else:
+        task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
+        if tuple(task_data.label_names) != tuple(label_names):
+            raise ValueError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
+        partition_id, num_partitions = partition
+        train = partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
+                                  partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
+                                  natural_column=config.natural_column)
+        where = f"partition {partition_id}/{num_partitions}"
+    if len(train) == 0:
+        raise ValueError(f"{where} holds no training rows")
+    preprocessor = load_preprocessor(model_name, config.task)
+    input_column = "text" if config.task == "text-classification" else "image"
+    data = Encoded(train, preprocessor, input_column, config.max_seq_len)
+    model = load_base_model(model_name, config.task, label_names, seed=config.seed)
+    return NodeResources(model_name=model_name, base_model=model, data=data, partition_label=where)
+
+
+def _relabel(dataset, local_names, global_names, data_path):
+    """Map a node-local file's label ids onto the server's label order, by label name."""
+    index = {name: i for i, name in enumerate(global_names)}
+    unknown = sorted(set(local_names) - set(index))
+    if unknown:
+        raise ValueError(f"data-path {data_path!r} has labels {unknown} that the server does not know; "
+                         f"allowed labels: {list(global_names)}")
+    mapping = [index[name] for name in local_names]
+    return dataset.map(lambda row: {"label": mapping[row["label"]]})
+
+
+def base_with_backbone(resources: NodeResources, backbone_hash: str, received: dict[str, torch.Tensor],
+                       cache_dir: str) -> nn.Module:
+    """The frozen base for a LoRA round: pre-trained (hash '') or a trained backbone.
+
+    A backbone that arrives in the message is checked against its hash and written to
+    ``cache-dir`` (atomically); later rounds, even in a fresh process, read it from there.
+    """
+    if not backbone_hash:
+        return resources.base_model
+    memo = (id(resources), backbone_hash)
+    if memo in _BACKBONES:
+        return _BACKBONES[memo]
+    path = Path(os.path.expanduser(cache_dir)) / "backbones" / f"{backbone_hash}.safetensors"
+    backbone = pl.select(received, pl.BACKBONE)
+    if backbone:
+        actual = pl.tensors_hash(backbone)
+        if actual != backbone_hash:
+            raise ValueError(f"received backbone hashes to {actual[:12]}, the server announced {backbone_hash[:12]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(partial))
+        partial.replace(path)
+    elif path.exists():
+        backbone = load_file(str(path))
+    else:
+        raise FileNotFoundError(f"backbone {backbone_hash[:12]} is not in cache-dir {str(path.parent)!r} "
+                                "and was not sent; the server resends it next round")
+    model = copy.deepcopy(resources.base_model)
+    load_parameters(model, backbone)
+    _BACKBONES.clear()  # one trained backbone per run: keep memory flat
+    _BACKBONES[memo] = model
+    return model

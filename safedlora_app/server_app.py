@@ -1,0 +1,87 @@
+"""ServerApp: validate the run config, run the SA-FedLoRA strategy, evaluate centrally, save outputs."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from . import payload as pl
+from .config import ConfigError, RunConfig
+from .data import DataError, load_task_data
+from .global_model import GlobalModel
+from .model import (ModelError, adapted_modules, full_state, head_parameters, load_base_model, load_preprocessor,
+                    model_source, module_shapes, pick_device)
+from .outputs import RunRecorder, run_directory, write_json
+from .strategy import SAFedLoRA
+from .training import Encoded, evaluate
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Everything is checked before round 1: config values, data columns, model, target modules."""
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        effective = config.effective
+        task_data = load_task_data(config.dataset_name, task=config.task, text_column=config.text_column,
+                                   label_column=config.label_column, image_column=config.image_column,
+                                   natural_column=config.natural_column, test_size=config.test_size)
+        base = load_base_model(config.model_name, config.task, task_data.label_names, seed=config.seed)
+        preprocessor = load_preprocessor(config.model_name, config.task)
+        head_modules = config.module_names(config.head_modules)
+        modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
+        heads = head_parameters(base, head_modules)
+    except (ConfigError, DataError, ModelError) as error:
+        log(ERROR, "invalid run config: %s", error)
+        raise
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+    run_dir = run_directory(config)
+    write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
+                                         "label-names": list(task_data.label_names)})
+    state = full_state(base, heads)
+    strategy = SAFedLoRA(
+        effective,
+        module_shapes=module_shapes(base, modules),
+        head_shapes={n: tuple(state[pl.key(pl.HEAD, n)].shape) for n in heads},
+        backbone_shapes={k.split(pl.SEP, 1)[1]: tuple(v.shape) for k, v in pl.only(state, pl.BACKBONE).items()},
+    )
+    global_model = GlobalModel(base, strategy, head_modules)
+    test = Encoded(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
+    device = pick_device()
+    recorder = RunRecorder(run_dir, config.num_server_rounds)
+    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows; outputs in %s",
+        run_dir.name, config.method, len(modules), len(task_data.test), run_dir)
+
+    def central_evaluation(server_round: int, arrays) -> MetricRecord:
+        model, _ = global_model.build(server_round, arrays)
+        result = evaluate(model, test, batch_size=config.eval_batch_size,
+                          num_classes=len(task_data.label_names), device=device)
+        stats = strategy.history[-1] if server_round > 0 and strategy.history else None
+        recorder.record(stats, server_round, result)
+        return MetricRecord(result)
+
+    start = time.perf_counter()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=strategy.initial_arrays(state),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
+        evaluate_fn=central_evaluation,
+    )
+    final_arrays = result.arrays if result.arrays is not None else strategy.initial_arrays(state)
+    model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
+                                  model_source(config.model_name))
+    summary = recorder.summary(config, time.perf_counter() - start, model_dir)
+    write_json(run_dir / "summary.json", summary)
+    recorder.plot(run_dir)
+    log(INFO, "SA-FedLoRA run %s finished: final accuracy %.1f%%, %.2f MB sent in total; outputs in %s",
+        run_dir.name, 100 * (summary["final-accuracy"] or 0.0), summary["total-mb"], run_dir)

@@ -1,0 +1,99 @@
+"""Adapter math on small random factors, checked against dense computations."""
+
+import pytest
+import torch
+
+from safedlora_app import adapter_math as am
+
+
+def _factors(d_out, d_in, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, rank, generator=g), torch.randn(rank, d_in, generator=g)
+
+
+def test_aggregate_products_equals_dense_weighted_mean_with_different_ranks():
+    clients = [_factors(20, 12, r, seed) for seed, r in enumerate((2, 5, 3))]
+    weights = [10.0, 30.0, 60.0]
+    b, a = am.aggregate_products([c[0] for c in clients], [c[1] for c in clients], weights, max_rank=10)
+    dense = sum(w / 100.0 * (bk.double() @ ak.double()) for w, (bk, ak) in zip(weights, clients))
+    assert b.shape == (20, 10) and a.shape == (10, 12)
+    assert torch.allclose(b.double() @ a.double(), dense, atol=1e-4)
+
+
+def test_truncation_error_equals_dropped_singular_values():
+    clients = [_factors(30, 16, 4, seed) for seed in range(3)]
+    bs, as_ = [c[0] for c in clients], [c[1] for c in clients]
+    dense = sum(bk.double() @ ak.double() for bk, ak in clients) / 3
+    sigma = torch.linalg.svdvals(dense)
+    for rank in (1, 3, 7):
+        b, a = am.aggregate_products(bs, as_, [1.0, 1.0, 1.0], max_rank=rank)
+        error = torch.linalg.matrix_norm(dense - b.double() @ a.double()) ** 2
+        assert error.item() == pytest.approx((sigma[rank:] ** 2).sum().item(), rel=1e-4)
+
+
+def test_balanced_form_components_are_sorted_and_balanced():
+    b, a = am.to_balanced(*_factors(15, 9, 4, 0), max_rank=4)
+    col_norms, row_norms = b.norm(dim=0), a.norm(dim=1)
+    assert torch.allclose(col_norms, row_norms, atol=1e-5)  # B = U sqrt(S), A = sqrt(S) V^T
+    assert torch.all(col_norms[:-1] >= col_norms[1:])
+    assert torch.allclose(col_norms * row_norms, am.singular_values(b, a).float(), atol=1e-4)
+
+
+def test_components_beyond_numerical_rank_are_exact_zeros():
+    b, a = am.aggregate_products([torch.randn(10, 2)], [torch.randn(2, 8)], [1.0], max_rank=6)
+    assert b.shape == (10, 2)  # thin SVD of a rank-2 stack has 2 components
+    b, a = am.resize(b, a, 6)
+    assert am.dead_components(b, a).tolist() == [False, False, True, True, True, True]
+
+
+def test_aggregate_factors_is_separate_weighted_mean_with_zero_padding():
+    b1, a1 = torch.ones(4, 1), torch.ones(1, 3)
+    b2, a2 = 2 * torch.ones(4, 2), 3 * torch.ones(2, 3)
+    b, a = am.aggregate_factors([b1, b2], [a1, a2], [1.0, 3.0])
+    assert torch.allclose(b, torch.tensor([[1.75, 1.5]] * 4))  # col 0: .25*1 + .75*2; col 1: .75*2
+    assert torch.allclose(a, torch.tensor([[2.5] * 3, [2.25] * 3]))
+
+
+def test_allocate_global_threshold_with_floor_and_cap():
+    sigmas = {"q": torch.tensor([9.0, 8.0, 7.0, 6.0]), "v": torch.tensor([5.0, 0.5]), "k": torch.tensor([4.0, 3.0, 2.0])}
+    # Floor 1 each (3), then the 4 largest remaining: q8, q7, q6, k3.  Cap 4 holds q at 4.
+    assert am.allocate_ranks(sigmas, budget=7, floor=1, cap=4) == {"q": 4, "v": 1, "k": 2}
+    # Cap 2: q stops at 2; next largest are k3 then v0.5 and k... -> q2 k2 v2
+    assert am.allocate_ranks(sigmas, budget=6, floor=1, cap=2) == {"q": 2, "v": 2, "k": 2}
+    # Floor 2 forces v's weak second component in.
+    assert am.allocate_ranks(sigmas, budget=7, floor=2, cap=4) == {"q": 3, "v": 2, "k": 2}
+
+
+def test_allocate_ties_round_robin_and_uniform():
+    zeros = {name: torch.zeros(0) for name in "abc"}
+    assert am.allocate_ranks(zeros, budget=8, floor=1, cap=8) == {"a": 3, "b": 3, "c": 2}
+    sigmas = {"a": torch.tensor([100.0, 90.0]), "b": torch.tensor([1.0]), "c": torch.tensor([1.0])}
+    assert am.allocate_ranks(sigmas, budget=7, floor=1, cap=4, uniform=True) == {"a": 3, "b": 2, "c": 2}
+
+
+def test_allocate_rejects_infeasible_budget():
+    with pytest.raises(ValueError, match="outside"):
+        am.allocate_ranks({"a": torch.ones(2), "b": torch.ones(2)}, budget=1, floor=1, cap=2)
+
+
+def test_revive_dead_components_keeps_product_and_is_seeded():
+    b, a = am.resize(*_factors(6, 5, 2, 0), 4)
+    b2, a2, revived = am.revive_dead_components(b, a, seed=7)
+    assert revived == 2
+    assert torch.equal(b2 @ a2, b @ a)  # B columns stay zero
+    assert not am.dead_components(b2, a2).any()
+    assert a2[2:].abs().max() <= 1 / 5 ** 0.5
+    assert torch.equal(am.revive_dead_components(b, a, seed=7)[1], a2)
+    assert not torch.equal(am.revive_dead_components(b, a, seed=8)[1], a2)
+
+
+def test_dead_component_gets_no_gradient_until_revived():
+    """Why revival exists: with A row = 0 and B column = 0, neither factor learns."""
+    x, target = torch.randn(8, 5), torch.randn(8, 6)
+    for revive, learns in ((False, False), (True, True)):
+        b, a = torch.zeros(6, 1), torch.zeros(1, 5)
+        if revive:
+            b, a, _ = am.revive_dead_components(b, a, seed=0)
+        b.requires_grad_(True); a.requires_grad_(True)
+        ((x @ a.T @ b.T - target) ** 2).sum().backward()
+        assert bool(b.grad.abs().sum() > 0) is learns
