@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import ClassLabel, Image, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
@@ -175,7 +176,9 @@ def _normalise(
     if natural_column in first.column_names and natural_column not in keep:
         keep.append(natural_column)
     renames = {old: new for old, new in ((input_src, input_col), (label_src, "label")) if old != new}
-    splits = {k: ds.select_columns(keep).rename_columns(renames) for k, ds in splits.items()}
+    splits = {
+        k: ds.with_format(None).select_columns(keep).rename_columns(renames) for k, ds in splits.items()
+    }
     first = next(iter(splits.values()))
 
     feature = first.features[input_col]
@@ -185,14 +188,16 @@ def _normalise(
         try:  # paths or {bytes, path} structs decode as images once cast
             splits = {k: ds.cast_column("image", Image()) for k, ds in splits.items()}
         except Exception as exc:
-            raise DataError(f"Column {input_src!r} holds {feature}, not images; check 'image-column'.") from exc
+            raise DataError(
+                f"Column {input_src!r} holds {feature}, not images; check 'image-column'."
+            ) from exc
 
     label_feature = first.features["label"]
     if isinstance(label_feature, ClassLabel):
         names = tuple(label_feature.names)
     else:
         try:
-            values = sorted({v for ds in splits.values() for v in ds["label"]})
+            values = sorted({v for ds in splits.values() for v in ds.unique("label")})
         except TypeError as exc:  # None or mixed types cannot be sorted
             raise DataError(f"Label column {label_src!r} must hold only strings or only integers.") from exc
         names = tuple(str(v) for v in values)
@@ -204,19 +209,39 @@ def _normalise(
             for k, ds in splits.items()
         }
     if len(names) < 2:
-        raise DataError(f"Label column {label_src!r} has {len(names)} class(es) {list(names)}; need at least 2.")
+        raise DataError(
+            f"Label column {label_src!r} has {len(names)} class(es) {list(names)}; need at least 2."
+        )
     return splits, names
 
 
+def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
+    """Rows ``indices`` of ``ds`` as their own table, so later column reads need no index mapping."""
+    # Flattening in arrow format skips the Python conversion of every row.
+    return ds.select(indices).with_format("arrow").flatten_indices().with_format(None)
+
+
 def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split ``test_size`` rows off ``ds`` with a fixed seed, stratified by label when possible."""
+    """Split ``test_size`` rows off ``ds`` with a fixed seed, stratified by label.
+
+    Each class gets its share of the test rows (largest remainder), which works for any
+    class sizes; ``train_test_split(stratify_by_column=...)`` fails on tiny classes and
+    reads the label column row by row (seconds on the tweets).
+    """
     if test_size == 0:
         return ds, ds.select([])
-    try:
-        parts = ds.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
-    except ValueError:  # a class too small to stratify
-        parts = ds.train_test_split(test_size=test_size, seed=seed)
-    return parts["train"], parts["test"]
+    rng = np.random.default_rng(seed)
+    labels = ds.with_format("arrow")["label"].to_numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * test_size / len(labels)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: test_size - take.sum()]] += 1
+    test_idx = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    )
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    return _take(ds, rng.permutation(np.flatnonzero(train_mask))), _take(ds, rng.permutation(test_idx))
 
 
 @functools.lru_cache(maxsize=4)
@@ -271,8 +296,10 @@ def load_task_data(
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
     if dataset_name == DEFAULT_DATASET and task != TASKS[0]:
-        raise DataError(f"The default dataset (dataset-name \"\") is text-only; task {task!r} needs a dataset-name.")
-    if not isinstance(test_size, int) or test_size < 0:
+        raise DataError(
+            f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
+        )
+    if not isinstance(test_size, (int, np.integer)) or test_size < 0:
         raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
 
     source = _load_source(dataset_name)
@@ -296,10 +323,8 @@ def load_task_data(
         if test_size >= rows:
             raise DataError(f"test-size {test_size} must be smaller than the dataset's {rows} rows.")
         train, test = _split(splits["train"], test_size, split_seed)
-    # Materialise the shuffled index mappings once: otherwise every partitioner call
-    # (unique(), column access) re-copies the whole pool, ~1 s per call on 37k tweets.
-    train, test = train.flatten_indices(), test.flatten_indices()
-    return TaskData(train=train, test=test, label_names=names, input_column="text" if task == TASKS[0] else "image")
+    input_column = "text" if task == TASKS[0] else "image"
+    return TaskData(train=train, test=test, label_names=names, input_column=input_column)
 
 
 def partition_dataset(
@@ -347,17 +372,18 @@ def partition_dataset(
     """
     if partitioner not in PARTITIONERS:
         raise DataError(f"Unknown partitioner {partitioner!r}; allowed: {list(PARTITIONERS)}.")
-    if not isinstance(num_partitions, int) or num_partitions < 1:
+    if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
         raise DataError(f"num-partitions must be a positive integer, got {num_partitions!r}.")
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} must be in [0, {num_partitions}).")
     if not alpha > 0:
-        raise DataError(f"alpha must be > 0, got {alpha!r}.")
+        raise DataError(f"dirichlet-alpha must be > 0, got {alpha!r}.")
 
     if partitioner == "natural":
         if natural_column not in train.column_names:
             raise DataError(
-                f"The natural partitioner needs column {natural_column!r}; available columns: {train.column_names}."
+                f"The natural partitioner needs column {natural_column!r} (run-config key "
+                f"'natural-column'); available columns: {train.column_names}."
             )
         distinct = len(train.unique(natural_column))
         if num_partitions != distinct:
@@ -373,12 +399,16 @@ def partition_dataset(
         if partitioner == "iid":
             part, train = IidPartitioner(num_partitions), train.shuffle(seed=seed, keep_in_memory=True)
         else:
-            part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed)
-    part.dataset = train
+            part = DirichletPartitioner(
+                num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed
+            )
+    # Arrow format: the partitioners read whole columns, which datasets 4 would otherwise
+    # convert row by row (~1 s per call on the tweets).
+    part.dataset = train.with_format("arrow")
     try:
-        return part.load_partition(partition_id)
+        return part.load_partition(partition_id).with_format(train.format["type"])
     except ValueError as exc:  # Dirichlet gives up when some client keeps getting too few rows
         raise DataError(
-            f"Could not build {num_partitions} {partitioner} partitions with alpha={alpha} "
-            f"(each needs at least 10 rows): use a larger alpha or fewer partitions. ({exc})"
+            f"Could not build {num_partitions} {partitioner} partitions with dirichlet-alpha={alpha} "
+            f"(each needs at least 10 rows): use a larger dirichlet-alpha or fewer partitions. ({exc})"
         ) from exc

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import ClassLabel, Value
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -90,7 +91,9 @@ def _relabel(dataset, local_names, global_names, data_path):
         raise ValueError(f"data-path {data_path!r} has labels {unknown} that the server does not know; "
                          f"allowed labels: {list(global_names)}")
     mapping = [index[name] for name in local_names]
-    return dataset.map(lambda row: {"label": mapping[row["label"]]})
+    # Plain ints first: the node's ClassLabel has fewer classes than the server's ids reach.
+    relabelled = dataset.cast_column("label", Value("int64")).map(lambda row: {"label": mapping[row["label"]]})
+    return relabelled.cast_column("label", ClassLabel(names=list(global_names)))
 
 
 def base_with_backbone(resources: NodeResources, backbone_hash: str, received: dict[str, torch.Tensor],

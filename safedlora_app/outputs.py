@@ -53,11 +53,10 @@ class RunRecorder:
     def record(self, stats: RoundStats | None, server_round: int, evaluation: dict[str, float]) -> dict:
         """Append the line for ``server_round`` (round 0: the initial model, nothing sent)."""
         now = time.perf_counter()
-        row = dataclasses.asdict(stats) if stats is not None else {"round": 0, "stage": "initial", "kind": None}
-        row.setdefault("budget", None)
-        row.setdefault("ranks", {})
-        self._cum_down += row.get("bytes_down", 0)
-        self._cum_up += row.get("bytes_up", 0)
+        # Round 0 (the initial model) has the same fields as every other line, all zero.
+        row = dataclasses.asdict(stats or RoundStats(round=0, stage="initial", kind="none"))
+        self._cum_down += row["bytes_down"]
+        self._cum_up += row["bytes_up"]
         line = {k.replace("_", "-"): v for k, v in row.items()}
         line.update({
             "cumulative-bytes-down": self._cum_down,

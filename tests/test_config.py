@@ -1,0 +1,57 @@
+"""Run-config validation: one clear error naming key, value and what is allowed."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from safedlora_app.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def run_config():
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_declares_every_key_with_the_dataclass_default():
+    declared = run_config()
+    assert RunConfig.from_mapping(declared) == RunConfig()
+    assert set(declared) == set(RunConfig().to_dict())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "fedsgd"}, "method = 'fedsgd' is not allowed; choose one of: sa-fedlora, fedavg, fedprox, fedit"),
+    ({"schedule": "quadratic"}, "schedule = 'quadratic' is not allowed; choose one of: cubic, linear"),
+    ({"rank-min": 9, "rank-max": 8}, "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
+    ({"init-rounds": 12}, "init-rounds = 12 is not allowed; it must be < num-server-rounds = 12"),
+    ({"prox-mu": -0.1}, "prox-mu = -0.1 is not allowed; it must be >= 0"),
+    ({"heat-rounds": 6, "cool-rounds": 6}, "heat-rounds + cool-rounds = 6 + 6 is not allowed"),
+    ({"rank-floor": 3, "rank-min": 2}, "rank-floor = 3 is not allowed; it must be <= rank-min = 2"),
+    ({"lr": 0.0}, "lr = 0.0 is not allowed; it must be > 0"),
+    ({"fraction-train": 1.5}, "fraction-train = 1.5 is not allowed; it must be in (0, 1]"),
+    ({"partitioner": "shards"}, "partitioner = 'shards' is not allowed; choose one of: natural, dirichlet, iid"),
+    ({"out-dir": "runs"}, "out-dir = 'runs' is not allowed; it must be absolute or start with '~'"),
+    ({"num-server-rounds": "ten"}, "num-server-rounds = 'ten' is not allowed; it must be of type int"),
+    ({"rank-max": 2.5}, "rank-max = 2.5 is not allowed; it must be of type int"),
+    ({"target-modules": " , "}, "target-modules = '' is not allowed"),
+    ({"learning-rate": 0.1}, "unknown run-config key 'learning-rate'; known keys:"),
+])
+def test_bad_values_are_rejected_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_mapping({**run_config(), **overrides})
+    assert message in str(error.value)
+
+
+def test_toml_integers_become_floats_where_floats_are_expected():
+    assert RunConfig.from_mapping({"lr": 1, "rank-max": 4.0}).lr == 1.0
+
+
+def test_method_presets_override_stage_keys():
+    fedit = RunConfig(method="fedit").effective
+    assert (fedit.init_rounds, fedit.schedule, fedit.allocation, fedit.aggregation) == (0, "constant", "uniform", "fedavg")
+    fedavg = RunConfig(method="fedavg", prox_mu=0.5).effective
+    assert fedavg.init_rounds == fedavg.num_server_rounds and fedavg.init_trainable == "full" and fedavg.prox_mu == 0.0
+    assert RunConfig(method="fedprox", prox_mu=0.5).effective.prox_mu == 0.5
+    # fedit ignores sa-fedlora's stage constraints (e.g. init-rounds left at its default)
+    RunConfig.from_mapping({"method": "fedit", "init-rounds": 11, "num-server-rounds": 3})

@@ -1,0 +1,91 @@
+"""End to end through the real `flwr run` CLI: tiny runs of the real model on the real tweets."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+from safedlora_app.data import load_task_data
+from safedlora_app.model import load_preprocessor
+from safedlora_app.training import Encoded, evaluate
+from tests.flower_sim import LocalFlower
+
+pytestmark = pytest.mark.e2e
+
+TINY = "local-samples=24 test-size=48 batch-size=8 eval-batch-size=48 min-nodes=2"
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory):
+    local = LocalFlower(tmp_path_factory.mktemp("flwr-home"))
+    yield local
+    local.stop()
+
+
+def run_app(flower, out_dir, name, settings):
+    result = flower.run(f"{TINY} {settings} out-dir='{out_dir}' run-name='{name}'")
+    output = result.stdout + result.stderr
+    assert flower.run_status(output) == "finished:completed", output[-4000:]
+    run_dir = out_dir / name
+    return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], output
+
+
+def reload_accuracy(adapter_dir, base_dir=None, task="text-classification", dataset_name="", model_name=""):
+    """Accuracy of the saved output loaded with plain transformers + peft, on the app's held-out split."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    auto = AutoModelForImageClassification if task == "image-classification" else AutoModelForSequenceClassification
+    labels = json.loads((adapter_dir.parent / "config.json").read_text())["label-names"]
+    base = auto.from_pretrained(base_dir or config["base_model_name_or_path"], num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    data = load_task_data(dataset_name, task=task, test_size=48)
+    preprocessor = load_preprocessor(model_name or str(base_dir or config["base_model_name_or_path"]), task)
+    test = Encoded(data.test, preprocessor, data.input_column, 64)
+    return evaluate(model, test, batch_size=48, num_classes=len(data.label_names), device=torch.device("cpu"))
+
+
+def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accuracy(flower, tmp_path):
+    run_dir, rows, output = run_app(flower, tmp_path, "sa", "num-server-rounds=4 init-rounds=1 heat-rounds=0 "
+                                    "cool-rounds=1 rank-max=4 rank-min=1 schedule='linear'")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["stage"] for r in rows[1:]] == ["initiating", "annealing", "annealing", "annealing"]
+    for key in ("budget", "ranks", "bytes-down", "bytes-up", "params-down", "params-up", "cumulative-bytes",
+                "accuracy", "macro-f1", "loss", "round-seconds"):
+        assert key in rows[-1], key
+    annealing = [r["bytes-down"] for r in rows[2:]]
+    assert annealing[0] > annealing[-1] and all(x >= y for x, y in zip(annealing, annealing[1:]))
+    assert [r["budget"] for r in rows[1:]] == [48, 48, 30, 12]  # 12 modules x rank 4 -> x rank 1
+    assert rows[-1]["cumulative-bytes"] == sum(r["bytes-down"] + r["bytes-up"] for r in rows)
+    assert sum(rows[-1]["ranks"].values()) == 12
+    assert "[round 4/4] annealing | budget 12" in output  # the readable per-round line
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final-accuracy"] == rows[-1]["accuracy"]
+    assert summary["bytes-down"] == sum(r["bytes-down"] for r in rows)
+    for plot in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "budget_vs_round.png", "ranks_vs_round.png"):
+        assert (run_dir / plot).stat().st_size > 1000
+    reloaded = reload_accuracy(run_dir / "adapter")
+    assert reloaded["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+    assert reloaded["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
+
+
+def test_full_initiating_stage_sends_backbone_once_and_saves_base_with_adapter(flower, tmp_path):
+    run_dir, rows, _ = run_app(flower, tmp_path, "full", "num-server-rounds=3 init-rounds=1 init-trainable='full' "
+                               "heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1")
+    full, first_lora, second_lora = rows[1], rows[2], rows[3]
+    assert full["kind"] == "full" and full["params-down"] > 2 * 22_000_000  # whole MiniLM to 2 nodes
+    assert first_lora["backbone-sends"] == 2 and second_lora["backbone-sends"] == 0
+    assert second_lora["bytes-down"] < first_lora["bytes-down"] / 100
+    reloaded = reload_accuracy(run_dir / "adapter", base_dir=run_dir / "base-model")
+    assert reloaded["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+
+
+def test_vision_task_through_the_same_strategy(flower, tmp_path, digits_folder, tiny_vit_dir):
+    settings = (f"task='image-classification' model-name='{tiny_vit_dir}' dataset-name='{digits_folder}' "
+                "target-modules='q_proj,v_proj' head-modules='classifier' partitioner='iid' "
+                "num-server-rounds=3 init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1")
+    run_dir, rows, _ = run_app(flower, tmp_path, "vit", settings)
+    assert rows[-1]["budget"] == 4 and rows[-1]["bytes-down"] < rows[1]["bytes-down"]  # 4 modules (2 layers)
+    reloaded = reload_accuracy(run_dir / "adapter", task="image-classification", dataset_name=str(digits_folder),
+                               model_name=str(tiny_vit_dir))
+    assert reloaded["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)

@@ -1,0 +1,203 @@
+"""SAFedLoRA strategy on tiny shapes with hand-made replies (no model, no Flower runtime)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from safedlora_app import payload as pl
+from safedlora_app.config import RunConfig
+from safedlora_app.strategy import SAFedLoRA
+
+MODULES = {"m0": (6, 4), "m1": (5, 3)}
+HEAD = {"head.w": (2, 3)}
+BACKBONE = {"emb.w": (4, 3)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def make_strategy(**overrides):
+    values = dict(num_server_rounds=6, init_rounds=1, heat_rounds=1, cool_rounds=1, rank_max=4, rank_min=1,
+                  rank_floor=1, min_nodes=2, schedule="linear")
+    values.update(overrides)
+    config = RunConfig(**values)
+    config.validate()
+    return SAFedLoRA(config.effective, MODULES, HEAD, BACKBONE)
+
+
+def initial(strategy):
+    state = {pl.key(pl.HEAD, "head.w"): torch.ones(2, 3), pl.key(pl.BACKBONE, "emb.w"): torch.zeros(4, 3)}
+    return strategy.initial_arrays(state)
+
+
+def send(strategy, server_round, arrays, nodes=(11, 22)):
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"label-names": ["a", "b"]}),
+                                             FakeGrid(nodes)))
+    for message in messages:  # what the Grid does when it pushes
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return messages
+
+
+def reply(message, tensors, num_examples=10, backbone_hash=None, extra=None):
+    config = message.content["config"]
+    node = ConfigRecord({"backbone-hash": config.get("backbone-hash", "") if backbone_hash is None else backbone_hash})
+    metrics = MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "train-time": 2.0,
+                            "peak-memory-mb": 100.0, **(extra or {})})
+    record = tensors if isinstance(tensors, ArrayRecord) else pl.pack(tensors)
+    return Message(RecordDict({"arrays": record, "metrics": metrics, "node": node}), reply_to=message)
+
+
+def trained(message, seed):
+    """A plausible update: every received tensor plus seeded noise, at exactly the sent shapes."""
+    g = torch.Generator().manual_seed(seed)
+    received = pl.unpack(message.content["arrays"])
+    return {k: v + torch.randn(v.shape, generator=g) for k, v in received.items() if not k.startswith(pl.BACKBONE)}
+
+
+def test_first_lora_round_sends_revived_factors_and_per_node_configs():
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    assert [m.metadata.dst_node_id for m in messages] == [11, 22]
+    configs = [m.content["config"] for m in messages]
+    assert configs[0] is not configs[1]  # each node owns its config
+    assert configs[0]["kind"] == "lora" and configs[0]["lora-ranks"] == [4, 4]
+    assert configs[0]["prox-mu"] == pytest.approx(0.01) and configs[0]["label-names"] == ["a", "b"]
+    sent = pl.unpack(messages[0].content["arrays"])
+    assert sent["lora_A::m0"].shape == (4, 4) and sent["lora_B::m1"].shape == (5, 4)
+    assert torch.all(sent["lora_B::m0"] == 0) and torch.all(sent["lora_A::m0"].abs().sum(dim=1) > 0)
+    assert not any(k.startswith("backbone::") for k in sent)  # pre-trained backbone: every node has it
+    assert strategy.history[-1].revived == 8
+
+
+def test_product_aggregation_equals_weighted_mean_of_products_and_head_mean():
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    updates = [trained(messages[0], 1), trained(messages[1], 2)]
+    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], updates[0], 30), reply(messages[1], updates[1], 10)])
+    new = pl.unpack(arrays)
+    for m in MODULES:
+        dense = sum(w * (u[f"lora_B::{m}"].double() @ u[f"lora_A::{m}"].double()) for w, u in zip((0.75, 0.25), updates))
+        got = new[f"lora_B::{m}"].double() @ new[f"lora_A::{m}"].double()
+        expected_rank4 = torch.linalg.svdvals(dense)[4:]  # at most rank-max = 4 kept
+        assert torch.linalg.matrix_norm(dense - got) ** 2 == pytest.approx(float((expected_rank4 ** 2).sum()), abs=1e-4)
+    head = 0.75 * updates[0]["head::head.w"] + 0.25 * updates[1]["head::head.w"]
+    assert torch.allclose(new["head::head.w"], head, atol=1e-6)
+    assert metrics["num-examples"] == 40 and metrics["train-loss"] == pytest.approx(1.0)
+
+
+def test_bytes_fall_with_the_budget():
+    strategy = make_strategy()
+    arrays = initial(strategy)
+    for server_round in range(1, 7):
+        messages = send(strategy, server_round, arrays)
+        arrays, _ = strategy.aggregate_train(server_round, [reply(m, trained(m, i)) for i, m in enumerate(messages)])
+    budgets = [s.budget for s in strategy.history]
+    down = [s.bytes_down for s in strategy.history]
+    # T=6, init 1, R=5, heat 1, cool 1: 8, 8, 8 (u=0), 5 (u=1/3 -> 1+7*2/3=5.67 -> 6), ...
+    assert budgets[0] == 8 and budgets[-1] == 2
+    assert all(x >= y for x, y in zip(budgets, budgets[1:]))
+    assert all(x >= y for x, y in zip(down, down[1:])) and down[-1] < down[0]
+    per_rank = sum(d_in + d_out for d_out, d_in in MODULES.values())
+    # floor of r*(d_in+d_out) values per module, plus the head, each to 2 nodes (fp32 + key bytes)
+    assert strategy.history[-1].params_down == 2 * (1 * per_rank + 6)
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (lambda u: {**u, "lora_A::m0": torch.zeros(3, 4)}, "shape"),
+    (lambda u: {**u, "lora_B::m1": torch.full((5, 4), float("nan"))}, "NaN"),
+    (lambda u: {k: v for k, v in u.items() if k != "head::head.w"}, "wrong keys"),
+    (lambda u: {**u, "backbone::emb.w": torch.zeros(4, 3)}, "wrong keys"),
+])
+def test_malformed_reply_is_dropped_and_the_round_goes_on(corrupt, reason, caplog):
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    good = trained(messages[0], 1)
+    arrays, _ = strategy.aggregate_train(1, [reply(messages[0], good), reply(messages[1], corrupt(trained(messages[1], 2)))])
+    assert strategy.history[-1].replies == 1 and strategy.history[-1].dropped == 1
+    assert reason in caplog.text and "node 22" in caplog.text
+    new = pl.unpack(arrays)  # equals the good client's update alone
+    assert torch.allclose(new["head::head.w"], good["head::head.w"])
+
+
+@pytest.mark.parametrize("num_examples", [0, -5, 2.5, 10**9, float("inf")])
+def test_absurd_num_examples_is_dropped(num_examples):
+    strategy = make_strategy(max_num_examples=1000)
+    messages = send(strategy, 1, initial(strategy))
+    replies = [reply(messages[0], trained(messages[0], 1)), reply(messages[1], trained(messages[1], 2), num_examples)]
+    strategy.aggregate_train(1, replies)
+    assert strategy.history[-1].dropped == 1
+
+
+def test_no_valid_reply_keeps_the_global_model():
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    error = Message(Error(code=0, reason="out of memory"), reply_to=messages[0])
+    bad = reply(messages[1], {"lora_A::m0": torch.zeros(1)})
+    assert strategy.aggregate_train(1, [error, bad]) == (None, None)
+
+
+def test_full_initiating_stage_then_backbone_reaches_each_node_once():
+    strategy = make_strategy(init_trainable="full", init_rounds=1)
+    arrays = initial(strategy)
+    messages = send(strategy, 1, arrays)
+    assert messages[0].content["config"]["kind"] == "full"
+    assert "backbone::emb.w" in messages[0].content["arrays"]
+    arrays, _ = strategy.aggregate_train(1, [reply(m, {**pl.unpack(m.content["arrays"]),
+                                                        "backbone::emb.w": torch.full((4, 3), float(i + 1))})
+                                             for i, m in enumerate(messages)])
+    assert torch.allclose(pl.unpack(arrays)["backbone::emb.w"], torch.full((4, 3), 1.5))  # equal weights
+    # Round 2 (LoRA): both nodes lack the trained backbone.
+    messages = send(strategy, 2, arrays)
+    digest = messages[0].content["config"]["backbone-hash"]
+    assert digest and all("backbone::emb.w" in m.content["arrays"] for m in messages)
+    assert strategy.history[-1].backbone_sends == 2
+    # Node 22 reports the wrong backbone: dropped, and it will be sent the backbone again.
+    arrays, _ = strategy.aggregate_train(2, [reply(messages[0], trained(messages[0], 1)),
+                                             reply(messages[1], trained(messages[1], 2), backbone_hash="f00")])
+    assert strategy.history[-1].dropped == 1
+    messages = send(strategy, 3, arrays)
+    has_backbone = {m.metadata.dst_node_id: "backbone::emb.w" in m.content["arrays"] for m in messages}
+    assert has_backbone == {11: False, 22: True}
+    assert messages[0].content["config"]["backbone-hash"] == digest  # frozen while annealing
+
+
+def test_fedit_keeps_raw_factor_means_at_fixed_rank():
+    strategy = make_strategy(method="fedit", rank_max=3)
+    arrays = initial(strategy)
+    messages = send(strategy, 1, arrays)
+    updates = [trained(m, i) for i, m in enumerate(messages)]
+    arrays, _ = strategy.aggregate_train(1, [reply(m, u) for m, u in zip(messages, updates)])
+    new = pl.unpack(arrays)
+    assert torch.allclose(new["lora_A::m0"], (updates[0]["lora_A::m0"] + updates[1]["lora_A::m0"]) / 2, atol=1e-6)
+    messages = send(strategy, 2, arrays)
+    sent = pl.unpack(messages[0].content["arrays"])
+    assert torch.equal(sent["lora_A::m0"], new["lora_A::m0"])  # FedIT sends the averaged factors as they are
+    assert messages[0].content["config"]["lora-ranks"] == [3, 3]
+
+
+def test_sampling_waits_boundedly_for_min_nodes():
+    strategy = make_strategy(min_nodes=3, node_wait_timeout=1.0)
+    with pytest.raises(RuntimeError, match="min-nodes = 3"):
+        send(strategy, 1, initial(strategy), nodes=(1, 2))
+
+
+def test_fraction_train_samples_reproducibly():
+    strategy = make_strategy(fraction_train=0.5, min_nodes=2)
+    nodes = tuple(range(100, 110))
+    first = [m.metadata.dst_node_id for m in send(strategy, 1, initial(strategy), nodes)]
+    again = [m.metadata.dst_node_id for m in send(make_strategy(fraction_train=0.5), 1, initial(strategy), nodes)]
+    assert len(first) == 5 and first == again
