@@ -10,7 +10,7 @@ from transformers import AutoModelForImageClassification, AutoModelForSequenceCl
 from safedlora_app.data import load_task_data
 from safedlora_app.model import load_preprocessor
 from safedlora_app.training import Encoded, evaluate
-from tests.flower_sim import LocalFlower
+from safedlora_app.simulation import LocalFlower
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,8 @@
-"""Run the app through the real `flwr run` CLI on a private local SuperLink (free ports, temp FLWR_HOME)."""
+"""Run the app through the real `flwr run` CLI on a private local SuperLink (free ports, own FLWR_HOME).
+
+Used by the end-to-end tests and by ``safedlora compare``: every run goes through Flower's own
+simulation exactly as a user's ``flwr run .`` does, and only the SuperLink started here is stopped.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+APP_ROOT = Path(__file__).resolve().parents[1]  # the directory holding pyproject.toml
 BIN = Path(sys.executable).parent
 
 
@@ -41,7 +45,7 @@ class LocalFlower:
         }
 
     def run(self, run_config: str, timeout: float = 600, federation: str = "") -> subprocess.CompletedProcess:
-        command = [str(BIN / "flwr"), "run", str(ROOT), "--stream", "--run-config", run_config]
+        command = [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config", run_config]
         if federation:
             command += ["--federation-config", federation]
         return subprocess.run(command, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)

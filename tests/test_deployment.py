@@ -1,0 +1,365 @@
+"""Real Flower deployments on 127.0.0.1 running the app for 2 tiny rounds (1-3 min each).
+
+(a) plain HTTP: one SuperLink, two SuperNodes, `flwr run` -- the commands of docs/deployment.md.
+(b) TLS + SuperNode authentication: the registered nodes train, an unregistered key is refused.
+(c) the Docker topology: every command of docker/compose.yml + compose.tls.yml (process
+    isolation, separate SuperExecs) run natively, with service names -> 127.0.0.1, container
+    ports -> free ports and mounted paths -> temporary files. It proves the compose commands make
+    a real run; it does not build or run the images.
+
+Processes start in their own sessions and are stopped in the fixture teardown by process group,
+plus any recorded descendant (the SuperLink detaches its SuperExec), never by name.
+SAFEDLORA_DEPLOY_APP_DIR points the tests at another Flower app with the same run-config keys.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = Path(os.environ.get("SAFEDLORA_DEPLOY_APP_DIR", ROOT)).resolve()
+BIN = Path(sys.executable).parent  # the venv's bin: the SuperLink spawns flower-superexec by name
+MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
+RUN_TIMEOUT = 300  # s for one `flwr run --stream` of 2 tiny rounds (~100 s on 2 idle cores)
+START_TIMEOUT = 60  # s for processes to come up / nodes to connect
+# 2 rounds of the real model on a few samples. The app needs heat + cool rounds to fit into the
+# num-server-rounds - init-rounds annealing rounds; node-wait-timeout bounds a missing node.
+TINY = ("num-server-rounds=2 init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1 "
+        "local-samples=16 test-size=32 batch-size=8 eval-batch-size=32 min-nodes=2 "
+        "node-wait-timeout=60")
+
+
+def app_missing():
+    """The app's component modules, as declared in its pyproject, that do not exist yet."""
+    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    components = pyproject["tool"]["flwr"]["app"]["components"].values()
+    files = [APP_DIR / (c.split(":")[0].replace(".", "/") + ".py") for c in components]
+    return [str(f) for f in files if not f.exists()]
+
+
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(bool(app_missing()), reason=f"app not written yet: {app_missing()}"),
+]
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def proc_table():
+    """{pid: (ppid, starttime)} from /proc; starttime guards against PID reuse."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+class Deployment:
+    """Processes of one test, their logs, and the `flwr` CLI with a private FLWR_HOME."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs = {}
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HOME": str(tmp / "hf-home"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    # --- processes ---
+    def start(self, name, argv, **env):
+        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own handle
+            self.procs[name] = subprocess.Popen(
+                [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.tmp, env={**self.env, **env},
+                start_new_session=True,  # own process group, stopped as a whole in stop()
+            )
+        return self.procs[name]
+
+    def log(self, name, tail=4000):
+        return (self.tmp / f"{name}.log").read_text(errors="replace")[-tail:]
+
+    def logs(self):
+        return "\n".join(f"--- {n} (rc={p.poll()}) ---\n{self.log(n, 2500)}"
+                         for n, p in self.procs.items())
+
+    def wait_for(self, check, what, timeout=START_TIMEOUT, alive=()):
+        """Poll `check` until truthy; fail early if a process in `alive` has exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name in alive:
+                if self.procs[name].poll() is not None:
+                    pytest.fail(f"{name} exited while waiting for {what}\n{self.logs()}")
+            if result := check():
+                return result
+            time.sleep(0.5)
+        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+
+    def stop(self):
+        table = proc_table()
+        children = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        tree, todo = {}, [p.pid for p in self.procs.values()]
+        while todo:  # ours and every descendant, with their start times
+            pid = todo.pop()
+            if pid in table and pid not in tree:
+                tree[pid] = table[pid][1]
+                todo += children.get(pid, [])
+
+        def signal_all(sig):
+            for p in self.procs.values():
+                try:  # own session: the group is ours (a PGID is not reused while it exists)
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            now = proc_table()
+            for pid, start in tree.items():
+                if pid in now and now[pid][1] == start:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+
+        signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + 20  # SuperNodes take a few seconds to shut down
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.2)
+        signal_all(signal.SIGKILL)
+        for p in self.procs.values():
+            p.wait(timeout=10)
+
+    # --- flwr CLI ---
+    def connection(self, name, address, **options):
+        """A `[superlink.NAME]` entry in FLWR_HOME/config.toml, as a user writes it."""
+        lines = [f"[superlink.{name}]", f'address = "{address}"']
+        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
+        with open(self.home / "config.toml", "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+    def flwr(self, *args, timeout=60, check=True):
+        result = subprocess.run(["flwr", *map(str, args)], capture_output=True, text=True,
+                                env=self.env, cwd=self.tmp, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"flwr {args}: {result.stdout}\n{result.stderr}"
+        return result
+
+    def flwr_json(self, *args):
+        out = self.flwr(*args, "--format", "json", check=False).stdout
+        try:
+            return json.loads(out)
+        except json.JSONDecodeError:
+            return {"success": False, "output": out}
+
+    def online_nodes(self, conn):
+        """Node ids the SuperLink lists as online, or None while it is not reachable."""
+        data = self.flwr_json("supernode", "ls", conn)
+        if not data.get("success"):
+            return None
+        return {str(n["node-id"]) for n in data["nodes"] if n["status"] == "online"}
+
+    def run_app(self, conn, run_name, alive=()):
+        """`flwr run APP CONN --stream` of 2 tiny rounds; returns the run's output dir."""
+        out_dir = self.tmp / "out"
+        config = f"{TINY} cache-dir='{self.tmp / 'cache'}' out-dir='{out_dir}' run-name='{run_name}'"
+        log = self.tmp / f"flwr-run-{run_name}.log"
+        with open(log, "wb") as f:
+            try:
+                result = subprocess.run(
+                    ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", config],
+                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=self.env, cwd=self.tmp, timeout=RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"flwr run took over {RUN_TIMEOUT}s\n{log.read_text()[-4000:]}\n"
+                            f"{self.logs()}")
+        text = log.read_text(errors="replace")
+        started = re.search(r"Successfully started run (\d+)", text)
+        assert result.returncode == 0 and started, text[-4000:]
+        run_id = started.group(1)
+
+        # `flwr run` exits 0 even when the run failed: the run's status is the verdict.
+        def finished():
+            data = self.flwr_json("ls", conn, "--run-id", run_id)
+            runs = data.get("runs") or [{}]
+            return runs[0] if str(runs[0].get("status", "")).startswith("finished") else None
+
+        run = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
+        assert run["run-id"] == run_id
+        assert run["status"] == "finished:completed", f"{run}\n{text[-4000:]}\n{self.logs()}"
+
+        # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
+        outputs = out_dir / run_name
+        rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
+        assert [row["round"] for row in rows][-1] == 2
+        assert all(row["replies"] == 2 for row in rows if row["round"] >= 1), rows
+        assert json.loads((outputs / "summary.json").read_text())["rounds"] == 2
+        return outputs
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def supernode_cmd(link_port, port, partition, *tls):
+    return ["flower-supernode", *tls, "--superlink", f"127.0.0.1:{link_port}", "--port", port,
+            "--node-config", f"partition-id={partition} num-partitions=2"]
+
+
+def test_loopback_insecure(deployment):
+    d = deployment
+    link, *node_ports = free_ports(3)
+    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
+                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
+    for i, port in enumerate(node_ports):
+        d.start(f"supernode-{i}", supernode_cmd(link, port, i, "--insecure"))
+    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
+    names = list(d.procs)
+    nodes = d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2 and ids,
+                       "2 SuperNodes online", alive=names)
+
+    d.run_app("loopback", "loopback", alive=names)
+    assert d.online_nodes("loopback") == nodes  # the same two nodes served the whole run
+
+
+def test_loopback_tls_with_supernode_auth(deployment):
+    d = deployment
+    certs = d.tmp / "certs"
+    subprocess.run(["bash", MAKE_CERTS, certs], check=True, capture_output=True, timeout=120,
+                   env={**d.env, "NUM_NODES": "3"})  # node-0/1 get registered, node-2 not
+    link, *node_ports = free_ports(4)
+    d.start("superlink", [
+        "flower-superlink", "--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile",
+        certs / "server.pem", "--ssl-keyfile", certs / "server.key", "--enable-supernode-auth",
+        "--port", link, "--database", d.tmp / "state.db",
+        "--disable-runtime-dependency-installation"])
+    d.connection("tls", f"127.0.0.1:{link}", **{"root-certificates": str(certs / "ca.crt")})
+    d.wait_for(lambda: d.online_nodes("tls") is not None, "the TLS SuperLink", alive=["superlink"])
+
+    registered = set()
+    for k in (0, 1):
+        reply = d.flwr_json("supernode", "register", certs / f"node-{k}.pub", "tls")
+        assert reply["success"], reply
+        registered.add(str(reply["node-id"]))
+    for k, port in enumerate(node_ports):
+        tls = ["--root-certificates", certs / "ca.crt",
+               "--auth-supernode-private-key", certs / f"node-{k}"]
+        d.start(f"supernode-{k}", supernode_cmd(link, port, k % 2, *tls))
+
+    # The unregistered key is refused: the SuperNode logs exit code 305 and the process exits
+    # with status 1 (flwr maps every error code to 1), without ever being listed.
+    d.wait_for(lambda: d.procs["supernode-2"].poll() is not None, "the unregistered node to exit")
+    assert d.procs["supernode-2"].returncode == 1, d.log("supernode-2")
+    assert "Exit Code: 305" in d.log("supernode-2")
+    alive = ["superlink", "supernode-0", "supernode-1"]
+    d.wait_for(lambda: d.online_nodes("tls") == registered, "the 2 registered nodes online",
+               alive=alive)
+
+    d.run_app("tls", "tls", alive=alive)
+    assert d.online_nodes("tls") == registered
+
+
+def compose_services():
+    """docker/compose.yml merged with compose.tls.yml (command replaced, volumes by target)."""
+    base = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    overlay = yaml.safe_load((ROOT / "docker" / "compose.tls.yml").read_text())["services"]
+    for name, svc in overlay.items():
+        volumes = {v.split(":")[1]: v for v in base[name].get("volumes", [])}
+        volumes.update({v.split(":")[1]: v for v in svc.get("volumes", [])})
+        base[name] = {**base[name], **svc, "volumes": list(volumes.values())}
+    return base
+
+
+def test_compose_topology_on_loopback(deployment):
+    d = deployment
+    certs = d.tmp / "certs"
+    subprocess.run(["bash", MAKE_CERTS, certs], check=True, capture_output=True, timeout=120,
+                   env=d.env)
+    services = compose_services()
+    programs = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
+    flower = {n: s for n, s in services.items() if "entrypoint" not in s}  # skip the chown helper
+    listeners = [n for n, s in flower.items() if "--port" in s["command"]]
+    ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
+
+    def native(name, svc):
+        """The service's command with container addresses, ports and mounts made local."""
+        mounts = {}
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("./certs/"):
+                mounts[target] = str(certs / source.removeprefix("./certs/"))
+            else:  # a named volume
+                mounts[target] = str(d.tmp / "volumes" / source)
+                Path(mounts[target]).mkdir(parents=True, exist_ok=True)
+        args = []
+        for arg in map(str, svc["command"]):
+            host, _, port = arg.partition(":")
+            if host in ports and port.isdigit():
+                arg = f"127.0.0.1:{ports[host]}"
+            elif arg == "0.0.0.0":
+                arg = "127.0.0.1"
+            elif args and args[-1] == "--port":
+                arg = str(ports[name])
+            for target, source in mounts.items():
+                if arg == target or arg.startswith(target + "/"):
+                    arg = source + arg[len(target):]
+            args.append(arg)
+        program = programs.get(svc["image"].split(":")[0], "flower-superexec")
+        return [program, *args]
+
+    def start(name):
+        # Each container has its own HOME: give each process its own FLWR_HOME too.
+        d.start(name, native(name, flower[name]), FLWR_HOME=str(d.tmp / "homes" / name))
+
+    link = f"127.0.0.1:{ports['superlink']}"
+    d.connection("docker-tls", link, **{"root-certificates": str(certs / "ca.crt")})
+    start("superlink")
+    d.wait_for(lambda: d.online_nodes("docker-tls") is not None, "the SuperLink",
+               alive=["superlink"])
+    registered = set()
+    for k in (0, 1):  # docs/deployment.md: register before the SuperNodes start
+        reply = d.flwr_json("supernode", "register", certs / f"node-{k}.pub", "docker-tls")
+        assert reply["success"], reply
+        registered.add(str(reply["node-id"]))
+    for name in flower:
+        if name != "superlink":
+            start(name)
+    alive = list(flower)
+    d.wait_for(lambda: d.online_nodes("docker-tls") == registered, "both SuperNodes online",
+               alive=alive)
+
+    d.run_app("docker-tls", "compose", alive=alive)

@@ -1,0 +1,278 @@
+"""Static checks of the deployment files (no Docker engine needed, a few seconds).
+
+Every compose `command` is fed to the argparse parser of the *installed* flwr program that the
+image runs, so a flag renamed or removed in a Flower release fails here instead of in a
+container log. Also: image tags == installed flwr, addresses point at real listeners, the TLS
+overlay mounts what make-certs.sh produces, and make-certs.sh makes a valid CA/cert/key set.
+"""
+
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import ipaddress
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
+FLWR_VERSION = importlib.metadata.version("flwr")
+
+# Program each image runs (its ENTRYPOINT) -> (module, parser factory) inside flwr.
+PARSERS = {
+    "flower-superlink": ("flwr.superlink.cli.flower_superlink", "_parse_args_run_superlink"),
+    "flower-supernode": ("flwr.supernode.cli.flower_supernode", "_parse_args_run_supernode"),
+    "flower-superexec": ("flwr.supercore.cli.flower_superexec", "_parse_args"),
+}
+IMAGE_PROGRAM = {
+    "flwr/superlink": "flower-superlink",
+    "flwr/supernode": "flower-supernode",
+    "flwr/superexec": "flower-superexec",
+}
+DEFAULT_PORT = {"flower-superlink": 8000, "flower-supernode": 9094}
+# Accepted by the parsers but deprecated/ignored (they only log a warning): keep them out.
+DEPRECATED = {
+    "--appio-api-address", "--plugin-type", "--fleet-api-address", "--fleet-api-type",
+    "--control-api-address", "--allow-runtime-dependency-installation",
+    "--auth-supernode-public-key", "--auth-list-public-keys",
+}
+
+
+def load(name):
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def merge(base, overlay):
+    """Compose's merge for the keys we use: command replaced, volumes merged by target."""
+    out = {name: dict(svc) for name, svc in base["services"].items()}
+    for name, svc in overlay["services"].items():
+        assert name in out, f"overlay service {name!r} does not exist in compose.yml"
+        for key, value in svc.items():
+            if key == "volumes":
+                vols = {v.split(":")[1]: v for v in out[name].get("volumes", [])}
+                vols.update({v.split(":")[1]: v for v in value})
+                out[name]["volumes"] = list(vols.values())
+            else:
+                out[name][key] = value
+    return out
+
+
+def plain():
+    return load("compose.yml")["services"]
+
+
+def tls():
+    return merge(load("compose.yml"), load("compose.tls.yml"))
+
+
+def dockerfile_entrypoint():
+    match = re.search(r"^ENTRYPOINT\s+\[\"([^\"]+)\"", (DOCKER / "Dockerfile").read_text(), re.M)
+    return match.group(1)
+
+
+def program(svc):
+    """The flwr program a service runs, or None for a non-Flower helper (own entrypoint)."""
+    if "entrypoint" in svc:
+        return None
+    repo = svc["image"].split(":")[0]
+    return IMAGE_PROGRAM.get(repo) or (dockerfile_entrypoint() if "build" in svc else None)
+
+
+def parse(prog, cmd):
+    module, factory = PARSERS[prog]
+    parser = getattr(importlib.import_module(module), factory)()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args([str(c) for c in cmd])
+    except SystemExit:
+        pytest.fail(f"{prog} rejects {cmd}: {err.getvalue().strip()}")
+
+
+def flwr_services(services):
+    return {n: (program(s), parse(program(s), s["command"])) for n, s in services.items()
+            if program(s)}
+
+
+VARIANTS = {"plain": plain, "tls": tls}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_commands_parse_with_installed_flwr(variant):
+    services = VARIANTS[variant]()
+    progs = {n: program(s) for n, s in services.items()}
+    # Only the volume-ownership helper may override the entrypoint.
+    assert [n for n, p in progs.items() if p is None] == ["superlink-state-init"]
+    assert services["superlink-state-init"]["entrypoint"][0] == "chown"
+    assert sorted(progs.values(), key=str) == sorted(
+        [None, "flower-superlink"] + ["flower-supernode"] * 2 + ["flower-superexec"] * 3, key=str)
+    for name, (prog, args) in flwr_services(services).items():
+        cmd = [str(c) for c in services[name]["command"]]
+        assert not DEPRECATED & set(cmd), f"{name} uses a deprecated flag"
+        if prog == "flower-superlink":
+            assert args.isolation == "process" and not args.runtime_dependency_install
+            assert args.database.startswith("/app/state/")
+        if prog == "flower-supernode":
+            assert args.isolation == "process"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_addresses_point_at_listeners(variant):
+    services = VARIANTS[variant]()
+    parsed = flwr_services(services)
+    listens = {}  # service -> port it serves, reachable from other containers
+    for name, (prog, args) in parsed.items():
+        if prog in DEFAULT_PORT:
+            assert args.host == "0.0.0.0", f"{name} must bind all interfaces, not {args.host}"
+            listens[name] = args.port
+    targets = []  # (client, server service) pairs
+    for name, (prog, args) in parsed.items():
+        address = {"flower-supernode": "superlink", "flower-superexec": "runtime_api_address"}
+        if prog not in address:
+            continue
+        host, port = getattr(args, address[prog]).rsplit(":", 1)
+        assert host in listens, f"{name} connects to {host}, which is no listening service"
+        assert int(port) == listens[host], f"{name} -> {host}:{port}, but it listens on {listens[host]}"
+        assert host in services[name].get("depends_on", []), f"{name} should depend_on {host}"
+        targets.append((name, host))
+    supernodes = [n for n, (p, _) in parsed.items() if p == "flower-supernode"]
+    # Each SuperNode talks to the SuperLink and has exactly one SuperExec; one for the ServerApp.
+    assert sorted(h for c, h in targets if c in supernodes) == ["superlink"] * len(supernodes)
+    executors = sorted(h for c, h in targets if c not in supernodes)
+    assert executors == sorted(["superlink"] + supernodes)
+    # The published port is the SuperLink's listener.
+    published = [p.rsplit(":", 1)[1] for p in services["superlink"]["ports"]]
+    assert published == [str(listens["superlink"])]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_node_config_partitions(variant):
+    from flwr.common.config import parse_config_args
+
+    parsed = flwr_services(VARIANTS[variant]())
+    configs = [parse_config_args([a.node_config]) for p, a in parsed.values()
+               if p == "flower-supernode"]
+    assert sorted(c["partition-id"] for c in configs) == list(range(len(configs)))
+    assert {c["num-partitions"] for c in configs} == {len(configs)}
+
+
+def test_tls_overlay_is_tls_everywhere(tmp_path):
+    services = tls()
+    subprocess.run(["bash", str(MAKE_CERTS), str(tmp_path)], check=True, capture_output=True)
+    for name, (prog, args) in flwr_services(services).items():
+        if prog == "flower-superexec" and not args.runtime_api_address.startswith("superlink:"):
+            # ClientApp SuperExec -> its SuperNode's Runtime API stays plain (node-internal).
+            assert args.insecure and args.root_certificates is None
+            continue
+        assert not args.insecure, f"{name} still runs --insecure in the TLS overlay"
+        if prog == "flower-superlink":
+            assert args.enable_supernode_auth
+            files = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
+        elif prog == "flower-supernode":
+            files = [args.root_certificates, args.auth_supernode_private_key]
+        else:
+            files = [args.root_certificates]  # ServerApp SuperExec -> TLS SuperLink
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        for path in files:
+            assert path in mounts, f"{name} uses {path} but does not mount it"
+            assert mounts[path].startswith("./certs/")
+            # Mounted from a file that scripts/make-certs.sh really produces.
+            assert (tmp_path / Path(mounts[path]).name).is_file(), mounts[path]
+    # supernode-K mounts node-K: keys match partition ids and are not shared.
+    for k in (0, 1):
+        assert f"./certs/node-{k}:/app/certs/node.key:ro" in services[f"supernode-{k}"]["volumes"]
+
+
+def test_image_tags_match_installed_flwr():
+    for variant in VARIANTS.values():
+        for name, svc in variant().items():
+            repo, _, tag = svc["image"].partition(":")
+            if repo.startswith("flwr/"):
+                assert tag == FLWR_VERSION, f"{name}: {svc['image']} != flwr {FLWR_VERSION}"
+            if "build" in svc:
+                assert svc["build"]["args"]["FLWR_VERSION"] == FLWR_VERSION
+                assert (ROOT / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]
+                        ).resolve() == (DOCKER / "Dockerfile").resolve()
+
+
+def test_dockerfile():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(rf"^ARG FLWR_VERSION={re.escape(FLWR_VERSION)}$", text, re.M)
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms == ["flwr/superexec:${FLWR_VERSION}"]
+    assert "download.pytorch.org/whl/cpu" in text and re.search(r"TORCH_SPEC=torch\b", text)
+    # CPU torch is installed before the app's requirements (which would pull CUDA torch).
+    assert text.index("TORCH_INDEX}") < text.index("-r /tmp/requirements.txt")
+    assert re.findall(r"^USER\s+(\S+)", text, re.M) == ["app"]
+    assert dockerfile_entrypoint() == "flower-superexec"
+    # /app/runs exists in the image, so the named volume mounted there is owned by `app`.
+    assert re.search(r"^RUN mkdir -p /app/runs\b", text, re.M)
+    assert "serverapp-runs:/app/runs" in plain()["superexec-serverapp"]["volumes"]
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git", "docker/certs"} <= set(ignore)
+
+
+def read_cert(path):
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_make_certs(tmp_path):
+    out = tmp_path / "certs"
+    env = {**os.environ, "NUM_NODES": "3"}
+    cmd = ["bash", str(MAKE_CERTS), str(out), "flwr.example.org", "10.9.8.7"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=120)
+
+    ca, server = read_cert(out / "ca.crt"), read_cert(out / "server.pem")
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server.verify_directly_issued_by(ca)  # raises if not signed by the CA
+    key = load_pem_private_key((out / "server.key").read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "superlink", "flwr.example.org"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.9.8.7")}
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+
+    for k in range(3):
+        private = load_ssh_private_key((out / f"node-{k}").read_bytes(), None)
+        public = load_ssh_public_key((out / f"node-{k}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+    assert not (out / "node-3").exists()
+
+    mode = lambda p: stat.S_IMODE((out / p).stat().st_mode)  # noqa: E731
+    assert {mode(p) for p in ("ca.key", "server.key", "node-0", "node-2")} == {0o600}
+    assert {mode(p) for p in ("ca.crt", "server.pem", "node-0.pub")} == {0o644}
+
+    # Idempotent: the CA and node keys survive a second run (registrations stay valid), and the
+    # re-issued server cert carries a new host list.
+    before = {p: (out / p).read_bytes() for p in ("ca.crt", "ca.key", "node-0", "node-1.pub")}
+    subprocess.run(["bash", str(MAKE_CERTS), str(out), "other.host"], check=True,
+                   capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert before == {p: (out / p).read_bytes() for p in before}
+    server = read_cert(out / "server.pem")
+    server.verify_directly_issued_by(read_cert(out / "ca.crt"))
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "other.host" in san.get_values_for_type(x509.DNSName)
+
+
+def test_make_certs_usage():
+    result = subprocess.run(["bash", str(MAKE_CERTS)], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage" in result.stderr
