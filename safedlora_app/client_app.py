@@ -15,7 +15,15 @@ from flwr.clientapp import ClientApp
 
 from . import payload as pl
 from .config import RunConfig
-from .model import build_lora_model, full_state, get_lora_weights, head_parameters, load_parameters, pick_device, set_lora_weights
+from .model import (
+    build_lora_model,
+    full_state,
+    get_lora_weights,
+    head_parameters,
+    load_parameters,
+    pick_device,
+    set_lora_weights,
+)
 from .node_resources import base_with_backbone, node_resources
 from .replies import ARRAYS, METRICS, NODE
 from .strategy import FULL
@@ -38,7 +46,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     head_modules = config.module_names(config.head_modules)
     device = pick_device()
     partition_id = int(context.node_config.get("partition-id", 0))
-    indices = sample_indices(len(resources.data), config.local_samples, mix_seed(config.seed, server_round, partition_id))
+    sample_seed = mix_seed(config.seed, server_round, partition_id)
+    indices = sample_indices(len(resources.data), config.local_samples, sample_seed)
     hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
                  lr=float(round_config["lr"]), weight_decay=config.weight_decay,
                  prox_mu=float(round_config["prox-mu"]), seed=mix_seed(config.seed, server_round, partition_id, 1),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
@@ -155,7 +155,8 @@ class RunConfig:
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(
-                    f"unknown run-config key {key!r}; known keys: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+                    f"unknown run-config key {key!r}; known keys: "
+                    f"{', '.join(sorted(k.replace('_', '-') for k in known))}"
                 )
             values[name] = _coerce(key, value, known[name].type)
         config = cls(**values)
@@ -203,7 +204,8 @@ class RunConfig:
         if self.rank_min > self.rank_max:
             raise ConfigError(f"rank-min = {self.rank_min} is not allowed; it must be <= rank-max = {self.rank_max}")
         if self.rank_floor > self.rank_min:
-            raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; it must be <= rank-min = {self.rank_min}")
+            raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; "
+                              f"it must be <= rank-min = {self.rank_min}")
         if self.method == "sa-fedlora":
             if self.init_rounds >= self.num_server_rounds:
                 raise ConfigError(
@@ -217,7 +219,8 @@ class RunConfig:
                     f"it must be <= the {annealing} annealing rounds (num-server-rounds - init-rounds)"
                 )
         if not self.module_names(self.target_modules):
-            raise ConfigError("target-modules = '' is not allowed; give comma-separated module names, e.g. 'query,value'")
+            raise ConfigError("target-modules = '' is not allowed; "
+                              "give comma-separated module names, e.g. 'query,value'")
         if not self.module_names(self.head_modules):
             raise ConfigError("head-modules = '' is not allowed; give the task head's module names, e.g. 'classifier'")
         for key, path in (("out-dir", self.out_dir), ("cache-dir", self.cache_dir)):

@@ -61,7 +61,8 @@ def load_preprocessor(model_name: str, task: str):
             return AutoImageProcessor.from_pretrained(source)
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:
-        raise ModelError(f"model-name = {model_name!r}: cannot load its preprocessor from {source!r} ({error})") from error
+        raise ModelError(f"model-name = {model_name!r}: cannot load its preprocessor "
+                         f"from {source!r} ({error})") from error
 
 
 def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed: int) -> nn.Module:

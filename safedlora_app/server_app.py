@@ -14,8 +14,17 @@ from . import payload as pl
 from .config import ConfigError, RunConfig
 from .data import DataError, load_task_data
 from .global_model import GlobalModel
-from .model import (ModelError, adapted_modules, full_state, head_parameters, load_base_model, load_preprocessor,
-                    model_source, module_shapes, pick_device)
+from .model import (
+    ModelError,
+    adapted_modules,
+    full_state,
+    head_parameters,
+    load_base_model,
+    load_preprocessor,
+    model_source,
+    module_shapes,
+    pick_device,
+)
 from .outputs import RunRecorder, run_directory, write_json
 from .strategy import SAFedLoRA
 from .training import Encoded, evaluate

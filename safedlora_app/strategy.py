@@ -118,7 +118,8 @@ class SAFedLoRA(FedAvg):
         dead and gets revived (random A, zero B) when first sent, i.e. peft's default init.
         """
         needs_backbone = self.round_kind(1) == FULL
-        return pl.pack({**pl.only(model_state, pl.HEAD), **(pl.only(model_state, pl.BACKBONE) if needs_backbone else {})})
+        backbone = pl.only(model_state, pl.BACKBONE) if needs_backbone else {}
+        return pl.pack({**pl.only(model_state, pl.HEAD), **backbone})
 
     # --- Global adapter views ----------------------------------------------------------------
     def stored_factors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

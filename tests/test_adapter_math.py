@@ -55,7 +55,8 @@ def test_aggregate_factors_is_separate_weighted_mean_with_zero_padding():
 
 
 def test_allocate_global_threshold_with_floor_and_cap():
-    sigmas = {"q": torch.tensor([9.0, 8.0, 7.0, 6.0]), "v": torch.tensor([5.0, 0.5]), "k": torch.tensor([4.0, 3.0, 2.0])}
+    sigmas = {"q": torch.tensor([9.0, 8.0, 7.0, 6.0]), "v": torch.tensor([5.0, 0.5]),
+              "k": torch.tensor([4.0, 3.0, 2.0])}
     # Floor 1 each (3), then the 4 largest remaining: q8, q7, q6, k3.  Cap 4 holds q at 4.
     assert am.allocate_ranks(sigmas, budget=7, floor=1, cap=4) == {"q": 4, "v": 1, "k": 2}
     # Cap 2: q stops at 2; next largest are k3 then v0.5 and k... -> q2 k2 v2
@@ -94,6 +95,7 @@ def test_dead_component_gets_no_gradient_until_revived():
         b, a = torch.zeros(6, 1), torch.zeros(1, 5)
         if revive:
             b, a, _ = am.revive_dead_components(b, a, seed=0)
-        b.requires_grad_(True); a.requires_grad_(True)
+        b.requires_grad_(True)
+        a.requires_grad_(True)
         ((x @ a.T @ b.T - target) ** 2).sum().backward()
         assert bool(b.grad.abs().sum() > 0) is learns

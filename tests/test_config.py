@@ -49,7 +49,8 @@ def test_toml_integers_become_floats_where_floats_are_expected():
 
 def test_method_presets_override_stage_keys():
     fedit = RunConfig(method="fedit").effective
-    assert (fedit.init_rounds, fedit.schedule, fedit.allocation, fedit.aggregation) == (0, "constant", "uniform", "fedavg")
+    stage_keys = (fedit.init_rounds, fedit.schedule, fedit.allocation, fedit.aggregation)
+    assert stage_keys == (0, "constant", "uniform", "fedavg")
     fedavg = RunConfig(method="fedavg", prox_mu=0.5).effective
     assert fedavg.init_rounds == fedavg.num_server_rounds and fedavg.init_trainable == "full" and fedavg.prox_mu == 0.0
     assert RunConfig(method="fedprox", prox_mu=0.5).effective.prox_mu == 0.5

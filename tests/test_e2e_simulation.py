@@ -9,8 +9,8 @@ from transformers import AutoModelForImageClassification, AutoModelForSequenceCl
 
 from safedlora_app.data import load_task_data
 from safedlora_app.model import load_preprocessor
-from safedlora_app.training import Encoded, evaluate
 from safedlora_app.simulation import LocalFlower
+from safedlora_app.training import Encoded, evaluate
 
 pytestmark = pytest.mark.e2e
 

@@ -5,8 +5,14 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from safedlora_app import adapter_math as am
-from safedlora_app.model import (ModelError, adapted_modules, build_lora_model, get_lora_weights, head_parameters,
-                                 set_lora_weights)
+from safedlora_app.model import (
+    ModelError,
+    adapted_modules,
+    build_lora_model,
+    get_lora_weights,
+    head_parameters,
+    set_lora_weights,
+)
 from safedlora_app.training import macro_f1, proximal_term
 
 

@@ -1,11 +1,9 @@
 """SAFedLoRA strategy on tiny shapes with hand-made replies (no model, no Flower runtime)."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from safedlora_app import payload as pl
@@ -87,10 +85,12 @@ def test_product_aggregation_equals_weighted_mean_of_products_and_head_mean():
     strategy = make_strategy()
     messages = send(strategy, 1, initial(strategy))
     updates = [trained(messages[0], 1), trained(messages[1], 2)]
-    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], updates[0], 30), reply(messages[1], updates[1], 10)])
+    replies = [reply(messages[0], updates[0], 30), reply(messages[1], updates[1], 10)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
     new = pl.unpack(arrays)
     for m in MODULES:
-        dense = sum(w * (u[f"lora_B::{m}"].double() @ u[f"lora_A::{m}"].double()) for w, u in zip((0.75, 0.25), updates))
+        dense = sum(w * (u[f"lora_B::{m}"].double() @ u[f"lora_A::{m}"].double())
+                    for w, u in zip((0.75, 0.25), updates))
         got = new[f"lora_B::{m}"].double() @ new[f"lora_A::{m}"].double()
         expected_rank4 = torch.linalg.svdvals(dense)[4:]  # at most rank-max = 4 kept
         assert torch.linalg.matrix_norm(dense - got) ** 2 == pytest.approx(float((expected_rank4 ** 2).sum()), abs=1e-4)
@@ -126,7 +126,8 @@ def test_malformed_reply_is_dropped_and_the_round_goes_on(corrupt, reason, caplo
     strategy = make_strategy()
     messages = send(strategy, 1, initial(strategy))
     good = trained(messages[0], 1)
-    arrays, _ = strategy.aggregate_train(1, [reply(messages[0], good), reply(messages[1], corrupt(trained(messages[1], 2)))])
+    bad = reply(messages[1], corrupt(trained(messages[1], 2)))
+    arrays, _ = strategy.aggregate_train(1, [reply(messages[0], good), bad])
     assert strategy.history[-1].replies == 1 and strategy.history[-1].dropped == 1
     assert reason in caplog.text and "node 22" in caplog.text
     new = pl.unpack(arrays)  # equals the good client's update alone
