@@ -12,6 +12,7 @@ import csv
 import functools
 import importlib.util
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,6 @@ def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Da
     return _take(ds, rng.permutation(np.flatnonzero(train_mask))), _take(ds, rng.permutation(test_idx))
 
 
-@functools.lru_cache(maxsize=4)
 def load_task_data(
     dataset_name: str,
     *,
@@ -293,6 +293,23 @@ def load_task_data(
         On an unknown task, an unreadable source, a missing column, fewer than two classes
         or an invalid ``test_size``.
     """
+    # Cached per process (clients call this every round); a changed local file is re-read.
+    return _load_task_data(dataset_name, _file_stamp(dataset_name), task=task, text_column=text_column,
+                           label_column=label_column, image_column=image_column, natural_column=natural_column,
+                           test_size=test_size, split_seed=split_seed)
+
+
+def _file_stamp(dataset_name: str) -> tuple | None:
+    path = Path(os.path.expanduser(dataset_name)) if dataset_name else None
+    if path is None or not path.exists():
+        return None
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_column: str, label_column: str,
+                    image_column: str, natural_column: str, test_size: int, split_seed: int) -> TaskData:
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
     if dataset_name == DEFAULT_DATASET and task != TASKS[0]:

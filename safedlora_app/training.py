@@ -7,32 +7,57 @@ partition never sits in memory as pixel tensors.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
 class Encoded:
-    """A dataset ready for batching: ``batch(indices)`` returns model inputs plus ``labels``."""
+    """A dataset ready for batching: ``batch(indices)`` returns model inputs plus ``labels``.
 
-    def __init__(self, dataset, preprocessor, input_column: str, max_seq_len: int):
-        self.labels = torch.tensor(dataset["label"], dtype=torch.long)
+    Text holds token ids (tokenized once); images hold the raw images (processed per batch).
+    """
+
+    def __init__(self, labels: torch.Tensor, preprocessor, tokens: list[list[int]] | None = None, images=None):
+        self.labels = labels
         self.preprocessor = preprocessor
-        self.is_text = input_column == "text"
-        if self.is_text:
-            self.tokens = preprocessor(list(dataset["text"]), truncation=True, max_length=max_seq_len)["input_ids"]
-        else:
-            self.images = dataset[input_column] if len(dataset) else []
+        self.tokens = tokens
+        self.images = images
+
+    @classmethod
+    def from_dataset(cls, dataset, preprocessor, input_column: str, max_seq_len: int) -> Encoded:
+        labels = torch.tensor(dataset["label"], dtype=torch.long)
+        if input_column == "text":
+            tokens = preprocessor(list(dataset["text"]), truncation=True, max_length=max_seq_len)["input_ids"]
+            return cls(labels, preprocessor, tokens=tokens)
+        return cls(labels, preprocessor, images=dataset[input_column] if len(dataset) else [])
+
+    def save(self, path: Path) -> None:
+        """Token ids as flat safetensors (ragged rows via offsets); written atomically."""
+        lengths = torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
+        flat = torch.tensor([i for t in self.tokens for i in t], dtype=torch.long)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        save_file({"labels": self.labels, "lengths": lengths, "flat": flat}, str(partial))
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, preprocessor) -> Encoded:
+        stored = load_file(str(path))
+        tokens = [t.tolist() for t in torch.split(stored["flat"], stored["lengths"].tolist())]
+        return cls(stored["labels"], preprocessor, tokens=tokens)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        if self.is_text:
+        if self.tokens is not None:
             inputs = self.preprocessor.pad({"input_ids": [self.tokens[i] for i in indices]}, return_tensors="pt")
         else:
             images = [self.images[i].convert("RGB") for i in indices]

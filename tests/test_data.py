@@ -86,7 +86,7 @@ def test_heldout_split_fixed_and_disjoint(task):
     # Stratified: class shares of the test set follow the corpus (42% / 39% / 18%).
     assert Counter(task.test["label"]) == pytest.approx({0: 424, 1: 394, 2: 182}, abs=2)
 
-    D.load_task_data.cache_clear()
+    D._load_task_data.cache_clear()
     again = D.load_task_data("")
     assert again is not task
     assert again.test["text"] == task.test["text"]

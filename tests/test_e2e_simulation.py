@@ -41,7 +41,7 @@ def reload_accuracy(adapter_dir, base_dir=None, task="text-classification", data
     model = PeftModel.from_pretrained(base, adapter_dir)
     data = load_task_data(dataset_name, task=task, test_size=48)
     preprocessor = load_preprocessor(model_name or str(base_dir or config["base_model_name_or_path"]), task)
-    test = Encoded(data.test, preprocessor, data.input_column, 64)
+    test = Encoded.from_dataset(data.test, preprocessor, data.input_column, 64)
     return evaluate(model, test, batch_size=48, num_classes=len(data.label_names), device=torch.device("cpu"))
 
 
