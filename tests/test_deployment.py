@@ -223,6 +223,7 @@ class Deployment:
         assert [row["round"] for row in rows][-1] == 2
         assert all(row["replies"] == 2 for row in rows if row["round"] >= 1), rows
         assert json.loads((outputs / "summary.json").read_text())["rounds"] == 2
+        self.last_run_log = text
         return outputs
 
 
@@ -363,3 +364,36 @@ def test_compose_topology_on_loopback(deployment):
                alive=alive)
 
     d.run_app("docker-tls", "compose", alive=alive)
+
+
+def test_node_local_data_and_a_broken_node(deployment, tmp_path):
+    """A node trains on its own CSV with a node-local model path; a node whose data-path is missing
+    fails with a clear error that the server logs with its node id, and the run goes on."""
+    from safedlora_app.model import default_model_dir
+
+    d = deployment
+    local_csv = tmp_path / "local.csv"
+    local_csv.write_text("text,label\n" + "".join(
+        f"my sensor tweet {i} is {'fine' if i % 2 else 'broken'},{'positive' if i % 2 else 'negative'}\n"
+        for i in range(20)))
+    link, *node_ports = free_ports(4)
+    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
+                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
+    configs = [f"data-path='{local_csv}' model-path='{default_model_dir()}'",
+               "partition-id=1 num-partitions=2",
+               "data-path='/nonexistent/local.csv'"]
+    for i, (port, node_config) in enumerate(zip(node_ports, configs)):
+        d.start(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                   "--port", port, "--node-config", node_config])
+    d.connection("local-data", f"127.0.0.1:{link}", insecure=True)
+    names = list(d.procs)
+    d.wait_for(lambda: (ids := d.online_nodes("local-data")) and len(ids) == 3 and ids, "3 SuperNodes online",
+               alive=names)
+
+    outputs = d.run_app("local-data", "local-data", alive=names)  # asserts 2 valid replies per round
+    rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["nodes"] == 3 and row["dropped"] == 1 for row in rows if row["round"] >= 1), rows
+    failures = [line for line in d.last_run_log.splitlines() if "failed:" in line]
+    assert failures and all("data-path = '/nonexistent/local.csv' does not exist on this node" in line
+                            for line in failures), d.last_run_log[-4000:]
+    assert all(re.search(r"node \d+ failed", line) for line in failures)
