@@ -20,7 +20,7 @@ from pathlib import Path
 
 PROFILES = {
     "default": {},
-    # Fits a 1 GB edge board: short sequences, small batches, one thread, accumulate to batch 16.
+    # --node-config of a 1 GB edge board: short sequences, small batches, one thread, batch 16 by accumulation.
     "low-memory": {"batch-size": 4, "grad-accum-steps": 4, "max-seq-len": 48, "torch-threads": 1},
 }
 
@@ -91,14 +91,15 @@ def main() -> None:
 
     import tomllib
     defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    run_config = {**defaults["tool"]["flwr"]["app"]["config"], **PROFILES[args.profile]}
+    run_config = defaults["tool"]["flwr"]["app"]["config"]
     node_config = {"data-path": args.data_path} if args.data_path else {"partition-id": 0, "num-partitions": 2}
+    node_config.update(PROFILES[args.profile])  # a node's own profile, as --node-config sets it
     if args.child:
         print(json.dumps(child(Path(args.child), run_config, node_config)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        run_config["cache-dir"] = str(workdir / "cache")
+        run_config = {**run_config, "cache-dir": str(workdir / "cache")}
         build_message(workdir, run_config)
         for index in range(args.rounds):
             command = [sys.executable, __file__, "--child", str(workdir), "--profile", args.profile,
@@ -109,7 +110,8 @@ def main() -> None:
                 sys.exit(out.stderr[-3000:])
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["process-wall-seconds"] = time.perf_counter() - wall
-            print(json.dumps({"round": index + 1, "profile": args.profile, **{k: round(v, 2) for k, v in result.items()}}))
+            rounded = {k: round(v, 2) for k, v in result.items()}
+            print(json.dumps({"round": index + 1, "profile": args.profile, **rounded}))
 
 
 if __name__ == "__main__":

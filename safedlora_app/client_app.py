@@ -35,7 +35,7 @@ app = ClientApp()
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """One round of local training."""
-    config = RunConfig.from_mapping(context.run_config).effective
+    config = RunConfig.from_mapping(context.run_config).with_node_config(context.node_config).effective
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     round_config = msg.content["config"]

@@ -21,6 +21,8 @@ AGGREGATIONS = ("product", "fedavg")
 INIT_TRAINABLE = ("lora", "full")
 TASKS = ("text-classification", "image-classification")
 PARTITIONERS = ("natural", "dirichlet", "iid")
+# Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
+NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir")
 
 
 class ConfigError(ValueError):
@@ -231,6 +233,24 @@ class RunConfig:
                 )
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError(f"run-name = {self.run_name!r} is not allowed; it must be a plain directory name")
+
+    def with_node_config(self, node_config: Mapping[str, Any]) -> RunConfig:
+        """Apply a node's own overrides of the client-side keys in ``NODE_KEYS``.
+
+        A SuperNode on a small board sets e.g. ``--node-config "batch-size=4 grad-accum-steps=4
+        torch-threads=1 max-seq-len=48"`` without changing the run for anyone else.
+        """
+        values = {}
+        for key in NODE_KEYS:
+            if key in node_config:
+                name = key.replace("-", "_")
+                field_type = next(f.type for f in dataclasses.fields(self) if f.name == name)
+                values[name] = _coerce(f"node-config {key}", node_config[key], field_type)
+        if not values:
+            return self
+        config = dataclasses.replace(self, **values)
+        config.validate()
+        return config
 
     # --- Derived views -------------------------------------------------------------------
     @property

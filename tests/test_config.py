@@ -56,3 +56,12 @@ def test_method_presets_override_stage_keys():
     assert RunConfig(method="fedprox", prox_mu=0.5).effective.prox_mu == 0.5
     # fedit ignores sa-fedlora's stage constraints (e.g. init-rounds left at its default)
     RunConfig.from_mapping({"method": "fedit", "init-rounds": 11, "num-server-rounds": 3})
+
+
+def test_node_config_overrides_client_side_keys_only():
+    config = RunConfig().with_node_config({"batch-size": 4, "torch-threads": 1, "partition-id": 0, "lr": 9.0})
+    assert (config.batch_size, config.torch_threads, config.lr) == (4, 1, RunConfig().lr)  # lr is not a node key
+    with pytest.raises(ConfigError, match="node-config batch-size = 'big' is not allowed; it must be of type int"):
+        RunConfig().with_node_config({"batch-size": "big"})
+    with pytest.raises(ConfigError, match="max-seq-len = 2 is not allowed; it must be >= 8"):
+        RunConfig().with_node_config({"max-seq-len": 2})
