@@ -276,3 +276,12 @@ def test_make_certs(tmp_path):
 def test_make_certs_usage():
     result = subprocess.run(["bash", str(MAKE_CERTS)], capture_output=True, text=True)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_jetson_dockerfile_keeps_the_base_torch_and_pins_flwr():
+    text = (ROOT / "docker" / "Dockerfile.jetson").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M) and re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+    assert f"ARG FLWR_VERSION={importlib.metadata.version('flwr')}" in text
+    assert "n not in ('flwr', 'torch')" in text  # the L4T image's CUDA torch is never replaced
+    assert "sys.version_info >= (3, 11)" in text
+    assert 'ENTRYPOINT ["flower-supernode"]' in text
