@@ -240,8 +240,9 @@ class SAFedLoRA(FedAvg):
             if isinstance(received, ArrayRecord):
                 stats.bytes_up += received.count_bytes()
                 stats.params_up += pl.num_parameters(received)
+            # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
             problem = reply_problem(content, self._expected, max_num_examples=self.config.max_num_examples,
-                                    backbone_hash=self._round_backbone)
+                                    backbone_hash=self._round_backbone or None)
             if problem:
                 log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node_id, problem)
                 stats.dropped += 1

