@@ -25,7 +25,7 @@ def flower(tmp_path_factory):
 
 
 def run_app(flower, out_dir, name, settings):
-    result = flower.run(f"{TINY} {settings} out-dir='{out_dir}' run-name='{name}'")
+    result = flower.run(f"{TINY} {settings} out-dir='{out_dir}' run-name='{name}' cache-dir='{out_dir / 'cache'}'")
     output = result.stdout + result.stderr
     assert flower.run_status(output) == "finished:completed", output[-4000:]
     run_dir = out_dir / name
