@@ -1,0 +1,365 @@
+"""`safedlora compare`: planning, aggregation and formatting (fast), and one tiny comparison end to end."""
+
+import csv
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from safedlora_app import compare as cmp
+from safedlora_app.config import RunConfig
+from safedlora_app.simulation import APP_ROOT
+
+BASE = {**cmp.PRESETS["full"].settings, "num-server-rounds": 8, **cmp.stage_rounds(8), "lr": 0.002, "full-lr": 5e-05}
+
+
+# --- Planning --------------------------------------------------------------------------------------
+def test_plan_repeats_headline_methods_over_seeds_and_the_rest_on_the_first_seed():
+    plan = cmp.plan_runs(BASE, ["fedavg", "fedit-rmax", "fedit-rmin", "sa-no-init"], ["natural", "dirichlet"],
+                         [42, 43, 44])
+    # per split: fedavg x3 + fedit-rmax x3 + fedit-rmin x1 + sa-no-init x1
+    assert len(plan) == 16
+    assert [s.key for s in plan[:6]] == ["natural/fedavg-s42", "natural/fedit-rmax-s42", "natural/fedit-rmin-s42",
+                                         "natural/sa-no-init-s42", "natural/fedavg-s43", "natural/fedit-rmax-s43"]
+    assert {s.num_supernodes for s in plan} == {7}
+    assert plan[0].federation == "num-supernodes=7 client-resources-num-cpus=1"
+    by_key = {s.key: s.settings for s in plan}
+    assert by_key["natural/fedit-rmin-s42"]["method"] == "fedit"
+    assert by_key["natural/fedit-rmin-s42"]["rank-max"] == BASE["rank-min"] == 2
+    assert by_key["natural/fedit-rmax-s42"]["rank-max"] == 8
+    assert by_key["dirichlet/sa-no-init-s42"]["init-rounds"] == 0
+    assert by_key["dirichlet/sa-no-init-s42"]["partitioner"] == "dirichlet"
+    assert by_key["dirichlet/sa-no-init-s42"]["dirichlet-alpha"] == 0.5
+    assert by_key["natural/fedavg-s44"]["seed"] == 44
+    # every planned run-config passes the app's own validation
+    for spec in plan:
+        RunConfig.from_mapping({**spec.settings, "out-dir": "/tmp/x", "run-name": spec.run_name})
+
+
+def test_every_method_differs_from_the_base_only_where_it_should():
+    s = {m: cmp.run_settings(BASE, "natural", m, 42) for m in cmp.METHODS}
+    assert s["sa-no-anneal"]["schedule"] == "constant" and s["sa-fedlora"].get("schedule", "cubic") == "cubic"
+    assert s["sa-uniform"]["allocation"] == "uniform"
+    assert s["sa-ab-avg"]["aggregation"] == "fedavg"
+    assert s["fedprox"]["method"] == "fedprox"
+    shared = {k: v for k, v in s["sa-fedlora"].items() if k not in ("method",)}
+    for method, settings in s.items():
+        assert settings["num-server-rounds"] == 8 and settings["test-size"] == BASE["test-size"]
+        assert {k: v for k, v in settings.items() if k in shared and k not in cmp.METHODS[method]} == \
+            {k: v for k, v in shared.items() if k not in cmp.METHODS[method]}
+
+
+def test_lr_multiplier_scales_lr_for_lora_methods_and_full_lr_for_full_methods():
+    fedavg = cmp.run_settings(BASE, "natural", "fedavg", 42, 2.0)
+    assert fedavg["full-lr"] == pytest.approx(1e-4) and fedavg["lr"] == 0.002
+    fedit = cmp.run_settings(BASE, "natural", "fedit-rmax", 42, 0.5)
+    assert fedit["lr"] == pytest.approx(0.001) and fedit["full-lr"] == 5e-05
+    search = cmp.plan_lr_search(BASE, ["fedavg", "sa-fedlora"], "dirichlet", 42)
+    assert [s.run_name for s in search] == ["fedavg-lrx0.5-s42", "fedavg-s42", "fedavg-lrx2-s42",
+                                            "sa-fedlora-lrx0.5-s42", "sa-fedlora-s42", "sa-fedlora-lrx2-s42"]
+    # the search point at the chosen multiplier is the comparison's run (resumed, not repeated)
+    main = cmp.plan_runs(BASE, ["fedavg", "sa-fedlora"], ["dirichlet"], [42], {"fedavg": 2.0, "sa-fedlora": 1.0})
+    assert {s.key for s in main} <= {s.key for s in search}
+    assert {s.key: s.settings for s in main}["dirichlet/fedavg-lrx2-s42"] == \
+        {s.key: s.settings for s in search}["dirichlet/fedavg-lrx2-s42"]
+
+
+@pytest.mark.parametrize("rounds, expected", [
+    (8, {"init-rounds": 1, "heat-rounds": 1, "cool-rounds": 2}),
+    (3, {"init-rounds": 1, "heat-rounds": 0, "cool-rounds": 1}),
+    (2, {"init-rounds": 1, "heat-rounds": 0, "cool-rounds": 1}),
+    (1, {"init-rounds": 0, "heat-rounds": 0, "cool-rounds": 1}),
+])
+def test_stage_rounds(rounds, expected):
+    assert cmp.stage_rounds(rounds) == expected
+
+
+def test_stage_rounds_are_valid_for_any_number_of_rounds():
+    for rounds in range(1, 30):
+        RunConfig.from_mapping({"method": "sa-fedlora", "num-server-rounds": rounds, **cmp.stage_rounds(rounds)})
+
+
+def test_choose_lr_takes_the_best_final_accuracy_and_breaks_ties_towards_x1():
+    assert cmp.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.50}) == 1.0
+    assert cmp.choose_lr({0.5: 0.61, 1.0: 0.60, 2.0: None}) == 0.5
+    assert cmp.choose_lr({0.5: 0.60, 2.0: 0.60}) == 0.5
+    with pytest.raises(ValueError):
+        cmp.choose_lr({0.5: None, 1.0: None})
+
+
+def test_run_config_string_quotes_strings_and_keeps_numbers_toml():
+    text = cmp.run_config_string({"method": "fedit", "rank-max": 2, "full-lr": 5e-05, "lr": 0.002, "x": True})
+    assert text == "method='fedit' rank-max=2 full-lr=5e-05 lr=0.002 x=true"
+    with pytest.raises(cmp.CompareError, match="must not hold a quote"):
+        cmp.format_value("it's")
+
+
+def test_estimate_counts_full_rounds_and_evaluations():
+    costs = {"startup": 10.0, "first-round": 0.0, "eval-per-row": 0.01, "lora-per-sample": 0.1,
+             "full-per-sample": 0.2, "full-transfer": 1.0, "parallel-clients": 2}
+    settings = {"num-server-rounds": 2, "local-samples": 10, "test-size": 100, "min-nodes": 3, "fraction-train": 0.01}
+    lora = cmp.RunSpec("natural", "fedit-rmax", 42, 1.0, {**settings, "method": "fedit"}, 7)
+    full = cmp.RunSpec("natural", "fedavg", 42, 1.0, {**settings, "method": "fedavg"}, 7)
+    # 3 clients -> 2 waves; 3 evaluations of 100 rows
+    assert cmp.estimate_seconds(lora, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.1))
+    assert cmp.estimate_seconds(full, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.2 + 3 * 1.0))
+
+
+# --- Aggregation -----------------------------------------------------------------------------------
+def test_mean_std_uses_the_sample_standard_deviation():
+    mean, std = cmp.mean_std([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert cmp.mean_std([0.4]) == (0.4, None)
+    assert cmp.mean_std([]) == (None, None)
+    assert cmp.format_pm(0.583, 0.012) == "58.3 ± 1.2"
+    assert cmp.format_pm(0.583, None) == "58.3"
+
+
+def test_rounds_to_target_is_the_first_round_at_or_above_target():
+    records = [{"round": r, "accuracy": a} for r, a in enumerate([0.30, 0.50, 0.60, 0.55])]
+    assert cmp.rounds_to_target(records, 0.55) == 2
+    assert cmp.rounds_to_target(records, 0.60) == 2
+    assert cmp.rounds_to_target(records, 0.30) == 0
+    assert cmp.rounds_to_target(records, 0.70) is None
+
+
+def test_saving_is_one_minus_the_ratio_in_percent():
+    assert cmp.saving_pct(25, 100) == pytest.approx(75.0)
+    assert cmp.saving_pct(200, 100) == pytest.approx(-100.0)
+    assert cmp.saving_pct(100, None) is None and cmp.saving_pct(None, 100) is None
+
+
+def records(accuracies, down, up, params=(0, 0)):
+    """metrics.jsonl-like records: round 0 sends nothing, every later round sends (down, up) bytes."""
+    rows = [{"round": 0, "accuracy": accuracies[0], "macro-f1": 0.1, "bytes-down": 0, "bytes-up": 0,
+             "params-down": 0, "params-up": 0}]
+    for r, a in enumerate(accuracies[1:], 1):
+        rows.append({"round": r, "accuracy": a, "macro-f1": a / 2, "bytes-down": down, "bytes-up": up,
+                     "params-down": params[0], "params-up": params[1], "dropped": 0})
+    return rows
+
+
+def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
+    fedavg = [({"wall-seconds": 100.0}, records([0.4, 0.5, 0.6], 1000, 1000, (250, 250)))]
+    fedit = [({"wall-seconds": 10.0}, records([0.4, 0.5, 0.55], 100, 100, (25, 25))),
+             ({"wall-seconds": 20.0}, records([0.4, 0.45, 0.65], 100, 100, (25, 25)))]
+    sa = [({"wall-seconds": 12.0}, records([0.4, 0.6, 0.5], 50, 30, (12, 8)))]
+    rows = cmp.add_savings([
+        cmp.method_row("natural", "fedavg", fedavg, 0.55, ("full-lr", 5e-05, 1.0), 1),
+        cmp.method_row("natural", "fedit-rmax", fedit, 0.55, ("lr", 0.002, 1.0), 2),
+        cmp.method_row("natural", "sa-fedlora", sa, 0.55, ("lr", 0.004, 2.0), 1),
+    ])
+    fa, fi, s = rows
+    assert fa["bytes_down"] == 2000 and fa["bytes_up"] == 2000 and fa["params_sent"] == 1000
+    assert fa["rounds_to_target"] == 2 and fa["reached_target"] == "1/1"
+    assert fi["final_accuracy_mean"] == pytest.approx(0.60)
+    assert fi["final_accuracy_std"] == pytest.approx(math.sqrt(0.005))  # values 0.55, 0.65
+    assert fi["best_accuracy_mean"] == pytest.approx(0.60) and fi["wall_seconds"] == pytest.approx(15.0)
+    assert fi["last3_accuracy_mean"] == pytest.approx((0.525 + 0.55) / 2)  # rounds 1..2 of each seed
+    assert fi["rounds_to_target"] == pytest.approx(2.0) and fi["reached_target"] == "2/2"
+    assert fi["saving_vs_fedavg_pct"] == pytest.approx(90.0)  # 400 vs 4000 bytes
+    assert fi["saving_vs_fedit_rmax_pct"] == pytest.approx(0.0)
+    assert s["bytes_down"] == 100 and s["bytes_up"] == 60 and s["mb_down"] == pytest.approx(1e-4)
+    assert s["saving_vs_fedavg_pct"] == pytest.approx(96.0)  # 160 vs 4000
+    assert s["saving_vs_fedit_rmax_pct"] == pytest.approx(60.0)  # 160 vs 400
+    assert s["best_accuracy_mean"] == pytest.approx(0.6) and s["final_accuracy_std"] is None
+    assert s["rounds_to_target"] == 1
+    table = cmp.format_markdown(rows, 0.55, ["a note"])
+    assert "| natural | fedit-rmax | 2 | lr 0.002 (x1) | 60.0 ± 7.1 | 60.0 ± 7.1 |" in table
+    assert "| natural | sa-fedlora | 1* | lr 0.004 (x2) | 50.0 | 60.0 |" in table
+    assert "96.0%" in table and "60.0%" in table and table.rstrip().endswith("a note")
+    parsed = list(csv.DictReader(cmp.format_csv(rows).splitlines()))
+    assert tuple(parsed[0]) == cmp.CSV_COLUMNS and parsed[2]["saving_vs_fedit_rmax_pct"] == "60.0"
+
+
+def test_rounds_to_target_column_when_only_some_seeds_reach_it():
+    assert cmp.format_rounds_to_target(None, "2/3") == "2/3 reached"
+    assert cmp.format_rounds_to_target(None, "0/3") == "never"
+    assert cmp.format_rounds_to_target(4.5, "2/2") == "4.5"
+    row = cmp.method_row("natural", "fedit-rmax", [({}, records([0.4, 0.6], 1, 1)), ({}, records([0.4, 0.5], 1, 1))],
+                         0.55, ("lr", 0.002, 1.0), 2)
+    assert row["rounds_to_target"] is None and row["reached_target"] == "1/2"
+
+
+def test_config_mismatch_names_the_changed_keys():
+    assert cmp.config_mismatch({"lr": 0.002, "rank-max": 8}, {"lr": 0.002, "rank-max": 8.0, "out-dir": "/x"}) == []
+    assert cmp.config_mismatch({"test-size": 300, "out-dir": "/a"}, {"test-size": 100, "out-dir": "/b"}) == \
+        ["test-size: planned 300, found 100"]
+
+
+# --- Command line ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds = 0 is not allowed; it must be an integer >= 1"),
+    (["--rounds", "ten"], "--rounds = 'ten' is not allowed; it must be an integer >= 1"),
+    (["--methods", "fedit,fedsgd"], "--methods: 'fedit' is not allowed; choose from: fedavg, fedprox, fedit-rmax"),
+    (["--splits", "iid"], "--splits: 'iid' is not allowed; choose from: natural, dirichlet"),
+    (["--target-accuracy", "55"], "--target-accuracy = '55' is not allowed; it must be a fraction in (0, 1]"),
+    (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
+    (["--set", "learning-rate=0.1"], "--set: 'learning-rate' is not a run-config key"),
+    (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
+    (["--out", str(APP_ROOT / "results")], "lies inside the app directory"),
+])
+def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
+    out = [] if "--out" in args else ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        cmp.main(["compare", "--dry-run", *out, *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
+    assert cmp.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "2",
+                     "--methods", "fedit-rmax,fedit-rmin", "--splits", "dirichlet", "--rounds", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s43" in out
+    assert "dirichlet/fedit-rmin-s42" in out and "fedit-rmin-s43" not in out
+    assert "num-server-rounds=4 init-rounds=1 heat-rounds=0 cool-rounds=1" in out
+    assert "--federation-config \"num-supernodes=7 client-resources-num-cpus=1\"" in out
+    assert "3 runs; estimate" in out and str(tmp_path / "x") in out
+    assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
+    cmp.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
+    out = capsys.readouterr().out
+    assert "natural/fedavg-lrx0.5-s42" in out and "full-lr=0.0001" in out and "full-lr=0.0004" in out
+    assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
+
+
+def test_results_inside_the_app_are_refused_unless_gitignored(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    assert cmp.packaged_with_app(app / "results" / "quick", app)
+    (app / ".gitignore").write_text("/results/\n")
+    assert not cmp.packaged_with_app(app / "results" / "quick", app)
+    assert not cmp.packaged_with_app(tmp_path / "elsewhere", app)
+
+
+# --- Runner with a stand-in for Flower (resume logic) ------------------------------------------------
+class FakeFlower:
+    """Writes what the app writes for a run, instantly; counts runs."""
+
+    runs: list[str] = []
+
+    def __init__(self, home):
+        self.home = home
+
+    def run(self, run_config, timeout=600, federation=""):
+        settings = dict(item.split("=", 1) for item in run_config.split())
+        run_dir = Path(settings["out-dir"].strip("'")) / settings["run-name"].strip("'")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        given = {k: json.loads(v.replace("'", '"')) for k, v in settings.items()}
+        (run_dir / "config.json").write_text(json.dumps({"given": given}))
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records([0.4, 0.5], 10, 20)) + "\n")
+        (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": 0.5, "wall-seconds": 1.0}))
+        FakeFlower.runs.append(run_dir.name)
+        return subprocess.CompletedProcess([], 0, "Starting logstream for run_id `7`", "")
+
+    def run_status(self, output):
+        return "finished:completed"
+
+    def stop(self):
+        pass
+
+
+def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
+    FakeFlower.runs = []
+    options = cmp.resolve_options(cmp.build_parser().parse_args(
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax,sa-fedlora"]))
+    lines = []
+    assert cmp.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]
+    root = tmp_path / "r"
+    # interrupt sa-fedlora half-way: metrics but no summary
+    (root / "runs/natural/sa-fedlora-s42/summary.json").unlink()
+    assert cmp.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42", "sa-fedlora-s42"]
+    assert any("[1/2] natural/fedit-rmax-s42: finished earlier" in line for line in lines)
+    assert len(list((root / "aborted" / "natural").iterdir())) == 1
+    assert any(line.startswith("[2/2] natural/sa-fedlora-s42: finished in") and "ETA" in line for line in lines)
+    summary = json.loads((root / "comparison.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["skipped", "finished"]
+    assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.008, "search": {}}
+    # other settings under the same name are refused, not mixed
+    changed = cmp.resolve_options(cmp.build_parser().parse_args(
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
+    with pytest.raises(cmp.CompareError, match="was made with other settings"):
+        cmp.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
+
+
+def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
+    FakeFlower.runs = []
+    accuracy = {"fedit-rmax-lrx0.5-s42": 0.55, "fedit-rmax-s42": 0.5, "fedit-rmax-lrx2-s42": 0.45}
+    real_run = FakeFlower.run
+
+    def run(self, run_config, timeout=600, federation=""):
+        result = real_run(self, run_config, timeout, federation)
+        name = FakeFlower.runs[-1]
+        run_dir = next(tmp_path.glob(f"s/runs/*/{name}"))
+        (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": accuracy[name], "wall-seconds": 1.0}))
+        return result
+
+    monkeypatch.setattr(FakeFlower, "run", run)
+    options = cmp.resolve_options(cmp.build_parser().parse_args(
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
+         "--splits", "natural,dirichlet"]))
+    assert cmp.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
+    # 3 search runs on natural, then dirichlet at the chosen x0.5 (natural's x0.5 run is reused)
+    assert FakeFlower.runs == ["fedit-rmax-lrx0.5-s42", "fedit-rmax-s42", "fedit-rmax-lrx2-s42",
+                               "fedit-rmax-lrx0.5-s42"]
+    summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
+    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 0.5
+    assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.004)  # x0.5 of the preset's 8e-3
+    rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
+    assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.004", "0.5"),
+                                                                          ("dirichlet", "0.004", "0.5")]
+
+
+# --- End to end through `flwr run` -----------------------------------------------------------------
+TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "batch-size=8", "--set", "eval-batch-size=48",
+        "--set", "rank-max=4", "--set", "rank-min=1"]
+
+
+@pytest.mark.e2e
+def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
+    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--methods", "fedit-rmax,sa-fedlora",
+            "--splits", "natural", "--rounds", "2", "--target-accuracy", "0.4", *TINY]
+    assert cmp.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "[1/2] natural/fedit-rmax-s42: started" in first and "[2/2] natural/sa-fedlora-s42: finished in" in first
+    root = tmp_path / "tiny"
+    with (root / "table.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == cmp.CSV_COLUMNS
+    assert [(r["split"], r["method"], r["seeds"]) for r in rows] == [("natural", "fedit-rmax", "1"),
+                                                                      ("natural", "sa-fedlora", "1")]
+    for row in rows:
+        run_dir = root / "runs" / "natural" / f"{row['method']}-s42"
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [line["round"] for line in lines] == [0, 1, 2]
+        assert int(row["bytes_down"]) == sum(line["bytes-down"] for line in lines) > 0
+        assert int(row["bytes_up"]) == sum(line["bytes-up"] for line in lines) > 0
+        assert int(row["params_sent"]) == sum(line["params-down"] + line["params-up"] for line in lines)
+        assert float(row["final_accuracy_mean"]) == pytest.approx(lines[-1]["accuracy"])
+        assert row["dropped_replies"] == "0"
+    fedit, sa = rows
+    assert float(fedit["saving_vs_fedit_rmax_pct"]) == 0.0
+    assert float(sa["saving_vs_fedit_rmax_pct"]) > 0  # round 2 anneals to rank-min
+    assert fedit["saving_vs_fedavg_pct"] == ""  # no fedavg in this comparison
+    for plot in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "budget_vs_round.png", "sa-fedlora_ranks_vs_round.png"):
+        assert (root / "plots" / "natural" / plot).stat().st_size > 1000
+    assert "| natural | sa-fedlora | 1 |" in (root / "table.md").read_text()
+    comparison = json.loads((root / "comparison.json").read_text())
+    assert comparison["machine"]["cpu-count"] and comparison["machine"]["torch"]
+    assert {r["status"] for r in comparison["runs"]} == {"finished"}
+    assert comparison["runs"][0]["command"][1:3] == ["run", str(APP_ROOT)]
+
+    # second invocation: nothing runs again
+    stamp = (root / "runs/natural/sa-fedlora-s42/summary.json").stat().st_mtime
+    assert cmp.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "2 runs, 2 finished earlier, 0 to run" in second and "started" not in second
+    assert (root / "runs/natural/sa-fedlora-s42/summary.json").stat().st_mtime == stamp
+    assert {r["status"] for r in json.loads((root / "comparison.json").read_text())["runs"]} == {"skipped"}
