@@ -718,7 +718,8 @@ class Comparison:
         return self.root / "runs" / spec.split / spec.run_name
 
     def settings_with_output(self, spec: RunSpec) -> dict[str, Any]:
-        return {**spec.settings, "out-dir": str(self.root / "runs" / spec.split), "run-name": spec.run_name}
+        return {**spec.settings, "out-dir": str(self.root / "runs" / spec.split), "run-name": spec.run_name,
+                "cache-dir": str(self.root / "cache")}  # node caches stay with the comparison
 
     def command(self, spec: RunSpec) -> list[str]:
         """The ``flwr run`` command line of a run (as LocalFlower runs it)."""
@@ -766,7 +767,7 @@ class Comparison:
                     self._spent += outcome.seconds
                     self._estimated += estimate
                 ratio = self._spent / self._estimated if self._estimated else 1.0
-                eta = remaining * ratio
+                eta = max(0.0, remaining * ratio)
                 if outcome.status == "finished":
                     self.say(f"{tag}: finished in {outcome.seconds:.0f} s | {self.describe(spec)} | "
                              f"ETA {eta / 60:.1f} min")
