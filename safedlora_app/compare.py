@@ -916,13 +916,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run fedavg, fedprox, fedit (rank-max and rank-min), sa-fedlora and its ablations on the "
                     "same seeds, partitions, rounds, clients and evaluation, through `flwr run`, and write "
                     "<out>/<name>/{runs,plots,table.csv,table.md,comparison.json}. Finished runs are skipped "
-                    "when the command is run again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "when the command is run again.")
     p.add_argument("--quick", action="store_true",
                    help="smoke preset (one split, one seed, 3 rounds, tiny data; < 10 min on 2 cores) "
                         "instead of the full preset (< 90 min on 2 cores)")
     p.add_argument("--name", default=None, help="results sub-directory (default: the preset's name)")
-    p.add_argument("--out", default="results", help="results directory (relative to the current directory or absolute)")
+    p.add_argument("--out", default="results",
+                   help="results directory, relative to the current directory or absolute (default: results)")
     p.add_argument("--seeds", type=str, default=None, help="seeds for the headline methods (>= 1; first seed is "
                    f"{FIRST_SEED}, then {FIRST_SEED + 1}, ...); default: preset")
     p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
@@ -934,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-accuracy", type=str, default=None,
                    help="accuracy (fraction in (0, 1]) for the rounds-to-target column; default: preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra run-config value for every run (repeatable), e.g. --set test-size=1000")
+                   help="run-config value for every run, over the preset's (repeatable), e.g. --set test-size=1000")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their run-config; run nothing")
     return parser
 

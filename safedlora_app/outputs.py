@@ -91,7 +91,7 @@ class RunRecorder:
         """Totals and headline numbers of the run."""
         rows = [r for r in self.records if r["round"] > 0]
         final = self.records[-1] if self.records else {}
-        best = max(self.records, key=lambda r: r.get("accuracy", -1.0), default={})
+        best = max(rows, key=lambda r: r.get("accuracy", -1.0), default={})  # trained rounds only
         return {
             "method": config.method,
             "rounds": len(rows),
@@ -106,6 +106,7 @@ class RunRecorder:
             "params-up": sum(r["params-up"] for r in rows),
             "total-mb": (sum(r["bytes-down"] + r["bytes-up"] for r in rows)) / MB,
             "dropped-replies": sum(r["dropped"] for r in rows),
+            "rounds-without-replies": sum(1 for r in rows if r["replies"] == 0),
             "final-ranks": final.get("ranks") or {},
             "wall-seconds": wall_seconds,
             "model-dir": str(model_dir) if model_dir else None,

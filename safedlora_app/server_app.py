@@ -86,7 +86,10 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
         evaluate_fn=central_evaluation,
     )
-    final_arrays = result.arrays if result.arrays is not None else strategy.initial_arrays(state)
+    if result.arrays is None:  # not one valid reply in any round: nothing was trained; no summary.json
+        raise RuntimeError(f"run {run_dir.name}: no node returned a valid update in any of the "
+                           f"{config.num_server_rounds} rounds; see the warnings above for each node's reason")
+    final_arrays = result.arrays
     model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
                                   model_source(config.model_name))
     summary = recorder.summary(config, time.perf_counter() - start, model_dir)

@@ -199,7 +199,7 @@ def test_config_mismatch_names_the_changed_keys():
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
     (["--set", "learning-rate=0.1"], "--set: 'learning-rate' is not a run-config key"),
     (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
-    (["--out", str(APP_ROOT / "results")], "lies inside the app directory"),
+    (["--out", str(APP_ROOT / "docs" / "comparison")], "lies inside the app directory"),  # not git-ignored
 ])
 def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
     out = [] if "--out" in args else ["--out", str(tmp_path)]
