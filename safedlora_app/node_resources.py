@@ -33,7 +33,6 @@ _BACKBONES: dict[tuple, nn.Module] = {}  # (resources key, backbone hash) -> bas
 class NodeResources:
     """A node's model, preprocessor and encoded local training data."""
 
-    model_name: str
     base_model: nn.Module
     data: Encoded
     partition_label: str
@@ -77,7 +76,7 @@ def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[i
     if len(data) == 0:
         raise ValueError(f"{where} holds no training rows")
     model = load_base_model(model_name, config.task, label_names, seed=config.seed)
-    return NodeResources(model_name=model_name, base_model=model, data=data, partition_label=where)
+    return NodeResources(base_model=model, data=data, partition_label=where)
 
 
 def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], label_names: tuple[str, ...]):

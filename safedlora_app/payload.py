@@ -28,14 +28,6 @@ def key(kind: str, name: str) -> str:
     return f"{kind}{SEP}{name}"
 
 
-def split_key(wire_key: str) -> tuple[str, str]:
-    """Inverse of ``key``; raises ValueError for a key without a known kind."""
-    kind, sep, name = wire_key.partition(SEP)
-    if not sep or kind not in (LORA_A, LORA_B, HEAD, BACKBONE) or not name:
-        raise ValueError(f"malformed payload key {wire_key!r}")
-    return kind, name
-
-
 def select(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """The tensors of one kind, keyed by their bare name."""
     prefix = kind + SEP
