@@ -273,16 +273,19 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def stage_rounds(rounds: int) -> dict[str, int]:
-    """sa-fedlora's stage lengths for ``rounds`` rounds: 1 initiating round, then heat / shrink / cool.
+    """sa-fedlora's stage lengths for ``rounds`` rounds: 1 initiating round, then shrink, then cool.
 
-    Examples: 8 -> init 1, heat 1, cool 2 (the budget shrinks over 4 rounds); 3 -> init 1, heat 0,
+    The initiating round already runs at the top budget, so there is no separate heating round, and the
+    second half of the annealing rounds (rounded up) cools at the bottom budget. This is what the byte goal
+    asks for: the mean budget over the run must stay under half of rank-max's to send at most 50% of
+    fedit-at-rank-max's bytes (8 rounds: budgets 96, 96, 45, 27, 24, 24, 24, 24 = 47% of 8 x 96).
+
+    Examples: 8 -> init 1, heat 0, cool 4 (the budget shrinks over 3 rounds); 3 -> init 1, heat 0,
     cool 1; 2 -> init 1, heat 0, cool 1; 1 -> init 0, heat 0, cool 1.
     """
     init = 1 if rounds >= 2 else 0
     annealing = rounds - init
-    cool = min(2, annealing // 2) if annealing >= 2 else annealing
-    heat = 1 if annealing - cool >= 3 else 0
-    return {"init-rounds": init, "heat-rounds": heat, "cool-rounds": cool}
+    return {"init-rounds": init, "heat-rounds": 0, "cool-rounds": math.ceil(annealing / 2)}
 
 
 def seeds_for(method: str, seeds: Sequence[int]) -> list[int]:

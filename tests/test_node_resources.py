@@ -11,8 +11,9 @@ LABELS = ("negative", "neutral", "positive")
 @pytest.fixture
 def node_csv(tmp_path):
     path = tmp_path / "local.csv"
-    rows = ["text,label"] + [f"tweet number {i} is {'great' if i % 2 else 'awful'},{'positive' if i % 2 else 'negative'}"
-                             for i in range(12)]
+    rows = ["text,label"] + [
+        f"tweet number {i} is {'great' if i % 2 else 'awful'},{'positive' if i % 2 else 'negative'}" for i in range(12)
+    ]
     path.write_text("\n".join(rows) + "\n")
     return path
 
