@@ -8,25 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from safedlora_app import compare as cmp
+from safedlora_app.compare import cli, plan, runner, tables
 from safedlora_app.config import RunConfig
 from safedlora_app.schedule import round_budget
 from safedlora_app.simulation import APP_ROOT
 
-BASE = {**cmp.PRESETS["full"].settings, "num-server-rounds": 8, **cmp.stage_rounds(8), "lr": 0.002, "full-lr": 5e-05}
+BASE = {**plan.PRESETS["full"].settings, "num-server-rounds": 8, **plan.stage_rounds(8), "lr": 0.002, "full-lr": 5e-05}
 
 
 # --- Planning --------------------------------------------------------------------------------------
 def test_plan_repeats_headline_methods_over_seeds_and_the_rest_on_the_first_seed():
-    plan = cmp.plan_runs(BASE, ["fedavg", "fedit-rmax", "fedit-rmin", "sa-no-init"], ["natural", "dirichlet"],
-                         [42, 43, 44])
+    specs = plan.plan_runs(BASE, ["fedavg", "fedit-rmax", "fedit-rmin", "sa-no-init"], ["natural", "dirichlet"],
+                           [42, 43, 44])
     # per split: fedavg x3 + fedit-rmax x3 + fedit-rmin x1 + sa-no-init x1
-    assert len(plan) == 16
-    assert [s.key for s in plan[:6]] == ["natural/fedavg-s42", "natural/fedit-rmax-s42", "natural/fedit-rmin-s42",
-                                         "natural/sa-no-init-s42", "natural/fedavg-s43", "natural/fedit-rmax-s43"]
-    assert {s.num_supernodes for s in plan} == {7}
-    assert plan[0].federation == "num-supernodes=7 client-resources-num-cpus=1"
-    by_key = {s.key: s.settings for s in plan}
+    assert len(specs) == 16
+    assert [s.key for s in specs[:6]] == ["natural/fedavg-s42", "natural/fedit-rmax-s42", "natural/fedit-rmin-s42",
+                                          "natural/sa-no-init-s42", "natural/fedavg-s43", "natural/fedit-rmax-s43"]
+    assert {s.num_supernodes for s in specs} == {7}
+    assert specs[0].federation == "num-supernodes=7 client-resources-num-cpus=1"
+    by_key = {s.key: s.settings for s in specs}
     assert by_key["natural/fedit-rmin-s42"]["method"] == "fedit"
     assert by_key["natural/fedit-rmin-s42"]["rank-max"] == BASE["rank-min"] == 2
     assert by_key["natural/fedit-rmax-s42"]["rank-max"] == 8
@@ -35,12 +35,12 @@ def test_plan_repeats_headline_methods_over_seeds_and_the_rest_on_the_first_seed
     assert by_key["dirichlet/sa-no-init-s42"]["dirichlet-alpha"] == 0.5
     assert by_key["natural/fedavg-s44"]["seed"] == 44
     # every planned run-config passes the app's own validation
-    for spec in plan:
+    for spec in specs:
         RunConfig.from_mapping({**spec.settings, "out-dir": "/tmp/x", "run-name": spec.run_name})
 
 
 def test_every_method_differs_from_the_base_only_where_it_should():
-    s = {m: cmp.run_settings(BASE, "natural", m, 42) for m in cmp.METHODS}
+    s = {m: plan.run_settings(BASE, "natural", m, 42) for m in plan.METHODS}
     assert s["sa-no-anneal"]["schedule"] == "constant" and s["sa-fedlora"].get("schedule", "cubic") == "cubic"
     assert s["sa-uniform"]["allocation"] == "uniform"
     assert s["sa-ab-avg"]["aggregation"] == "fedavg"
@@ -48,20 +48,20 @@ def test_every_method_differs_from_the_base_only_where_it_should():
     shared = {k: v for k, v in s["sa-fedlora"].items() if k not in ("method",)}
     for method, settings in s.items():
         assert settings["num-server-rounds"] == 8 and settings["test-size"] == BASE["test-size"]
-        assert {k: v for k, v in settings.items() if k in shared and k not in cmp.METHODS[method]} == \
-            {k: v for k, v in shared.items() if k not in cmp.METHODS[method]}
+        assert {k: v for k, v in settings.items() if k in shared and k not in plan.METHODS[method]} == \
+            {k: v for k, v in shared.items() if k not in plan.METHODS[method]}
 
 
 def test_lr_multiplier_scales_lr_for_lora_methods_and_full_lr_for_full_methods():
-    fedavg = cmp.run_settings(BASE, "natural", "fedavg", 42, 2.0)
+    fedavg = plan.run_settings(BASE, "natural", "fedavg", 42, 2.0)
     assert fedavg["full-lr"] == pytest.approx(1e-4) and fedavg["lr"] == 0.002
-    fedit = cmp.run_settings(BASE, "natural", "fedit-rmax", 42, 0.5)
+    fedit = plan.run_settings(BASE, "natural", "fedit-rmax", 42, 0.5)
     assert fedit["lr"] == pytest.approx(0.001) and fedit["full-lr"] == 5e-05
-    search = cmp.plan_lr_search(BASE, ["fedavg", "sa-fedlora"], "dirichlet", 42)
+    search = plan.plan_lr_search(BASE, ["fedavg", "sa-fedlora"], "dirichlet", 42)
     assert [s.run_name for s in search] == ["fedavg-lrx0.5-s42", "fedavg-s42", "fedavg-lrx2-s42",
                                             "sa-fedlora-lrx0.5-s42", "sa-fedlora-s42", "sa-fedlora-lrx2-s42"]
     # the search point at the chosen multiplier is the comparison's run (resumed, not repeated)
-    main = cmp.plan_runs(BASE, ["fedavg", "sa-fedlora"], ["dirichlet"], [42], {"fedavg": 2.0, "sa-fedlora": 1.0})
+    main = plan.plan_runs(BASE, ["fedavg", "sa-fedlora"], ["dirichlet"], [42], {"fedavg": 2.0, "sa-fedlora": 1.0})
     assert {s.key for s in main} <= {s.key for s in search}
     assert {s.key: s.settings for s in main}["dirichlet/fedavg-lrx2-s42"] == \
         {s.key: s.settings for s in search}["dirichlet/fedavg-lrx2-s42"]
@@ -74,19 +74,19 @@ def test_lr_multiplier_scales_lr_for_lora_methods_and_full_lr_for_full_methods()
     (1, {"init-rounds": 0, "heat-rounds": 0, "cool-rounds": 1}),
 ])
 def test_stage_rounds(rounds, expected):
-    assert cmp.stage_rounds(rounds) == expected
+    assert plan.stage_rounds(rounds) == expected
 
 
 def test_stage_rounds_are_valid_for_any_number_of_rounds():
     for rounds in range(1, 30):
-        RunConfig.from_mapping({"method": "sa-fedlora", "num-server-rounds": rounds, **cmp.stage_rounds(rounds)})
+        RunConfig.from_mapping({"method": "sa-fedlora", "num-server-rounds": rounds, **plan.stage_rounds(rounds)})
 
 
 def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
     # The byte goal (<= 50% of fedit at rank-max) needs a mean budget under b_max / 2 (the head is the same
     # for both and only moves the ratio towards 1, so this is necessary, and checked again on real runs).
-    rounds = cmp.PRESETS["full"].rounds
-    stages = cmp.stage_rounds(rounds)
+    rounds = plan.PRESETS["full"].rounds
+    stages = plan.stage_rounds(rounds)
     b_max, b_min = 8 * 12, 2 * 12
     budgets = [round_budget(t, rounds, stages["init-rounds"], stages["heat-rounds"], stages["cool-rounds"],
                             b_max, b_min, "cubic") for t in range(1, rounds + 1)]
@@ -95,53 +95,53 @@ def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
 
 
 def test_choose_lr_takes_the_best_final_accuracy_and_breaks_ties_towards_x1():
-    assert cmp.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.50}) == 1.0
-    assert cmp.choose_lr({0.5: 0.61, 1.0: 0.60, 2.0: None}) == 0.5
-    assert cmp.choose_lr({0.5: 0.60, 2.0: 0.60}) == 0.5
+    assert plan.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.50}) == 1.0
+    assert plan.choose_lr({0.5: 0.61, 1.0: 0.60, 2.0: None}) == 0.5
+    assert plan.choose_lr({0.5: 0.60, 2.0: 0.60}) == 0.5
     with pytest.raises(ValueError):
-        cmp.choose_lr({0.5: None, 1.0: None})
+        plan.choose_lr({0.5: None, 1.0: None})
 
 
 def test_run_config_string_quotes_strings_and_keeps_numbers_toml():
-    text = cmp.run_config_string({"method": "fedit", "rank-max": 2, "full-lr": 5e-05, "lr": 0.002, "x": True})
+    text = plan.run_config_string({"method": "fedit", "rank-max": 2, "full-lr": 5e-05, "lr": 0.002, "x": True})
     assert text == "method='fedit' rank-max=2 full-lr=5e-05 lr=0.002 x=true"
-    with pytest.raises(cmp.CompareError, match="must not hold a quote"):
-        cmp.format_value("it's")
+    with pytest.raises(plan.CompareError, match="must not hold a quote"):
+        plan.format_value("it's")
 
 
 def test_estimate_counts_full_rounds_and_evaluations():
     costs = {"startup": 10.0, "first-round": 0.0, "eval-per-row": 0.01, "lora-per-sample": 0.1,
              "full-per-sample": 0.2, "full-transfer": 1.0, "parallel-clients": 2}
     settings = {"num-server-rounds": 2, "local-samples": 10, "test-size": 100, "min-nodes": 3, "fraction-train": 0.01}
-    lora = cmp.RunSpec("natural", "fedit-rmax", 42, 1.0, {**settings, "method": "fedit"}, 7)
-    full = cmp.RunSpec("natural", "fedavg", 42, 1.0, {**settings, "method": "fedavg"}, 7)
+    lora = plan.RunSpec("natural", "fedit-rmax", 42, 1.0, {**settings, "method": "fedit"}, 7)
+    full = plan.RunSpec("natural", "fedavg", 42, 1.0, {**settings, "method": "fedavg"}, 7)
     # 3 clients -> 2 waves; 3 evaluations of 100 rows
-    assert cmp.estimate_seconds(lora, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.1))
-    assert cmp.estimate_seconds(full, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.2 + 3 * 1.0))
+    assert plan.estimate_seconds(lora, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.1))
+    assert plan.estimate_seconds(full, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.2 + 3 * 1.0))
 
 
 # --- Aggregation -----------------------------------------------------------------------------------
 def test_mean_std_uses_the_sample_standard_deviation():
-    mean, std = cmp.mean_std([0.5, 0.6, 0.7])
+    mean, std = tables.mean_std([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
-    assert cmp.mean_std([0.4]) == (0.4, None)
-    assert cmp.mean_std([]) == (None, None)
-    assert cmp.format_pm(0.583, 0.012) == "58.3 ± 1.2"
-    assert cmp.format_pm(0.583, None) == "58.3"
+    assert tables.mean_std([0.4]) == (0.4, None)
+    assert tables.mean_std([]) == (None, None)
+    assert tables.format_pm(0.583, 0.012) == "58.3 ± 1.2"
+    assert tables.format_pm(0.583, None) == "58.3"
 
 
 def test_rounds_to_target_is_the_first_round_at_or_above_target():
     records = [{"round": r, "accuracy": a} for r, a in enumerate([0.30, 0.50, 0.60, 0.55])]
-    assert cmp.rounds_to_target(records, 0.55) == 2
-    assert cmp.rounds_to_target(records, 0.60) == 2
-    assert cmp.rounds_to_target(records, 0.30) == 0
-    assert cmp.rounds_to_target(records, 0.70) is None
+    assert tables.rounds_to_target(records, 0.55) == 2
+    assert tables.rounds_to_target(records, 0.60) == 2
+    assert tables.rounds_to_target(records, 0.30) == 0
+    assert tables.rounds_to_target(records, 0.70) is None
 
 
 def test_saving_is_one_minus_the_ratio_in_percent():
-    assert cmp.saving_pct(25, 100) == pytest.approx(75.0)
-    assert cmp.saving_pct(200, 100) == pytest.approx(-100.0)
-    assert cmp.saving_pct(100, None) is None and cmp.saving_pct(None, 100) is None
+    assert tables.saving_pct(25, 100) == pytest.approx(75.0)
+    assert tables.saving_pct(200, 100) == pytest.approx(-100.0)
+    assert tables.saving_pct(100, None) is None and tables.saving_pct(None, 100) is None
 
 
 def records(accuracies, down, up, params=(0, 0)):
@@ -159,10 +159,10 @@ def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
     fedit = [({"wall-seconds": 10.0}, records([0.4, 0.5, 0.55], 100, 100, (25, 25))),
              ({"wall-seconds": 20.0}, records([0.4, 0.45, 0.65], 100, 100, (25, 25)))]
     sa = [({"wall-seconds": 12.0}, records([0.4, 0.6, 0.5], 50, 30, (12, 8)))]
-    rows = cmp.add_savings([
-        cmp.method_row("natural", "fedavg", fedavg, 0.55, ("full-lr", 5e-05, 1.0), 1),
-        cmp.method_row("natural", "fedit-rmax", fedit, 0.55, ("lr", 0.002, 1.0), 2),
-        cmp.method_row("natural", "sa-fedlora", sa, 0.55, ("lr", 0.004, 2.0), 1),
+    rows = tables.add_savings([
+        tables.method_row("natural", "fedavg", fedavg, 0.55, ("full-lr", 5e-05, 1.0), 1),
+        tables.method_row("natural", "fedit-rmax", fedit, 0.55, ("lr", 0.002, 1.0), 2),
+        tables.method_row("natural", "sa-fedlora", sa, 0.55, ("lr", 0.004, 2.0), 1),
     ])
     fa, fi, s = rows
     assert fa["bytes_down"] == 2000 and fa["bytes_up"] == 2000 and fa["params_sent"] == 1000
@@ -179,26 +179,26 @@ def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
     assert s["saving_vs_fedit_rmax_pct"] == pytest.approx(60.0)  # 160 vs 400
     assert s["best_accuracy_mean"] == pytest.approx(0.6) and s["final_accuracy_std"] is None
     assert s["rounds_to_target"] == 1
-    table = cmp.format_markdown(rows, 0.55, ["a note"])
+    table = tables.format_markdown(rows, 0.55, ["a note"])
     assert "| natural | fedit-rmax | 2 | lr 0.002 (x1) | 60.0 ± 7.1 | 60.0 ± 7.1 |" in table
     assert "| natural | sa-fedlora | 1* | lr 0.004 (x2) | 50.0 | 60.0 |" in table
     assert "96.0%" in table and "60.0%" in table and table.rstrip().endswith("a note")
-    parsed = list(csv.DictReader(cmp.format_csv(rows).splitlines()))
-    assert tuple(parsed[0]) == cmp.CSV_COLUMNS and parsed[2]["saving_vs_fedit_rmax_pct"] == "60.0"
+    parsed = list(csv.DictReader(tables.format_csv(rows).splitlines()))
+    assert tuple(parsed[0]) == tables.CSV_COLUMNS and parsed[2]["saving_vs_fedit_rmax_pct"] == "60.0"
 
 
 def test_rounds_to_target_column_when_only_some_seeds_reach_it():
-    assert cmp.format_rounds_to_target(None, "2/3") == "2/3 reached"
-    assert cmp.format_rounds_to_target(None, "0/3") == "never"
-    assert cmp.format_rounds_to_target(4.5, "2/2") == "4.5"
-    row = cmp.method_row("natural", "fedit-rmax", [({}, records([0.4, 0.6], 1, 1)), ({}, records([0.4, 0.5], 1, 1))],
-                         0.55, ("lr", 0.002, 1.0), 2)
+    assert tables.format_rounds_to_target(None, "2/3") == "2/3 reached"
+    assert tables.format_rounds_to_target(None, "0/3") == "never"
+    assert tables.format_rounds_to_target(4.5, "2/2") == "4.5"
+    row = tables.method_row("natural", "fedit-rmax", [({}, records([0.4, 0.6], 1, 1)), ({}, records([0.4, 0.5], 1, 1))],
+                            0.55, ("lr", 0.002, 1.0), 2)
     assert row["rounds_to_target"] is None and row["reached_target"] == "1/2"
 
 
 def test_config_mismatch_names_the_changed_keys():
-    assert cmp.config_mismatch({"lr": 0.002, "rank-max": 8}, {"lr": 0.002, "rank-max": 8.0, "out-dir": "/x"}) == []
-    assert cmp.config_mismatch({"test-size": 300, "out-dir": "/a"}, {"test-size": 100, "out-dir": "/b"}) == \
+    assert runner.config_mismatch({"lr": 0.002, "rank-max": 8}, {"lr": 0.002, "rank-max": 8.0, "out-dir": "/x"}) == []
+    assert runner.config_mismatch({"test-size": 300, "out-dir": "/a"}, {"test-size": 100, "out-dir": "/b"}) == \
         ["test-size: planned 300, found 100"]
 
 
@@ -217,13 +217,13 @@ def test_config_mismatch_names_the_changed_keys():
 def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
     out = [] if "--out" in args else ["--out", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_:
-        cmp.main(["compare", "--dry-run", *out, *args])
+        cli.main(["compare", "--dry-run", *out, *args])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
-    assert cmp.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "2",
+    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "2",
                      "--methods", "fedit-rmax,fedit-rmin", "--splits", "dirichlet", "--rounds", "4"]) == 0
     out = capsys.readouterr().out
     assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s43" in out
@@ -235,7 +235,7 @@ def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
 
 
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
-    cmp.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
+    cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
     out = capsys.readouterr().out
     assert "natural/fedavg-lrx0.5-s42" in out and "full-lr=0.0001" in out and "full-lr=0.0004" in out
     assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
@@ -244,10 +244,10 @@ def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
 def test_results_inside_the_app_are_refused_unless_gitignored(tmp_path):
     app = tmp_path / "app"
     app.mkdir()
-    assert cmp.packaged_with_app(app / "results" / "quick", app)
+    assert runner.packaged_with_app(app / "results" / "quick", app)
     (app / ".gitignore").write_text("/results/\n")
-    assert not cmp.packaged_with_app(app / "results" / "quick", app)
-    assert not cmp.packaged_with_app(tmp_path / "elsewhere", app)
+    assert not runner.packaged_with_app(app / "results" / "quick", app)
+    assert not runner.packaged_with_app(tmp_path / "elsewhere", app)
 
 
 # --- Runner with a stand-in for Flower (resume logic) ------------------------------------------------
@@ -279,15 +279,15 @@ class FakeFlower:
 
 def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     FakeFlower.runs = []
-    options = cmp.resolve_options(cmp.build_parser().parse_args(
+    options = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax,sa-fedlora"]))
     lines = []
-    assert cmp.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
+    assert cli.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]
     root = tmp_path / "r"
     # interrupt sa-fedlora half-way: metrics but no summary
     (root / "runs/natural/sa-fedlora-s42/summary.json").unlink()
-    assert cmp.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
+    assert cli.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42", "sa-fedlora-s42"]
     assert any("[1/2] natural/fedit-rmax-s42: finished earlier" in line for line in lines)
     assert len(list((root / "aborted" / "natural").iterdir())) == 1
@@ -296,10 +296,10 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     assert [r["status"] for r in summary["runs"]] == ["skipped", "finished"]
     assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.008, "search": {}}
     # other settings under the same name are refused, not mixed
-    changed = cmp.resolve_options(cmp.build_parser().parse_args(
+    changed = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
-    with pytest.raises(cmp.CompareError, match="was made with other settings"):
-        cmp.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
+    with pytest.raises(plan.CompareError, match="was made with other settings"):
+        cli.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
 
 
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
@@ -315,10 +315,10 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         return result
 
     monkeypatch.setattr(FakeFlower, "run", run)
-    options = cmp.resolve_options(cmp.build_parser().parse_args(
+    options = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
-    assert cmp.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
+    assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     # 3 search runs on natural, then dirichlet at the chosen x0.5 (natural's x0.5 run is reused)
     assert FakeFlower.runs == ["fedit-rmax-lrx0.5-s42", "fedit-rmax-s42", "fedit-rmax-lrx2-s42",
                                "fedit-rmax-lrx0.5-s42"]
@@ -339,13 +339,13 @@ TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "batch-si
 def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
     argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--methods", "fedit-rmax,sa-fedlora",
             "--splits", "natural", "--rounds", "2", "--target-accuracy", "0.4", *TINY]
-    assert cmp.main(argv) == 0
+    assert cli.main(argv) == 0
     first = capsys.readouterr().out
     assert "[1/2] natural/fedit-rmax-s42: started" in first and "[2/2] natural/sa-fedlora-s42: finished in" in first
     root = tmp_path / "tiny"
     with (root / "table.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert tuple(rows[0]) == cmp.CSV_COLUMNS
+    assert tuple(rows[0]) == tables.CSV_COLUMNS
     assert [(r["split"], r["method"], r["seeds"]) for r in rows] == [("natural", "fedit-rmax", "1"),
                                                                       ("natural", "sa-fedlora", "1")]
     for row in rows:
@@ -371,7 +371,7 @@ def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
 
     # second invocation: nothing runs again
     stamp = (root / "runs/natural/sa-fedlora-s42/summary.json").stat().st_mtime
-    assert cmp.main(argv) == 0
+    assert cli.main(argv) == 0
     second = capsys.readouterr().out
     assert "2 runs, 2 finished earlier, 0 to run" in second and "started" not in second
     assert (root / "runs/natural/sa-fedlora-s42/summary.json").stat().st_mtime == stamp

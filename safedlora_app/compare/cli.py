@@ -1,0 +1,274 @@
+"""The command line: ``safedlora compare`` options, the dry run, and the comparison from plan to results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .plan import (
+    FEDERATION,
+    FIRST_SEED,
+    HEADLINE,
+    LR_GRID,
+    METHOD_DESCRIPTIONS,
+    METHODS,
+    PRESETS,
+    SPLITS,
+    CompareError,
+    RunSpec,
+    choose_lr,
+    estimate_seconds,
+    lr_key,
+    parse_choices,
+    parse_set,
+    plan_lr_search,
+    plan_runs,
+    run_config_string,
+    stage_rounds,
+)
+from .runner import Comparison, machine_info, packaged_with_app
+from .tables import build_rows, format_csv, format_markdown, read_summary, table_notes, write_plots
+
+
+# --- Command line ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safedlora", description="SA-FedLoRA tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "compare", help="run every method on the same seeds, partitions and evaluation; write tables and plots",
+        description="Run fedavg, fedprox, fedit (rank-max and rank-min), sa-fedlora and its ablations on the "
+                    "same seeds, partitions, rounds, clients and evaluation, through `flwr run`, and write "
+                    "<out>/<name>/{runs,plots,table.csv,table.md,comparison.json}. Finished runs are skipped "
+                    "when the command is run again.")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke preset (one split, one seed, 3 rounds, tiny data; < 10 min on 2 cores) "
+                        "instead of the full preset (< 90 min on 2 cores)")
+    p.add_argument("--name", default=None, help="results sub-directory (default: the preset's name)")
+    p.add_argument("--out", default="results",
+                   help="results directory, relative to the current directory or absolute (default: results)")
+    p.add_argument("--seeds", type=str, default=None, help="seeds for the headline methods (>= 1; first seed is "
+                   f"{FIRST_SEED}, then {FIRST_SEED + 1}, ...); default: preset")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
+    p.add_argument("--splits", default=None, help=f"comma-separated, from: {', '.join(SPLITS)}; default: preset")
+    p.add_argument("--rounds", type=str, default=None, help="num-server-rounds (>= 1); default: preset")
+    p.add_argument("--lr-search", action="store_true",
+                   help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} for every method on the "
+                        "first seed and split, then use each method's best")
+    p.add_argument("--target-accuracy", type=str, default=None,
+                   help="accuracy (fraction in (0, 1]) for the rounds-to-target column; default: preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config value for every run, over the preset's (repeatable), e.g. --set test-size=1000")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and their run-config; run nothing")
+    return parser
+
+
+def _int_option(text: str | None, option: str, low: int) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise CompareError(f"{option} = {text!r} is not allowed; it must be an integer >= {low}") from None
+    if value < low:
+        raise CompareError(f"{option} = {value} is not allowed; it must be an integer >= {low}")
+    return value
+
+
+def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[str, Any]:
+    """Turn parsed arguments into the comparison's options; every bad value raises ``CompareError``.
+
+    Returns
+    -------
+    dict
+        ``preset``, ``root`` (``<out>/<name>``, absolute), ``seeds``, ``splits``, ``methods``,
+        ``target``, ``lr_search``, ``settings`` (the shared run-config) and ``dry_run``.
+    """
+    from ..config import ConfigError, RunConfig
+
+    preset = PRESETS["quick" if args.quick else "full"]
+    name = args.name if args.name is not None else preset.name
+    if not name or "/" in name or name in (".", "..") or name.startswith("-"):
+        raise CompareError(f"--name = {name!r} is not allowed; it must be a plain directory name, e.g. 'full'")
+    out = Path(os.path.expanduser(args.out))
+    root = (out if out.is_absolute() else (cwd or Path.cwd()) / out).resolve() / name
+    n_seeds = _int_option(args.seeds, "--seeds", 1) or preset.seeds
+    rounds = _int_option(args.rounds, "--rounds", 1) or preset.rounds
+    methods = parse_choices(args.methods, tuple(METHODS), "--methods") if args.methods else preset.methods
+    splits = parse_choices(args.splits, tuple(SPLITS), "--splits") if args.splits else preset.splits
+    target = preset.target_accuracy
+    if args.target_accuracy is not None:
+        try:
+            target = float(args.target_accuracy)
+        except ValueError:
+            target = float("nan")
+        if not 0.0 < target <= 1.0:
+            raise CompareError(f"--target-accuracy = {args.target_accuracy!r} is not allowed; it must be a fraction "
+                               "in (0, 1], e.g. 0.55")
+    from ..simulation import APP_ROOT
+
+    if packaged_with_app(root, APP_ROOT):
+        raise CompareError(
+            f"--out/--name = {root} is not allowed: it lies inside the app directory {APP_ROOT} and is not "
+            "excluded by its .gitignore, so `flwr run` would pack the results (*.json, *.md) into the app "
+            "bundle (10 MB limit). Use an --out outside the app directory, or add the folder (e.g. '/results/') "
+            "to .gitignore")
+    defaults = RunConfig()
+    settings = {"lr": defaults.lr, "full-lr": defaults.full_lr, **preset.settings, "num-server-rounds": rounds,
+                **stage_rounds(rounds), **parse_set(args.set)}
+    seeds = [FIRST_SEED + i for i in range(n_seeds)]
+    options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
+               "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run}
+    # Every planned run-config must pass the app's own validation before anything starts.
+    for spec in plan_runs(settings, methods, splits, seeds) + (
+            plan_lr_search(settings, methods, splits[0], seeds[0]) if args.lr_search else []):
+        try:
+            RunConfig.from_mapping({**spec.settings, "out-dir": str(root), "run-name": spec.run_name})
+        except ConfigError as error:
+            raise CompareError(f"run {spec.key}: {error}") from None
+    return options
+
+
+def print_plan(options: Mapping[str, Any], say: Callable[[str], None] = print) -> None:
+    """The dry run: every planned run with its run-config string and federation config."""
+    settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
+    runs = []
+    if options["lr_search"]:
+        search = plan_lr_search(settings, methods, splits[0], seeds[0])
+        say(f"lr search ({len(search)} runs on {splits[0]}, seed {seeds[0]}):")
+        runs += search
+        for spec in search:
+            say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
+                f"--federation-config \"{spec.federation}\"")
+        say("comparison (shown at x1; each method then uses the multiplier its search picks; runs that the "
+            "search already made are not repeated):")
+    plan = plan_runs(settings, methods, splits, seeds)
+    runs += [s for s in plan if s.key not in {r.key for r in runs}]
+    for spec in plan:
+        say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
+            f"--federation-config \"{spec.federation}\"")
+    total = sum(estimate_seconds(s) for s in runs)
+    say(f"{len(runs)} runs; estimate {total / 60:.0f} min on 2 cores; results in {options['root']}")
+
+
+def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
+    """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final accuracy}}}`` from finished runs."""
+    by_method: dict[str, dict[float, float | None]] = {}
+    values: dict[tuple[str, float], float] = {}
+    for spec in search:
+        summary = read_summary(root / "runs" / spec.split / spec.run_name)
+        by_method.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
+        values[(spec.method, spec.lr_multiplier)] = spec.settings[spec.lr_key]
+    out = {}
+    for method, accs in by_method.items():
+        try:
+            m = choose_lr(accs)
+        except ValueError:
+            m = 1.0
+        out[method] = {"multiplier": m, "lr-key": lr_key(method), "lr": values[(method, m)],
+                       "search": {f"x{k:g}": v for k, v in accs.items()}}
+    return out
+
+
+def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str], None] = print,
+            flower_factory=None) -> int:
+    """Run the comparison described by ``options``; return the exit code (1 if a run failed)."""
+    root: Path = options["root"]
+    settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runner = Comparison(root, say=say, flower_factory=flower_factory)
+    chosen: dict[str, dict[str, Any]] = {}
+    search: list[RunSpec] = []
+    try:
+        if options["lr_search"]:
+            search = plan_lr_search(settings, methods, splits[0], seeds[0])
+            searched = {s.key for s in search}
+            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds)
+                        if s.key not in searched and not runner.finished(s))
+            runner.run_all(search, phase="lr search", later=later)
+            chosen = lr_choices(root, search)
+            say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
+                                                 for m, c in chosen.items()))
+        plan = plan_runs(settings, methods, splits, seeds, {m: c["multiplier"] for m, c in chosen.items()})
+        runner.run_all(plan, phase="comparison")
+    finally:
+        runner.close()
+    rows = build_rows(root, plan, options["target"])
+    notes = table_notes(options, seeds)
+    dropped = [f"{r['split']}/{r['method']} ({r['dropped_replies']})" for r in rows if r["dropped_replies"]]
+    if dropped:
+        notes.append("WARNING: client replies were dropped (failed or invalid) in: " + ", ".join(dropped)
+                     + "; those rounds aggregated fewer clients (see logs/).")
+    if chosen:
+        notes.append("lr search (first seed, split " + splits[0] + "): " + "; ".join(
+            f"{m} " + ", ".join(f"{k} {'' if v is None else f'{v:.1%}'}" for k, v in c["search"].items())
+            + f" -> x{c['multiplier']:g}" for m, c in chosen.items()))
+    (root / "table.csv").write_text(format_csv(rows))
+    markdown = format_markdown(rows, options["target"], notes)
+    (root / "table.md").write_text(markdown)
+    plots = write_plots(root, plan)
+    failed = [o for o in runner.outcomes.values() if o.status == "failed"]
+    comparison = {
+        "name": root.name,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "command": ["safedlora", *argv],
+        "preset": options["preset"],
+        "settings": {"shared-run-config": dict(settings), "methods": {m: METHODS[m] for m in methods},
+                     "method-descriptions": {m: METHOD_DESCRIPTIONS[m] for m in methods},
+                     "splits": {s: {"run-config": SPLITS[s][0], "num-supernodes": SPLITS[s][1]} for s in splits},
+                     "seeds": seeds, "headline-methods": [m for m in HEADLINE if m in methods],
+                     "target-accuracy": options["target"], "lr-search": options["lr_search"],
+                     "lr-grid": list(LR_GRID) if options["lr_search"] else [],
+                     "federation-config": FEDERATION},
+        "chosen-lrs": chosen or {m: {"multiplier": 1.0, "lr-key": lr_key(m), "lr": settings[lr_key(m)],
+                                     "search": {}} for m in methods},
+        "machine": machine_info(),
+        "wall-seconds": time.perf_counter() - started,
+        "runs": [{"key": o.spec.key, "split": o.spec.split, "method": o.spec.method, "seed": o.spec.seed,
+                  "lr-multiplier": o.spec.lr_multiplier, "status": o.status, "seconds": o.seconds,
+                  "estimate-seconds": estimate_seconds(o.spec), "error": o.error,
+                  "run-dir": str(root / "runs" / o.spec.split / o.spec.run_name),
+                  "run-config": run_config_string(runner.settings_with_output(o.spec)),
+                  "federation-config": o.spec.federation, "command": o.command}
+                 for o in runner.outcomes.values()],
+        "rows": rows,
+        "plots": [str(p.relative_to(root)) for p in plots],
+    }
+    (root / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    say("")
+    say(markdown)
+    say(f"results in {root} ({(time.perf_counter() - started) / 60:.1f} min)")
+    if failed:
+        say(f"{len(failed)} run(s) failed: " + ", ".join(o.spec.key for o in failed) + "; run the same command "
+            "again to redo them (finished runs are skipped)")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``safedlora`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = resolve_options(args)
+    except CompareError as error:
+        parser.exit(2, f"safedlora compare: error: {error}\n")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    if options["dry_run"]:
+        print_plan(options, say)
+        return 0
+    try:
+        return compare(options, argv, say)
+    except CompareError as error:
+        parser.exit(2, f"safedlora compare: error: {error}\n")
+    except KeyboardInterrupt:
+        say("interrupted; run the same command again to resume (finished runs are skipped)")
+        return 130

@@ -1,0 +1,387 @@
+"""Methods, splits, presets and costs of a comparison, and its planning (pure, no I/O).
+
+What runs: :data:`METHODS` x :data:`SPLITS` x seeds (x lr multipliers), each a :class:`RunSpec` with its
+complete run-config; plus the ``--run-config`` formatting and the run-time estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- Methods and splits -------------------------------------------------------------------------
+#: label -> run-config overrides. ``"{rank-min}"`` is replaced by the settings' rank-min.
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"method": "fedavg"},
+    "fedprox": {"method": "fedprox"},
+    "fedit-rmax": {"method": "fedit"},
+    "fedit-rmin": {"method": "fedit", "rank-max": "{rank-min}"},
+    "sa-fedlora": {"method": "sa-fedlora"},
+    "sa-no-init": {"method": "sa-fedlora", "init-rounds": 0},
+    "sa-no-anneal": {"method": "sa-fedlora", "schedule": "constant"},
+    "sa-uniform": {"method": "sa-fedlora", "allocation": "uniform"},
+    "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "fedavg"},
+}
+METHOD_DESCRIPTIONS = {
+    "fedavg": "full fine-tuning (FedAvg)",
+    "fedprox": "full fine-tuning + proximal term (FedProx)",
+    "fedit-rmax": "LoRA at fixed rank-max, A/B averaged (FedIT)",
+    "fedit-rmin": "LoRA at fixed rank-min, A/B averaged (FedIT)",
+    "sa-fedlora": "SA-FedLoRA",
+    "sa-no-init": "SA-FedLoRA without initiating stage (init-rounds=0)",
+    "sa-no-anneal": "SA-FedLoRA without annealing (schedule='constant')",
+    "sa-uniform": "SA-FedLoRA with uniform allocation",
+    "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='fedavg')",
+}
+FULL_METHODS = ("fedavg", "fedprox")
+#: Methods repeated over every seed; the others run on the first seed only.
+HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
+#: Byte savings are reported against these (per split).
+REFERENCES = ("fedavg", "fedit-rmax")
+
+#: split -> (run-config settings, number of supernodes). Same for every method.
+SPLITS: dict[str, tuple[dict[str, Any], int]] = {
+    # One client per topic of the default tweets (7 topics, see data.TOPICS).
+    "natural": ({"partitioner": "natural"}, 7),
+    # Label skew; 7 clients too, so the two splits differ in the kind of heterogeneity only.
+    "dirichlet": ({"partitioner": "dirichlet", "dirichlet-alpha": 0.5}, 7),
+}
+FEDERATION = "num-supernodes={n} client-resources-num-cpus=1"
+LR_GRID = (0.5, 1.0, 2.0)
+FIRST_SEED = 42
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one comparison runs, apart from the per-method and per-split overrides."""
+
+    name: str
+    seeds: int
+    splits: tuple[str, ...]
+    methods: tuple[str, ...]
+    rounds: int
+    target_accuracy: float
+    settings: Mapping[str, Any]
+    """Run-config keys shared by every run (besides rounds and stage lengths, see :func:`stage_rounds`)."""
+
+
+_COMMON = {
+    "rank-max": 8,
+    "rank-min": 2,
+    # Every client trains every round. The app samples nodes by their node id, which Flower's simulation
+    # draws at random per run, so with fraction-train < 1 two runs with the same seed would train different
+    # partitions in the same round: methods would not see the same clients.
+    "fraction-train": 1.0,
+    "min-nodes": 7,
+    "batch-size": 16,
+    "local-epochs": 1,
+    # 4x the app's defaults (2e-3, 5e-5): at the defaults, 3 local steps x 8 rounds did not move any method
+    # off the majority class (39.3%); at these, fedit-rmax reached 58-61% and fedavg 66% (bench/README.md).
+    "lr": 8e-3,
+    "full-lr": 2e-4,
+    "eval-batch-size": 100,
+}
+PRESETS = {
+    # All 7 clients per round (four waves on 2 cores), 48 samples (3 steps) each: ~73 min on 2 cores
+    # (bench/README.md).
+    "full": Preset(
+        name="full", seeds=3, splits=("natural", "dirichlet"), methods=tuple(METHODS), rounds=8,
+        target_accuracy=0.55,
+        settings={**_COMMON, "local-samples": 48, "test-size": 300},
+    ),
+    # A smoke of the whole pipeline: every method, one split, one seed, 3 rounds, tiny data, 2 clients per
+    # round (with all 7 the first round's model loads and 4 waves took it to 10.4 min on a busy machine); ~5 min.
+    "quick": Preset(
+        name="quick", seeds=1, splits=("natural",), methods=tuple(METHODS), rounds=3,
+        target_accuracy=0.45,
+        settings={**_COMMON, "fraction-train": 0.01, "min-nodes": 2, "local-samples": 16, "test-size": 100},
+    ),
+}
+
+#: Seconds per unit on this 2-core machine, measured with other work running (bench/README.md); only for
+#: the ETA and --dry-run's estimate.
+COSTS = {
+    "startup": 25.0,             # one `flwr run`: ServerApp + simulation start, model and data loads
+    "first-round": 8.0,          # the first client round: actors load the model and tokenize partitions
+    "eval-per-row": 0.014,       # central evaluation, every round and round 0
+    "lora-per-sample": 0.038,    # one client, one LoRA training sample (incl. per-client overhead)
+    "full-per-sample": 0.068,    # one client, one full fine-tuning sample
+    "full-transfer": 0.5,        # per client and full round: ~91 MB down + ~91 MB up through the SuperLink
+    "parallel-clients": 2,       # clients trained at once (2 cores, client-resources-num-cpus=1)
+}
+
+
+class CompareError(ValueError):
+    """A bad command-line value; the message names the value and what is allowed."""
+
+
+# --- Planning (pure) -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One planned run: a split, a method, a seed and a learning-rate multiplier.
+
+    Attributes
+    ----------
+    split, method : str
+        Keys of ``SPLITS`` and ``METHODS``.
+    seed : int
+        Run seed (partitions, client sampling, initialisation).
+    lr_multiplier : float
+        Multiplier of ``lr`` (LoRA methods) or ``full-lr`` (full fine-tuning methods).
+    settings : dict
+        The complete run-config (kebab-case keys) except ``out-dir`` and ``run-name``.
+    num_supernodes : int
+        Simulated nodes (``--federation-config num-supernodes=N``).
+    """
+
+    split: str
+    method: str
+    seed: int
+    lr_multiplier: float
+    settings: Mapping[str, Any] = field(hash=False)
+    num_supernodes: int = 7
+
+    @property
+    def run_name(self) -> str:
+        """``<method>-s<seed>``, or ``<method>-lrx<m>-s<seed>`` at another lr multiplier."""
+        lr = "" if self.lr_multiplier == 1.0 else f"-lrx{self.lr_multiplier:g}"
+        return f"{self.method}{lr}-s{self.seed}"
+
+    @property
+    def key(self) -> str:
+        """``<split>/<run-name>`` (unique within a comparison)."""
+        return f"{self.split}/{self.run_name}"
+
+    @property
+    def federation(self) -> str:
+        """The ``--federation-config`` string."""
+        return FEDERATION.format(n=self.num_supernodes)
+
+    @property
+    def lr_key(self) -> str:
+        """The run-config key the lr multiplier scales."""
+        return lr_key(self.method)
+
+
+def lr_key(method: str) -> str:
+    """``full-lr`` for full fine-tuning methods, ``lr`` for LoRA methods."""
+    return "full-lr" if method in FULL_METHODS else "lr"
+
+
+def parse_choices(text: str, allowed: Sequence[str], option: str) -> tuple[str, ...]:
+    """Split a comma-separated option value and check every item.
+
+    Parameters
+    ----------
+    text : str
+        E.g. ``"fedit-rmax,sa-fedlora"``.
+    allowed : sequence of str
+        The allowed items.
+    option : str
+        The option's name, for the error message.
+
+    Returns
+    -------
+    tuple of str
+        The items in the given order, duplicates dropped.
+
+    Raises
+    ------
+    CompareError
+        On an empty list or an unknown item (the message names it and lists what is allowed).
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise CompareError(f"{option} = {text!r} is not allowed; give a comma-separated list of: {', '.join(allowed)}")
+    for item in items:
+        if item not in allowed:
+            raise CompareError(f"{option}: {item!r} is not allowed; choose from: {', '.join(allowed)}")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``["test-size=800", "schedule=linear"]`` -> ``{"test-size": 800, "schedule": "linear"}``.
+
+    Values are read as TOML (numbers, booleans, quoted strings); anything else is a plain string.
+
+    Raises
+    ------
+    CompareError
+        On an item without ``=`` or a key that is not a run-config key.
+    """
+    from ..config import RunConfig
+
+    known = set(RunConfig().to_dict())
+    fixed = {"out-dir", "run-name", "seed", "num-server-rounds", "method"}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CompareError(f"--set {item!r} is not allowed; write KEY=VALUE, e.g. --set test-size=800")
+        if key not in known:
+            raise CompareError(f"--set: {key!r} is not a run-config key; known keys: {', '.join(sorted(known))}")
+        if key in fixed:
+            raise CompareError(f"--set: {key!r} is set by the comparison itself (use --rounds, --seeds, --methods, "
+                               "--out/--name); choose another key")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key] = value
+    return out
+
+
+def stage_rounds(rounds: int) -> dict[str, int]:
+    """sa-fedlora's stage lengths for ``rounds`` rounds: 1 initiating round, then shrink, then cool.
+
+    The initiating round already runs at the top budget, so there is no separate heating round, and the
+    second half of the annealing rounds (rounded up) cools at the bottom budget. This is what the byte goal
+    asks for: the mean budget over the run must stay under half of rank-max's to send at most 50% of
+    fedit-at-rank-max's bytes (8 rounds: budgets 96, 96, 45, 27, 24, 24, 24, 24 = 47% of 8 x 96).
+
+    Examples: 8 -> init 1, heat 0, cool 4 (the budget shrinks over 3 rounds); 3 -> init 1, heat 0,
+    cool 1; 2 -> init 1, heat 0, cool 1; 1 -> init 0, heat 0, cool 1.
+    """
+    init = 1 if rounds >= 2 else 0
+    annealing = rounds - init
+    return {"init-rounds": init, "heat-rounds": 0, "cool-rounds": math.ceil(annealing / 2)}
+
+
+def seeds_for(method: str, seeds: Sequence[int]) -> list[int]:
+    """Every seed for a headline method, the first seed only for the others."""
+    return list(seeds) if method in HEADLINE else list(seeds[:1])
+
+
+def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr_multiplier: float = 1.0
+                 ) -> dict[str, Any]:
+    """The full run-config of one run: base settings, then the split's, then the method's overrides.
+
+    Parameters
+    ----------
+    base : mapping
+        Shared settings, including ``num-server-rounds``, stage lengths, ``lr`` and ``full-lr``.
+    split, method : str
+        Keys of ``SPLITS`` and ``METHODS``.
+    seed : int
+        The run seed.
+    lr_multiplier : float
+        Scales ``lr`` (LoRA methods) or ``full-lr`` (full methods).
+    """
+    settings = {**base, **SPLITS[split][0], "seed": seed}
+    for key, value in METHODS[method].items():
+        settings[key] = settings[value[1:-1]] if isinstance(value, str) and value.startswith("{") else value
+    key = lr_key(method)
+    settings[key] = float(f"{settings[key] * lr_multiplier:.6g}")
+    return settings
+
+
+def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[str], seeds: Sequence[int],
+              lr_multipliers: Mapping[str, float] | None = None) -> list[RunSpec]:
+    """The comparison's runs, split by split, headline methods over every seed, the rest on the first.
+
+    Parameters
+    ----------
+    base : mapping
+        Shared settings (see :func:`run_settings`).
+    methods, splits : sequence of str
+        Keys of ``METHODS`` and ``SPLITS``.
+    seeds : sequence of int
+        Seeds; the first one is used by every method.
+    lr_multipliers : mapping, optional
+        ``{method: multiplier}`` chosen by the lr search (default 1 for every method).
+
+    Returns
+    -------
+    list of RunSpec
+        Ordered split, then seed, then method (so one seed's whole comparison finishes first).
+    """
+    lr_multipliers = lr_multipliers or {}
+    plan = []
+    for split in splits:
+        for seed in seeds:
+            for method in methods:
+                if seed in seeds_for(method, seeds):
+                    m = float(lr_multipliers.get(method, 1.0))
+                    plan.append(RunSpec(split, method, seed, m, run_settings(base, split, method, seed, m),
+                                        SPLITS[split][1]))
+    return plan
+
+
+def plan_lr_search(base: Mapping[str, Any], methods: Sequence[str], split: str, seed: int,
+                   grid: Sequence[float] = LR_GRID) -> list[RunSpec]:
+    """Every method at every lr multiplier of ``grid``, on one split and one seed."""
+    return [RunSpec(split, method, seed, float(m), run_settings(base, split, method, seed, float(m)), SPLITS[split][1])
+            for method in methods for m in grid]
+
+
+def choose_lr(final_accuracy: Mapping[float, float | None]) -> float:
+    """The multiplier with the best final accuracy; ties go to the one closest to 1 (then the smaller).
+
+    Parameters
+    ----------
+    final_accuracy : mapping
+        ``{multiplier: final accuracy}``; ``None`` for a run that failed.
+
+    Raises
+    ------
+    ValueError
+        When no run has an accuracy.
+    """
+    scored = [(acc, m) for m, acc in final_accuracy.items() if acc is not None]
+    if not scored:
+        raise ValueError("no finished lr-search run to choose from")
+    return max(scored, key=lambda am: (am[0], -abs(math.log(am[1])), -am[1]))[1]
+
+
+def format_value(value: Any) -> str:
+    """A run-config value as ``flwr run --run-config`` reads it (TOML): strings quoted, numbers plain."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if "'" in value or "\n" in value:
+            raise CompareError(f"run-config value {value!r} is not allowed; it must not hold a quote or a newline")
+        return f"'{value}'"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def run_config_string(settings: Mapping[str, Any]) -> str:
+    """``key=value key='text' ...`` for ``--run-config``."""
+    return " ".join(f"{key}={format_value(value)}" for key, value in settings.items())
+
+
+def clients_per_round(settings: Mapping[str, Any], num_supernodes: int) -> int:
+    """Nodes sampled per round, as the strategy samples them."""
+    fraction = float(settings.get("fraction-train", 1.0))
+    min_nodes = int(settings.get("min-nodes", 2))
+    return min(num_supernodes, max(int(num_supernodes * fraction), min_nodes))
+
+
+def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float:
+    """Rough wall time of one run on 2 cores (for the ETA and the dry run).
+
+    ``startup + first-round + (T + 1) evaluations + sum over rounds of waves x per-client time``,
+    with ``ceil(clients / parallel-clients)`` waves per round; full rounds also pay the transfer
+    of the whole model to and from every client.
+    """
+    s = spec.settings
+    rounds = int(s["num-server-rounds"])
+    if spec.method in FULL_METHODS:
+        full_rounds = rounds
+    elif s.get("init-trainable", "lora") == "full" and METHODS[spec.method]["method"] == "sa-fedlora":
+        full_rounds = int(s.get("init-rounds", 0))
+    else:
+        full_rounds = 0
+    clients = clients_per_round(s, spec.num_supernodes)
+    waves = math.ceil(clients / costs["parallel-clients"])
+    samples = int(s["local-samples"]) * int(s.get("local-epochs", 1))
+    lora_round = waves * samples * costs["lora-per-sample"]
+    full_round = waves * samples * costs["full-per-sample"] + clients * costs["full-transfer"]
+    evaluation = (rounds + 1) * int(s["test-size"]) * costs["eval-per-row"]
+    return (costs["startup"] + costs["first-round"] + evaluation + full_rounds * full_round
+            + (rounds - full_rounds) * lora_round)

@@ -1,0 +1,236 @@
+"""The thin runner: every planned run through ``flwr run`` (:class:`~safedlora_app.simulation.LocalFlower`).
+
+Also the checks around it: whether a finished run was made with the planned settings, whether results
+would be packed into the app bundle, and where the comparison ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
+from .tables import MB, read_records, read_summary, run_totals
+
+
+# --- Checks: resuming, the app bundle, the machine -------------------------------------------------
+def config_mismatch(planned: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Keys whose value in a finished run's ``config.json`` (``given``) differs from the plan."""
+    ignore = {"out-dir", "run-name", "cache-dir"}
+    return [f"{k}: planned {v!r}, found {given.get(k)!r}" for k, v in planned.items()
+            if k not in ignore and not _same(v, given.get(k))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, counting 8 and 8.0 as the same (TOML may give either)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return float(a) == float(b) if numbers else a == b
+
+
+def packaged_with_app(root: Path, app_root: Path) -> bool:
+    """Whether ``flwr run <app_root>`` would pack files under ``root`` into the app bundle (FAB).
+
+    Flower packs every ``*.json``/``*.jsonl``/``*.md`` under the app directory that ``.gitignore``
+    does not exclude, and refuses bundles over 10 MB or paths nested too deep: results written
+    there would break every later run. Uses Flower's own filter.
+    """
+    from flwr.cli.utils import filter_paths_for_publish
+
+    try:
+        relative = root.resolve().relative_to(app_root.resolve())
+    except ValueError:
+        return False
+    gitignore = app_root / ".gitignore"
+    probe = (relative / "table.md").as_posix()
+    files = {probe: b"", ".gitignore": gitignore.read_bytes() if gitignore.exists() else b""}
+    try:
+        return probe in filter_paths_for_publish(files)
+    except Exception:  # e.g. the path is nested too deep for Flower: it would break runs too
+        return True
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the comparison ran."""
+    import flwr
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu-count": os.cpu_count(),
+            "torch": torch.__version__, "flwr": flwr.__version__, "hostname": platform.node()}
+
+
+# --- Runner (thin) ---------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What happened to one planned run."""
+
+    spec: RunSpec
+    status: str  # "finished", "skipped" (finished earlier), "failed"
+    seconds: float | None = None
+    error: str = ""
+    command: list[str] = field(default_factory=list)
+
+
+class Comparison:
+    """Runs planned :class:`RunSpec`s through ``flwr run`` into ``<root>/runs`` and reports progress.
+
+    Parameters
+    ----------
+    root : Path
+        ``<out>/<name>``.
+    say : callable
+        Prints one progress line.
+    flower_factory : callable, optional
+        ``home -> LocalFlower`` (tests may substitute it).
+    """
+
+    def __init__(self, root: Path, say: Callable[[str], None] = print, flower_factory=None):
+        self.root = root
+        self.say = say
+        if flower_factory is None:
+            from ..simulation import LocalFlower
+            flower_factory = LocalFlower
+        self.flower_factory = flower_factory
+        self._flower = None
+        self._home: Path | None = None
+        self.outcomes: dict[str, Outcome] = {}
+        self._spent = self._estimated = 0.0  # over runs done in this invocation (ETA calibration)
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.root / "runs" / spec.split / spec.run_name
+
+    def settings_with_output(self, spec: RunSpec) -> dict[str, Any]:
+        return {**spec.settings, "out-dir": str(self.root / "runs" / spec.split), "run-name": spec.run_name,
+                "cache-dir": str(self.root / "cache")}  # node caches stay with the comparison
+
+    def command(self, spec: RunSpec) -> list[str]:
+        """The ``flwr run`` command line of a run (as LocalFlower runs it)."""
+        from ..simulation import APP_ROOT, BIN
+
+        return [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config",
+                run_config_string(self.settings_with_output(spec)), "--federation-config", spec.federation]
+
+    def finished(self, spec: RunSpec) -> bool:
+        """Whether the run finished earlier (and was made with the same settings)."""
+        run_dir = self.run_dir(spec)
+        if not (run_dir / "summary.json").exists():
+            return False
+        config = run_dir / "config.json"
+        given = json.loads(config.read_text()).get("given", {}) if config.exists() else {}
+        problems = config_mismatch(spec.settings, given) if given else []
+        if problems:
+            raise CompareError(f"{run_dir} was made with other settings ({'; '.join(problems[:4])}); "
+                               "choose another --name (or --out) for these settings")
+        return True
+
+    def run_all(self, plan: Sequence[RunSpec], phase: str = "", later: float = 0.0) -> list[Outcome]:
+        """Run (or skip) every planned run in order, one progress line each, with an ETA.
+
+        ``later`` is the estimate (seconds) of the runs of later phases, included in the ETA.
+        """
+        todo = [s for s in plan if not self.finished(s)]
+        remaining = sum(estimate_seconds(s) for s in todo) + later
+        label = f"{phase}: " if phase else ""
+        self.say(f"{label}{len(plan)} runs, {len(plan) - len(todo)} finished earlier, {len(todo)} to run "
+                 f"(estimate {(remaining - later) / 60:.0f} min on 2 cores)")
+        outcomes = []
+        for index, spec in enumerate(plan, 1):
+            tag = f"[{index}/{len(plan)}] {spec.key}"
+            if spec not in todo:
+                outcome = Outcome(spec, "skipped", command=self.command(spec))
+                self.say(f"{tag}: finished earlier | {self.describe(spec)}")
+            else:
+                estimate = estimate_seconds(spec)
+                self.say(f"{tag}: started ({spec.lr_key} {spec.settings[spec.lr_key]:g}, "
+                         f"{spec.settings['num-server-rounds']} rounds, ~{estimate:.0f} s)")
+                outcome = self.run_one(spec, timeout=max(600.0, 6 * estimate))
+                remaining -= estimate
+                if outcome.status == "finished":
+                    self._spent += outcome.seconds
+                    self._estimated += estimate
+                ratio = self._spent / self._estimated if self._estimated else 1.0
+                eta = max(0.0, remaining * ratio)
+                if outcome.status == "finished":
+                    self.say(f"{tag}: finished in {outcome.seconds:.0f} s | {self.describe(spec)} | "
+                             f"ETA {eta / 60:.1f} min")
+                else:
+                    self.say(f"{tag}: FAILED after {outcome.seconds:.0f} s: {outcome.error} | "
+                             f"ETA {eta / 60:.1f} min")
+            self.outcomes[spec.key] = outcome
+            outcomes.append(outcome)
+        return outcomes
+
+    def describe(self, spec: RunSpec) -> str:
+        """``acc 58.3% (best 59.0%) | 7.19 MB`` of a finished run."""
+        records = read_records(self.run_dir(spec))
+        t = run_totals(records)
+        best = "" if t["best-accuracy"] is None else f" (best {t['best-accuracy']:.1%})"
+        dropped = f" | WARNING: {t['dropped']} client replies dropped (see the log)" if t["dropped"] else ""
+        return f"acc {t['final-accuracy']:.1%}{best} | {(t['bytes-down'] + t['bytes-up']) / MB:.2f} MB{dropped}"
+
+    def run_one(self, spec: RunSpec, timeout: float) -> Outcome:
+        """One ``flwr run``; a half-finished directory is moved to ``aborted/`` first."""
+        run_dir = self.run_dir(spec)
+        if run_dir.exists():
+            aside = self.root / "aborted" / spec.split / f"{spec.run_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(run_dir), str(aside))
+            self.say(f"  moved the unfinished {run_dir.name} to {aside.relative_to(self.root)}")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = self.root / "logs" / spec.split / f"{spec.run_name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        flower = self._ensure_flower()
+        start = time.perf_counter()
+        command = self.command(spec)
+        try:
+            result = flower.run(run_config_string(self.settings_with_output(spec)), timeout=timeout,
+                                federation=spec.federation)
+            output = result.stdout + result.stderr
+        except subprocess.TimeoutExpired as error:
+            output = _text(error.stdout) + _text(error.stderr)
+            log.write_text(output)
+            self._restart_flower()  # the ServerApp may still be running: stop that SuperLink
+            return Outcome(spec, "failed", time.perf_counter() - start, f"timed out after {timeout:.0f} s; log {log}",
+                           command)
+        log.write_text(output)
+        try:
+            status = flower.run_status(output)
+        except (AssertionError, json.JSONDecodeError, KeyError, IndexError, subprocess.SubprocessError) as error:
+            status = f"unknown ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        seconds = time.perf_counter() - start
+        if status != "finished:completed" or read_summary(run_dir) is None:
+            return Outcome(spec, "failed", seconds, f"status {status}; log {log}", command)
+        return Outcome(spec, "finished", seconds, "", command)
+
+    def _ensure_flower(self):
+        if self._flower is None:
+            self._home = Path(tempfile.mkdtemp(prefix="safedlora-compare-flwr-"))
+            self._flower = self.flower_factory(self._home)
+        return self._flower
+
+    def _restart_flower(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the SuperLink this comparison started and remove its Flower home."""
+        if self._flower is not None:
+            self._flower.stop()
+            self._flower = None
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

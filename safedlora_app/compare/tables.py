@@ -1,0 +1,292 @@
+"""Aggregation and formatting of finished runs: table rows, CSV, Markdown, notes and plots.
+
+Reads what the app wrote in each run directory (``metrics.jsonl``, ``summary.json``); nothing here runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .plan import HEADLINE, REFERENCES, SPLITS, RunSpec, clients_per_round
+
+MB = 1e6
+
+
+# --- Aggregation (pure) ----------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std is ``None`` for fewer than two values.
+
+    Examples
+    --------
+    >>> mean_std([0.5, 0.6, 0.7])
+    (0.6, 0.1)
+    """
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def rounds_to_target(records: Sequence[Mapping], target: float) -> int | None:
+    """The first round (0 = the initial model) whose central accuracy is >= ``target``; ``None`` if never."""
+    for record in records:
+        accuracy = record.get("accuracy")
+        if accuracy is not None and accuracy >= target:
+            return int(record["round"])
+    return None
+
+
+def saving_pct(value: float | None, reference: float | None) -> float | None:
+    """``100 * (1 - value / reference)``: positive when ``value`` sends less; ``None`` without a reference."""
+    if value is None or not reference:
+        return None
+    return 100.0 * (1.0 - value / reference)
+
+
+def run_totals(records: Sequence[Mapping]) -> dict[str, float]:
+    """Sums over the rounds (round 0 sends nothing) and the headline numbers of one run's metrics.
+
+    ``best-accuracy`` is the best over rounds 1..T (the initial model does not count);
+    ``last3-accuracy`` the mean over the last three rounds (less sensitive to the last round's sample).
+    """
+    rounds = [r for r in records if r["round"] > 0]
+    final = records[-1]
+    return {
+        "final-accuracy": final.get("accuracy"),
+        "final-macro-f1": final.get("macro-f1"),
+        "best-accuracy": max((r["accuracy"] for r in rounds if r.get("accuracy") is not None), default=None),
+        "last3-accuracy": mean_std([r.get("accuracy") for r in rounds[-3:]])[0],
+        "bytes-down": sum(r["bytes-down"] for r in rounds),
+        "bytes-up": sum(r["bytes-up"] for r in rounds),
+        "params-down": sum(r["params-down"] for r in rounds),
+        "params-up": sum(r["params-up"] for r in rounds),
+        "rounds": len(rounds),
+        "dropped": sum(int(r.get("dropped") or 0) for r in rounds),
+    }
+
+
+def _number(value: float | None) -> float | int | None:
+    """An integral float as int (byte counts that are the same for every seed stay exact)."""
+    if value is not None and float(value).is_integer():
+        return int(value)
+    return value
+
+
+def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[Mapping]]], target: float,
+               lr: tuple[str, float, float], seeds_planned: int) -> dict[str, Any]:
+    """One table row: a method on a split, aggregated over its seeds.
+
+    Parameters
+    ----------
+    split, method : str
+        The row's split and method.
+    runs : sequence of (summary, records)
+        Each finished seed's ``summary.json`` and ``metrics.jsonl`` records.
+    target : float
+        Accuracy for the rounds-to-target column.
+    lr : (str, float, float)
+        ``(lr key, value, multiplier)`` the runs used.
+    seeds_planned : int
+        Seeds the plan gave this method (a row with fewer finished runs says so).
+
+    Returns
+    -------
+    dict
+        Column -> value; accuracies as fractions, ``*_std`` ``None`` for a single seed. Savings are
+        filled in by :func:`add_savings`.
+    """
+    totals = [run_totals(records) for _, records in runs]
+    row: dict[str, Any] = {"split": split, "method": method, "seeds": len(runs), "seeds_planned": seeds_planned,
+                           "lr_key": lr[0], "lr": lr[1], "lr_multiplier": lr[2]}
+    for column, key in (("final_accuracy", "final-accuracy"), ("best_accuracy", "best-accuracy"),
+                        ("last3_accuracy", "last3-accuracy"), ("final_macro_f1", "final-macro-f1")):
+        row[f"{column}_mean"], row[f"{column}_std"] = mean_std([t[key] for t in totals])
+    reached = [rounds_to_target(records, target) for _, records in runs]
+    hits = [r for r in reached if r is not None]
+    row["rounds_to_target"] = mean_std(hits)[0] if runs and len(hits) == len(runs) else None
+    row["reached_target"] = f"{len(hits)}/{len(runs)}"
+    for column, key in (("bytes_down", "bytes-down"), ("bytes_up", "bytes-up")):
+        row[column] = _number(mean_std([t[key] for t in totals])[0])
+    row["mb_down"] = row["bytes_down"] / MB if row["bytes_down"] is not None else None
+    row["mb_up"] = row["bytes_up"] / MB if row["bytes_up"] is not None else None
+    row["params_sent"] = _number(mean_std([t["params-down"] + t["params-up"] for t in totals])[0])
+    row["saving_vs_fedavg_pct"] = row["saving_vs_fedit_rmax_pct"] = None
+    row["wall_seconds"] = mean_std([s.get("wall-seconds") for s, _ in runs])[0]
+    row["dropped_replies"] = sum(t["dropped"] for t in totals)
+    return row
+
+
+def add_savings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill ``saving_vs_fedavg_pct`` and ``saving_vs_fedit_rmax_pct`` from the same split's reference rows.
+
+    The saving compares total bytes (down + up): ``100 * (1 - bytes / bytes_reference)``.
+    """
+    totals = {(r["split"], r["method"]): (r["bytes_down"] + r["bytes_up"]) if r["bytes_down"] is not None else None
+              for r in rows}
+    out = []
+    for row in rows:
+        row = dict(row)
+        mine = totals[(row["split"], row["method"])]
+        for reference, column in zip(REFERENCES, ("saving_vs_fedavg_pct", "saving_vs_fedit_rmax_pct"), strict=True):
+            row[column] = saving_pct(mine, totals.get((row["split"], reference)))
+        out.append(row)
+    return out
+
+
+CSV_COLUMNS = ("split", "method", "seeds", "seeds_planned", "lr_key", "lr", "lr_multiplier",
+               "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
+               "last3_accuracy_mean", "last3_accuracy_std",
+               "final_macro_f1_mean", "final_macro_f1_std", "rounds_to_target", "reached_target",
+               "bytes_down", "bytes_up", "mb_down", "mb_up", "params_sent",
+               "saving_vs_fedavg_pct", "saving_vs_fedit_rmax_pct", "wall_seconds", "dropped_replies")
+
+
+def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as CSV with ``CSV_COLUMNS`` (empty cells for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def format_pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``"58.3 ± 1.2"`` (``scale`` 100 turns fractions into percent); ``"58.3"`` without a std; ``""`` if none."""
+    if mean is None:
+        return ""
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def format_saving(pct: float | None) -> str:
+    """``"75.0%"``; a method that sends more than twice the reference also gets the factor: ``"-900% (10x)"``."""
+    if pct is None:
+        return ""
+    if pct < -100.0:
+        return f"{pct:.0f}% ({1 - pct / 100:.0f}x)"
+    return f"{pct:.1f}%"
+
+
+def format_rounds_to_target(mean: float | None, reached: str) -> str:
+    """``"3"`` when every seed reached the target, ``"never"`` when none did, ``"2/3 reached"`` otherwise."""
+    hits, _, runs = reached.partition("/")
+    if runs in ("", "0"):
+        return ""
+    if hits == "0":
+        return "never"
+    if hits != runs:
+        return f"{reached} reached"
+    return f"{mean:.3g}"
+
+
+def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Sequence[str] = ()) -> str:
+    """A Markdown table of the rows, one per split + method, with the notes below."""
+    header = ("split", "method", "seeds", "lr", "final acc %", "best acc %", "last-3 acc %", "macro-F1",
+              f"rounds to {target:.0%}", "MB down", "MB up", "params sent", "saving vs fedavg",
+              "saving vs fedit-rmax", "wall s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        seeds = f"{r['seeds']}" + ("" if r["seeds"] == r["seeds_planned"] else f" of {r['seeds_planned']}")
+        if r["seeds_planned"] == 1 and any(o["seeds_planned"] > 1 for o in rows):
+            seeds += "*"
+        rtt = format_rounds_to_target(r["rounds_to_target"], r["reached_target"])
+        cells = (
+            r["split"], r["method"], seeds, f"{r['lr_key']} {r['lr']:g} (x{r['lr_multiplier']:g})",
+            format_pm(r["final_accuracy_mean"], r["final_accuracy_std"]),
+            format_pm(r["best_accuracy_mean"], r["best_accuracy_std"]),
+            format_pm(r["last3_accuracy_mean"], r["last3_accuracy_std"]),
+            format_pm(r["final_macro_f1_mean"], r["final_macro_f1_std"], scale=1.0, digits=3),
+            rtt,
+            "" if r["mb_down"] is None else f"{r['mb_down']:.2f}",
+            "" if r["mb_up"] is None else f"{r['mb_up']:.2f}",
+            "" if r["params_sent"] is None else f"{r['params_sent'] / 1e6:.2f} M",
+            format_saving(r["saving_vs_fedavg_pct"]),
+            format_saving(r["saving_vs_fedit_rmax_pct"]),
+            "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}",
+        )
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines + [""] + [f"{note}  " for note in notes]) + "\n"
+
+
+# --- Reading run directories -------------------------------------------------------------------
+def read_records(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl`` lines."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's ``summary.json``, or ``None`` if the run did not finish."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- Reporting ---------------------------------------------------------------------------------------
+def build_rows(root: Path, plan: Sequence[RunSpec], target: float) -> list[dict[str, Any]]:
+    """Aggregate the finished runs of ``plan`` into table rows (split, then method order of the plan)."""
+    groups: dict[tuple[str, str], list[RunSpec]] = {}
+    for spec in plan:
+        groups.setdefault((spec.split, spec.method), []).append(spec)
+    rows = []
+    for (split, method), specs in groups.items():
+        runs = []
+        for spec in specs:
+            run_dir = root / "runs" / spec.split / spec.run_name
+            summary = read_summary(run_dir)
+            if summary is not None:
+                runs.append((summary, read_records(run_dir)))
+        first = specs[0]
+        lr = (first.lr_key, first.settings[first.lr_key], first.lr_multiplier)
+        rows.append(method_row(split, method, runs, target, lr, len(specs)))
+    return add_savings(rows)
+
+
+def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
+    """Per split: all methods' first seed on one chart (accuracy vs round / vs MB, budget), sa-fedlora's ranks."""
+    from ..plots import plot_ranks, plot_runs
+
+    paths = []
+    for split in dict.fromkeys(s.split for s in plan):
+        runs: dict[str, list[dict]] = {}
+        for spec in plan:
+            run_dir = root / "runs" / split / spec.run_name
+            if spec.split == split and spec.method not in runs and read_summary(run_dir) is not None:
+                runs[spec.method] = read_records(run_dir)
+        if not runs:
+            continue
+        out = root / "plots" / split
+        paths += plot_runs(runs, out)
+        if "sa-fedlora" in runs:
+            ranks = plot_ranks(runs["sa-fedlora"], out / "sa-fedlora_ranks_vs_round.png")
+            paths += [ranks] if ranks else []
+    return paths
+
+
+def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
+    """The lines under the Markdown table."""
+    s = options["settings"]
+    nodes = ", ".join(f"{split} {clients_per_round(s, SPLITS[split][1])} of {SPLITS[split][1]}"
+                      for split in options["splits"])
+    notes = [
+        f"Same for every method: seeds {', '.join(map(str, seeds))}; {s['num-server-rounds']} rounds; clients per "
+        f"round: {nodes}; {s['local-samples']} samples x {s['local-epochs']} epoch(s) per client and round; "
+        f"central evaluation on {s['test-size']} held-out tweets; rank-max {s['rank-max']}, rank-min {s['rank-min']}.",
+        "Accuracy: mean ± sample std over seeds where several; best = best round in 1..T; last-3 = mean of "
+        "the last 3 rounds; macro-F1 of the final round. "
+        "Bytes: all ArrayRecords sent down and up, all clients, all rounds (mean over seeds). "
+        "Saving = 1 - bytes / bytes of the reference on the same split.",
+        "wall s = the ServerApp's time from round 0's evaluation to the end (summary.json), without `flwr run` "
+        "startup. Plots show each method's first seed.",
+    ]
+    if len(seeds) > 1:
+        notes.append(f"* first seed ({seeds[0]}) only; seeds x{len(seeds)} for {', '.join(HEADLINE)}.")
+    return notes
