@@ -24,8 +24,8 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
     Examples
     --------
-    >>> mean_std([0.5, 0.6, 0.7])
-    (0.6, 0.1)
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 1.0)
     """
     values = [float(v) for v in values if v is not None]
     if not values:
