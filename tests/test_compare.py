@@ -58,8 +58,8 @@ def test_lr_multiplier_scales_lr_for_lora_methods_and_full_lr_for_full_methods()
     fedit = plan.run_settings(BASE, "natural", "fedit-rmax", 42, 0.5)
     assert fedit["lr"] == pytest.approx(0.001) and fedit["full-lr"] == 5e-05
     search = plan.plan_lr_search(BASE, ["fedavg", "sa-fedlora"], "dirichlet", 42)
-    assert [s.run_name for s in search] == ["fedavg-lrx0.5-s42", "fedavg-s42", "fedavg-lrx2-s42",
-                                            "sa-fedlora-lrx0.5-s42", "sa-fedlora-s42", "sa-fedlora-lrx2-s42"]
+    assert [s.run_name for s in search] == ["fedavg-s42", "fedavg-lrx2-s42", "fedavg-lrx4-s42",
+                                            "sa-fedlora-s42", "sa-fedlora-lrx2-s42", "sa-fedlora-lrx4-s42"]
     # the search point at the chosen multiplier is the comparison's run (resumed, not repeated)
     main = plan.plan_runs(BASE, ["fedavg", "sa-fedlora"], ["dirichlet"], [42], {"fedavg": 2.0, "sa-fedlora": 1.0})
     assert {s.key for s in main} <= {s.key for s in search}
@@ -237,7 +237,7 @@ def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
     cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
     out = capsys.readouterr().out
-    assert "natural/fedavg-lrx0.5-s42" in out and "full-lr=0.0001" in out and "full-lr=0.0004" in out
+    assert "natural/fedavg-lrx4-s42" in out and "full-lr=0.0004" in out and "full-lr=0.0008" in out
     assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
 
 
@@ -304,7 +304,7 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
 
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
     FakeFlower.runs = []
-    accuracy = {"fedit-rmax-lrx0.5-s42": 0.55, "fedit-rmax-s42": 0.5, "fedit-rmax-lrx2-s42": 0.45}
+    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx2-s42": 0.45, "fedit-rmax-lrx4-s42": 0.55}
     real_run = FakeFlower.run
 
     def run(self, run_config, timeout=600, federation=""):
@@ -319,15 +319,15 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
-    # 3 search runs on natural, then dirichlet at the chosen x0.5 (natural's x0.5 run is reused)
-    assert FakeFlower.runs == ["fedit-rmax-lrx0.5-s42", "fedit-rmax-s42", "fedit-rmax-lrx2-s42",
-                               "fedit-rmax-lrx0.5-s42"]
+    # 3 search runs on natural, then dirichlet at the chosen x4 (natural's x4 run is reused)
+    assert FakeFlower.runs == ["fedit-rmax-s42", "fedit-rmax-lrx2-s42", "fedit-rmax-lrx4-s42",
+                               "fedit-rmax-lrx4-s42"]
     summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
-    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 0.5
-    assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.004)  # x0.5 of the preset's 8e-3
+    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 4.0
+    assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.032)  # x4 of the preset's 8e-3
     rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
-    assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.004", "0.5"),
-                                                                          ("dirichlet", "0.004", "0.5")]
+    assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.032", "4.0"),
+                                                                          ("dirichlet", "0.032", "4.0")]
 
 
 # --- End to end through `flwr run` -----------------------------------------------------------------
