@@ -324,6 +324,8 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
                                "fedit-rmax-lrx4-s42"]
     summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
     assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 4.0
+    reused = {r["key"]: r for r in summary["runs"]}["natural/fedit-rmax-lrx4-s42"]
+    assert reused["status"] == "finished" and reused["seconds"] is not None  # the search run keeps its time
     assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.032)  # x4 of the preset's 8e-3
     rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
     assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.032", "4.0"),

@@ -146,7 +146,10 @@ class Comparison:
         for index, spec in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {spec.key}"
             if spec not in todo:
-                outcome = Outcome(spec, "skipped", command=self.command(spec))
+                # A run the lr search made in this invocation keeps its outcome (and measured seconds).
+                earlier = self.outcomes.get(spec.key)
+                outcome = earlier if earlier and earlier.status == "finished" else Outcome(
+                    spec, "skipped", command=self.command(spec))
                 self.say(f"{tag}: finished earlier | {self.describe(spec)}")
             else:
                 estimate = estimate_seconds(spec)
