@@ -6,8 +6,9 @@ import time
 from logging import ERROR, INFO
 
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from . import payload as pl
@@ -30,6 +31,21 @@ from .strategy import SAFedLoRA
 from .training import Encoded, evaluate
 
 app = ServerApp()
+
+
+def trained_arrays(result: Result, run_name: str, num_rounds: int) -> ArrayRecord:
+    """The last aggregated arrays of a finished ``strategy.start``.
+
+    Raises
+    ------
+    RuntimeError
+        When not one round aggregated a valid reply. Flower's ``Result.arrays`` then stays an empty
+        ``ArrayRecord``; the run must fail (no summary.json) rather than save an untrained model.
+    """
+    if len(result.arrays) == 0:
+        raise RuntimeError(f"run {run_name}: no node returned a valid update in any of the {num_rounds} rounds; "
+                           "see the warnings above for each node's reason")
+    return result.arrays
 
 
 @app.main()
@@ -86,10 +102,7 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
         evaluate_fn=central_evaluation,
     )
-    if result.arrays is None:  # not one valid reply in any round: nothing was trained; no summary.json
-        raise RuntimeError(f"run {run_dir.name}: no node returned a valid update in any of the "
-                           f"{config.num_server_rounds} rounds; see the warnings above for each node's reason")
-    final_arrays = result.arrays
+    final_arrays = trained_arrays(result, run_dir.name, config.num_server_rounds)
     model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
                                   model_source(config.model_name))
     summary = recorder.summary(config, time.perf_counter() - start, model_dir)

@@ -3,7 +3,10 @@
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,9 @@ def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
     # for both and only moves the ratio towards 1, so this is necessary, and checked again on real runs).
     rounds = plan.PRESETS["full"].rounds
     stages = plan.stage_rounds(rounds)
-    b_max, b_min = 8 * 12, 2 * 12
+    preset = plan.PRESETS["full"].settings
+    modules = 12  # query and value projections of the default model's 6 layers
+    b_max, b_min = preset["rank-max"] * modules, preset["rank-min"] * modules
     budgets = [round_budget(t, rounds, stages["init-rounds"], stages["heat-rounds"], stages["cool-rounds"],
                             b_max, b_min, "cubic") for t in range(1, rounds + 1)]
     assert budgets == [96, 96, 45, 27, 24, 24, 24, 24]
@@ -378,3 +383,12 @@ def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
     assert "2 runs, 2 finished earlier, 0 to run" in second and "started" not in second
     assert (root / "runs/natural/sa-fedlora-s42/summary.json").stat().st_mtime == stamp
     assert {r["status"] for r in json.loads((root / "comparison.json").read_text())["runs"]} == {"skipped"}
+
+
+def test_sigterm_stops_a_comparison_like_ctrl_c_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with cli.sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -8,6 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from safedlora_app import payload as pl
 from safedlora_app.config import RunConfig
+from safedlora_app.server_app import trained_arrays
 from safedlora_app.strategy import SAFedLoRA
 
 MODULES = {"m0": (6, 4), "m1": (5, 3)}
@@ -149,6 +150,26 @@ def test_no_valid_reply_keeps_the_global_model():
     error = Message(Error(code=0, reason="out of memory"), reply_to=messages[0])
     bad = reply(messages[1], {"lora_A::m0": torch.zeros(1)})
     assert strategy.aggregate_train(1, [error, bad]) == (None, None)
+
+
+class FailingGrid(FakeGrid):
+    """Every node answers every message with an error (what Flower delivers when ClientApps crash)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            replies.append(Message(Error(code=0, reason="out of memory"), reply_to=message))
+        return replies
+
+
+def test_a_run_in_which_no_round_aggregates_anything_fails_instead_of_saving_a_model():
+    # Through Flower's own round loop: its Result keeps an *empty* ArrayRecord (not None) in this case.
+    strategy = make_strategy(num_server_rounds=2, init_rounds=1, heat_rounds=0, cool_rounds=1)
+    result = strategy.start(grid=FailingGrid((11, 22)), initial_arrays=initial(strategy), num_rounds=2)
+    assert [stats.dropped for stats in strategy.history] == [2, 2]
+    with pytest.raises(RuntimeError, match="no node returned a valid update in any of the 2 rounds"):
+        trained_arrays(result, "r", 2)
 
 
 def test_full_initiating_stage_then_backbone_reaches_each_node_once():

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from .plan import (
     stage_rounds,
 )
 from .runner import Comparison, machine_info, packaged_with_app
-from .tables import build_rows, format_csv, format_markdown, read_summary, table_notes, write_plots
+from .tables import build_rows, format_csv, format_markdown, read_summary, run_dir, table_notes, write_plots
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any
     by_method: dict[str, dict[float, float | None]] = {}
     values: dict[tuple[str, float], float] = {}
     for spec in search:
-        summary = read_summary(root / "runs" / spec.split / spec.run_name)
+        summary = read_summary(run_dir(root, spec))
         by_method.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
         values[(spec.method, spec.lr_multiplier)] = spec.settings[spec.lr_key]
     out = {}
@@ -234,7 +236,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         "runs": [{"key": o.spec.key, "split": o.spec.split, "method": o.spec.method, "seed": o.spec.seed,
                   "lr-multiplier": o.spec.lr_multiplier, "status": o.status, "seconds": o.seconds,
                   "estimate-seconds": estimate_seconds(o.spec), "error": o.error,
-                  "run-dir": str(root / "runs" / o.spec.split / o.spec.run_name),
+                  "run-dir": str(run_dir(root, o.spec)),
                   "run-config": run_config_string(runner.settings_with_output(o.spec)),
                   "federation-config": o.spec.federation, "command": o.command}
                  for o in runner.outcomes.values()],
@@ -252,6 +254,24 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
     return 0
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a scheduler, a container stop) into ``KeyboardInterrupt`` while inside.
+
+    The comparison then stops its running ``flwr run`` and its SuperLink (``Comparison.close``) as on
+    Ctrl-C, instead of leaving them and their Ray workers running. (A job started in the background by a
+    non-interactive shell ignores SIGINT, so ``kill`` is how it is stopped.)
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``safedlora`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -266,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_plan(options, say)
         return 0
     try:
-        return compare(options, argv, say)
+        with sigterm_as_interrupt():
+            return compare(options, argv, say)
     except CompareError as error:
         parser.exit(2, f"safedlora compare: error: {error}\n")
     except KeyboardInterrupt:

@@ -51,7 +51,7 @@ SPLITS: dict[str, tuple[dict[str, Any], int]] = {
 }
 FEDERATION = "num-supernodes={n} client-resources-num-cpus=1"
 #: Multipliers of the preset's lr / full-lr tried by ``--lr-search``. Upwards only: with 3 local steps per round,
-#: x0.5 left every method at the majority class, and x2 beat x1 for every method tried (results/README).
+#: x0.5 left every method at the majority class, and x2 beat x1 for every method tried (docs/comparison.md).
 LR_GRID = (1.0, 2.0, 4.0)
 FIRST_SEED = 42
 
@@ -87,8 +87,8 @@ _COMMON = {
     "eval-batch-size": 100,
 }
 PRESETS = {
-    # All 7 clients per round (four waves on 2 cores), 48 samples (3 steps) each: ~73 min on 2 cores
-    # (bench/README.md).
+    # All 7 clients per round (four waves on 2 cores), 48 samples (3 steps) each: measured 86 min on 2 cores,
+    # ~79 min without other work on the machine (bench/README.md).
     "full": Preset(
         name="full", seeds=3, splits=("natural", "dirichlet"), methods=tuple(METHODS), rounds=8,
         target_accuracy=0.55,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
-from .tables import MB, read_records, read_summary, run_totals
+from .tables import MB, read_records, read_summary, run_dir, run_totals
 
 
 # --- Checks: resuming, the app bundle, the machine -------------------------------------------------
@@ -106,7 +106,7 @@ class Comparison:
         self._spent = self._estimated = 0.0  # over runs done in this invocation (ETA calibration)
 
     def run_dir(self, spec: RunSpec) -> Path:
-        return self.root / "runs" / spec.split / spec.run_name
+        return run_dir(self.root, spec)
 
     def settings_with_output(self, spec: RunSpec) -> dict[str, Any]:
         return {**spec.settings, "out-dir": str(self.root / "runs" / spec.split), "run-name": spec.run_name,
@@ -201,7 +201,7 @@ class Comparison:
         except subprocess.TimeoutExpired as error:
             output = _text(error.stdout) + _text(error.stderr)
             log.write_text(output)
-            self._restart_flower()  # the ServerApp may still be running: stop that SuperLink
+            self.close()  # the ServerApp may still be running: stop that SuperLink (restarted on the next run)
             return Outcome(spec, "failed", time.perf_counter() - start, f"timed out after {timeout:.0f} s; log {log}",
                            command)
         log.write_text(output)
@@ -219,9 +219,6 @@ class Comparison:
             self._home = Path(tempfile.mkdtemp(prefix="safedlora-compare-flwr-"))
             self._flower = self.flower_factory(self._home)
         return self._flower
-
-    def _restart_flower(self) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop the SuperLink this comparison started and remove its Flower home."""

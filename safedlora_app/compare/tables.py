@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,7 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     values = [float(v) for v in values if v is not None]
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def rounds_to_target(records: Sequence[Mapping], target: float) -> int | None:
@@ -219,6 +216,11 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Seq
 
 
 # --- Reading run directories -------------------------------------------------------------------
+def run_dir(root: Path, spec: RunSpec) -> Path:
+    """``<root>/runs/<split>/<run-name>``: where the app writes one planned run."""
+    return root / "runs" / spec.split / spec.run_name
+
+
 def read_records(run_dir: Path) -> list[dict]:
     """The run's ``metrics.jsonl`` lines."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -240,10 +242,9 @@ def build_rows(root: Path, plan: Sequence[RunSpec], target: float) -> list[dict[
     for (split, method), specs in groups.items():
         runs = []
         for spec in specs:
-            run_dir = root / "runs" / spec.split / spec.run_name
-            summary = read_summary(run_dir)
+            summary = read_summary(run_dir(root, spec))
             if summary is not None:
-                runs.append((summary, read_records(run_dir)))
+                runs.append((summary, read_records(run_dir(root, spec))))
         first = specs[0]
         lr = (first.lr_key, first.settings[first.lr_key], first.lr_multiplier)
         rows.append(method_row(split, method, runs, target, lr, len(specs)))
@@ -258,9 +259,8 @@ def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
     for split in dict.fromkeys(s.split for s in plan):
         runs: dict[str, list[dict]] = {}
         for spec in plan:
-            run_dir = root / "runs" / split / spec.run_name
-            if spec.split == split and spec.method not in runs and read_summary(run_dir) is not None:
-                runs[spec.method] = read_records(run_dir)
+            if spec.split == split and spec.method not in runs and read_summary(run_dir(root, spec)) is not None:
+                runs[spec.method] = read_records(run_dir(root, spec))
         if not runs:
             continue
         out = root / "plots" / split
