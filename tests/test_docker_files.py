@@ -2,13 +2,12 @@
 
 Every compose `command` is fed to the argparse parser of the *installed* flwr program that the
 image runs, so a flag renamed or removed in a Flower release fails here instead of in a
-container log. Also: image tags == installed flwr, addresses point at real listeners, the TLS
+container log. Also: image tags == the flwr pin of constraints.txt, addresses point at real listeners, the TLS
 overlay mounts what make-certs.sh produces, and make-certs.sh makes a valid CA/cert/key set.
 """
 
 import contextlib
 import importlib
-import importlib.metadata
 import io
 import ipaddress
 import os
@@ -29,10 +28,12 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+import pins  # scripts/pins.py (pytest's pythonpath)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
-FLWR_VERSION = importlib.metadata.version("flwr")
+FLWR_VERSION = pins.pinned_version(pins.read(), "flwr")
 
 # Program each image runs (its ENTRYPOINT) -> (module, parser factory) inside flwr.
 PARSERS = {
@@ -199,7 +200,7 @@ def test_tls_overlay_is_tls_everywhere(tmp_path):
         assert f"./certs/node-{k}:/app/certs/node.key:ro" in services[f"supernode-{k}"]["volumes"]
 
 
-def test_image_tags_match_installed_flwr():
+def test_image_tags_match_pinned_flwr():
     for variant in VARIANTS.values():
         for name, svc in variant().items():
             repo, _, tag = svc["image"].partition(":")
@@ -216,9 +217,14 @@ def test_dockerfile():
     assert re.search(rf"^ARG FLWR_VERSION={re.escape(FLWR_VERSION)}$", text, re.M)
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms == ["flwr/superexec:${FLWR_VERSION}"]
-    assert "download.pytorch.org/whl/cpu" in text and re.search(r"TORCH_SPEC=torch\b", text)
+    # Every install goes through the pins, and the build refuses a FLWR_VERSION they do not pin.
+    assert re.search(r"^COPY .*\bconstraints\.txt\b", text, re.M)
+    assert 'grep -qx "flwr==${FLWR_VERSION}" constraints.txt' in text
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert [i for i in installs if "--no-deps" not in i and "-c constraints.txt" not in i] == []
     # CPU torch is installed before the app's requirements (which would pull CUDA torch).
-    assert text.index("TORCH_INDEX}") < text.index("-r /tmp/requirements.txt")
+    assert "download.pytorch.org/whl/cpu" in text
+    assert text.index("-c constraints.txt torch") < text.index("-r /tmp/requirements.txt")
     assert re.findall(r"^USER\s+(\S+)", text, re.M) == ["app"]
     assert dockerfile_entrypoint() == "flower-superexec"
     # /app/runs exists in the image, so the named volume mounted there is owned by `app`.
@@ -282,8 +288,11 @@ def test_make_certs_usage():
 def test_jetson_dockerfile_keeps_the_base_torch_and_pins_flwr():
     text = (ROOT / "docker" / "Dockerfile.jetson").read_text()
     assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M) and re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
-    assert f"ARG FLWR_VERSION={importlib.metadata.version('flwr')}" in text
+    assert f"ARG FLWR_VERSION={FLWR_VERSION}" in text
     assert "requirements.py flwr torch" in text  # the L4T image's CUDA torch is never replaced
+    # The other pins apply, without torch's (which would make pip replace the image's torch).
+    assert "grep -v '^torch==' constraints.txt > /tmp/constraints.txt" in text
+    assert "-c /tmp/constraints.txt" in text
     assert "sys.version_info >= (3, 11)" in text
     assert 'ENTRYPOINT ["flower-supernode"]' in text
 
