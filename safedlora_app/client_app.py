@@ -21,13 +21,14 @@ from .model import (
     get_lora_weights,
     head_parameters,
     load_parameters,
+    module_shapes,
     pick_device,
     set_lora_weights,
 )
 from .node_resources import base_with_backbone, node_resources
 from .replies import ARRAYS, METRICS, NODE
 from .strategy import FULL
-from .training import mix_seed, sample_indices, train
+from .training import compute_dtype, mix_seed, sample_indices, train
 
 app = ClientApp()
 
@@ -51,7 +52,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
                  lr=float(round_config["lr"]), weight_decay=config.weight_decay,
                  prox_mu=float(round_config["prox-mu"]), seed=mix_seed(config.seed, server_round, partition_id, 1),
-                 device=device)
+                 device=device, dtype=compute_dtype(config.precision, device))
 
     if round_config["kind"] == FULL:
         model = copy.deepcopy(resources.base_model)
@@ -65,6 +66,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         backbone_hash = str(round_config["backbone-hash"])
         base = base_with_backbone(resources, backbone_hash, received, config.cache_dir)
         ranks = dict(zip(round_config["lora-modules"], (int(r) for r in round_config["lora-ranks"])))
+        received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
         model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
         head = pl.select(received, pl.HEAD)
         set_lora_weights(model, pl.lora_factors(received), head)
@@ -73,6 +75,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         reply = {pl.key(pl.HEAD, n): v for n, v in new_head.items()}
         for m, (b, a) in factors.items():
             reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a
+        reply = pl.to_wire(reply, list(ranks))
 
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})

@@ -21,8 +21,11 @@ AGGREGATIONS = ("product", "fedavg")
 INIT_TRAINABLE = ("lora", "full")
 TASKS = ("text-classification", "image-classification")
 PARTITIONERS = ("natural", "dirichlet", "iid")
+PRECISIONS = ("auto", "bf16", "fp32")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
-NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir")
+NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
+# Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
+EVAL_LAST_ROUNDS = 3
 
 
 class ConfigError(ValueError):
@@ -128,6 +131,12 @@ class RunConfig:
     """AdamW weight decay."""
     eval_batch_size: int = 64
     """Batch size of central evaluation."""
+    eval_every: int = 1
+    """Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated."""
+    precision: str = "auto"
+    """Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and
+    aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively:
+    CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere)."""
     torch_threads: int = 0
     """torch intra-op threads per process (0 = torch's default)."""
     max_num_examples: int = 1_000_000
@@ -174,6 +183,7 @@ class RunConfig:
         _choice("init-trainable", self.init_trainable, INIT_TRAINABLE)
         _choice("task", self.task, TASKS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("precision", self.precision, PRECISIONS)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("min-nodes", self.min_nodes, 1)
         _at_least("init-rounds", self.init_rounds, 0)
@@ -189,6 +199,7 @@ class RunConfig:
         _at_least("batch-size", self.batch_size, 1)
         _at_least("grad-accum-steps", self.grad_accum_steps, 1)
         _at_least("eval-batch-size", self.eval_batch_size, 1)
+        _at_least("eval-every", self.eval_every, 1)
         _at_least("torch-threads", self.torch_threads, 0)
         _at_least("max-num-examples", self.max_num_examples, 1)
         for key, value in (("prox-mu", self.prox_mu), ("prox-mu-anneal", self.prox_mu_anneal),
@@ -268,6 +279,11 @@ class RunConfig:
             return dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
                                        prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
         return self
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether central evaluation runs after ``server_round`` (0 = the initial model)."""
+        return (server_round == 0 or server_round % self.eval_every == 0
+                or server_round > self.num_server_rounds - EVAL_LAST_ROUNDS)
 
     @staticmethod
     def module_names(spec: str) -> list[str]:

@@ -22,8 +22,12 @@ class GlobalModel:
         self.head_modules = head_modules
         self._backbone: tuple[str, nn.Module] | None = None
 
-    def build(self, server_round: int, arrays: ArrayRecord) -> tuple[nn.Module, dict[str, int]]:
-        """``(model, ranks)``: peft LoRA at the round's allocation, or the plain model if no LoRA yet."""
+    def build(self, server_round: int, arrays: ArrayRecord, merged: bool = False) -> tuple[nn.Module, dict[str, int]]:
+        """``(model, ranks)``: peft LoRA at the round's allocation, or the plain model if no LoRA yet.
+
+        ``merged``: the LoRA update folded into the weights of a plain model (peft's
+        ``merge_and_unload``), which computes the same logits without the adapter branch: for evaluation.
+        """
         tensors = pl.unpack(arrays)
         base = self._base_for(server_round, tensors)
         head = pl.select(tensors, pl.HEAD)
@@ -34,7 +38,7 @@ class GlobalModel:
         ranks, factors = self.strategy.truncated(server_round, tensors)
         model = build_lora_model(base, ranks, self.strategy.config.lora_scale, 0.0, self.head_modules)
         set_lora_weights(model, factors, head)
-        return model, ranks
+        return (model.merge_and_unload() if merged else model), ranks
 
     def _base_for(self, server_round: int, tensors) -> nn.Module:
         backbone = pl.select(tensors, pl.BACKBONE)

@@ -1,8 +1,11 @@
 """What a node keeps between rounds: model, preprocessor, tokenized partition, backbones.
 
 In simulation a ClientApp runs in a long-lived Ray actor, so module-level caches spare every
-round a model load and a re-tokenization. In deployment each round may start a fresh process:
-the trained backbone is then read from node-local disk (``cache-dir``), keyed by content hash.
+round a model load and a re-tokenization. One actor serves many virtual nodes, so the caches are
+bounded: one base model shared by every partition it serves, and the tokenized rows of the last
+few partitions. Memory then stays flat however many nodes the federation has. In deployment each
+round may start a fresh process: the tokenized rows and the trained backbone are then read from
+node-local disk (``cache-dir``), keyed by content.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -25,8 +29,12 @@ from .data import load_task_data, partition_dataset
 from .model import load_base_model, load_parameters, load_preprocessor, model_source
 from .training import Encoded
 
-_RESOURCES: dict[tuple, NodeResources] = {}
-_BACKBONES: dict[tuple, nn.Module] = {}  # (resources key, backbone hash) -> base model with that backbone
+# Per process. Models: one per (model, task, labels, seed), the last one only; data: the last few
+# partitions' rows; backbones: the one trained backbone of the run.
+_MODELS: dict[tuple, nn.Module] = {}
+_DATA: OrderedDict[tuple, tuple[Encoded, str]] = OrderedDict()
+_DATA_PARTITIONS = 8
+_BACKBONES: dict[tuple, nn.Module] = {}  # (model key, backbone hash) -> base model with that backbone
 
 
 @dataclass
@@ -36,6 +44,7 @@ class NodeResources:
     base_model: nn.Module
     data: Encoded
     partition_label: str
+    model_key: tuple
 
 
 def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str, ...]) -> NodeResources:
@@ -47,16 +56,32 @@ def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str,
     data_path = str(node_config.get("data-path", ""))
     model_name = str(node_config.get("model-path", "")) or config.model_name
     partition = (int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1)))
-    cache_key = (model_name, config.task, config.dataset_name, config.text_column, config.image_column,
-                 config.label_column, config.natural_column, config.test_size, config.partitioner,
-                 config.dirichlet_alpha, config.seed, config.max_seq_len, data_path, partition, label_names)
-    if cache_key not in _RESOURCES:
-        _RESOURCES[cache_key] = _load(config, model_name, data_path, partition, label_names)
-    return _RESOURCES[cache_key]
+    data_key = (model_name, config.task, config.dataset_name, config.text_column, config.image_column,
+                config.label_column, config.natural_column, config.test_size, config.partitioner,
+                config.dirichlet_alpha, config.seed, config.max_seq_len, data_path, partition, label_names)
+    if data_key in _DATA:
+        _DATA.move_to_end(data_key)
+    else:
+        _DATA[data_key] = _load_data(config, model_name, data_path, partition, label_names)
+        while len(_DATA) > _DATA_PARTITIONS:
+            _DATA.popitem(last=False)
+    data, where = _DATA[data_key]
+    model_key = (model_name, config.task, label_names, config.seed)
+    if model_key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[model_key] = load_base_model(model_name, config.task, label_names, seed=config.seed)
+    return NodeResources(base_model=_MODELS[model_key], data=data, partition_label=where, model_key=model_key)
 
 
-def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
-          label_names: tuple[str, ...]) -> NodeResources:
+def clear_caches() -> None:
+    """Forget everything cached in this process (as a fresh process would start)."""
+    _MODELS.clear()
+    _DATA.clear()
+    _BACKBONES.clear()
+
+
+def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
+               label_names: tuple[str, ...]) -> tuple[Encoded, str]:
     preprocessor = load_preprocessor(model_name, config.task)
     where = f"data-path {data_path}" if data_path else f"partition {partition[0]}/{partition[1]}"
     if config.task != "text-classification":  # images are processed per batch: nothing to cache
@@ -75,8 +100,7 @@ def _load(config: RunConfig, model_name: str, data_path: str, partition: tuple[i
             data.save(cached)
     if len(data) == 0:
         raise ValueError(f"{where} holds no training rows")
-    model = load_base_model(model_name, config.task, label_names, seed=config.seed)
-    return NodeResources(base_model=model, data=data, partition_label=where)
+    return data, where
 
 
 def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], label_names: tuple[str, ...]):
@@ -137,7 +161,7 @@ def base_with_backbone(resources: NodeResources, backbone_hash: str, received: d
     """
     if not backbone_hash:
         return resources.base_model
-    memo = (id(resources), backbone_hash)
+    memo = (resources.model_key, backbone_hash)
     if memo in _BACKBONES:
         return _BACKBONES[memo]
     path = Path(os.path.expanduser(cache_dir)) / "backbones" / f"{backbone_hash}.safetensors"

@@ -21,6 +21,7 @@ from .plots import plot_ranks, plot_runs
 from .strategy import RoundStats
 
 MB = 1e6
+EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "eval-seconds")
 
 
 def run_directory(config: RunConfig) -> Path:
@@ -50,8 +51,12 @@ class RunRecorder:
         self._last = time.perf_counter()
         self._cum_down = self._cum_up = 0
 
-    def record(self, stats: RoundStats | None, server_round: int, evaluation: dict[str, float]) -> dict:
-        """Append the line for ``server_round`` (round 0: the initial model, nothing sent)."""
+    def record(self, stats: RoundStats | None, server_round: int, evaluation: dict[str, float] | None) -> dict:
+        """Append the line for ``server_round`` (round 0: the initial model, nothing sent).
+
+        A round without central evaluation (``eval-every``) has ``null`` accuracy, macro-F1, loss and
+        eval-seconds.
+        """
         now = time.perf_counter()
         # Round 0 (the initial model) has the same fields as every other line, all zero.
         row = dataclasses.asdict(stats or RoundStats(round=0, stage="initial", kind="none"))
@@ -63,7 +68,7 @@ class RunRecorder:
             "cumulative-bytes-up": self._cum_up,
             "cumulative-bytes": self._cum_down + self._cum_up,
             "cumulative-mb": (self._cum_down + self._cum_up) / MB,
-            **evaluation,
+            **(evaluation or dict.fromkeys(EVALUATION_KEYS)),
             "round-seconds": now - self._last,
         })
         self._last = now
@@ -77,21 +82,24 @@ class RunRecorder:
 
     def describe(self, line: dict) -> str:
         """The round's one readable log line."""
+        evaluation = ("not evaluated" if line["accuracy"] is None
+                      else f"acc {line['accuracy']:.1%} f1 {line['macro-f1']:.3f}")
         if line["round"] == 0:
-            return f"[round 0/{self.num_rounds}] initial model | acc {line['accuracy']:.1%} f1 {line['macro-f1']:.3f}"
+            return f"[round 0/{self.num_rounds}] initial model | {evaluation}"
         ranks = line.get("ranks") or {}
         budget = (f"budget {line['budget']} (ranks {min(ranks.values())}-{max(ranks.values())})"
                   if line.get("budget") is not None else "full model")
         dropped = f" | dropped {line['dropped']}" if line.get("dropped") else ""
         return (f"[round {line['round']}/{self.num_rounds}] {line['stage']} | {budget} | "
                 f"down {line['bytes-down'] / MB:.2f} MB up {line['bytes-up'] / MB:.2f} MB | "
-                f"acc {line['accuracy']:.1%} f1 {line['macro-f1']:.3f} | {line['round-seconds']:.1f} s{dropped}")
+                f"{evaluation} | {line['round-seconds']:.1f} s{dropped}")
 
     def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None) -> dict:
         """Totals and headline numbers of the run."""
         rows = [r for r in self.records if r["round"] > 0]
         final = self.records[-1] if self.records else {}
-        best = max(rows, key=lambda r: r.get("accuracy", -1.0), default={})  # trained rounds only
+        evaluated = [r for r in rows if r.get("accuracy") is not None]
+        best = max(evaluated, key=lambda r: r["accuracy"], default={})  # trained rounds only
         return {
             "method": config.method,
             "rounds": len(rows),

@@ -8,12 +8,18 @@ Keys are ``<kind>::<name>``:
 
 Module and parameter names are the base model's own (``named_modules``/``named_parameters``),
 never peft's wrapped names, so the server needs no model to read a payload.
+
+On the wire (messages to and from nodes) every LoRA factor travels in one flat array,
+``lora::packed``: for each module in the round's module order, B then A, row-major. Both sides
+know the layout from the round's ranks and the modules' shapes, and one array instead of two per
+module spares each message the per-array header (~130 bytes of npy header and key each), about 4%
+of a message at rank 1 to 3.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +27,11 @@ from flwr.app import Array, ArrayRecord
 
 LORA_A, LORA_B, HEAD, BACKBONE = "lora_A", "lora_B", "head", "backbone"
 SEP = "::"
+PACKED = "lora::packed"
+
+
+class PayloadError(ValueError):
+    """A payload does not have the layout the round announced."""
 
 
 def key(kind: str, name: str) -> str:
@@ -55,6 +66,49 @@ def pack(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Tensors from an ArrayRecord, in its key order."""
     return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+def to_wire(tensors: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Replace the lora_B/lora_A entries of ``modules`` by one flat ``lora::packed`` tensor (B then A each)."""
+    factor_keys = {key(kind, m) for m in modules for kind in (LORA_B, LORA_A)}
+    out = {k: v for k, v in tensors.items() if k not in factor_keys}
+    if modules:
+        out[PACKED] = torch.cat([tensors[key(kind, m)].detach().to("cpu", torch.float32).reshape(-1)
+                                 for m in modules for kind in (LORA_B, LORA_A)])
+    return out
+
+
+def packed_size(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Values in ``lora::packed`` for ``{module: rank}`` and ``{module: (d_out, d_in)}``."""
+    return sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items())
+
+
+def from_wire(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
+              shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Inverse of ``to_wire``: split ``lora::packed`` into lora_B/lora_A entries at ``ranks`` (in their order).
+
+    Raises
+    ------
+    PayloadError
+        When ``lora::packed`` is missing although ranks were announced, or has another length.
+    """
+    out = {k: v for k, v in tensors.items() if k != PACKED}
+    if not ranks:
+        return out
+    if PACKED not in tensors:
+        raise PayloadError(f"no {PACKED!r} although the round has LoRA ranks")
+    flat = tensors[PACKED].reshape(-1)
+    expected = packed_size(ranks, shapes)
+    if flat.numel() != expected:
+        raise PayloadError(f"{PACKED} holds {flat.numel()} values; the announced ranks need {expected}")
+    offset = 0
+    for m, r in ranks.items():
+        d_out, d_in = shapes[m]
+        out[key(LORA_B, m)] = flat[offset:offset + d_out * r].reshape(d_out, r)
+        offset += d_out * r
+        out[key(LORA_A, m)] = flat[offset:offset + r * d_in].reshape(r, d_in)
+        offset += r * d_in
+    return out
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -28,7 +28,7 @@ from .model import (
 )
 from .outputs import RunRecorder, run_directory, write_json
 from .strategy import SAFedLoRA
-from .training import Encoded, evaluate
+from .training import Encoded, compute_dtype, evaluate
 
 app = ServerApp()
 
@@ -81,17 +81,23 @@ def main(grid: Grid, context: Context) -> None:
     global_model = GlobalModel(base, strategy, head_modules)
     test = Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
     device = pick_device()
+    dtype = compute_dtype(config.precision, device)
     recorder = RunRecorder(run_dir, config.num_server_rounds)
-    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows; outputs in %s",
-        run_dir.name, config.method, len(modules), len(task_data.test), run_dir)
+    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows, evaluated in %s on %s; outputs in %s",
+        run_dir.name, config.method, len(modules), len(task_data.test), str(dtype).removeprefix("torch."),
+        device.type, run_dir)
 
-    def central_evaluation(server_round: int, arrays) -> MetricRecord:
-        model, _ = global_model.build(server_round, arrays)
-        result = evaluate(model, test, batch_size=config.eval_batch_size,
-                          num_classes=len(task_data.label_names), device=device)
+    def central_evaluation(server_round: int, arrays) -> MetricRecord | None:
+        result = None
+        if config.evaluates(server_round):
+            started = time.perf_counter()
+            model, _ = global_model.build(server_round, arrays, merged=True)
+            result = evaluate(model, test, batch_size=config.eval_batch_size,
+                              num_classes=len(task_data.label_names), device=device, dtype=dtype)
+            result["eval-seconds"] = time.perf_counter() - started
         stats = strategy.history[-1] if server_round > 0 and strategy.history else None
         recorder.record(stats, server_round, result)
-        return MetricRecord(result)
+        return MetricRecord(result) if result else None
 
     start = time.perf_counter()
     result = strategy.start(

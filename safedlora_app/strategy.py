@@ -192,9 +192,10 @@ class SAFedLoRA(FedAvg):
                 stats.revived += revived
                 sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
             sent.update(pl.only(tensors, pl.HEAD))
-            shared = pl.pack(sent)
+            wire = pl.to_wire(sent, list(ranks))
+            shared = pl.pack(wire)
             stats.budget, stats.ranks = self.budget(server_round), ranks
-            self._expected = {k: tuple(v.shape) for k, v in sent.items()}
+            self._expected = {k: tuple(v.shape) for k, v in wire.items()}
             self._round_backbone = self.backbone_hash(server_round, tensors)
             if self._round_backbone:
                 backbone_payload = pl.pack(pl.only(tensors, pl.BACKBONE))
@@ -255,7 +256,7 @@ class SAFedLoRA(FedAvg):
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
         weights = [float(content[METRICS]["num-examples"]) for _, content in good]
-        received = [pl.unpack(content[ARRAYS]) for _, content in good]
+        received = [pl.from_wire(pl.unpack(content[ARRAYS]), stats.ranks, self.module_shapes) for _, content in good]
         new = self._aggregate(received, weights, self._current)
         metrics = self._aggregate_metrics([content[METRICS] for _, content in good], weights)
         stats.train_loss = metrics.get("train-loss")

@@ -1,22 +1,55 @@
 """Local training and evaluation loops (torch only; no Flower).
 
-Text is tokenized once per partition and padded per batch (dynamic padding is ~20% faster than
-padding to max-seq-len on CPU); images go through the image processor batch by batch so a large
-partition never sits in memory as pixel tensors.
+Text is tokenized once per partition and padded per batch to a multiple of 8 (dynamic padding is
+~20% faster than padding to max-seq-len on CPU, and few distinct lengths spare oneDNN compiling
+kernels for each new shape); images go through the image processor batch by batch so a large
+partition never sits in memory as pixel tensors. Evaluation batches rows of similar length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+PAD_MULTIPLE = 8
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for run-config ``precision`` on ``device`` (``auto``: bf16 only where native)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast for the forward pass; a no-op context in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class Encoded:
@@ -56,9 +89,16 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def by_length(self) -> list[int]:
+        """Row indices, shortest text first (images: as stored), so that batches need little padding."""
+        if self.tokens is None:
+            return list(range(len(self)))
+        return sorted(range(len(self)), key=lambda i: len(self.tokens[i]))
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         if self.tokens is not None:
-            inputs = self.preprocessor.pad({"input_ids": [self.tokens[i] for i in indices]}, return_tensors="pt")
+            inputs = self.preprocessor.pad({"input_ids": [self.tokens[i] for i in indices]}, return_tensors="pt",
+                                           pad_to_multiple_of=PAD_MULTIPLE)
         else:
             images = [self.images[i].convert("RGB") for i in indices]
             inputs = self.preprocessor(images, return_tensors="pt")
@@ -83,11 +123,13 @@ class TrainResult:
 
 def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: int, batch_size: int,
           grad_accum_steps: int, lr: float, weight_decay: float, prox_mu: float, seed: int,
-          device: torch.device) -> TrainResult:
+          device: torch.device, dtype: torch.dtype = torch.float32) -> TrainResult:
     """AdamW on the model's trainable parameters, optionally with the proximal term.
 
     The proximal anchor is the model as received (the global model), snapshotted here.
     ``num_examples`` is the number of distinct samples trained on: the aggregation weight.
+    ``dtype`` bfloat16 runs the forward pass under autocast; parameters, gradients, the optimizer
+    and the proximal term stay float32.
     """
     start = time.perf_counter()
     if device.type == "cuda":
@@ -102,7 +144,8 @@ def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: in
         order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
         for first in range(0, len(order), batch_size):
             batch = {k: v.to(device) for k, v in data.batch(order[first:first + batch_size]).items()}
-            loss = model(**batch).loss
+            with autocast(device, dtype):
+                loss = model(**batch).loss.float()
             losses.append(loss.item())
             if prox_mu > 0:
                 loss = loss + proximal_term(params, anchors, prox_mu)
@@ -129,18 +172,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: Encoded, *, batch_size: int, num_classes: int,
-             device: torch.device) -> dict[str, float]:
-    """Accuracy, macro-F1 (mean over all classes) and mean cross-entropy on ``data``."""
+             device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Accuracy, macro-F1 (mean over all classes) and mean cross-entropy on ``data``.
+
+    Rows go through the model shortest first (less padding computed); every metric is a sum over
+    rows, so the order changes nothing but float rounding.
+    """
     model.to(device).eval()
+    order = data.by_length()
     predictions, total_loss = [], 0.0
-    for first in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(range(first, min(first + batch_size, len(data)))).items()}
-        output = model(**batch)
-        total_loss += output.loss.item() * len(batch["labels"])
-        predictions.append(output.logits.argmax(dim=-1).cpu())
-    predicted = torch.cat(predictions)
+    for first in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(order[first:first + batch_size]).items()}
+        with autocast(device, dtype):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        predictions.append(logits.argmax(dim=-1).cpu())
+    predicted = torch.empty(len(order), dtype=torch.long)
+    predicted[torch.tensor(order, dtype=torch.long)] = torch.cat(predictions)
     return {"accuracy": float((predicted == data.labels).float().mean()),
             "macro-f1": macro_f1(predicted, data.labels, num_classes),
             "loss": total_loss / len(data)}

@@ -99,3 +99,22 @@ def test_dead_component_gets_no_gradient_until_revived():
         a.requires_grad_(True)
         ((x @ a.T @ b.T - target) ** 2).sum().backward()
         assert bool(b.grad.abs().sum() > 0) is learns
+
+
+def test_wire_packing_round_trips_and_rejects_another_layout():
+    from safedlora_app import payload as pl
+
+    shapes = {"m0": (6, 4), "m1": (5, 3)}
+    ranks = {"m1": 2, "m0": 3}  # the round's order, not the shapes' order
+    g = torch.Generator().manual_seed(0)
+    tensors = {"head::w": torch.randn(2, 3, generator=g)}
+    for m, r in ranks.items():
+        tensors[pl.key(pl.LORA_B, m)] = torch.randn(shapes[m][0], r, generator=g)
+        tensors[pl.key(pl.LORA_A, m)] = torch.randn(r, shapes[m][1], generator=g)
+    wire = pl.to_wire(tensors, list(ranks))
+    assert set(wire) == {"head::w", pl.PACKED} and wire[pl.PACKED].numel() == pl.packed_size(ranks, shapes) == 46
+    back = pl.from_wire(pl.unpack(pl.pack(wire)), ranks, shapes)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(pl.PayloadError, match="holds 46 values; the announced ranks need 36"):
+        pl.from_wire(wire, {"m1": 2, "m0": 2}, shapes)
+    assert pl.from_wire({"head::w": tensors["head::w"]}, {}, shapes).keys() == {"head::w"}  # full rounds

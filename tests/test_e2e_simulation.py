@@ -14,7 +14,9 @@ from safedlora_app.training import Encoded, evaluate
 
 pytestmark = pytest.mark.e2e
 
-TINY = "local-samples=24 test-size=48 batch-size=8 eval-batch-size=48 min-nodes=2"
+# fp32: the saved output, reloaded in fp32, must reproduce the logged accuracy exactly (bf16 has its
+# own tests in test_training.py).
+TINY = "local-samples=24 test-size=48 batch-size=8 eval-batch-size=48 min-nodes=2 precision='fp32'"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def reload_accuracy(adapter_dir, base_dir=None, task="text-classification", data
 
 def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accuracy(flower, tmp_path):
     run_dir, rows, output = run_app(flower, tmp_path, "sa", "num-server-rounds=4 init-rounds=1 heat-rounds=0 "
-                                    "cool-rounds=1 rank-max=4 rank-min=1 schedule='linear'")
+                                    "cool-rounds=1 rank-max=4 rank-min=1 schedule='linear' eval-every=2")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["stage"] for r in rows[1:]] == ["initiating", "annealing", "annealing", "annealing"]
     for key in ("budget", "ranks", "bytes-down", "bytes-up", "params-down", "params-up", "cumulative-bytes",
@@ -59,6 +61,9 @@ def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accurac
     assert rows[-1]["cumulative-bytes"] == sum(r["bytes-down"] + r["bytes-up"] for r in rows)
     assert sum(rows[-1]["ranks"].values()) == 12
     assert "[round 4/4] annealing | budget 12" in output  # the readable per-round line
+    # eval-every=2: round 1 is not evaluated; round 0, 2 and the last three are.
+    assert [r["accuracy"] is None for r in rows] == [False, True, False, False, False]
+    assert "[round 1/4] initiating | budget 48 (ranks 4-4) |" in output and "| not evaluated |" in output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final-accuracy"] == rows[-1]["accuracy"]
     assert summary["bytes-down"] == sum(r["bytes-down"] for r in rows)

@@ -23,24 +23,37 @@ def config(tmp_path, **overrides):
 
 
 def test_node_local_file_uses_the_server_label_order_and_caches_tokens(tmp_path, node_csv):
-    nr._RESOURCES.clear()
+    nr.clear_caches()
     first = nr.node_resources(config(tmp_path), {"data-path": str(node_csv)}, LABELS)
     # The file knows only 'negative' and 'positive' (local ids 0, 1); the server's ids are 0 and 2.
     assert sorted(set(first.data.labels.tolist())) == [0, 2]
     assert first.partition_label == f"data-path {node_csv}"
     cached = list((tmp_path / "cache" / "encoded").glob("*.safetensors"))
     assert len(cached) == 1
-    nr._RESOURCES.clear()  # a fresh process: everything comes from the disk cache
+    nr.clear_caches()  # a fresh process: everything comes from the disk cache
     second = nr.node_resources(config(tmp_path), {"data-path": str(node_csv)}, LABELS)
     assert second.data.tokens == first.data.tokens and second.data.labels.tolist() == first.data.labels.tolist()
     node_csv.write_text(node_csv.read_text() + "one more tweet,neutral\n")  # a changed file is re-read
-    nr._RESOURCES.clear()
+    nr.clear_caches()
     assert len(nr.node_resources(config(tmp_path), {"data-path": str(node_csv)}, LABELS).data) == 13
 
 
 def test_missing_data_path_and_unknown_labels_are_clear_errors(tmp_path, node_csv):
-    nr._RESOURCES.clear()
+    nr.clear_caches()
     with pytest.raises(FileNotFoundError, match="data-path = '/nope/local.csv' does not exist on this node"):
         nr.node_resources(config(tmp_path), {"data-path": "/nope/local.csv"}, LABELS)
     with pytest.raises(ValueError, match=r"labels \['positive'\] that the server does not know"):
         nr.node_resources(config(tmp_path), {"data-path": str(node_csv)}, ("negative", "neutral"))
+
+
+def test_one_process_serving_many_nodes_keeps_one_model_and_a_few_partitions(tmp_path):
+    """A Ray actor serves many virtual nodes: its memory must not grow with their number."""
+    nr.clear_caches()
+    run = config(tmp_path, partitioner="iid", test_size=100)
+    served = [nr.node_resources(run, {"partition-id": k, "num-partitions": 400}, LABELS) for k in range(12)]
+    assert len({id(r.base_model) for r in served}) == 1
+    assert len(nr._DATA) == nr._DATA_PARTITIONS and len(nr._MODELS) == 1
+    # The most recent partitions stay cached (same object); an evicted one is reloaded from disk.
+    assert nr.node_resources(run, {"partition-id": 11, "num-partitions": 400}, LABELS).data is served[11].data
+    again = nr.node_resources(run, {"partition-id": 0, "num-partitions": 400}, LABELS)
+    assert again.data is not served[0].data and again.data.tokens == served[0].data.tokens

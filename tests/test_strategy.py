@@ -56,15 +56,27 @@ def reply(message, tensors, num_examples=10, backbone_hash=None, extra=None):
     node = ConfigRecord({"backbone-hash": config.get("backbone-hash", "") if backbone_hash is None else backbone_hash})
     metrics = MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "train-time": 2.0,
                             "peak-memory-mb": 100.0, **(extra or {})})
-    record = tensors if isinstance(tensors, ArrayRecord) else pl.pack(tensors)
+    record = tensors if isinstance(tensors, ArrayRecord) else pl.pack(pl.to_wire(tensors, modules_of(message)))
     return Message(RecordDict({"arrays": record, "metrics": metrics, "node": node}), reply_to=message)
+
+
+def modules_of(message):
+    return list(message.content["config"].get("lora-modules", []))
+
+
+def received(message):
+    """What a node reads from a message: the packed factors split at the round's ranks."""
+    config = message.content["config"]
+    ranks = dict(zip(modules_of(message), config.get("lora-ranks", [])))
+    return pl.from_wire(pl.unpack(message.content["arrays"]), ranks, MODULES)
 
 
 def trained(message, seed):
     """A plausible update: every received tensor plus seeded noise, at exactly the sent shapes."""
     g = torch.Generator().manual_seed(seed)
-    received = pl.unpack(message.content["arrays"])
-    return {k: v + torch.randn(v.shape, generator=g) for k, v in received.items() if not k.startswith(pl.BACKBONE)}
+    received_tensors = received(message)
+    return {k: v + torch.randn(v.shape, generator=g) for k, v in received_tensors.items()
+            if not k.startswith(pl.BACKBONE)}
 
 
 def test_first_lora_round_sends_revived_factors_and_per_node_configs():
@@ -75,7 +87,9 @@ def test_first_lora_round_sends_revived_factors_and_per_node_configs():
     assert configs[0] is not configs[1]  # each node owns its config
     assert configs[0]["kind"] == "lora" and configs[0]["lora-ranks"] == [4, 4]
     assert configs[0]["prox-mu"] == pytest.approx(0.01) and configs[0]["label-names"] == ["a", "b"]
-    sent = pl.unpack(messages[0].content["arrays"])
+    # One packed array carries every factor: no per-array header for each of them.
+    assert set(messages[0].content["arrays"]) == {"lora::packed", "head::head.w"}
+    sent = received(messages[0])
     assert sent["lora_A::m0"].shape == (4, 4) and sent["lora_B::m1"].shape == (5, 4)
     assert torch.all(sent["lora_B::m0"] == 0) and torch.all(sent["lora_A::m0"].abs().sum(dim=1) > 0)
     assert not any(k.startswith("backbone::") for k in sent)  # pre-trained backbone: every node has it
@@ -148,7 +162,7 @@ def test_no_valid_reply_keeps_the_global_model():
     strategy = make_strategy()
     messages = send(strategy, 1, initial(strategy))
     error = Message(Error(code=0, reason="out of memory"), reply_to=messages[0])
-    bad = reply(messages[1], {"lora_A::m0": torch.zeros(1)})
+    bad = reply(messages[1], pl.pack({"lora_A::m0": torch.zeros(1)}))  # raw keys, not the packed layout
     assert strategy.aggregate_train(1, [error, bad]) == (None, None)
 
 
@@ -178,7 +192,7 @@ def test_full_initiating_stage_then_backbone_reaches_each_node_once():
     messages = send(strategy, 1, arrays)
     assert messages[0].content["config"]["kind"] == "full"
     assert "backbone::emb.w" in messages[0].content["arrays"]
-    arrays, _ = strategy.aggregate_train(1, [reply(m, {**pl.unpack(m.content["arrays"]),
+    arrays, _ = strategy.aggregate_train(1, [reply(m, {**received(m),
                                                         "backbone::emb.w": torch.full((4, 3), float(i + 1))})
                                              for i, m in enumerate(messages)])
     assert torch.allclose(pl.unpack(arrays)["backbone::emb.w"], torch.full((4, 3), 1.5))  # equal weights
@@ -206,7 +220,7 @@ def test_fedit_keeps_raw_factor_means_at_fixed_rank():
     new = pl.unpack(arrays)
     assert torch.allclose(new["lora_A::m0"], (updates[0]["lora_A::m0"] + updates[1]["lora_A::m0"]) / 2, atol=1e-6)
     messages = send(strategy, 2, arrays)
-    sent = pl.unpack(messages[0].content["arrays"])
+    sent = received(messages[0])
     assert torch.equal(sent["lora_A::m0"], new["lora_A::m0"])  # FedIT sends the averaged factors as they are
     assert messages[0].content["config"]["lora-ranks"] == [3, 3]
 

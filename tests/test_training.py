@@ -1,0 +1,125 @@
+"""Training and central evaluation on a tiny random BERT: eval-every, length-sorted and merged
+evaluation against plain references, and bf16 autocast."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from safedlora_app import adapter_math as am
+from safedlora_app import payload as pl
+from safedlora_app.config import RunConfig
+from safedlora_app.global_model import GlobalModel
+from safedlora_app.model import adapted_modules, full_state, head_parameters, module_shapes
+from safedlora_app.strategy import SAFedLoRA
+from safedlora_app.training import Encoded, compute_dtype, evaluate, macro_f1, train
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(VOCAB) + "\n")
+    return BertTokenizerFast(vocab_file=str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    """70 rows of 1 to 30 words, in no length order, labels tied to the first word."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 31, (70,), generator=g).tolist()
+    tokens = [[2] + torch.randint(5, 50, (n,), generator=g).tolist() + [3] for n in lengths]
+    labels = torch.tensor([t[1] % 3 for t in tokens])
+    return Encoded(labels, tokenizer, tokens=tokens)
+
+
+def reference_metrics(model, data, num_classes):
+    """One unpadded row at a time, in data order: no batching, no sorting, no autocast."""
+    predicted, loss = [], 0.0
+    with torch.no_grad():
+        for i in range(len(data)):
+            logits = model(input_ids=torch.tensor([data.tokens[i]])).logits
+            loss += float(torch.nn.functional.cross_entropy(logits, data.labels[i:i + 1]))
+            predicted.append(int(logits.argmax()))
+    predicted = torch.tensor(predicted)
+    return {"accuracy": float((predicted == data.labels).float().mean()),
+            "macro-f1": macro_f1(predicted, data.labels, num_classes), "loss": loss / len(data)}
+
+
+def test_eval_every_keeps_round_zero_every_kth_and_the_last_three():
+    config = RunConfig(num_server_rounds=12, eval_every=4)
+    assert [r for r in range(13) if config.evaluates(r)] == [0, 4, 8, 10, 11, 12]
+    assert [r for r in range(13) if RunConfig(num_server_rounds=12).evaluates(r)] == list(range(13))
+    assert [r for r in range(3) if RunConfig(num_server_rounds=2, eval_every=5).evaluates(r)] == [0, 1, 2]
+
+
+def test_length_sorted_batches_give_the_reference_metrics(tiny_bert, data):
+    assert data.by_length() != list(range(len(data)))  # the data is not already in length order
+    got = evaluate(tiny_bert, data, batch_size=16, num_classes=3, device=torch.device("cpu"))
+    want = reference_metrics(tiny_bert, data, 3)
+    assert got["accuracy"] == want["accuracy"] and got["macro-f1"] == want["macro-f1"]
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
+def test_batches_are_padded_to_a_multiple_of_eight(data):
+    assert data.batch([0, 1, 2])["input_ids"].shape[1] % 8 == 0
+
+
+def test_merged_global_model_gives_the_adapter_logits(tiny_bert, data):
+    modules = adapted_modules(tiny_bert, ["query", "value"], ["classifier"])
+    heads = head_parameters(tiny_bert, ["classifier"])
+    state = full_state(tiny_bert, heads)
+    config = RunConfig(num_server_rounds=3, init_rounds=1, heat_rounds=1, cool_rounds=0, rank_max=4, rank_min=2)
+    strategy = SAFedLoRA(config, module_shapes=module_shapes(tiny_bert, modules),
+                         head_shapes={n: tuple(state[pl.key(pl.HEAD, n)].shape) for n in heads}, backbone_shapes={})
+    g = torch.Generator().manual_seed(5)
+    tensors = {pl.key(pl.HEAD, n): state[pl.key(pl.HEAD, n)] + 0.1 for n in heads}
+    for m in modules:
+        b, a = am.to_balanced(torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g), 4)
+        tensors[pl.key(pl.LORA_B, m)], tensors[pl.key(pl.LORA_A, m)] = b, a
+    global_model = GlobalModel(tiny_bert, strategy, ["classifier"])
+    adapter, ranks = global_model.build(2, pl.pack(tensors))
+    merged, merged_ranks = global_model.build(2, pl.pack(tensors), merged=True)
+    assert ranks == merged_ranks and not hasattr(merged, "peft_config")
+    batch = data.batch(range(20))
+    with torch.no_grad():
+        want = adapter(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        plain = tiny_bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapter and head really change the logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_trains_and_evaluates(tiny_bert, data):
+    """bf16 smoke: float32 weights and optimizer, a falling loss, metrics close to float32's."""
+    import copy
+
+    cpu = torch.device("cpu")
+    model = copy.deepcopy(tiny_bert).requires_grad_(True)
+    before = next(model.parameters()).detach().clone()
+    first = train(model, data, list(range(len(data))), epochs=1, batch_size=8, grad_accum_steps=1, lr=1e-2,
+                  weight_decay=0.0, prox_mu=0.0, seed=0, device=cpu, dtype=torch.bfloat16)
+    later = train(model, data, list(range(len(data))), epochs=4, batch_size=8, grad_accum_steps=1, lr=1e-2,
+                  weight_decay=0.0, prox_mu=0.0, seed=1, device=cpu, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(next(model.parameters()), before)
+    assert torch.isfinite(torch.tensor(later.loss)) and later.loss < first.loss
+    fp32 = evaluate(model, data, batch_size=16, num_classes=3, device=cpu)
+    bf16 = evaluate(model, data, batch_size=16, num_classes=3, device=cpu, dtype=torch.bfloat16)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+    assert abs(bf16["accuracy"] - fp32["accuracy"]) <= 3 / len(data)
+
+
+def test_compute_dtype():
+    cpu = torch.device("cpu")
+    assert compute_dtype("fp32", cpu) == torch.float32
+    assert compute_dtype("bf16", cpu) == torch.bfloat16
+    assert compute_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
