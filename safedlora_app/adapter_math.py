@@ -48,23 +48,35 @@ def product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[f
     return q_b @ u_core, s, vh_core @ q_a.T
 
 
-def balanced_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``B = U sqrt(S)``, ``A = sqrt(S) V^T`` for the first ``rank`` components, float32.
+FACTOR_FORMS = ("balanced", "orthonormal-a")
 
-    Components beyond the numerical rank are set exactly to zero, so they are recognised as
-    dead (see ``revive_dead_components``) instead of carrying rounding noise.
+
+def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int, form: str = "balanced") -> tuple[Tensor, Tensor]:
+    """Factors of the first ``rank`` SVD components, float32, in one of two forms of the same product.
+
+    ``balanced``: ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` (both factors of a small update are small).
+    ``orthonormal-a``: ``B = U S``, ``A = V^T`` (FlexLoRA's and FedSVD's split: A's rows have norm 1,
+    every singular value sits in B). Components beyond the numerical rank are set exactly to zero,
+    so they are recognised as dead (see ``revive_dead_components``) instead of carrying rounding noise.
     """
+    if form not in FACTOR_FORMS:
+        raise ValueError(f"factor form {form!r} is not one of {FACTOR_FORMS}")
     rank = min(rank, s.numel())
     s = s[:rank].clone()
     tolerance = (s[0] if rank else 0.0) * max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps
-    s[s <= tolerance] = 0.0
-    root = s.sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+    dead = s <= tolerance
+    s[dead] = 0.0
+    if form == "balanced":
+        root = s.sqrt()
+        return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+    a = vh[:rank].clone()
+    a[dead] = 0.0
+    return (u[:, :rank] * s).float(), a.float()
 
 
 def aggregate_products(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float],
-                       max_rank: int) -> tuple[Tensor, Tensor]:
-    """Exact weighted mean of client products, re-factored in balanced SVD form.
+                       max_rank: int, form: str = "balanced") -> tuple[Tensor, Tensor]:
+    """Exact weighted mean of client products, re-factored in SVD form (see ``split_factors``).
 
     The mean ``sum_k p_k B_k A_k`` (``p_k = w_k / sum w``) is truncated to ``max_rank``
     components, the best approximation at that rank.
@@ -73,7 +85,22 @@ def aggregate_products(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Seq
     if not total > 0:
         raise ValueError(f"total weight must be > 0, got {total}")
     u, s, vh = product_svd(bs, as_, [w / total for w in weights])
-    return balanced_factors(u, s, vh, max_rank)
+    return split_factors(u, s, vh, max_rank, form)
+
+
+def dropped_update(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float], sent_b: Tensor,
+                   sent_a: Tensor, max_rank: int) -> tuple[float, float]:
+    """``(dropped, update)``: squared Frobenius norms of what truncating the exact mean to ``max_rank``
+    drops, and of the round's mean update ``sum_k p_k B_k A_k - B_sent A_sent``.
+
+    The mean of K clients at rank r has rank up to K r, so truncation can drop part of the round's
+    new update; their ratio says how much.
+    """
+    total = float(sum(weights))
+    p = [w / total for w in weights]
+    s = product_svd(bs, as_, p)[1]
+    update = product_svd([*bs, sent_b], [*as_, -sent_a], [*p, 1.0])[1]
+    return float((s[max_rank:] ** 2).sum()), float((update ** 2).sum())
 
 
 def aggregate_factors(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
@@ -90,9 +117,9 @@ def aggregate_factors(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequ
     return b_mean.float(), a_mean.float()
 
 
-def to_balanced(b: Tensor, a: Tensor, max_rank: int) -> tuple[Tensor, Tensor]:
-    """Re-factor any ``(B, A)`` into balanced SVD form (same product, sorted components)."""
-    return aggregate_products([b], [a], [1.0], max_rank)
+def refactor(b: Tensor, a: Tensor, max_rank: int, form: str = "balanced") -> tuple[Tensor, Tensor]:
+    """Re-factor any ``(B, A)`` into SVD form (same product, sorted components, at most ``max_rank``)."""
+    return aggregate_products([b], [a], [1.0], max_rank, form)
 
 
 def singular_values(b: Tensor, a: Tensor) -> Tensor:
@@ -164,12 +191,13 @@ def dead_components(b: Tensor, a: Tensor) -> Tensor:
     return (a.abs().amax(dim=1) == 0) & (b.abs().amax(dim=0) == 0)
 
 
-def revive_dead_components(b: Tensor, a: Tensor, seed: int) -> tuple[Tensor, Tensor, int]:
-    """Give dead components a fresh random A row (peft's default LoRA init) and a zero B column.
+def revive_dead_components(b: Tensor, a: Tensor, seed: int, form: str = "balanced") -> tuple[Tensor, Tensor, int]:
+    """Give dead components a fresh random A row and a zero B column, at the form's init scale.
 
     ``B @ A`` is unchanged (the B column stays zero), but both factors now get gradients.
-    The rows are drawn from ``U(-1/sqrt(d_in), 1/sqrt(d_in))``, which is what
-    ``kaiming_uniform_(a=sqrt(5))`` gives for lora_A, seeded by ``seed`` for reproducibility.
+    ``balanced`` draws the rows from ``U(-1/sqrt(d_in), 1/sqrt(d_in))``, which is what peft's
+    ``kaiming_uniform_(a=sqrt(5))`` gives for lora_A. ``orthonormal-a`` draws the same and then
+    orthonormalises them against A's live rows, so that A keeps orthonormal rows. Seeded by ``seed``.
 
     Returns
     -------
@@ -183,6 +211,10 @@ def revive_dead_components(b: Tensor, a: Tensor, seed: int) -> tuple[Tensor, Ten
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(a.shape[1])
     fresh = (torch.rand(revived, a.shape[1], generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    if form == "orthonormal-a":
+        live = a[~dead].double()
+        q, _ = torch.linalg.qr(torch.cat([live, fresh]).T)  # columns: live rows first, so they span the same
+        fresh = q[:, live.shape[0]:].T
     a = a.clone()
     a[dead] = fresh.to(a.dtype)
     return b.clone(), a, revived

@@ -52,7 +52,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
                  lr=float(round_config["lr"]), weight_decay=config.weight_decay,
                  prox_mu=float(round_config["prox-mu"]), seed=mix_seed(config.seed, server_round, partition_id, 1),
-                 device=device, dtype=compute_dtype(config.precision, device))
+                 device=device, dtype=compute_dtype(config.precision, device), warmup_steps=config.warmup_steps,
+                 optimizer_name=config.optimizer, momentum=config.momentum)
 
     if round_config["kind"] == FULL:
         model = copy.deepcopy(resources.base_model)
@@ -79,6 +80,8 @@ def train_handler(msg: Message, context: Context) -> Message:
 
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})
+    if result.first_step_a_ratio is not None:
+        metrics["first-step-a-ratio"] = result.first_step_a_ratio
     content = RecordDict({ARRAYS: pl.pack(reply), METRICS: metrics,
                           NODE: ConfigRecord({"backbone-hash": backbone_hash, "data": resources.partition_label})})
     return Message(content=content, reply_to=msg)

@@ -14,10 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .adapter_math import FACTOR_FORMS
+from .schedule import LR_DECAYS
+
 METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
 SCHEDULES = ("cubic", "linear", "cosine", "exponential", "constant")
 ALLOCATIONS = ("global", "uniform")
 AGGREGATIONS = ("product", "fedavg")
+OPTIMIZERS = ("adamw", "sgd")
 INIT_TRAINABLE = ("lora", "full")
 TASKS = ("text-classification", "image-classification")
 PARTITIONERS = ("natural", "dirichlet", "iid")
@@ -79,6 +83,9 @@ class RunConfig:
     """``global`` (keep the largest singular values across all modules) or ``uniform``."""
     aggregation: str = "product"
     """``product`` (exact weighted mean of B·A, QR + small SVD) or ``fedavg`` (A, B averaged)."""
+    factor_form: str = "balanced"
+    """How the server splits each aggregated product into factors: ``balanced`` (B = U·sqrt(S),
+    A = sqrt(S)·V^T) or ``orthonormal-a`` (B = U·S, A = V^T, FlexLoRA's split). Same product, same truncation."""
     lora_scale: float = 2.0
     """Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r)."""
     lora_dropout: float = 0.0
@@ -115,7 +122,7 @@ class RunConfig:
     """Seed of partitions, client sampling of local data, and initialisation."""
 
     # --- Local training ------------------------------------------------------------------
-    local_samples: int = 160
+    local_samples: int = 320
     """Samples each client draws from its partition per round (0 = the whole partition)."""
     local_epochs: int = 1
     """Passes over those samples per round."""
@@ -123,12 +130,25 @@ class RunConfig:
     """Training batch size."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimiser step (low-memory clients)."""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """AdamW learning rate for LoRA rounds (adapters + head)."""
     full_lr: float = 5e-5
     """AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimizer: str = "adamw"
+    """Client optimizer, fresh every round: ``adamw``, or ``sgd`` (with ``momentum``), whose steps scale
+    with the gradient instead of moving every entry by about ``lr`` at the start of each round."""
+    momentum: float = 0.9
+    """Momentum of ``optimizer = "sgd"``."""
+    lr_decay: str = "cosine"
+    """Learning rate across rounds: ``constant``, or ``cosine`` from ``lr`` (``full-lr``) in round 1 down to
+    ``lr-final-ratio`` times it in the last round."""
+    lr_final_ratio: float = 0.1
+    """The last round's share of the learning rate under ``lr-decay = "cosine"``."""
+    warmup_steps: int = 0
+    """Optimizer steps over which each client round ramps its learning rate linearly up to ``lr``
+    (each round starts a fresh AdamW, whose first steps are the largest)."""
     eval_batch_size: int = 64
     """Batch size of central evaluation."""
     eval_every: int = 1
@@ -180,6 +200,9 @@ class RunConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("factor-form", self.factor_form, FACTOR_FORMS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr-decay", self.lr_decay, LR_DECAYS)
         _choice("init-trainable", self.init_trainable, INIT_TRAINABLE)
         _choice("task", self.task, TASKS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -200,6 +223,7 @@ class RunConfig:
         _at_least("grad-accum-steps", self.grad_accum_steps, 1)
         _at_least("eval-batch-size", self.eval_batch_size, 1)
         _at_least("eval-every", self.eval_every, 1)
+        _at_least("warmup-steps", self.warmup_steps, 0)
         _at_least("torch-threads", self.torch_threads, 0)
         _at_least("max-num-examples", self.max_num_examples, 1)
         for key, value in (("prox-mu", self.prox_mu), ("prox-mu-anneal", self.prox_mu_anneal),
@@ -212,6 +236,10 @@ class RunConfig:
                 raise ConfigError(f"{key} = {value!r} is not allowed; it must be > 0")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
+        if not 0.0 < self.lr_final_ratio <= 1.0:
+            raise ConfigError(f"lr-final-ratio = {self.lr_final_ratio!r} is not allowed; it must be in (0, 1]")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum = {self.momentum!r} is not allowed; it must be in [0, 1)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora-dropout = {self.lora_dropout!r} is not allowed; it must be in [0, 1)")
         if self.rank_min > self.rank_max:

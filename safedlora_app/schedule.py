@@ -69,3 +69,24 @@ def round_budget(server_round: int, num_rounds: int, init_rounds: int, heat_roun
         return b_max
     return annealing_budget(server_round - init_rounds - 1, num_rounds - init_rounds,
                             heat_rounds, cool_rounds, b_max, b_min, schedule)
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def round_lr_factor(server_round: int, num_rounds: int, decay: str, final_ratio: float) -> float:
+    """Multiplier of the clients' learning rate in ``server_round`` (1-based) of ``num_rounds``.
+
+    ``constant``: 1 every round. ``cosine``: from 1 in round 1 down to ``final_ratio`` in the last round,
+    along half a cosine, so that late rounds take small steps around the optimum instead of hopping
+    across it (each round starts a fresh optimizer, so nothing else shrinks the steps between rounds).
+
+    Examples
+    --------
+    >>> [round(round_lr_factor(r, 5, "cosine", 0.1), 3) for r in range(1, 6)]
+    [1.0, 0.868, 0.55, 0.232, 0.1]
+    """
+    if decay == "constant" or num_rounds <= 1:
+        return 1.0
+    u = (server_round - 1) / (num_rounds - 1)
+    return final_ratio + (1.0 - final_ratio) * (1.0 + math.cos(math.pi * u)) / 2.0

@@ -30,7 +30,7 @@ from . import adapter_math as am
 from . import payload as pl
 from .config import RunConfig
 from .replies import ARRAYS, METRICS, reply_problem
-from .schedule import round_budget
+from .schedule import round_budget, round_lr_factor
 from .training import mix_seed
 
 FULL, LORA = "full", "lora"
@@ -58,6 +58,11 @@ class RoundStats:
     train_seconds: float | None = None
     peak_memory_mb: float | None = None
     aggregate_seconds: float = 0.0
+    first_step_a_ratio: float | None = None
+    dropped_update: float | None = None
+    """Share of the round's mean update (sum over modules, squared Frobenius) that truncation to rank-max dropped."""
+    factor_norms: dict[str, float] = field(default_factory=dict)
+    """``||B||_F`` and ``||A||_F`` of the first module's global factors after aggregation."""
 
 
 class SAFedLoRA(FedAvg):
@@ -92,6 +97,7 @@ class SAFedLoRA(FedAvg):
         self._round_backbone: str | None = None
         self._backbone_hash_cache: tuple[int, str] | None = None
         self._current: dict[str, torch.Tensor] = {}  # the global state this round started from
+        self._sent_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # what every node started from
 
     # --- Round plan ------------------------------------------------------------------------
     def round_kind(self, server_round: int) -> str:
@@ -147,7 +153,7 @@ class SAFedLoRA(FedAvg):
         out = {}
         for m, (b, a) in factors.items():
             if self.config.aggregation == "fedavg" and ranks[m] < b.shape[1]:
-                b, a = am.to_balanced(b, a, ranks[m])
+                b, a = am.refactor(b, a, ranks[m], self.config.factor_form)
             out[m] = am.resize(b, a, ranks[m])
         return ranks, out
 
@@ -175,7 +181,8 @@ class SAFedLoRA(FedAvg):
             "server-round": server_round,
             "kind": kind,
             "prox-mu": c.prox_mu if initiating else c.prox_mu_anneal,
-            "lr": c.full_lr if kind == FULL else c.lr,
+            "lr": (c.full_lr if kind == FULL else c.lr)
+            * round_lr_factor(server_round, c.num_server_rounds, c.lr_decay, c.lr_final_ratio),
         }
         tensors = self._current = pl.unpack(arrays)
         backbone_payload: ArrayRecord | None = None
@@ -187,8 +194,11 @@ class SAFedLoRA(FedAvg):
         else:
             ranks, factors = self.truncated(server_round, tensors)
             sent: dict[str, torch.Tensor] = {}
+            self._sent_factors = {}
             for index, (m, (b, a)) in enumerate(factors.items()):
-                b, a, revived = am.revive_dead_components(b, a, seed=mix_seed(c.seed, server_round, index))
+                b, a, revived = am.revive_dead_components(b, a, seed=mix_seed(c.seed, server_round, index),
+                                                          form=c.factor_form)
+                self._sent_factors[m] = (b, a)
                 stats.revived += revived
                 sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
             sent.update(pl.only(tensors, pl.HEAD))
@@ -262,6 +272,11 @@ class SAFedLoRA(FedAvg):
         stats.train_loss = metrics.get("train-loss")
         stats.train_seconds = metrics.get("train-time")
         stats.peak_memory_mb = metrics.get("peak-memory-mb")
+        stats.first_step_a_ratio = metrics.get("first-step-a-ratio")
+        first = next(iter(self.module_shapes))
+        if pl.key(pl.LORA_B, first) in new:
+            stats.factor_norms = {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
+                                  "A": float(new[pl.key(pl.LORA_A, first)].norm())}
         stats.aggregate_seconds = time.perf_counter() - start
         return pl.pack(new), MetricRecord(metrics)
 
@@ -274,21 +289,27 @@ class SAFedLoRA(FedAvg):
         for name in self.head_shapes:
             k = pl.key(pl.HEAD, name)
             new[k] = sum((w / total) * r[k].double() for w, r in zip(weights, received)).float()
+        dropped = update = 0.0
         for m in self.module_shapes:
             bs = [r[pl.key(pl.LORA_B, m)] for r in received]
             as_ = [r[pl.key(pl.LORA_A, m)] for r in received]
             if self.config.aggregation == "product":
-                b, a = am.aggregate_products(bs, as_, weights, max_rank=self.config.rank_max)
+                b, a = am.aggregate_products(bs, as_, weights, max_rank=self.config.rank_max,
+                                             form=self.config.factor_form)
             else:
                 b, a = am.aggregate_factors(bs, as_, weights)
+            module_dropped, module_update = am.dropped_update(bs, as_, weights, *self._sent_factors[m],
+                                                              max_rank=self.config.rank_max)
+            dropped, update = dropped + module_dropped, update + module_update
             new[pl.key(pl.LORA_B, m)], new[pl.key(pl.LORA_A, m)] = b, a
+        self.history[-1].dropped_update = dropped / update if update > 0 else 0.0
         return new
 
     @staticmethod
     def _aggregate_metrics(records: Sequence[MetricRecord], weights: Sequence[float]) -> dict[str, float | int]:
         total = sum(weights)
         out: dict[str, float | int] = {"num-examples": int(total)}
-        for name in ("train-loss", "train-time"):
+        for name in ("train-loss", "train-time", "first-step-a-ratio"):
             values = [(w, float(r[name])) for w, r in zip(weights, records) if isinstance(r.get(name), (int, float))]
             if values:
                 out[name] = sum(w * v for w, v in values) / sum(w for w, _ in values)

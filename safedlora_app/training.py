@@ -119,17 +119,22 @@ class TrainResult:
     num_examples: int
     seconds: float
     peak_memory_mb: float
+    first_step_a_ratio: float | None = None
+    """``||A after - A before|| / ||A before||`` over every lora_A weight, after the first optimizer step."""
 
 
 def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: int, batch_size: int,
           grad_accum_steps: int, lr: float, weight_decay: float, prox_mu: float, seed: int,
-          device: torch.device, dtype: torch.dtype = torch.float32) -> TrainResult:
-    """AdamW on the model's trainable parameters, optionally with the proximal term.
+          device: torch.device, dtype: torch.dtype = torch.float32, warmup_steps: int = 0,
+          optimizer_name: str = "adamw", momentum: float = 0.9) -> TrainResult:
+    """AdamW (or SGD with momentum) on the model's trainable parameters, optionally with the proximal term.
 
     The proximal anchor is the model as received (the global model), snapshotted here.
     ``num_examples`` is the number of distinct samples trained on: the aggregation weight.
     ``dtype`` bfloat16 runs the forward pass under autocast; parameters, gradients, the optimizer
-    and the proximal term stay float32.
+    and the proximal term stay float32. ``warmup_steps`` ramps the learning rate linearly over the
+    first optimizer steps: each round starts a fresh AdamW, whose first steps move every entry by
+    about ``lr`` whatever its gradient.
     """
     start = time.perf_counter()
     if device.type == "cuda":
@@ -137,7 +142,14 @@ def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: in
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+    lora_a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    a_before = torch.cat([p.detach().reshape(-1) for p in lora_a]).clone() if lora_a else None
+    first_step_a_ratio = None
     generator = torch.Generator().manual_seed(seed)
     losses, steps = [], 0
     for _ in range(epochs):
@@ -153,7 +165,11 @@ def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: in
             steps += 1
             if steps % grad_accum_steps == 0:
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+                if a_before is not None and first_step_a_ratio is None:
+                    moved = torch.cat([p.detach().reshape(-1) for p in lora_a]) - a_before
+                    first_step_a_ratio = float(moved.norm() / a_before.norm().clamp_min(1e-12))
     if steps % grad_accum_steps:
         optimizer.step()
     model.eval()
@@ -162,6 +178,7 @@ def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: in
         num_examples=len(indices),
         seconds=time.perf_counter() - start,
         peak_memory_mb=peak_memory_mb(device),
+        first_step_a_ratio=first_step_a_ratio,
     )
 
 

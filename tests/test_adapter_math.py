@@ -11,32 +11,55 @@ def _factors(d_out, d_in, rank, seed):
     return torch.randn(d_out, rank, generator=g), torch.randn(rank, d_in, generator=g)
 
 
-def test_aggregate_products_equals_dense_weighted_mean_with_different_ranks():
+@pytest.mark.parametrize("form", am.FACTOR_FORMS)
+def test_aggregate_products_equals_dense_weighted_mean_with_different_ranks(form):
     clients = [_factors(20, 12, r, seed) for seed, r in enumerate((2, 5, 3))]
     weights = [10.0, 30.0, 60.0]
-    b, a = am.aggregate_products([c[0] for c in clients], [c[1] for c in clients], weights, max_rank=10)
+    b, a = am.aggregate_products([c[0] for c in clients], [c[1] for c in clients], weights, max_rank=10, form=form)
     dense = sum(w / 100.0 * (bk.double() @ ak.double()) for w, (bk, ak) in zip(weights, clients))
     assert b.shape == (20, 10) and a.shape == (10, 12)
     assert torch.allclose(b.double() @ a.double(), dense, atol=1e-4)
 
 
-def test_truncation_error_equals_dropped_singular_values():
+@pytest.mark.parametrize("form", am.FACTOR_FORMS)
+def test_truncation_error_equals_dropped_singular_values(form):
     clients = [_factors(30, 16, 4, seed) for seed in range(3)]
     bs, as_ = [c[0] for c in clients], [c[1] for c in clients]
     dense = sum(bk.double() @ ak.double() for bk, ak in clients) / 3
     sigma = torch.linalg.svdvals(dense)
     for rank in (1, 3, 7):
-        b, a = am.aggregate_products(bs, as_, [1.0, 1.0, 1.0], max_rank=rank)
+        b, a = am.aggregate_products(bs, as_, [1.0, 1.0, 1.0], max_rank=rank, form=form)
         error = torch.linalg.matrix_norm(dense - b.double() @ a.double()) ** 2
         assert error.item() == pytest.approx((sigma[rank:] ** 2).sum().item(), rel=1e-4)
 
 
 def test_balanced_form_components_are_sorted_and_balanced():
-    b, a = am.to_balanced(*_factors(15, 9, 4, 0), max_rank=4)
+    b, a = am.refactor(*_factors(15, 9, 4, 0), max_rank=4)
     col_norms, row_norms = b.norm(dim=0), a.norm(dim=1)
     assert torch.allclose(col_norms, row_norms, atol=1e-5)  # B = U sqrt(S), A = sqrt(S) V^T
     assert torch.all(col_norms[:-1] >= col_norms[1:])
     assert torch.allclose(col_norms * row_norms, am.singular_values(b, a).float(), atol=1e-4)
+
+
+def test_orthonormal_a_form_puts_every_singular_value_in_b():
+    b, a = am.refactor(*_factors(15, 9, 4, 0), max_rank=4, form="orthonormal-a")
+    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)  # A = V^T
+    assert torch.allclose(b.norm(dim=0), am.singular_values(b, a).float(), atol=1e-4)  # B = U S
+
+
+def test_dropped_update_measures_the_truncated_share_of_the_new_update():
+    sent_b, sent_a = _factors(12, 10, 2, 9)
+    g = torch.Generator().manual_seed(1)
+    clients = [(sent_b + 0.1 * torch.randn(12, 2, generator=g), sent_a + 0.1 * torch.randn(2, 10, generator=g))
+               for _ in range(3)]
+    bs, as_ = [c[0] for c in clients], [c[1] for c in clients]
+    mean = sum(bk.double() @ ak.double() for bk, ak in clients) / 3
+    dropped, update = am.dropped_update(bs, as_, [1.0, 1.0, 1.0], sent_b, sent_a, max_rank=2)
+    sigma = torch.linalg.svdvals(mean)
+    assert update == pytest.approx(float(torch.linalg.matrix_norm(mean - sent_b.double() @ sent_a.double()) ** 2),
+                                   rel=1e-6)
+    assert dropped == pytest.approx(float((sigma[2:] ** 2).sum()), rel=1e-6)
+    assert 0 < dropped < update
 
 
 def test_components_beyond_numerical_rank_are_exact_zeros():
@@ -86,6 +109,13 @@ def test_revive_dead_components_keeps_product_and_is_seeded():
     assert a2[2:].abs().max() <= 1 / 5 ** 0.5
     assert torch.equal(am.revive_dead_components(b, a, seed=7)[1], a2)
     assert not torch.equal(am.revive_dead_components(b, a, seed=8)[1], a2)
+
+
+def test_revived_components_get_the_orthonormal_forms_scale():
+    b, a = am.resize(*am.refactor(*_factors(6, 5, 2, 0), max_rank=2, form="orthonormal-a"), 4)
+    b2, a2, revived = am.revive_dead_components(b, a, seed=7, form="orthonormal-a")
+    assert revived == 2 and torch.equal(b2 @ a2, b @ a)
+    assert torch.allclose(a2 @ a2.T, torch.eye(4), atol=1e-5)  # unit rows, orthogonal to the live ones
 
 
 def test_dead_component_gets_no_gradient_until_revived():

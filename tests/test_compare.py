@@ -61,8 +61,14 @@ def test_lr_multiplier_scales_lr_for_lora_methods_and_full_lr_for_full_methods()
     fedit = plan.run_settings(BASE, "natural", "fedit-rmax", 42, 0.5)
     assert fedit["lr"] == pytest.approx(0.001) and fedit["full-lr"] == 5e-05
     search = plan.plan_lr_search(BASE, ["fedavg", "sa-fedlora"], "dirichlet", 42)
-    assert [s.run_name for s in search] == ["fedavg-s42", "fedavg-lrx2-s42", "fedavg-lrx4-s42",
-                                            "sa-fedlora-s42", "sa-fedlora-lrx2-s42", "sa-fedlora-lrx4-s42"]
+    assert [s.run_name for s in search] == ["fedavg-s42", "fedavg-lrx0.5-s42", "fedavg-lrx2-s42",
+                                            "sa-fedlora-s42", "sa-fedlora-lrx0.5-s42", "sa-fedlora-lrx2-s42"]
+    # Only headline methods are searched; the others take their family's choice.
+    assert {s.method for s in plan.plan_lr_search(BASE, ["fedprox", "sa-fedlora", "sa-no-init"], "natural", 42)} \
+        == {"sa-fedlora"}
+    assert plan.chosen_multipliers(["fedprox", "sa-no-init", "fedit-rmin", "fedit-rmax"],
+                                   {"fedavg": 0.5, "sa-fedlora": 2.0}) == {
+        "fedprox": 0.5, "sa-no-init": 2.0, "fedit-rmin": 1.0, "fedit-rmax": 1.0}
     # the search point at the chosen multiplier is the comparison's run (resumed, not repeated)
     main = plan.plan_runs(BASE, ["fedavg", "sa-fedlora"], ["dirichlet"], [42], {"fedavg": 2.0, "sa-fedlora": 1.0})
     assert {s.key for s in main} <= {s.key for s in search}
@@ -95,7 +101,7 @@ def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
     b_max, b_min = preset["rank-max"] * modules, preset["rank-min"] * modules
     budgets = [round_budget(t, rounds, stages["init-rounds"], stages["heat-rounds"], stages["cool-rounds"],
                             b_max, b_min, "cubic") for t in range(1, rounds + 1)]
-    assert budgets == [96, 96, 45, 27, 24, 24, 24, 24]
+    assert budgets[:2] == [96, 96] and budgets[-stages["cool-rounds"]:] == [24] * stages["cool-rounds"]
     assert sum(budgets) / (rounds * b_max) < 0.5
 
 
@@ -115,14 +121,18 @@ def test_run_config_string_quotes_strings_and_keeps_numbers_toml():
 
 
 def test_estimate_counts_full_rounds_and_evaluations():
-    costs = {"startup": 10.0, "first-round": 0.0, "eval-per-row": 0.01, "lora-per-sample": 0.1,
-             "full-per-sample": 0.2, "full-transfer": 1.0, "parallel-clients": 2}
+    costs = {"startup": 10.0, "first-round": 0.0, "round-overhead": 0.5, "eval-per-row": 0.01,
+             "lora-per-sample": 0.1, "full-per-sample": 0.2, "full-transfer": 1.0, "parallel-clients": 2}
     settings = {"num-server-rounds": 2, "local-samples": 10, "test-size": 100, "min-nodes": 3, "fraction-train": 0.01}
     lora = plan.RunSpec("natural", "fedit-rmax", 42, 1.0, {**settings, "method": "fedit"}, 7)
     full = plan.RunSpec("natural", "fedavg", 42, 1.0, {**settings, "method": "fedavg"}, 7)
-    # 3 clients -> 2 waves; 3 evaluations of 100 rows
-    assert plan.estimate_seconds(lora, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.1))
-    assert plan.estimate_seconds(full, costs) == pytest.approx(10 + 3 + 2 * (2 * 10 * 0.2 + 3 * 1.0))
+    # 3 clients -> 2 waves; 3 evaluations of 100 rows; 2 rounds of overhead
+    assert plan.estimate_seconds(lora, costs) == pytest.approx(10 + 3 + 1 + 2 * (2 * 10 * 0.1))
+    assert plan.estimate_seconds(full, costs) == pytest.approx(10 + 3 + 1 + 2 * (2 * 10 * 0.2 + 3 * 1.0))
+    # eval-every=4 over 12 rounds evaluates rounds 0, 4, 8, 10, 11 and 12
+    sparse = plan.RunSpec("natural", "fedit-rmax", 42, 1.0,
+                          {**settings, "method": "fedit", "num-server-rounds": 12, "eval-every": 4}, 7)
+    assert plan.estimate_seconds(sparse, costs) == pytest.approx(10 + 6 + 6 + 12 * (2 * 10 * 0.1))
 
 
 # --- Aggregation -----------------------------------------------------------------------------------
@@ -152,11 +162,48 @@ def test_saving_is_one_minus_the_ratio_in_percent():
 def records(accuracies, down, up, params=(0, 0)):
     """metrics.jsonl-like records: round 0 sends nothing, every later round sends (down, up) bytes."""
     rows = [{"round": 0, "accuracy": accuracies[0], "macro-f1": 0.1, "bytes-down": 0, "bytes-up": 0,
-             "params-down": 0, "params-up": 0}]
+             "params-down": 0, "params-up": 0, "cumulative-bytes": 0}]
     for r, a in enumerate(accuracies[1:], 1):
         rows.append({"round": r, "accuracy": a, "macro-f1": a / 2, "bytes-down": down, "bytes-up": up,
-                     "params-down": params[0], "params-up": params[1], "dropped": 0})
+                     "params-down": params[0], "params-up": params[1], "dropped": 0,
+                     "cumulative-bytes": r * (down + up)})
     return rows
+
+
+def test_paired_interval_against_a_hand_computed_case():
+    # d = 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t(0.975, df=2) = 4.302653 -> half-width 2.484138.
+    mean, low, high = tables.paired_interval([1.0, 2.0, 3.0])
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - 2.484138, 2.0 + 2.484138), abs=1e-6)
+    assert tables.paired_interval([0.5]) is None
+
+
+def test_mb_to_target_and_accuracy_at_equal_mb():
+    rows = records([0.4, 0.5, 0.6, 0.7], 500_000, 500_000)  # 1 MB per round
+    assert tables.mb_to_target(rows, 0.6) == pytest.approx(2.0) and tables.mb_to_target(rows, 0.9) is None
+    assert tables.accuracy_at_mb(rows, 2.5) == 0.6 and tables.accuracy_at_mb(rows, 0.5) == 0.4
+    rows[2]["accuracy"] = None  # a round eval-every skipped: the last evaluated one within budget counts
+    assert tables.accuracy_at_mb(rows, 2.5) == 0.5
+
+
+def test_paired_rows_pair_seeds_and_give_intervals(tmp_path):
+    settings = {"num-server-rounds": 2, "lr": 1e-3, "full-lr": 1e-4}
+    specs = plan.plan_runs(settings, ["fedit-rmax", "sa-fedlora"], ["natural"], [42, 43, 44])
+    finals = {("fedit-rmax", 42): 0.60, ("fedit-rmax", 43): 0.62, ("fedit-rmax", 44): 0.64,
+              ("sa-fedlora", 42): 0.61, ("sa-fedlora", 43): 0.64}  # seed 44 of sa-fedlora did not finish
+    for spec in specs:
+        if (spec.method, spec.seed) in finals:
+            path = tables.run_dir(tmp_path, spec)
+            path.mkdir(parents=True)
+            (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records(
+                [0.4, 0.5, finals[(spec.method, spec.seed)]], 10, 10)) + "\n")
+            (path / "summary.json").write_text("{}")
+    [row] = tables.paired_rows(tmp_path, specs, references=["fedit-rmax"])
+    assert row["pairs"] == 2 and row["final_diffs"] == pytest.approx([1.0, 2.0])
+    assert row["final_mean"] == pytest.approx(1.5)
+    half = 12.706205 * 0.5 ** 0.5 / 2 ** 0.5  # t(0.975, df=1) * sd(1, 2) / sqrt(n) = 6.353
+    assert (row["final_low"], row["final_high"]) == pytest.approx((1.5 - half, 1.5 + half), abs=1e-5)
+    table = tables.format_paired_markdown([row])
+    assert "| natural | sa-fedlora − fedit-rmax | 2 | +1.5 [-4.9, +7.9] |" in table
 
 
 def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
@@ -228,21 +275,22 @@ def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
 
 
 def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
-    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "2",
-                     "--methods", "fedit-rmax,fedit-rmin", "--splits", "dirichlet", "--rounds", "4"]) == 0
+    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "3",
+                     "--methods", "fedit-rmax,fedit-rmin", "--splits", "natural,dirichlet", "--rounds", "4"]) == 0
     out = capsys.readouterr().out
-    assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s43" in out
-    assert "dirichlet/fedit-rmin-s42" in out and "fedit-rmin-s43" not in out
+    assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s44" in out
+    # ablations: the first 2 seeds, natural split only
+    assert "natural/fedit-rmin-s43" in out and "fedit-rmin-s44" not in out and "dirichlet/fedit-rmin" not in out
     assert "num-server-rounds=4 init-rounds=1 heat-rounds=0 cool-rounds=2" in out
     assert "--federation-config \"num-supernodes=7 client-resources-num-cpus=1\"" in out
-    assert "3 runs; estimate" in out and str(tmp_path / "x") in out
+    assert "8 runs; estimate" in out and str(tmp_path / "x") in out
     assert not (tmp_path / "x").exists()
 
 
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
     cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
     out = capsys.readouterr().out
-    assert "natural/fedavg-lrx4-s42" in out and "full-lr=0.0004" in out and "full-lr=0.0008" in out
+    assert "natural/fedavg-lrx2-s42" in out and "full-lr=5e-05" in out and "full-lr=0.0002" in out
     assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
 
 
@@ -299,7 +347,7 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     assert any(line.startswith("[2/2] natural/sa-fedlora-s42: finished in") and "ETA" in line for line in lines)
     summary = json.loads((root / "comparison.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["skipped", "finished"]
-    assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.008, "search": {}}
+    assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.003, "search": {}}
     # other settings under the same name are refused, not mixed
     changed = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
@@ -309,7 +357,7 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
 
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
     FakeFlower.runs = []
-    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx2-s42": 0.45, "fedit-rmax-lrx4-s42": 0.55}
+    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx0.5-s42": 0.45, "fedit-rmax-lrx2-s42": 0.55}
     real_run = FakeFlower.run
 
     def run(self, run_config, timeout=600, federation=""):
@@ -324,17 +372,17 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
-    # 3 search runs on natural, then dirichlet at the chosen x4 (natural's x4 run is reused)
-    assert FakeFlower.runs == ["fedit-rmax-s42", "fedit-rmax-lrx2-s42", "fedit-rmax-lrx4-s42",
-                               "fedit-rmax-lrx4-s42"]
+    # 3 search runs on natural, then dirichlet at the chosen x2 (natural's x2 run is reused)
+    assert FakeFlower.runs == ["fedit-rmax-s42", "fedit-rmax-lrx0.5-s42", "fedit-rmax-lrx2-s42",
+                               "fedit-rmax-lrx2-s42"]
     summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
-    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 4.0
-    reused = {r["key"]: r for r in summary["runs"]}["natural/fedit-rmax-lrx4-s42"]
+    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 2.0
+    reused = {r["key"]: r for r in summary["runs"]}["natural/fedit-rmax-lrx2-s42"]
     assert reused["status"] == "finished" and reused["seconds"] is not None  # the search run keeps its time
-    assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.032)  # x4 of the preset's 8e-3
+    assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.006)  # x2 of the preset's 3e-3
     rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
-    assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.032", "4.0"),
-                                                                          ("dirichlet", "0.032", "4.0")]
+    assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.006", "2.0"),
+                                                                          ("dirichlet", "0.006", "2.0")]
 
 
 # --- End to end through `flwr run` -----------------------------------------------------------------

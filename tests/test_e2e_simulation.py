@@ -53,7 +53,8 @@ def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accurac
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["stage"] for r in rows[1:]] == ["initiating", "annealing", "annealing", "annealing"]
     for key in ("budget", "ranks", "bytes-down", "bytes-up", "params-down", "params-up", "cumulative-bytes",
-                "accuracy", "macro-f1", "loss", "round-seconds"):
+                "accuracy", "macro-f1", "loss", "round-seconds", "eval-seconds", "dropped-update",
+                "first-step-a-ratio", "factor-norms"):
         assert key in rows[-1], key
     annealing = [r["bytes-down"] for r in rows[2:]]
     assert annealing[0] > annealing[-1] and all(x >= y for x, y in zip(annealing, annealing[1:]))

@@ -35,7 +35,7 @@ def test_truncation_never_rescales_the_update(tiny_bert):
     modules = adapted_modules(tiny_bert, ["query", "value"], ["classifier"])
     assert modules == [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
     g = torch.Generator().manual_seed(1)
-    full = {m: am.to_balanced(torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g), 4) for m in modules}
+    full = {m: am.refactor(torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g), 4) for m in modules}
     ranks = {modules[0]: 4, modules[1]: 1, modules[2]: 2, modules[3]: 3}
     cut = {m: am.resize(*full[m], ranks[m]) for m in modules}
     model = build_lora_model(tiny_bert, ranks, scale=2.0, dropout=0.0, head_modules=["classifier"])

@@ -52,3 +52,14 @@ def test_invalid_inputs():
         annealing_budget(4, 4, 0, 0, 8, 2, "cubic")
     with pytest.raises(ValueError, match="b_min"):
         annealing_budget(0, 4, 0, 0, 2, 8, "cubic")
+
+
+def test_round_lr_factor_cosine_runs_from_one_to_the_final_ratio():
+    from safedlora_app.schedule import round_lr_factor
+
+    factors = [round_lr_factor(r, 12, "cosine", 0.1) for r in range(1, 13)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert factors[5] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 5 / 11)) / 2)
+    assert {round_lr_factor(r, 12, "constant", 0.1) for r in range(1, 13)} == {1.0}
+    assert round_lr_factor(1, 1, "cosine", 0.1) == 1.0

@@ -237,3 +237,18 @@ def test_fraction_train_samples_reproducibly():
     first = [m.metadata.dst_node_id for m in send(strategy, 1, initial(strategy), nodes)]
     again = [m.metadata.dst_node_id for m in send(make_strategy(fraction_train=0.5), 1, initial(strategy), nodes)]
     assert len(first) == 5 and first == again
+
+
+def test_cosine_lr_decay_reaches_the_clients_round_by_round():
+    strategy = make_strategy(lr=0.004, lr_decay="cosine", lr_final_ratio=0.25)
+    arrays = initial(strategy)
+    lrs = []
+    for server_round in range(1, 7):
+        messages = send(strategy, server_round, arrays)
+        lrs.append(messages[0].content["config"]["lr"])
+        arrays, _ = strategy.aggregate_train(server_round, [reply(m, trained(m, i)) for i, m in enumerate(messages)])
+    assert lrs[0] == pytest.approx(0.004) and lrs[-1] == pytest.approx(0.001)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    # The diagnostics of every LoRA round: factor norms of the first module, dropped share of the update.
+    assert set(strategy.history[-1].factor_norms) == {"B", "A"}
+    assert 0.0 <= strategy.history[-1].dropped_update < 1.0

@@ -9,7 +9,7 @@ from safedlora_app import adapter_math as am
 from safedlora_app import payload as pl
 from safedlora_app.config import RunConfig
 from safedlora_app.global_model import GlobalModel
-from safedlora_app.model import adapted_modules, full_state, head_parameters, module_shapes
+from safedlora_app.model import adapted_modules, build_lora_model, full_state, head_parameters, module_shapes
 from safedlora_app.strategy import SAFedLoRA
 from safedlora_app.training import Encoded, compute_dtype, evaluate, macro_f1, train
 
@@ -83,7 +83,7 @@ def test_merged_global_model_gives_the_adapter_logits(tiny_bert, data):
     g = torch.Generator().manual_seed(5)
     tensors = {pl.key(pl.HEAD, n): state[pl.key(pl.HEAD, n)] + 0.1 for n in heads}
     for m in modules:
-        b, a = am.to_balanced(torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g), 4)
+        b, a = am.refactor(torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g), 4)
         tensors[pl.key(pl.LORA_B, m)], tensors[pl.key(pl.LORA_A, m)] = b, a
     global_model = GlobalModel(tiny_bert, strategy, ["classifier"])
     adapter, ranks = global_model.build(2, pl.pack(tensors))
@@ -123,3 +123,41 @@ def test_compute_dtype():
     assert compute_dtype("fp32", cpu) == torch.float32
     assert compute_dtype("bf16", cpu) == torch.bfloat16
     assert compute_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+
+
+def lora_copy(tiny_bert):
+    """LoRA with a non-zero B (as after a first round): at peft's init B = 0, so A gets no gradient at all."""
+    modules = adapted_modules(tiny_bert, ["query", "value"], ["classifier"])
+    model = build_lora_model(tiny_bert, dict.fromkeys(modules, 2), 2.0, 0.0, ["classifier"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def test_warmup_shrinks_the_first_step_and_the_ratio_is_reported(tiny_bert, data):
+    """A fresh AdamW moves every entry by about lr in its first step; warmup k starts at lr / (k + 1)."""
+    cpu, rows = torch.device("cpu"), list(range(32))
+    common = dict(epochs=1, batch_size=8, grad_accum_steps=1, lr=1e-2, weight_decay=0.0, prox_mu=0.0, seed=0,
+                  device=cpu)
+    plain = train(lora_copy(tiny_bert), data, rows, **common).first_step_a_ratio
+    warmed = train(lora_copy(tiny_bert), data, rows, warmup_steps=4, **common).first_step_a_ratio
+    assert plain > 0 and warmed == pytest.approx(plain / 5, rel=0.05)
+    assert train(tiny_bert.__class__(tiny_bert.config), data, rows, **common).first_step_a_ratio is None  # no LoRA
+
+
+def test_sgd_steps_down_the_gradient(data):
+    """One SGD step at a small lr lowers the loss on its own batch (no dropout: a deterministic gradient)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    batch = Encoded(data.labels[:16], data.preprocessor, tokens=data.tokens[:16])
+    cpu = torch.device("cpu")
+    before = evaluate(model, batch, batch_size=16, num_classes=3, device=cpu)["loss"]
+    train(model, batch, list(range(16)), epochs=1, batch_size=16, grad_accum_steps=1, lr=0.05, weight_decay=0.0,
+          prox_mu=0.0, seed=0, device=cpu, optimizer_name="sgd")
+    assert evaluate(model, batch, batch_size=16, num_classes=3, device=cpu)["loss"] < before

@@ -26,6 +26,7 @@ from .plan import (
     CompareError,
     RunSpec,
     choose_lr,
+    chosen_multipliers,
     estimate_seconds,
     lr_key,
     parse_choices,
@@ -36,7 +37,17 @@ from .plan import (
     stage_rounds,
 )
 from .runner import Comparison, machine_info, packaged_with_app
-from .tables import build_rows, format_csv, format_markdown, read_summary, run_dir, table_notes, write_plots
+from .tables import (
+    build_rows,
+    format_csv,
+    format_markdown,
+    format_paired_markdown,
+    paired_rows,
+    read_summary,
+    run_dir,
+    table_notes,
+    write_plots,
+)
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -126,9 +137,10 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
                 **stage_rounds(rounds), **parse_set(args.set)}
     seeds = [FIRST_SEED + i for i in range(n_seeds)]
     options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
-               "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run}
+               "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run,
+               "ablation": {"ablation_seeds": preset.ablation_seeds, "ablation_splits": preset.ablation_splits}}
     # Every planned run-config must pass the app's own validation before anything starts.
-    for spec in plan_runs(settings, methods, splits, seeds) + (
+    for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
             plan_lr_search(settings, methods, splits[0], seeds[0]) if args.lr_search else []):
         try:
             RunConfig.from_mapping({**spec.settings, "out-dir": str(root), "run-name": spec.run_name})
@@ -150,7 +162,7 @@ def print_plan(options: Mapping[str, Any], say: Callable[[str], None] = print) -
                 f"--federation-config \"{spec.federation}\"")
         say("comparison (shown at x1; each method then uses the multiplier its search picks; runs that the "
             "search already made are not repeated):")
-    plan = plan_runs(settings, methods, splits, seeds)
+    plan = plan_runs(settings, methods, splits, seeds, **options["ablation"])
     runs += [s for s in plan if s.key not in {r.key for r in runs}]
     for spec in plan:
         say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
@@ -192,13 +204,14 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         if options["lr_search"]:
             search = plan_lr_search(settings, methods, splits[0], seeds[0])
             searched = {s.key for s in search}
-            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds)
+            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, **options["ablation"])
                         if s.key not in searched and not runner.finished(s))
             runner.run_all(search, phase="lr search", later=later)
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
-        plan = plan_runs(settings, methods, splits, seeds, {m: c["multiplier"] for m, c in chosen.items()})
+        multipliers = chosen_multipliers(methods, {m: c["multiplier"] for m, c in chosen.items()})
+        plan = plan_runs(settings, methods, splits, seeds, multipliers, **options["ablation"])
         runner.run_all(plan, phase="comparison")
     finally:
         runner.close()
@@ -214,6 +227,10 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             + f" -> x{c['multiplier']:g}" for m, c in chosen.items()))
     (root / "table.csv").write_text(format_csv(rows))
     markdown = format_markdown(rows, options["target"], notes)
+    paired = paired_rows(root, plan)
+    if paired:
+        markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
+                     "t-interval of the mean difference:\n\n" + format_paired_markdown(paired))
     (root / "table.md").write_text(markdown)
     plots = write_plots(root, plan)
     failed = [o for o in runner.outcomes.values() if o.status == "failed"]
@@ -241,6 +258,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                   "federation-config": o.spec.federation, "command": o.command}
                  for o in runner.outcomes.values()],
         "rows": rows,
+        "paired": paired,
         "plots": [str(p.relative_to(root)) for p in plots],
     }
     (root / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")

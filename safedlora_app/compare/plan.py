@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import RunConfig
+
 # --- Methods and splits -------------------------------------------------------------------------
 #: label -> run-config overrides. ``"{rank-min}"`` is replaced by the settings' rank-min.
 METHODS: dict[str, dict[str, Any]] = {
@@ -24,6 +26,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sa-no-anneal": {"method": "sa-fedlora", "schedule": "constant"},
     "sa-uniform": {"method": "sa-fedlora", "allocation": "uniform"},
     "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "fedavg"},
+    "sa-orth-a": {"method": "sa-fedlora", "factor-form": "orthonormal-a"},
 }
 METHOD_DESCRIPTIONS = {
     "fedavg": "full fine-tuning (FedAvg)",
@@ -35,6 +38,7 @@ METHOD_DESCRIPTIONS = {
     "sa-no-anneal": "SA-FedLoRA without annealing (schedule='constant')",
     "sa-uniform": "SA-FedLoRA with uniform allocation",
     "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='fedavg')",
+    "sa-orth-a": "SA-FedLoRA with FlexLoRA's factor split A = V^T, B = U S (factor-form='orthonormal-a')",
 }
 FULL_METHODS = ("fedavg", "fedprox")
 #: Methods repeated over every seed; the others run on the first seed only.
@@ -50,9 +54,8 @@ SPLITS: dict[str, tuple[dict[str, Any], int]] = {
     "dirichlet": ({"partitioner": "dirichlet", "dirichlet-alpha": 0.5}, 7),
 }
 FEDERATION = "num-supernodes={n} client-resources-num-cpus=1"
-#: Multipliers of the preset's lr / full-lr tried by ``--lr-search``. Upwards only: with 3 local steps per round,
-#: x0.5 left every method at the majority class, and x2 beat x1 for every method tried (docs/comparison.md).
-LR_GRID = (1.0, 2.0, 4.0)
+#: Multipliers of the preset's lr / full-lr tried by ``--lr-search`` (lr 1.5e-3 to 6e-3, full-lr 5e-5 to 2e-4).
+LR_GRID = (1.0, 0.5, 2.0)
 FIRST_SEED = 42
 
 
@@ -68,6 +71,10 @@ class Preset:
     target_accuracy: float
     settings: Mapping[str, Any]
     """Run-config keys shared by every run (besides rounds and stage lengths, see :func:`stage_rounds`)."""
+    ablation_seeds: int = 1
+    """Seeds for the methods outside ``HEADLINE`` (the first ones)."""
+    ablation_splits: tuple[str, ...] | None = None
+    """Splits for the methods outside ``HEADLINE`` (``None``: every split)."""
 
 
 _COMMON = {
@@ -80,19 +87,21 @@ _COMMON = {
     "min-nodes": 7,
     "batch-size": 16,
     "local-epochs": 1,
-    # 4x the app's defaults (2e-3, 5e-5): at the defaults, 3 local steps x 8 rounds did not move any method
-    # off the majority class (39.3%); at these, fedit-rmax reached 58-61% and fedavg 66% (bench/README.md).
-    "lr": 8e-3,
-    "full-lr": 2e-4,
+    # The stable regime of the pilot (docs/comparison.md, bench/stability_pilot.py): with a constant lr the
+    # global loss alternated every round for every method; a cosine decay over the rounds damps it.
+    "lr": 3e-3,
+    "full-lr": 1e-4,
+    "lr-decay": "cosine",
     "eval-batch-size": 100,
 }
 PRESETS = {
-    # All 7 clients per round (four waves on 2 cores), 48 samples (3 steps) each: measured 86 min on 2 cores,
-    # ~79 min without other work on the machine (bench/README.md).
+    # Headline methods x 2 splits x 3 seeds, ablations on the natural split x 2 seeds; 16 rounds of 10 local
+    # steps (160 samples), 2,000 test tweets evaluated every 4th round and in the last 3.
     "full": Preset(
-        name="full", seeds=3, splits=("natural", "dirichlet"), methods=tuple(METHODS), rounds=8,
-        target_accuracy=0.55,
-        settings={**_COMMON, "local-samples": 48, "test-size": 300},
+        name="full", seeds=3, splits=("natural", "dirichlet"), methods=tuple(METHODS), rounds=16,
+        target_accuracy=0.6,
+        settings={**_COMMON, "local-samples": 160, "test-size": 2000, "eval-every": 4},
+        ablation_seeds=2, ablation_splits=("natural",),
     ),
     # A smoke of the whole pipeline: every method, one split, one seed, 3 rounds, tiny data, 2 clients per
     # round (with all 7 the first round's model loads and 4 waves took it to 10.4 min on a busy machine); ~5 min.
@@ -103,14 +112,14 @@ PRESETS = {
     ),
 }
 
-#: Seconds per unit on this 2-core machine, measured with other work running (bench/README.md); only for
-#: the ETA and --dry-run's estimate.
+#: Seconds per unit on this 2-core machine (bf16, bench/README.md); only for the ETA and --dry-run's estimate.
 COSTS = {
-    "startup": 25.0,             # one `flwr run`: ServerApp + simulation start, model and data loads
+    "startup": 15.0,             # one `flwr run`: ServerApp + simulation start, model and data loads
     "first-round": 8.0,          # the first client round: actors load the model and tokenize partitions
-    "eval-per-row": 0.014,       # central evaluation, every round and round 0
-    "lora-per-sample": 0.038,    # one client, one LoRA training sample (incl. per-client overhead)
-    "full-per-sample": 0.068,    # one client, one full fine-tuning sample
+    "round-overhead": 2.0,       # per round: Flower's messaging, each client building its LoRA model
+    "eval-per-row": 0.0013,      # central evaluation of one held-out row
+    "lora-per-sample": 0.0105,   # one client, one LoRA training sample (incl. per-client overhead)
+    "full-per-sample": 0.019,    # one client, one full fine-tuning sample
     "full-transfer": 0.5,        # per client and full round: ~91 MB down + ~91 MB up through the SuperLink
     "parallel-clients": 2,       # clients trained at once (2 cores, client-resources-num-cpus=1)
 }
@@ -214,7 +223,6 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     CompareError
         On an item without ``=`` or a key that is not a run-config key.
     """
-    from ..config import RunConfig
 
     known = set(RunConfig().to_dict())
     fixed = {"out-dir", "run-name", "seed", "num-server-rounds", "method"}
@@ -253,9 +261,9 @@ def stage_rounds(rounds: int) -> dict[str, int]:
     return {"init-rounds": init, "heat-rounds": 0, "cool-rounds": math.ceil(annealing / 2)}
 
 
-def seeds_for(method: str, seeds: Sequence[int]) -> list[int]:
-    """Every seed for a headline method, the first seed only for the others."""
-    return list(seeds) if method in HEADLINE else list(seeds[:1])
+def seeds_for(method: str, seeds: Sequence[int], ablation_seeds: int = 1) -> list[int]:
+    """Every seed for a headline method, the first ``ablation_seeds`` for the others."""
+    return list(seeds) if method in HEADLINE else list(seeds[:ablation_seeds])
 
 
 def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr_multiplier: float = 1.0
@@ -282,8 +290,9 @@ def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr
 
 
 def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[str], seeds: Sequence[int],
-              lr_multipliers: Mapping[str, float] | None = None) -> list[RunSpec]:
-    """The comparison's runs, split by split, headline methods over every seed, the rest on the first.
+              lr_multipliers: Mapping[str, float] | None = None, ablation_seeds: int = 1,
+              ablation_splits: Sequence[str] | None = None) -> list[RunSpec]:
+    """The comparison's runs, split by split, headline methods over every seed, the rest on the first few.
 
     Parameters
     ----------
@@ -295,6 +304,10 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
         Seeds; the first one is used by every method.
     lr_multipliers : mapping, optional
         ``{method: multiplier}`` chosen by the lr search (default 1 for every method).
+    ablation_seeds : int
+        Seeds (the first ones) for the methods outside ``HEADLINE``.
+    ablation_splits : sequence of str, optional
+        Splits on which the methods outside ``HEADLINE`` run (default: every split).
 
     Returns
     -------
@@ -306,18 +319,34 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
     for split in splits:
         for seed in seeds:
             for method in methods:
-                if seed in seeds_for(method, seeds):
+                if method not in HEADLINE and ablation_splits is not None and split not in ablation_splits:
+                    continue
+                if seed in seeds_for(method, seeds, ablation_seeds):
                     m = float(lr_multipliers.get(method, 1.0))
                     plan.append(RunSpec(split, method, seed, m, run_settings(base, split, method, seed, m),
                                         SPLITS[split][1]))
     return plan
 
 
+def lr_source(method: str) -> str:
+    """The headline method whose searched lr ``method`` uses: its own for a headline method, else its family's."""
+    if method in HEADLINE:
+        return method
+    return {"fedprox": "fedavg", "fedit-rmin": "fedit-rmax"}.get(method, "sa-fedlora")
+
+
 def plan_lr_search(base: Mapping[str, Any], methods: Sequence[str], split: str, seed: int,
                    grid: Sequence[float] = LR_GRID) -> list[RunSpec]:
-    """Every method at every lr multiplier of ``grid``, on one split and one seed."""
+    """Every headline method among ``methods`` (each method, if none is) at every lr multiplier of ``grid``,
+    on one split and one seed. The other methods use their family's choice (:func:`lr_source`)."""
+    searched = [m for m in methods if m in HEADLINE] or list(methods)
     return [RunSpec(split, method, seed, float(m), run_settings(base, split, method, seed, float(m)), SPLITS[split][1])
-            for method in methods for m in grid]
+            for method in searched for m in grid]
+
+
+def chosen_multipliers(methods: Sequence[str], chosen: Mapping[str, float]) -> dict[str, float]:
+    """``{method: multiplier}``: the search's choice for a searched method, its family's for the others."""
+    return {m: float(chosen.get(m, chosen.get(lr_source(m), 1.0))) for m in methods}
 
 
 def choose_lr(final_accuracy: Mapping[float, float | None]) -> float:
@@ -384,6 +413,8 @@ def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float
     samples = int(s["local-samples"]) * int(s.get("local-epochs", 1))
     lora_round = waves * samples * costs["lora-per-sample"]
     full_round = waves * samples * costs["full-per-sample"] + clients * costs["full-transfer"]
-    evaluation = (rounds + 1) * int(s["test-size"]) * costs["eval-per-row"]
-    return (costs["startup"] + costs["first-round"] + evaluation + full_rounds * full_round
-            + (rounds - full_rounds) * lora_round)
+    config = RunConfig(num_server_rounds=rounds, eval_every=int(s.get("eval-every", 1)))
+    evaluations = sum(config.evaluates(r) for r in range(rounds + 1))
+    evaluation = evaluations * int(s["test-size"]) * costs["eval-per-row"]
+    return (costs["startup"] + costs["first-round"] + evaluation + rounds * costs["round-overhead"]
+            + full_rounds * full_round + (rounds - full_rounds) * lora_round)

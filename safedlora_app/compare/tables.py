@@ -33,6 +33,38 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """Mean of paired differences and its Student-t confidence interval; ``None`` for fewer than 2 pairs.
+
+    Examples
+    --------
+    >>> [round(x, 4) for x in paired_interval([1.0, 2.0, 3.0])]
+    [2.0, -0.4841, 4.4841]
+    """
+    from scipy import stats
+
+    values = [float(v) for v in differences]
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def mb_to_target(records: Sequence[Mapping], target: float) -> float | None:
+    """Cumulative MB sent when central accuracy first reaches ``target``; ``None`` if it never does."""
+    for record in records:
+        if record.get("accuracy") is not None and record["accuracy"] >= target:
+            return record["cumulative-bytes"] / MB
+    return None
+
+
+def accuracy_at_mb(records: Sequence[Mapping], mb: float) -> float | None:
+    """Accuracy of the last evaluated round whose cumulative bytes stay within ``mb`` (round 0 sends none)."""
+    within = [r for r in records if r.get("accuracy") is not None and r["cumulative-bytes"] / MB <= mb + 1e-9]
+    return within[-1]["accuracy"] if within else None
+
+
 def rounds_to_target(records: Sequence[Mapping], target: float) -> int | None:
     """The first round (0 = the initial model) whose central accuracy is >= ``target``; ``None`` if never."""
     for record in records:
@@ -71,6 +103,51 @@ def run_totals(records: Sequence[Mapping]) -> dict[str, float]:
     }
 
 
+def paired_rows(root: Path, plan: Sequence[RunSpec], method: str = "sa-fedlora",
+                references: Sequence[str] = REFERENCES) -> list[dict[str, Any]]:
+    """``method`` minus each reference, paired by seed on each split: final and last-3 accuracy (points).
+
+    Only seeds where both runs finished are paired. ``low``/``high`` bound the 95% t-interval of the mean
+    paired difference (``None`` with fewer than 2 pairs).
+    """
+    finished: dict[tuple[str, str, int], list[dict]] = {}
+    for spec in plan:
+        if read_summary(run_dir(root, spec)) is not None:
+            finished[(spec.split, spec.method, spec.seed)] = read_records(run_dir(root, spec))
+    rows = []
+    for split in dict.fromkeys(s.split for s in plan):
+        for reference in references:
+            seeds = sorted(seed for (sp, m, seed) in finished if sp == split and m == method
+                           and (split, reference, seed) in finished)
+            if not seeds or reference == method:
+                continue
+            row: dict[str, Any] = {"split": split, "method": method, "reference": reference, "pairs": len(seeds)}
+            for column, key in (("final", "final-accuracy"), ("last3", "last3-accuracy")):
+                diffs = [100 * (run_totals(finished[(split, method, s)])[key]
+                                - run_totals(finished[(split, reference, s)])[key]) for s in seeds]
+                interval = paired_interval(diffs)
+                row[f"{column}_diffs"] = diffs
+                row[f"{column}_mean"] = statistics.fmean(diffs)
+                row[f"{column}_low"], row[f"{column}_high"] = interval[1:] if interval else (None, None)
+            rows.append(row)
+    return rows
+
+
+def format_paired_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paired differences as a Markdown table (points; 95% t-interval)."""
+    def cell(row, column):
+        low, high = row[f"{column}_low"], row[f"{column}_high"]
+        interval = "" if low is None else f" [{low:+.1f}, {high:+.1f}]"
+        return f"{row[f'{column}_mean']:+.1f}{interval}"
+
+    lines = ["| split | difference | seeds | final acc, points [95% CI] | last-3 acc, points [95% CI] "
+             "| per seed (final) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['split']} | {r['method']} − {r['reference']} | {r['pairs']} | {cell(r, 'final')} | "
+                     f"{cell(r, 'last3')} | {', '.join(f'{d:+.1f}' for d in r['final_diffs'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _number(value: float | None) -> float | int | None:
     """An integral float as int (byte counts that are the same for every seed stay exact)."""
     if value is not None and float(value).is_integer():
@@ -79,7 +156,7 @@ def _number(value: float | None) -> float | int | None:
 
 
 def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[Mapping]]], target: float,
-               lr: tuple[str, float, float], seeds_planned: int) -> dict[str, Any]:
+               lr: tuple[str, float, float], seeds_planned: int, equal_mb: float | None = None) -> dict[str, Any]:
     """One table row: a method on a split, aggregated over its seeds.
 
     Parameters
@@ -94,6 +171,8 @@ def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[M
         ``(lr key, value, multiplier)`` the runs used.
     seeds_planned : int
         Seeds the plan gave this method (a row with fewer finished runs says so).
+    equal_mb : float, optional
+        MB at which to read every method's accuracy (fedit-rmax's total on the split).
 
     Returns
     -------
@@ -111,6 +190,11 @@ def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[M
     hits = [r for r in reached if r is not None]
     row["rounds_to_target"] = mean_std(hits)[0] if runs and len(hits) == len(runs) else None
     row["reached_target"] = f"{len(hits)}/{len(runs)}"
+    to_target = [mb_to_target(records, target) for _, records in runs]
+    row["mb_to_target"] = mean_std(to_target)[0] if runs and None not in to_target else None
+    at_mb = [accuracy_at_mb(records, equal_mb) for _, records in runs] if equal_mb is not None else []
+    row["equal_mb"] = equal_mb
+    row["accuracy_at_equal_mb"] = mean_std(at_mb)[0] if at_mb and None not in at_mb else None
     for column, key in (("bytes_down", "bytes-down"), ("bytes_up", "bytes-up")):
         row[column] = _number(mean_std([t[key] for t in totals])[0])
     row["mb_down"] = row["bytes_down"] / MB if row["bytes_down"] is not None else None
@@ -142,7 +226,8 @@ def add_savings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 CSV_COLUMNS = ("split", "method", "seeds", "seeds_planned", "lr_key", "lr", "lr_multiplier",
                "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
                "last3_accuracy_mean", "last3_accuracy_std",
-               "final_macro_f1_mean", "final_macro_f1_std", "rounds_to_target", "reached_target",
+               "final_macro_f1_mean", "final_macro_f1_std", "rounds_to_target", "reached_target", "mb_to_target",
+               "equal_mb", "accuracy_at_equal_mb",
                "bytes_down", "bytes_up", "mb_down", "mb_up", "params_sent",
                "saving_vs_fedavg_pct", "saving_vs_fedit_rmax_pct", "wall_seconds", "dropped_replies")
 
@@ -189,8 +274,8 @@ def format_rounds_to_target(mean: float | None, reached: str) -> str:
 def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Sequence[str] = ()) -> str:
     """A Markdown table of the rows, one per split + method, with the notes below."""
     header = ("split", "method", "seeds", "lr", "final acc %", "best acc %", "last-3 acc %", "macro-F1",
-              f"rounds to {target:.0%}", "MB down", "MB up", "params sent", "saving vs fedavg",
-              "saving vs fedit-rmax", "wall s")
+              f"rounds to {target:.0%}", f"MB to {target:.0%}", "acc % at fedit-rmax's MB", "MB down", "MB up",
+              "params sent", "saving vs fedavg", "saving vs fedit-rmax", "wall s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         seeds = f"{r['seeds']}" + ("" if r["seeds"] == r["seeds_planned"] else f" of {r['seeds_planned']}")
@@ -204,6 +289,8 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Seq
             format_pm(r["last3_accuracy_mean"], r["last3_accuracy_std"]),
             format_pm(r["final_macro_f1_mean"], r["final_macro_f1_std"], scale=1.0, digits=3),
             rtt,
+            "" if r.get("mb_to_target") is None else f"{r['mb_to_target']:.2f}",
+            "" if r.get("accuracy_at_equal_mb") is None else f"{100 * r['accuracy_at_equal_mb']:.1f}",
             "" if r["mb_down"] is None else f"{r['mb_down']:.2f}",
             "" if r["mb_up"] is None else f"{r['mb_up']:.2f}",
             "" if r["params_sent"] is None else f"{r['params_sent'] / 1e6:.2f} M",
@@ -238,16 +325,17 @@ def build_rows(root: Path, plan: Sequence[RunSpec], target: float) -> list[dict[
     groups: dict[tuple[str, str], list[RunSpec]] = {}
     for spec in plan:
         groups.setdefault((spec.split, spec.method), []).append(spec)
+    finished = {}
+    for key, specs in groups.items():
+        finished[key] = [(summary, read_records(run_dir(root, spec))) for spec in specs
+                         if (summary := read_summary(run_dir(root, spec))) is not None]
     rows = []
     for (split, method), specs in groups.items():
-        runs = []
-        for spec in specs:
-            summary = read_summary(run_dir(root, spec))
-            if summary is not None:
-                runs.append((summary, read_records(run_dir(root, spec))))
+        reference = finished.get((split, REFERENCES[1]), [])
+        equal_mb = mean_std([records[-1]["cumulative-bytes"] / MB for _, records in reference])[0]
         first = specs[0]
         lr = (first.lr_key, first.settings[first.lr_key], first.lr_multiplier)
-        rows.append(method_row(split, method, runs, target, lr, len(specs)))
+        rows.append(method_row(split, method, finished[(split, method)], target, lr, len(specs), equal_mb))
     return add_savings(rows)
 
 
