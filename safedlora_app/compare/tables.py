@@ -375,6 +375,11 @@ def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
         "wall s = the ServerApp's time from round 0's evaluation to the end (summary.json), without `flwr run` "
         "startup. Plots show each method's first seed.",
     ]
-    if len(seeds) > 1:
-        notes.append(f"* first seed ({seeds[0]}) only; seeds x{len(seeds)} for {', '.join(HEADLINE)}.")
+    ablation = options.get("ablation", {})
+    ablation_seeds = seeds[:ablation.get("ablation_seeds", 1)]
+    others = [m for m in options.get("methods", ()) if m not in HEADLINE]
+    if len(seeds) > 1 and others:
+        where = ablation.get("ablation_splits")
+        notes.append(f"* methods other than {', '.join(HEADLINE)}: seed(s) {', '.join(map(str, ablation_seeds))}"
+                     + (f", split(s) {', '.join(where)}" if where else "") + ".")
     return notes
