@@ -296,13 +296,14 @@ class SAFedLoRA(FedAvg):
             if self.config.aggregation == "product":
                 b, a = am.aggregate_products(bs, as_, weights, max_rank=self.config.rank_max,
                                              form=self.config.factor_form)
+                module_dropped, module_update = am.dropped_update(bs, as_, weights, *self._sent_factors[m],
+                                                                  max_rank=self.config.rank_max)
+                dropped, update = dropped + module_dropped, update + module_update
             else:
                 b, a = am.aggregate_factors(bs, as_, weights)
-            module_dropped, module_update = am.dropped_update(bs, as_, weights, *self._sent_factors[m],
-                                                              max_rank=self.config.rank_max)
-            dropped, update = dropped + module_dropped, update + module_update
             new[pl.key(pl.LORA_B, m)], new[pl.key(pl.LORA_A, m)] = b, a
-        self.history[-1].dropped_update = dropped / update if update > 0 else 0.0
+        if self.config.aggregation == "product":  # factor averaging never truncates an exact mean
+            self.history[-1].dropped_update = dropped / update if update > 0 else 0.0
         return new
 
     @staticmethod

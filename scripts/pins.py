@@ -24,6 +24,9 @@ CONSTRAINTS = ROOT / "constraints.txt"
 # Not part of the stack: the app itself (installed editable from this checkout) and the
 # installer, whose version does not change what gets installed once every package is pinned.
 UNPINNED = {"safedlora-app", "pip"}
+# What a CUDA build of torch brings along (its runtime libraries); which of them, and at which version, depends on
+# the torch build (+cpu brings none), so they follow the torch pin instead of being pinned themselves.
+TORCH_BUILD_PREFIXES = ("nvidia-", "triton", "cuda-")
 
 HEADER = """\
 # The versions the test suite passed with: the whole stack, direct and transitive dependencies.
@@ -84,7 +87,7 @@ def drift(pins: dict[str, Requirement], present: dict[str, str]) -> list[str]:
         elif public(present[name]) != want:
             problems.append(f"{name}: pinned {want}, installed {present[name]}")
     for name, version in sorted(present.items()):
-        if name not in pins and name not in UNPINNED:
+        if name not in pins and name not in UNPINNED and not name.startswith(TORCH_BUILD_PREFIXES):
             problems.append(f"{name}: installed {version}, not pinned (an unpinned dependency can drift)")
     return problems
 

@@ -42,7 +42,8 @@ def test_drift_names_each_package(tmp_path):
     constraints = tmp_path / "constraints.txt"
     constraints.write_text("# comment\nflwr==1.42.0\ntorch==2.13.0\nray==2.55.1  # trailing\n"
                            "pywin32==311 ; sys_platform == 'win32'\n")
-    present = {"flwr": "1.41.0", "torch": "2.13.0+cpu", "uv": "0.13.9", "safedlora-app": "0.1.0"}
+    present = {"flwr": "1.41.0", "torch": "2.13.0+cpu", "uv": "0.13.9", "safedlora-app": "0.1.0",
+               "nvidia-cublas-cu12": "12.8.4.1", "triton": "3.5.0"}  # a CUDA torch's runtime follows torch
     assert pins.drift(pins.read(constraints), present) == [
         "flwr: pinned 1.42.0, installed 1.41.0",
         "ray: pinned 2.55.1, not installed",

@@ -60,8 +60,13 @@ def mb_to_target(records: Sequence[Mapping], target: float) -> float | None:
 
 
 def accuracy_at_mb(records: Sequence[Mapping], mb: float) -> float | None:
-    """Accuracy of the last evaluated round whose cumulative bytes stay within ``mb`` (round 0 sends none)."""
-    within = [r for r in records if r.get("accuracy") is not None and r["cumulative-bytes"] / MB <= mb + 1e-9]
+    """Accuracy of the last evaluated trained round whose cumulative bytes stay within ``mb``.
+
+    ``None`` when not even the first round fits (fedavg's first round sends more than a LoRA run's total):
+    the untrained initial model is no answer to "how good at equal bytes".
+    """
+    within = [r for r in records if r["round"] > 0 and r.get("accuracy") is not None
+              and r["cumulative-bytes"] / MB <= mb + 1e-9]
     return within[-1]["accuracy"] if within else None
 
 
@@ -279,7 +284,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Seq
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         seeds = f"{r['seeds']}" + ("" if r["seeds"] == r["seeds_planned"] else f" of {r['seeds_planned']}")
-        if r["seeds_planned"] == 1 and any(o["seeds_planned"] > 1 for o in rows):
+        if r["seeds_planned"] < max(o["seeds_planned"] for o in rows):
             seeds += "*"
         rtt = format_rounds_to_target(r["rounds_to_target"], r["reached_target"])
         cells = (
@@ -368,8 +373,12 @@ def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
         f"Same for every method: seeds {', '.join(map(str, seeds))}; {s['num-server-rounds']} rounds; clients per "
         f"round: {nodes}; {s['local-samples']} samples x {s['local-epochs']} epoch(s) per client and round; "
         f"central evaluation on {s['test-size']} held-out tweets; rank-max {s['rank-max']}, rank-min {s['rank-min']}.",
-        "Accuracy: mean ± sample std over seeds where several; best = best round in 1..T; last-3 = mean of "
-        "the last 3 rounds; macro-F1 of the final round. "
+        "Accuracy: mean ± sample std over seeds where several; best = best evaluated round in 1..T; last-3 = "
+        "mean of the last 3 rounds; macro-F1 of the final round. "
+        + (f"Rounds and MB to the target are read at the evaluated rounds (every {s['eval-every']}th and the "
+           "last 3), so the target was crossed at most that many rounds earlier. " if s.get("eval-every", 1) > 1
+           else "")
+        + "Accuracy at fedit-rmax's MB: the last evaluated round within that many MB (empty if none). "
         "Bytes: all ArrayRecords sent down and up, all clients, all rounds (mean over seeds). "
         "Saving = 1 - bytes / bytes of the reference on the same split.",
         "wall s = the ServerApp's time from round 0's evaluation to the end (summary.json), without `flwr run` "
