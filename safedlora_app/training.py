@@ -8,7 +8,6 @@ partition never sits in memory as pixel tensors. Evaluation batches rows of simi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import time
@@ -45,11 +44,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast for the forward pass; a no-op context in float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """bf16 autocast for the forward pass; disabled in float32."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 class Encoded:
