@@ -35,6 +35,7 @@ def build_message(workdir: Path, run_config: dict) -> None:
     from safedlora_app.config import RunConfig
     from safedlora_app.data import SENTIMENTS
     from safedlora_app.model import adapted_modules, full_state, head_parameters, load_base_model, module_shapes
+    from safedlora_app.round_plan import initial_tensors
     from safedlora_app.strategy import SAFedLoRA
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
@@ -43,14 +44,13 @@ def build_message(workdir: Path, run_config: dict) -> None:
     heads = head_parameters(base, ["classifier"])
     modules = adapted_modules(base, config.module_names(config.target_modules), ["classifier"])
     state = full_state(base, heads)
-    strategy = SAFedLoRA(config.effective, module_shapes(base, modules),
-                         {n: tuple(state[pl.key(pl.HEAD, n)].shape) for n in heads}, {})
+    strategy = SAFedLoRA(config.effective, module_shapes(base, modules), {k: tuple(v.shape) for k, v in state.items()})
 
     class OneNode:
         def get_node_ids(self):
             return [1, 2]
 
-    message = list(strategy.configure_train(1, strategy.initial_arrays(state),
+    message = list(strategy.configure_train(1, pl.pack(initial_tensors(config.effective, state)),
                                             ConfigRecord({"label-names": list(SENTIMENTS)}), OneNode()))[0]
     save_file({k: v.contiguous() for k, v in pl.unpack(message.content["arrays"]).items()}, str(workdir / "arrays.st"))
     (workdir / "config.json").write_text(json.dumps(dict(message.content["config"])))

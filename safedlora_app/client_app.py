@@ -26,9 +26,10 @@ from .model import (
     set_lora_weights,
 )
 from .node_resources import base_with_backbone, node_resources
-from .replies import ARRAYS, METRICS, NODE
-from .strategy import FULL
-from .training import compute_dtype, mix_seed, sample_indices, train
+from .payload import ARRAYS, METRICS, NODE
+from .round_plan import FULL
+from .seeds import mix_seed, sample_indices
+from .training import compute_dtype, train
 
 app = ClientApp()
 
@@ -66,7 +67,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     else:
         backbone_hash = str(round_config["backbone-hash"])
         base = base_with_backbone(resources, backbone_hash, received, config.cache_dir)
-        ranks = dict(zip(round_config["lora-modules"], (int(r) for r in round_config["lora-ranks"])))
+        ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
         received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
         model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
         head = pl.select(received, pl.HEAD)

@@ -9,27 +9,38 @@ error that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter_math import FACTOR_FORMS
-from .schedule import LR_DECAYS
+from .schedule import LR_DECAYS, SHRINK_CURVES
 
 METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
-SCHEDULES = ("cubic", "linear", "cosine", "exponential", "constant")
+SCHEDULES = tuple(SHRINK_CURVES)
 ALLOCATIONS = ("global", "uniform")
-AGGREGATIONS = ("product", "fedavg")
+AGGREGATIONS = ("product", "factors")
+# Old values still accepted, with a warning: {key: {old value: new value}}.
+DEPRECATED_VALUES = {"aggregation": {"fedavg": "factors"}}
 OPTIMIZERS = ("adamw", "sgd")
 INIT_TRAINABLE = ("lora", "full")
-TASKS = ("text-classification", "image-classification")
+TEXT_TASK, IMAGE_TASK = "text-classification", "image-classification"
+TASKS = (TEXT_TASK, IMAGE_TASK)
 PARTITIONERS = ("natural", "dirichlet", "iid")
 PRECISIONS = ("auto", "bf16", "fp32")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
+
+
+def option(default: Any, help: str) -> Any:
+    """A run-config field: its default and its one help text (kept in the field's metadata, as peft's
+    ``LoraConfig`` does; the README's run-config table is generated from it)."""
+    return field(default=default, metadata={"help": help})
 
 
 class ConfigError(ValueError):
@@ -41,134 +52,129 @@ class RunConfig:
     """Every run-config key of the app (``pyproject.toml`` holds the same keys and defaults)."""
 
     # --- Method and rounds ---------------------------------------------------------------
-    method: str = "sa-fedlora"
-    """``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or
-    ``fedit`` (LoRA at fixed ``rank-max``, A and B averaged separately)."""
-    num_server_rounds: int = 12
-    """Total federated rounds T."""
-    fraction_train: float = 1.0
-    """Fraction of connected nodes sampled each round."""
-    min_nodes: int = 2
-    """Nodes that must be connected before a round starts (and the fewest sampled)."""
-    node_wait_timeout: float = 300.0
-    """Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after."""
-    round_timeout: float = 3600.0
-    """Seconds to wait for replies in one round; late replies are dropped."""
+    method: str = option(
+        "sa-fedlora",
+        "``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or ``fedit`` "
+        "(LoRA at fixed ``rank-max``, A and B averaged separately).")
+    num_server_rounds: int = option(12, "Total federated rounds T.")
+    fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.")
+    min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).")
+    node_wait_timeout: float = option(
+        300.0,
+        "Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after.")
+    round_timeout: float = option(3600.0, "Seconds to wait for replies in one round; late replies are dropped.")
 
     # --- Initiating stage ----------------------------------------------------------------
-    init_rounds: int = 1
-    """Rounds 1..init-rounds use the proximal term (0 disables the stage)."""
-    init_trainable: str = "lora"
-    """What clients train while initiating: ``lora`` (adapters at rank-max + head) or ``full``
-    (backbone + head; the trained backbone becomes the frozen base of the annealing stage)."""
-    prox_mu: float = 0.01
-    """mu of the proximal term (mu/2)||w - w_global||^2 in the initiating stage (and fedprox)."""
-    prox_mu_anneal: float = 0.0
-    """mu of the proximal term during the annealing stage."""
+    init_rounds: int = option(1, "Rounds 1..init-rounds use the proximal term (0 disables the stage).")
+    init_trainable: str = option(
+        "lora",
+        "What clients train while initiating: ``lora`` (adapters at rank-max + head) or ``full`` "
+        "(backbone + head; the trained backbone becomes the frozen base of the annealing stage).")
+    prox_mu: float = option(
+        0.01,
+        "mu of the proximal term (mu/2)||w - w_global||^2 in the initiating stage (and fedprox).")
+    prox_mu_anneal: float = option(0.0, "mu of the proximal term during the annealing stage.")
 
     # --- Annealing stage -----------------------------------------------------------------
-    rank_max: int = 8
-    """Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank."""
-    rank_min: int = 2
-    """Bottom rank per module; b_min = rank-min x modules."""
-    rank_floor: int = 1
-    """Fewest components any module keeps under global allocation."""
-    heat_rounds: int = 1
-    """Annealing rounds at b_max before the budget shrinks."""
-    cool_rounds: int = 2
-    """Final annealing rounds at b_min."""
-    schedule: str = "cubic"
-    """Budget shrink: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``."""
-    allocation: str = "global"
-    """``global`` (keep the largest singular values across all modules) or ``uniform``."""
-    aggregation: str = "product"
-    """``product`` (exact weighted mean of B·A, QR + small SVD) or ``fedavg`` (A, B averaged)."""
-    factor_form: str = "balanced"
-    """How the server splits each aggregated product into factors: ``balanced`` (B = U·sqrt(S),
-    A = sqrt(S)·V^T) or ``orthonormal-a`` (B = U·S, A = V^T, FlexLoRA's split). Same product, same truncation."""
-    lora_scale: float = 2.0
-    """Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    target_modules: str = "query,value"
-    """Comma-separated module-name suffixes that get LoRA adapters."""
-    head_modules: str = "classifier"
-    """Comma-separated module names of the task head (trained and averaged in every stage)."""
+    rank_max: int = option(8, "Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank.")
+    rank_min: int = option(2, "Bottom rank per module; b_min = rank-min x modules.")
+    rank_floor: int = option(1, "Fewest components any module keeps under global allocation.")
+    heat_rounds: int = option(
+        -1,
+        "Annealing rounds at b_max before the budget shrinks; -1 = ``heat-fraction`` of the annealing rounds.")
+    cool_rounds: int = option(-1, "Final annealing rounds at b_min; -1 = ``cool-fraction`` of the annealing rounds.")
+    heat_fraction: float = option(
+        0.1,
+        "Share of the annealing rounds (num-server-rounds - init-rounds) at b_max when ``heat-rounds = -1``, "
+        "rounded to the nearest round.")
+    cool_fraction: float = option(
+        0.2,
+        "Share of the annealing rounds at b_min when ``cool-rounds = -1``, rounded to the nearest round.")
+    schedule: str = option(
+        "cubic",
+        "Budget shrink: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``.")
+    allocation: str = option(
+        "global",
+        "``global`` (keep the largest singular values across all modules) or ``uniform``.")
+    aggregation: str = option(
+        "product",
+        "``product`` (exact weighted mean of B·A, QR + small SVD) or ``factors`` (A and B averaged "
+        "separately, as FedIT does; ``fedavg`` is its deprecated old name).")
+    factor_form: str = option(
+        "balanced",
+        "How the server splits each aggregated product into factors: ``balanced`` (B = U·sqrt(S), A = "
+        "sqrt(S)·V^T) or ``orthonormal-a`` (B = U·S, A = V^T, FlexLoRA's split). Same product, same "
+        "truncation.")
+    lora_scale: float = option(2.0, "Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r).")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    target_modules: str = option("query,value", "Comma-separated module-name suffixes that get LoRA adapters.")
+    head_modules: str = option(
+        "classifier",
+        "Comma-separated module names of the task head (trained and averaged in every stage).")
 
     # --- Task, model and data ------------------------------------------------------------
-    task: str = "text-classification"
-    """``text-classification`` or ``image-classification``."""
-    model_name: str = ""
-    """Hub id or local directory; empty = the embedded all-MiniLM-L6-v2."""
-    dataset_name: str = ""
-    """Hub id, local csv/json/jsonl/parquet file or directory; empty = the embedded tweets."""
-    text_column: str = "text"
-    """Column with the input text (text tasks)."""
-    image_column: str = "image"
-    """Column with the input image (image tasks)."""
-    label_column: str = "label"
-    """Column with the class label."""
-    natural_column: str = "topic"
-    """Column whose values define the ``natural`` partitions."""
-    max_seq_len: int = 64
-    """Token limit per text (MiniLM's tweets: p99 50, max 62)."""
-    test_size: int = 1000
-    """Rows held out (fixed seed) for central evaluation every round."""
-    partitioner: str = "dirichlet"
-    """``natural`` (one partition per value of natural-column), ``dirichlet`` or ``iid``."""
-    dirichlet_alpha: float = 0.5
-    """Concentration of the Dirichlet split over labels."""
-    seed: int = 42
-    """Seed of partitions, client sampling of local data, and initialisation."""
+    task: str = option("text-classification", "``text-classification`` or ``image-classification``.")
+    model_name: str = option("", "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2.")
+    dataset_name: str = option(
+        "",
+        "Hub id, local csv/json/jsonl/parquet file or directory; empty = the embedded tweets.")
+    text_column: str = option("text", "Column with the input text (text tasks).")
+    image_column: str = option("image", "Column with the input image (image tasks).")
+    label_column: str = option("label", "Column with the class label.")
+    natural_column: str = option("topic", "Column whose values define the ``natural`` partitions.")
+    max_seq_len: int = option(64, "Token limit per text (MiniLM's tweets: p99 50, max 62).")
+    test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.")
+    partitioner: str = option(
+        "dirichlet",
+        "``natural`` (one partition per value of natural-column), ``dirichlet`` or ``iid``.")
+    dirichlet_alpha: float = option(0.5, "Concentration of the Dirichlet split over labels.")
+    seed: int = option(42, "Seed of partitions, client sampling of local data, and initialisation.")
 
     # --- Local training ------------------------------------------------------------------
-    local_samples: int = 320
-    """Samples each client draws from its partition per round (0 = the whole partition)."""
-    local_epochs: int = 1
-    """Passes over those samples per round."""
-    batch_size: int = 16
-    """Training batch size."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimiser step (low-memory clients)."""
-    lr: float = 3e-3
-    """AdamW learning rate for LoRA rounds (adapters + head)."""
-    full_lr: float = 5e-5
-    """AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    optimizer: str = "adamw"
-    """Client optimizer, fresh every round: ``adamw``, or ``sgd`` (with ``momentum``), whose steps scale
-    with the gradient instead of moving every entry by about ``lr`` at the start of each round."""
-    momentum: float = 0.9
-    """Momentum of ``optimizer = "sgd"``."""
-    lr_decay: str = "cosine"
-    """Learning rate across rounds: ``constant``, or ``cosine`` from ``lr`` (``full-lr``) in round 1 down to
-    ``lr-final-ratio`` times it in the last round."""
-    lr_final_ratio: float = 0.1
-    """The last round's share of the learning rate under ``lr-decay = "cosine"``."""
-    warmup_steps: int = 0
-    """Optimizer steps over which each client round ramps its learning rate linearly up to ``lr``
-    (each round starts a fresh AdamW, whose first steps are the largest)."""
-    eval_batch_size: int = 64
-    """Batch size of central evaluation."""
-    eval_every: int = 1
-    """Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated."""
-    precision: str = "auto"
-    """Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and
-    aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively:
-    CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere)."""
-    torch_threads: int = 0
-    """torch intra-op threads per process (0 = torch's default)."""
-    max_num_examples: int = 1_000_000
-    """Replies claiming more training examples than this are dropped as absurd."""
+    local_samples: int = option(
+        320,
+        "Samples each client draws from its partition per round (0 = the whole partition).")
+    local_epochs: int = option(1, "Passes over those samples per round.")
+    batch_size: int = option(16, "Training batch size.")
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimiser step (low-memory clients).")
+    lr: float = option(3e-3, "AdamW learning rate for LoRA rounds (adapters + head).")
+    full_lr: float = option(
+        5e-5,
+        "AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    optimizer: str = option(
+        "adamw",
+        "Client optimizer, fresh every round: ``adamw``, or ``sgd`` (with ``momentum``), whose steps "
+        "scale with the gradient instead of moving every entry by about ``lr`` at the start of each "
+        "round.")
+    momentum: float = option(0.9, "Momentum of ``optimizer = \"sgd\"``.")
+    lr_decay: str = option(
+        "cosine",
+        "Learning rate across rounds: ``constant``, or ``cosine`` from ``lr`` (``full-lr``) in round 1 "
+        "down to ``lr-final-ratio`` times it in the last round.")
+    lr_final_ratio: float = option(0.1, "The last round's share of the learning rate under ``lr-decay = \"cosine\"``.")
+    warmup_steps: int = option(
+        0,
+        "Optimizer steps over which each client round ramps its learning rate linearly up to ``lr`` (each"
+        " round starts a fresh AdamW, whose first steps are the largest).")
+    eval_batch_size: int = option(64, "Batch size of central evaluation.")
+    eval_every: int = option(
+        1,
+        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.")
+    precision: str = option(
+        "auto",
+        "Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and "
+        "aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively: "
+        "CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere).")
+    torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default).")
+    max_num_examples: int = option(
+        1_000_000,
+        "Replies claiming more training examples than this are dropped as absurd.")
 
     # --- Outputs -------------------------------------------------------------------------
-    out_dir: str = "~/safedlora-runs"
-    """Absolute directory (or starting with ~) for run outputs."""
-    run_name: str = ""
-    """Sub-directory of out-dir; empty = ``<method>-<date>-<time>``."""
-    cache_dir: str = "~/.cache/safedlora"
-    """Node-local directory caching trained backbones by content hash."""
+    out_dir: str = option("~/safedlora-runs", "Absolute directory (or starting with ~) for run outputs.")
+    run_name: str = option("", "Sub-directory of out-dir; empty = ``<method>-<date>-<time>``.")
+    cache_dir: str = option("~/.cache/safedlora", "Node-local directory caching trained backbones by content hash.")
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -189,6 +195,11 @@ class RunConfig:
                     f"unknown run-config key {key!r}; known keys: "
                     f"{', '.join(sorted(k.replace('_', '-') for k in known))}"
                 )
+            old = DEPRECATED_VALUES.get(key, {})
+            if isinstance(value, str) and value in old:
+                warnings.warn(f"{key} = {value!r} is deprecated; use {key} = {old[value]!r} (same behaviour)",
+                              FutureWarning, stacklevel=2)
+                value = old[value]
             values[name] = _coerce(key, value, known[name].type)
         config = cls(**values)
         config.validate()
@@ -210,8 +221,8 @@ class RunConfig:
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("min-nodes", self.min_nodes, 1)
         _at_least("init-rounds", self.init_rounds, 0)
-        _at_least("heat-rounds", self.heat_rounds, 0)
-        _at_least("cool-rounds", self.cool_rounds, 0)
+        _at_least("heat-rounds", self.heat_rounds, -1)
+        _at_least("cool-rounds", self.cool_rounds, -1)
         _at_least("rank-floor", self.rank_floor, 1)
         _at_least("rank-min", self.rank_min, 1)
         _at_least("rank-max", self.rank_max, 1)
@@ -234,6 +245,9 @@ class RunConfig:
                            ("round-timeout", self.round_timeout)):
             if not value > 0:
                 raise ConfigError(f"{key} = {value!r} is not allowed; it must be > 0")
+        for key, value in (("heat-fraction", self.heat_fraction), ("cool-fraction", self.cool_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key} = {value!r} is not allowed; it must be in [0, 1]")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
         if not 0.0 < self.lr_final_ratio <= 1.0:
@@ -248,16 +262,15 @@ class RunConfig:
             raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; "
                               f"it must be <= rank-min = {self.rank_min}")
         if self.method == "sa-fedlora":
-            if self.init_rounds >= self.num_server_rounds:
+            if self.init_rounds > self.num_server_rounds:
+                raise ConfigError(f"init-rounds = {self.init_rounds} is not allowed; it must be <= "
+                                  f"num-server-rounds = {self.num_server_rounds}")
+            heat, cool = self.phase_rounds()
+            if heat + cool > self.num_server_rounds - self.init_rounds:
                 raise ConfigError(
-                    f"init-rounds = {self.init_rounds} is not allowed; it must be < num-server-rounds = "
-                    f"{self.num_server_rounds} so that at least one annealing round remains"
-                )
-            annealing = self.num_server_rounds - self.init_rounds
-            if self.heat_rounds + self.cool_rounds > annealing:
-                raise ConfigError(
-                    f"heat-rounds + cool-rounds = {self.heat_rounds} + {self.cool_rounds} is not allowed; "
-                    f"it must be <= the {annealing} annealing rounds (num-server-rounds - init-rounds)"
+                    f"heat-rounds + cool-rounds = {heat} + {cool} is not allowed; it must be <= the "
+                    f"{self.num_server_rounds - self.init_rounds} annealing rounds (num-server-rounds - init-rounds)"
+                    "; -1 scales them to fit"
                 )
         if not self.module_names(self.target_modules):
             raise ConfigError("target-modules = '' is not allowed; "
@@ -301,12 +314,35 @@ class RunConfig:
         so one pyproject serves every method.
         """
         if self.method == "fedit":
-            return dataclasses.replace(self, init_rounds=0, schedule="constant", allocation="uniform",
-                                       aggregation="fedavg", prox_mu_anneal=0.0)
-        if self.method in ("fedavg", "fedprox"):
-            return dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
-                                       prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
-        return self
+            config = dataclasses.replace(self, init_rounds=0, schedule="constant", allocation="uniform",
+                                         aggregation="factors", prox_mu_anneal=0.0)
+        elif self.method in ("fedavg", "fedprox"):
+            config = dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
+                                         prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
+        else:
+            config = self
+        heat, cool = config.phase_rounds()
+        return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
+
+    def phase_rounds(self) -> tuple[int, int]:
+        """``(heat, cool)`` annealing rounds: the explicit values, or -1 resolved from the fractions.
+
+        A fraction f of R annealing rounds gives ``floor(f * R + 1/2)`` rounds; when both are resolved
+        and their sum would exceed R, cooling gives way (never the case for fractions summing to <= 1).
+        """
+        annealing = max(self.num_server_rounds - self.init_rounds, 0)
+        heat = self.heat_rounds if self.heat_rounds >= 0 else math.floor(self.heat_fraction * annealing + 0.5)
+        cool = self.cool_rounds if self.cool_rounds >= 0 else math.floor(self.cool_fraction * annealing + 0.5)
+        if self.cool_rounds < 0:
+            cool = min(cool, max(annealing - heat, 0))
+        if self.heat_rounds < 0:
+            heat = min(heat, max(annealing - cool, 0))
+        return heat, cool
+
+    def clients_per_round(self, connected: int) -> int:
+        """Nodes sampled in a round with ``connected`` nodes connected: ``fraction-train`` of them, at least
+        ``min-nodes``, at most all."""
+        return min(connected, max(int(connected * self.fraction_train), self.min_nodes))
 
     def evaluates(self, server_round: int) -> bool:
         """Whether central evaluation runs after ``server_round`` (0 = the initial model)."""

@@ -22,10 +22,10 @@ import numpy as np
 from datasets import ClassLabel, Image, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
+from .config import IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
+
 DEFAULT_DATASET = ""
 TOPICS = ("airline", "deflategate", "driverless", "coachella", "apple", "claritin", "other")
-PARTITIONERS = ("natural", "dirichlet", "iid")
-TASKS = ("text-classification", "image-classification")
 SENTIMENTS = ("negative", "neutral", "positive")
 
 # Keyword rules that give the default tweets a natural topic (non-IID clients). Lower-cased
@@ -169,7 +169,7 @@ def _normalise(
     splits: dict[str, datasets.Dataset], task: str, input_src: str, label_src: str, natural_column: str
 ) -> tuple[dict[str, datasets.Dataset], tuple[str, ...]]:
     """Rename to ``text``/``image`` + ``label`` (+ natural column) and encode labels as 0..C-1."""
-    input_col, input_key = ("text", "text-column") if task == TASKS[0] else ("image", "image-column")
+    input_col, input_key = ("text", "text-column") if task == TEXT_TASK else ("image", "image-column")
     first = next(iter(splits.values()))
     _require_column(first, input_src, input_key)
     _require_column(first, label_src, "label-column")
@@ -183,9 +183,9 @@ def _normalise(
     first = next(iter(splits.values()))
 
     feature = first.features[input_col]
-    if task == TASKS[0] and getattr(feature, "dtype", None) not in ("string", "large_string"):
+    if task == TEXT_TASK and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise DataError(f"Text column {input_src!r} holds {feature}, not strings; check 'text-column'.")
-    if task == TASKS[1] and not isinstance(feature, Image):
+    if task == IMAGE_TASK and not isinstance(feature, Image):
         try:  # paths or {bytes, path} structs decode as images once cast
             splits = {k: ds.cast_column("image", Image()) for k, ds in splits.items()}
         except Exception as exc:
@@ -312,7 +312,7 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
                     image_column: str, natural_column: str, test_size: int, split_seed: int) -> TaskData:
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
-    if dataset_name == DEFAULT_DATASET and task != TASKS[0]:
+    if dataset_name == DEFAULT_DATASET and task != TEXT_TASK:
         raise DataError(
             f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
         )
@@ -328,7 +328,7 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
     else:
         splits = {"train": source}
 
-    input_src = text_column if task == TASKS[0] else image_column
+    input_src = text_column if task == TEXT_TASK else image_column
     splits, names = _normalise(splits, task, input_src, label_column, natural_column)
 
     if "test" in splits:
@@ -340,7 +340,7 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
         if test_size >= rows:
             raise DataError(f"test-size {test_size} must be smaller than the dataset's {rows} rows.")
         train, test = _split(splits["train"], test_size, split_seed)
-    input_column = "text" if task == TASKS[0] else "image"
+    input_column = "text" if task == TEXT_TASK else "image"
     return TaskData(train=train, test=test, label_names=names, input_column=input_column)
 
 

@@ -1,24 +1,44 @@
-"""Turn the global ArrayRecord into a real model: for central evaluation and for the saved output."""
+"""Turn the global ArrayRecord into a real model: for central evaluation and for the saved output.
+
+The model after round t is the round plan's :func:`~safedlora_app.round_plan.adapter_at` of round t:
+the aggregated adapter at round t's budget.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 from torch import nn
 
 from . import payload as pl
+from .config import RunConfig
 from .model import build_lora_model, load_parameters, set_lora_weights
-from .strategy import SAFedLoRA
+from .round_plan import adapter_at
 
 
 class GlobalModel:
-    """Builds the model a round ended with, reusing the base (and a trained backbone) across rounds."""
+    """Builds the model a round ended with, reusing the base (and a trained backbone) across rounds.
 
-    def __init__(self, base: nn.Module, strategy: SAFedLoRA, head_modules: list[str]):
+    Parameters
+    ----------
+    base : nn.Module
+        The pre-trained model with its new head.
+    config : RunConfig
+        The effective run config.
+    module_shapes : mapping
+        ``{module: (d_out, d_in)}`` of the adapted modules.
+    head_modules : list of str
+        The task head's module names.
+    """
+
+    def __init__(self, base: nn.Module, config: RunConfig, module_shapes: Mapping[str, tuple[int, int]],
+                 head_modules: list[str]):
         self.base = base
-        self.strategy = strategy
+        self.config = config
+        self.module_shapes = dict(module_shapes)
         self.head_modules = head_modules
         self._backbone: tuple[str, nn.Module] | None = None
 
@@ -29,22 +49,22 @@ class GlobalModel:
         ``merge_and_unload``), which computes the same logits without the adapter branch: for evaluation.
         """
         tensors = pl.unpack(arrays)
-        base = self._base_for(server_round, tensors)
+        base = self._base_for(tensors)
         head = pl.select(tensors, pl.HEAD)
         if not pl.select(tensors, pl.LORA_A):
             model = copy.deepcopy(base)
             load_parameters(model, head)
             return model, {}
-        ranks, factors = self.strategy.truncated(server_round, tensors)
-        model = build_lora_model(base, ranks, self.strategy.config.lora_scale, 0.0, self.head_modules)
+        ranks, factors = adapter_at(self.config, server_round, tensors, self.module_shapes)
+        model = build_lora_model(base, ranks, self.config.lora_scale, 0.0, self.head_modules)
         set_lora_weights(model, factors, head)
         return (model.merge_and_unload() if merged else model), ranks
 
-    def _base_for(self, server_round: int, tensors) -> nn.Module:
+    def _base_for(self, tensors) -> nn.Module:
         backbone = pl.select(tensors, pl.BACKBONE)
         if not backbone:
             return self.base
-        digest = self.strategy.backbone_hash(server_round, tensors)
+        digest = pl.tensors_hash(backbone)
         if self._backbone is None or self._backbone[0] != digest:
             model = copy.deepcopy(self.base)
             load_parameters(model, backbone)

@@ -115,7 +115,11 @@ def head_parameters(model: nn.Module, head_modules: Sequence[str]) -> list[str]:
 
 def module_shapes(model: nn.Module, modules: Sequence[str]) -> dict[str, tuple[int, int]]:
     """``{module: (d_out, d_in)}`` of Linear layers."""
-    return {name: tuple(model.get_submodule(name).weight.shape) for name in modules}
+    found = dict(model.named_modules())
+    unknown = [name for name in modules if not isinstance(found.get(name), nn.Linear)]
+    if unknown:
+        raise ModelError(f"not Linear layers of this model: {unknown[:5]}")
+    return {name: tuple(found[name].weight.shape) for name in modules}
 
 
 def full_state(model: nn.Module, head_names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -164,36 +168,32 @@ def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dr
     return peft_model
 
 
+# Keys of peft's adapter state dict (``get_peft_model_state_dict``): the wrapped model's own names under
+# this prefix, ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` and the head's ``modules_to_save``.
+PEFT_PREFIX = "base_model.model."
+
+
 def set_lora_weights(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                      head: Mapping[str, torch.Tensor]) -> None:
-    """Load ``{module: (B, A)}`` and the head into a model from ``build_lora_model``."""
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name, (b, a) in factors.items():
-            layer = inner.get_submodule(name)
-            layer.lora_B["default"].weight.copy_(b)
-            layer.lora_A["default"].weight.copy_(a)
-        for name, value in head.items():
-            _head_parameter(inner, name).copy_(value)
+    """Load ``{module: (B, A)}`` and the head into a model from ``build_lora_model`` (peft's public API)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    given = {PEFT_PREFIX + name: value for name, value in head.items()}
+    for name, (b, a) in factors.items():
+        given[f"{PEFT_PREFIX}{name}.lora_B.weight"], given[f"{PEFT_PREFIX}{name}.lora_A.weight"] = b, a
+    state = get_peft_model_state_dict(peft_model)  # what is not given keeps its value
+    unknown = sorted(set(given) - set(state))
+    if unknown:
+        raise ModelError(f"not in the adapter of this model: {[k.removeprefix(PEFT_PREFIX) for k in unknown[:5]]}")
+    set_peft_model_state_dict(peft_model, {**state, **given})
 
 
 def get_lora_weights(peft_model, modules: Sequence[str], head_names: Sequence[str]
                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``({module: (B, A)}, {head parameter: tensor})`` from a peft model (detached, CPU)."""
-    inner = peft_model.base_model.model
-    factors = {}
-    for name in modules:
-        layer = inner.get_submodule(name)
-        factors[name] = (layer.lora_B["default"].weight.detach().cpu(), layer.lora_A["default"].weight.detach().cpu())
-    head = {name: _head_parameter(inner, name).detach().cpu() for name in head_names}
-    return factors, head
+    """``({module: (B, A)}, {head parameter: tensor})`` from a peft model (detached, CPU; peft's public API)."""
+    from peft import get_peft_model_state_dict
 
-
-def _head_parameter(inner: nn.Module, name: str) -> nn.Parameter:
-    """The trainable copy of a head parameter inside peft's ModulesToSaveWrapper."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):  # innermost wrapper first: "classifier.dense.weight" too
-        holder = inner.get_submodule(".".join(parts[:i]))
-        if hasattr(holder, "modules_to_save"):
-            return holder.modules_to_save["default"].get_parameter(".".join(parts[i:]))
-    raise ModelError(f"head parameter {name!r} is not in a peft modules_to_save wrapper")
+    state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    factors = {name: (state[f"{PEFT_PREFIX}{name}.lora_B.weight"], state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+               for name in modules}
+    return factors, {name: state[PEFT_PREFIX + name] for name in head_names}

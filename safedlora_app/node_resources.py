@@ -25,7 +25,7 @@ from torch import nn
 
 from . import payload as pl
 from .config import RunConfig
-from .data import load_task_data, partition_dataset
+from .data import DataError, load_task_data, partition_dataset
 from .model import load_base_model, load_parameters, load_preprocessor, model_source
 from .training import Encoded
 
@@ -99,7 +99,7 @@ def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tu
             cached.parent.mkdir(parents=True, exist_ok=True)
             data.save(cached)
     if len(data) == 0:
-        raise ValueError(f"{where} holds no training rows")
+        raise DataError(f"{where} holds no training rows")
     return data, where
 
 
@@ -110,12 +110,12 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
     if data_path:
         path = Path(os.path.expanduser(data_path))
         if not path.exists():
-            raise FileNotFoundError(f"node-config data-path = {data_path!r} does not exist on this node")
+            raise DataError(f"node-config data-path = {data_path!r} does not exist on this node")
         local = load_task_data(str(path), test_size=0, **columns)
         return _relabel(local.train, local.label_names, label_names, data_path)
     task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
     if tuple(task_data.label_names) != tuple(label_names):
-        raise ValueError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
+        raise DataError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
     partition_id, num_partitions = partition
     return partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
                              partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
@@ -144,7 +144,7 @@ def _relabel(dataset, local_names, global_names, data_path):
     index = {name: i for i, name in enumerate(global_names)}
     unknown = sorted(set(local_names) - set(index))
     if unknown:
-        raise ValueError(f"data-path {data_path!r} has labels {unknown} that the server does not know; "
+        raise DataError(f"data-path {data_path!r} has labels {unknown} that the server does not know; "
                          f"allowed labels: {list(global_names)}")
     mapping = [index[name] for name in local_names]
     # Plain ints first: the node's ClassLabel has fewer classes than the server's ids reach.
@@ -169,7 +169,8 @@ def base_with_backbone(resources: NodeResources, backbone_hash: str, received: d
     if backbone:
         actual = pl.tensors_hash(backbone)
         if actual != backbone_hash:
-            raise ValueError(f"received backbone hashes to {actual[:12]}, the server announced {backbone_hash[:12]}")
+            raise pl.PayloadError(f"received backbone hashes to {actual[:12]}, "
+                                  f"the server announced {backbone_hash[:12]}")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
         save_file({k: v.contiguous() for k, v in backbone.items()}, str(partial))
@@ -177,7 +178,7 @@ def base_with_backbone(resources: NodeResources, backbone_hash: str, received: d
     elif path.exists():
         backbone = load_file(str(path))
     else:
-        raise FileNotFoundError(f"backbone {backbone_hash[:12]} is not in cache-dir {str(path.parent)!r} "
+        raise pl.PayloadError(f"backbone {backbone_hash[:12]} is not in cache-dir {str(path.parent)!r} "
                                 "and was not sent; the server resends it next round")
     model = copy.deepcopy(resources.base_model)
     load_parameters(model, backbone)

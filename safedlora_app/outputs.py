@@ -1,7 +1,9 @@
 """Run outputs under ``out-dir/<run-name>/``: config, per-round metrics, summary, model, plots.
 
 ``metrics.jsonl`` gets one line per round as soon as the round ends (flushed and fsynced), so a
-crash loses at most the round in flight.
+crash loses at most the round in flight. The strategy fills each round's :class:`RoundStats` in a
+:class:`RoundLog`; the ServerApp's :class:`RunRecorder` (a ``RoundLog``) adds the central evaluation
+and writes the line.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
@@ -17,11 +21,60 @@ from pathlib import Path
 from flwr.supercore import log
 
 from .config import RunConfig
-from .plots import plot_ranks, plot_runs
-from .strategy import RoundStats
 
 MB = 1e6
 EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "eval-seconds")
+
+
+@dataclass
+class RoundStats:
+    """What one round sent and received (one ``metrics.jsonl`` line, with the round's evaluation)."""
+
+    round: int
+    stage: str
+    kind: str
+    budget: int | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+    """Ranks sent to the nodes in this round."""
+    model_ranks: dict[str, int] = field(default_factory=dict)
+    """Ranks of the model the round ended with, whose accuracy this line reports (empty where not evaluated)."""
+    nodes: int = 0
+    replies: int = 0
+    dropped: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    params_down: int = 0
+    params_up: int = 0
+    backbone_sends: int = 0
+    revived: int = 0
+    train_loss: float | None = None
+    train_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    aggregate_seconds: float = 0.0
+    first_step_a_ratio: float | None = None
+    dropped_update: float | None = None
+    """Share of the round's mean update (sum over modules, squared Frobenius) that truncation to rank-max dropped."""
+    factor_norms: dict[str, float] = field(default_factory=dict)
+    """``||B||_F`` and ``||A||_F`` of the first module's global factors after aggregation."""
+
+
+class RoundLog:
+    """The rounds' :class:`RoundStats`, in order; the strategy starts and fills one per round."""
+
+    def __init__(self) -> None:
+        self.rounds: list[RoundStats] = []
+
+    def start(self, stats: RoundStats) -> RoundStats:
+        self.rounds.append(stats)
+        return stats
+
+    @property
+    def current(self) -> RoundStats:
+        return self.rounds[-1]
+
+    def of_round(self, server_round: int) -> RoundStats | None:
+        """The stats of ``server_round`` (``None`` for round 0, or a round that did not start)."""
+        return next((s for s in reversed(self.rounds) if s.round == server_round), None)
 
 
 def run_directory(config: RunConfig) -> Path:
@@ -41,25 +94,61 @@ def write_json(path: Path, data) -> None:
     partial.replace(path)
 
 
-class RunRecorder:
-    """Collects each round's communication stats and central evaluation into metrics.jsonl."""
+def run_totals(records: Sequence[Mapping]) -> dict:
+    """A run's totals and headline numbers from its ``metrics.jsonl`` lines (round 0 sends nothing).
+
+    ``best-accuracy`` is the best over the evaluated rounds 1..T (the initial model does not count);
+    ``last3-accuracy`` the mean over the last three rounds (less sensitive to the last round's sample);
+    ``final-ranks`` the ranks of the model the run ended with.
+    """
+    rows = [r for r in records if r["round"] > 0]
+    final = records[-1] if records else {}
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    best = max(evaluated, key=lambda r: r["accuracy"], default={})
+    last3 = [r["accuracy"] for r in rows[-3:] if r.get("accuracy") is not None]
+    down, up = sum(r["bytes-down"] for r in rows), sum(r["bytes-up"] for r in rows)
+    return {
+        "rounds": len(rows),
+        "final-accuracy": final.get("accuracy"),
+        "final-macro-f1": final.get("macro-f1"),
+        "final-loss": final.get("loss"),
+        "best-accuracy": best.get("accuracy"),
+        "best-round": best.get("round"),
+        "last3-accuracy": sum(last3) / len(last3) if last3 else None,
+        "bytes-down": down,
+        "bytes-up": up,
+        "params-down": sum(r["params-down"] for r in rows),
+        "params-up": sum(r["params-up"] for r in rows),
+        "total-mb": (down + up) / MB,
+        "dropped-replies": sum(int(r.get("dropped") or 0) for r in rows),
+        "rounds-without-replies": sum(1 for r in rows if r.get("replies") == 0),
+        "final-ranks": final.get("model-ranks") or {},
+    }
+
+
+class RunRecorder(RoundLog):
+    """Writes each round's stats and central evaluation to metrics.jsonl, and the run's summary."""
 
     def __init__(self, run_dir: Path, num_rounds: int):
+        super().__init__()
         self.path = run_dir / "metrics.jsonl"
         self.num_rounds = num_rounds
         self.records: list[dict] = []
         self._last = time.perf_counter()
         self._cum_down = self._cum_up = 0
 
-    def record(self, stats: RoundStats | None, server_round: int, evaluation: dict[str, float] | None) -> dict:
+    def record(self, server_round: int, evaluation: dict[str, float] | None,
+               model_ranks: Mapping[str, int] | None = None) -> dict:
         """Append the line for ``server_round`` (round 0: the initial model, nothing sent).
 
-        A round without central evaluation (``eval-every``) has ``null`` accuracy, macro-F1, loss and
-        eval-seconds.
+        ``model_ranks``: the ranks of the model the round ended with (the evaluated one). A round
+        without central evaluation (``eval-every``) has ``null`` accuracy, macro-F1, loss and eval-seconds.
         """
         now = time.perf_counter()
         # Round 0 (the initial model) has the same fields as every other line, all zero.
-        row = dataclasses.asdict(stats or RoundStats(round=0, stage="initial", kind="none"))
+        stats = self.of_round(server_round) or RoundStats(round=server_round, stage="initial", kind="none")
+        stats.model_ranks = dict(model_ranks or {})
+        row = dataclasses.asdict(stats)
         self._cum_down += row["bytes_down"]
         self._cum_up += row["bytes_up"]
         line = {k.replace("_", "-"): v for k, v in row.items()}
@@ -96,32 +185,13 @@ class RunRecorder:
 
     def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None) -> dict:
         """Totals and headline numbers of the run."""
-        rows = [r for r in self.records if r["round"] > 0]
-        final = self.records[-1] if self.records else {}
-        evaluated = [r for r in rows if r.get("accuracy") is not None]
-        best = max(evaluated, key=lambda r: r["accuracy"], default={})  # trained rounds only
-        return {
-            "method": config.method,
-            "rounds": len(rows),
-            "final-accuracy": final.get("accuracy"),
-            "final-macro-f1": final.get("macro-f1"),
-            "final-loss": final.get("loss"),
-            "best-accuracy": best.get("accuracy"),
-            "best-round": best.get("round"),
-            "bytes-down": sum(r["bytes-down"] for r in rows),
-            "bytes-up": sum(r["bytes-up"] for r in rows),
-            "params-down": sum(r["params-down"] for r in rows),
-            "params-up": sum(r["params-up"] for r in rows),
-            "total-mb": (sum(r["bytes-down"] + r["bytes-up"] for r in rows)) / MB,
-            "dropped-replies": sum(r["dropped"] for r in rows),
-            "rounds-without-replies": sum(1 for r in rows if r["replies"] == 0),
-            "final-ranks": final.get("ranks") or {},
-            "wall-seconds": wall_seconds,
-            "model-dir": str(model_dir) if model_dir else None,
-        }
+        return {"method": config.method, **run_totals(self.records), "wall-seconds": wall_seconds,
+                "model-dir": str(model_dir) if model_dir else None}
 
     def plot(self, run_dir: Path) -> list[Path]:
         """The run's plots (accuracy vs round and vs MB, budget, per-module ranks)."""
+        from .plots import plot_ranks, plot_runs
+
         paths = plot_runs({"run": self.records}, run_dir)
         ranks = plot_ranks(self.records, run_dir / "ranks_vs_round.png")
         return paths + ([ranks] if ranks else [])

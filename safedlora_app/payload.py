@@ -1,4 +1,8 @@
-"""What travels in an ArrayRecord: key names and tensor <-> record conversion.
+"""The wire format: the records of a message, array key names, and tensor <-> record conversion.
+
+A train message holds the ArrayRecord under ``ARRAYS`` and the round's config; a reply holds its
+ArrayRecord under ``ARRAYS``, its MetricRecord under ``METRICS`` and what the node reports about
+itself (the backbone it trained on, its data) under ``NODE``.
 
 Keys are ``<kind>::<name>``:
 - ``lora_A::<module>`` (r x d_in) and ``lora_B::<module>`` (d_out x r) for an adapted module,
@@ -23,8 +27,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
+ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
 LORA_A, LORA_B, HEAD, BACKBONE = "lora_A", "lora_B", "head", "backbone"
 SEP = "::"
 PACKED = "lora::packed"
@@ -59,13 +64,31 @@ def lora_factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.T
 
 def pack(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """ArrayRecord of float32 arrays (ArrayRecord rejects bfloat16; fp32 keeps aggregation exact)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().to("cpu", torch.float32).numpy()))
-                        for k, v in tensors.items()})
+    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
 
 
 def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Tensors from an ArrayRecord, in its key order."""
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    """Tensors from an ArrayRecord, in its key order (each its own writable copy)."""
+    return dict(record.to_torch_state_dict())
+
+
+def announced_ranks(modules: Sequence[str], ranks: Sequence[int]) -> dict[str, int]:
+    """``{module: rank}`` from a round config's ``lora-modules`` and ``lora-ranks`` lists, checked.
+
+    Raises
+    ------
+    PayloadError
+        When the lists differ in length, a module repeats, or a rank is not a positive whole number.
+    """
+    modules, ranks = list(modules), list(ranks)
+    if len(modules) != len(ranks):
+        raise PayloadError(f"the round announces {len(modules)} LoRA modules but {len(ranks)} ranks")
+    if len(set(modules)) != len(modules):
+        raise PayloadError(f"the round announces a LoRA module twice: {modules}")
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise PayloadError(f"LoRA ranks must be whole numbers >= 1; the round announces {bad}")
+    return dict(zip(modules, ranks))
 
 
 def to_wire(tensors: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+from .payload import ARRAYS, METRICS, NODE
 
 
 def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, ...]], *,

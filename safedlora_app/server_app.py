@@ -27,6 +27,7 @@ from .model import (
     pick_device,
 )
 from .outputs import RunRecorder, run_directory, write_json
+from .round_plan import initial_tensors
 from .strategy import SAFedLoRA
 from .training import Encoded, compute_dtype, evaluate
 
@@ -72,37 +73,34 @@ def main(grid: Grid, context: Context) -> None:
     write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
                                          "label-names": list(task_data.label_names)})
     state = full_state(base, heads)
-    strategy = SAFedLoRA(
-        effective,
-        module_shapes=module_shapes(base, modules),
-        head_shapes={n: tuple(state[pl.key(pl.HEAD, n)].shape) for n in heads},
-        backbone_shapes={k.split(pl.SEP, 1)[1]: tuple(v.shape) for k, v in pl.only(state, pl.BACKBONE).items()},
-    )
-    global_model = GlobalModel(base, strategy, head_modules)
+    shapes = module_shapes(base, modules)
+    recorder = RunRecorder(run_dir, config.num_server_rounds)
+    strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
+                         rounds=recorder)
+    global_model = GlobalModel(base, effective, shapes, head_modules)
     test = Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
     device = pick_device()
     dtype = compute_dtype(config.precision, device)
-    recorder = RunRecorder(run_dir, config.num_server_rounds)
     log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows, evaluated in %s on %s; outputs in %s",
         run_dir.name, config.method, len(modules), len(task_data.test), str(dtype).removeprefix("torch."),
         device.type, run_dir)
 
     def central_evaluation(server_round: int, arrays) -> MetricRecord | None:
-        result = None
+        """Evaluate the model the round ended with (every ``eval-every`` rounds) and write the round's line."""
+        result, ranks = None, None
         if config.evaluates(server_round):
             started = time.perf_counter()
-            model, _ = global_model.build(server_round, arrays, merged=True)
+            model, ranks = global_model.build(server_round, arrays, merged=True)
             result = evaluate(model, test, batch_size=config.eval_batch_size,
                               num_classes=len(task_data.label_names), device=device, dtype=dtype)
             result["eval-seconds"] = time.perf_counter() - started
-        stats = strategy.history[-1] if server_round > 0 and strategy.history else None
-        recorder.record(stats, server_round, result)
+        recorder.record(server_round, result, ranks)
         return MetricRecord(result) if result else None
 
     start = time.perf_counter()
     result = strategy.start(
         grid=grid,
-        initial_arrays=strategy.initial_arrays(state),
+        initial_arrays=pl.pack(initial_tensors(effective, state)),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
         train_config=ConfigRecord({"label-names": list(task_data.label_names)}),

@@ -2,12 +2,15 @@
 
 Used by the end-to-end tests and by ``safedlora compare``: every run goes through Flower's own
 simulation exactly as a user's ``flwr run .`` does, and only the SuperLink started here is stopped.
+The process helpers (free ports, the environment, a run's status, stopping a process tree) serve the
+deployment tests too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,9 +23,56 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def flower_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment for Flower processes: a private FLWR_HOME, the venv's bin first (the SuperLink starts
+    flower-superexec by name), no telemetry, update check, runtime installs or hub access."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **extra,
+    }
+
+
+def run_status(run_id: int | str, env: dict[str, str], cwd: Path, connection: str = "") -> str:
+    """A run's status from `flwr ls [CONNECTION] --run-id N --format json` ('' while it is not listed)."""
+    command = [str(BIN / "flwr"), "ls", *([connection] if connection else []), "--run-id", str(run_id),
+               "--format", "json"]
+    listing = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(listing.stdout).get("runs") or [{}]
+    except json.JSONDecodeError:
+        return ""
+    return str(runs[0].get("status", ""))
+
+
+def stop_processes(processes: list[psutil.Process], timeout: float = 20.0) -> None:
+    """SIGTERM the given processes, wait up to ``timeout`` s, then SIGKILL what is left.
+
+    psutil checks each process's creation time before signalling, so a reused PID is never hit.
+    """
+    for p in processes:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 class LocalFlower:
@@ -31,18 +81,8 @@ class LocalFlower:
     def __init__(self, home: Path):
         self.home = home
         self.control_port, self.http_port = free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(home),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-        }
+        self.env = flower_env(home, FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
+                              FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http_port))
 
     def run(self, run_config: str, timeout: float = 600, federation: str = "") -> subprocess.CompletedProcess:
         command = [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config", run_config]
@@ -51,31 +91,22 @@ class LocalFlower:
         return subprocess.run(command, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
 
     def run_status(self, output: str) -> str:
-        """The run's final status from `flwr ls --run-id N --format json` (`flwr run` exits 0 even on failure)."""
-        run_id = _run_id(output)
-        listing = subprocess.run([str(BIN / "flwr"), "ls", "--run-id", str(run_id), "--format", "json"],
-                                 env=self.env, cwd=self.home, capture_output=True, text=True, timeout=60)
-        runs = json.loads(listing.stdout)["runs"]
-        return runs[0]["status"]
+        """The run's final status (`flwr run` exits 0 even on failure)."""
+        return run_status(run_id(output), self.env, self.home)
 
     def stop(self) -> None:
+        """Stop the SuperLink started for this object (found by its control port) and its descendants."""
         needle = f"127.0.0.1:{self.control_port}"
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
             if any("flower-superlink" in part for part in cmdline) and needle in cmdline:
-                tree = [process, *process.children(recursive=True)]
-                for p in tree:
-                    try:
-                        p.terminate()
-                    except psutil.NoSuchProcess:
-                        pass
-                _, alive = psutil.wait_procs(tree, timeout=15)
-                for p in alive:
-                    p.kill()
+                stop_processes([process, *process.children(recursive=True)], timeout=15)
 
 
-def _run_id(output: str) -> int:
-    for line in output.splitlines():
-        if "Starting logstream for run_id" in line:
-            return int(line.split("`")[1])
-    raise AssertionError(f"no run id in flwr output:\n{output[-3000:]}")
+def run_id(output: str) -> int:
+    """The run id in `flwr run --stream` output."""
+    match = re.search(r"Successfully started run (\d+)", output) or re.search(
+        r"Starting logstream for run_id `(\d+)`", output)
+    if not match:
+        raise AssertionError(f"no run id in flwr output:\n{output[-3000:]}")
+    return int(match.group(1))

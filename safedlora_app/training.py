@@ -219,18 +219,3 @@ def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
         fn = int(((predicted != c) & (labels == c)).sum())
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / num_classes
-
-
-def sample_indices(size: int, count: int, seed: int) -> list[int]:
-    """``count`` distinct indices of ``range(size)`` (all of them when count is 0 or too large)."""
-    if count <= 0 or count >= size:
-        return list(range(size))
-    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist())
-
-
-def mix_seed(*values: int) -> int:
-    """One deterministic seed from several integers (run seed, round, partition, ...)."""
-    seed = 0
-    for value in values:
-        seed = (seed * 1_000_003 + int(value)) % (2**63 - 1)
-    return seed

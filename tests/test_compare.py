@@ -46,7 +46,7 @@ def test_every_method_differs_from_the_base_only_where_it_should():
     s = {m: plan.run_settings(BASE, "natural", m, 42) for m in plan.METHODS}
     assert s["sa-no-anneal"]["schedule"] == "constant" and s["sa-fedlora"].get("schedule", "cubic") == "cubic"
     assert s["sa-uniform"]["allocation"] == "uniform"
-    assert s["sa-ab-avg"]["aggregation"] == "fedavg"
+    assert s["sa-ab-avg"]["aggregation"] == "factors"
     assert s["fedprox"]["method"] == "fedprox"
     shared = {k: v for k, v in s["sa-fedlora"].items() if k not in ("method",)}
     for method, settings in s.items():
@@ -202,8 +202,16 @@ def test_paired_rows_pair_seeds_and_give_intervals(tmp_path):
     assert row["final_mean"] == pytest.approx(1.5)
     half = 12.706205 * 0.5 ** 0.5 / 2 ** 0.5  # t(0.975, df=1) * sd(1, 2) / sqrt(n) = 6.353
     assert (row["final_low"], row["final_high"]) == pytest.approx((1.5 - half, 1.5 + half), abs=1e-5)
-    table = tables.format_paired_markdown([row])
-    assert "| natural | sa-fedlora − fedit-rmax | 2 | +1.5 [-4.9, +7.9] |" in table
+    [cells] = markdown_rows(tables.format_paired_markdown([row]))
+    assert cells["difference"] == "sa-fedlora − fedit-rmax" and cells["seeds"] == "2"
+    assert cells["final acc, points [95% CI]"] == "+1.5 [-4.9, +7.9]" and cells["per seed (final)"] == "+1.0, +2.0"
+
+
+def markdown_rows(table: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table in ``table``, as {header: cell}."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(split[0], row, strict=True)) for row in split[2:]]
 
 
 def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
@@ -232,9 +240,14 @@ def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
     assert s["best_accuracy_mean"] == pytest.approx(0.6) and s["final_accuracy_std"] is None
     assert s["rounds_to_target"] == 1
     table = tables.format_markdown(rows, 0.55, ["a note"])
-    assert "| natural | fedit-rmax | 2 | lr 0.002 (x1) | 60.0 ± 7.1 | 60.0 ± 7.1 |" in table
-    assert "| natural | sa-fedlora | 1* | lr 0.004 (x2) | 50.0 | 60.0 |" in table
-    assert "96.0%" in table and "60.0%" in table and table.rstrip().endswith("a note")
+    cells = {r["method"]: r for r in markdown_rows(table)}
+    assert list(cells) == ["fedavg", "fedit-rmax", "sa-fedlora"]
+    assert (cells["fedit-rmax"]["seeds"], cells["fedit-rmax"]["lr"]) == ("2", "lr 0.002 (x1)")
+    assert cells["fedit-rmax"]["final acc %"] == cells["fedit-rmax"]["best acc %"] == "60.0 ± 7.1"
+    assert cells["sa-fedlora"]["seeds"] == "1*"  # fewer seeds than the headline methods: marked
+    assert (cells["sa-fedlora"]["final acc %"], cells["sa-fedlora"]["best acc %"]) == ("50.0", "60.0")
+    assert cells["sa-fedlora"]["saving vs fedavg"] == "96.0%" and cells["sa-fedlora"]["saving vs fedit-rmax"] == "60.0%"
+    assert table.rstrip().endswith("a note")
     parsed = list(csv.DictReader(tables.format_csv(rows).splitlines()))
     assert tuple(parsed[0]) == tables.CSV_COLUMNS and parsed[2]["saving_vs_fedit_rmax_pct"] == "60.0"
 
@@ -256,11 +269,11 @@ def test_config_mismatch_names_the_changed_keys():
 
 # --- Command line ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--seeds", "0"], "--seeds = 0 is not allowed; it must be an integer >= 1"),
-    (["--rounds", "ten"], "--rounds = 'ten' is not allowed; it must be an integer >= 1"),
-    (["--methods", "fedit,fedsgd"], "--methods: 'fedit' is not allowed; choose from: fedavg, fedprox, fedit-rmax"),
-    (["--splits", "iid"], "--splits: 'iid' is not allowed; choose from: natural, dirichlet"),
-    (["--target-accuracy", "55"], "--target-accuracy = '55' is not allowed; it must be a fraction in (0, 1]"),
+    (["--seeds", "0"], "argument --seeds: '0' is not allowed; it must be an integer >= 1"),
+    (["--rounds", "ten"], "argument --rounds: 'ten' is not allowed; it must be an integer >= 1"),
+    (["--methods", "fedit,fedsgd"], "argument --methods: 'fedit' is not allowed; choose from: fedavg, fedprox"),
+    (["--splits", "iid"], "argument --splits: 'iid' is not allowed; choose from: natural, dirichlet"),
+    (["--target-accuracy", "55"], "argument --target-accuracy: '55' is not allowed; it must be a fraction in (0, 1]"),
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
     (["--set", "learning-rate=0.1"], "--set: 'learning-rate' is not a run-config key"),
     (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),

@@ -1,5 +1,6 @@
 """Run-config validation: one clear error naming key, value and what is allowed."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"method": "fedsgd"}, "method = 'fedsgd' is not allowed; choose one of: sa-fedlora, fedavg, fedprox, fedit"),
     ({"schedule": "quadratic"}, "schedule = 'quadratic' is not allowed; choose one of: cubic, linear"),
     ({"rank-min": 9, "rank-max": 8}, "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
-    ({"init-rounds": 12}, "init-rounds = 12 is not allowed; it must be < num-server-rounds = 12"),
+    ({"init-rounds": 13}, "init-rounds = 13 is not allowed; it must be <= num-server-rounds = 12"),
+    ({"num-server-rounds": 3, "heat-rounds": 3}, "heat-rounds + cool-rounds = 3 + 0 is not allowed"),
+    ({"heat-fraction": 1.5}, "heat-fraction = 1.5 is not allowed; it must be in [0, 1]"),
+    ({"aggregation": "mean"}, "aggregation = 'mean' is not allowed; choose one of: product, factors"),
     ({"prox-mu": -0.1}, "prox-mu = -0.1 is not allowed; it must be >= 0"),
     ({"heat-rounds": 6, "cool-rounds": 6}, "heat-rounds + cool-rounds = 6 + 6 is not allowed"),
     ({"rank-floor": 3, "rank-min": 2}, "rank-floor = 3 is not allowed; it must be <= rank-min = 2"),
@@ -50,7 +54,7 @@ def test_toml_integers_become_floats_where_floats_are_expected():
 def test_method_presets_override_stage_keys():
     fedit = RunConfig(method="fedit").effective
     stage_keys = (fedit.init_rounds, fedit.schedule, fedit.allocation, fedit.aggregation)
-    assert stage_keys == (0, "constant", "uniform", "fedavg")
+    assert stage_keys == (0, "constant", "uniform", "factors")
     fedavg = RunConfig(method="fedavg", prox_mu=0.5).effective
     assert fedavg.init_rounds == fedavg.num_server_rounds and fedavg.init_trainable == "full" and fedavg.prox_mu == 0.0
     assert RunConfig(method="fedprox", prox_mu=0.5).effective.prox_mu == 0.5
@@ -65,3 +69,36 @@ def test_node_config_overrides_client_side_keys_only():
         RunConfig().with_node_config({"batch-size": "big"})
     with pytest.raises(ConfigError, match="max-seq-len = 2 is not allowed; it must be >= 8"):
         RunConfig().with_node_config({"max-seq-len": 2})
+
+
+@pytest.mark.parametrize("rounds, init, heat, cool", [
+    (1, 1, 0, 0),  # one initiating round, nothing left to anneal
+    (2, 1, 0, 0),
+    (3, 1, 0, 0),
+    (12, 1, 1, 2),  # the default run: 11 annealing rounds, 10% heating, 20% cooling
+    (31, 1, 3, 6),
+])
+def test_num_server_rounds_alone_scales_the_phases(rounds, init, heat, cool):
+    config = RunConfig.from_mapping({**run_config(), "num-server-rounds": rounds}).effective
+    assert (config.init_rounds, config.heat_rounds, config.cool_rounds) == (init, heat, cool)
+
+
+def test_explicit_phase_rounds_are_kept_and_the_other_phase_gives_way():
+    config = RunConfig.from_mapping({**run_config(), "num-server-rounds": 6, "heat-rounds": 4}).effective
+    assert (config.heat_rounds, config.cool_rounds) == (4, 1)  # cool: 20% of 5 rounds, within the 1 left
+    config = RunConfig.from_mapping({**run_config(), "num-server-rounds": 6, "heat-rounds": 5}).effective
+    assert (config.heat_rounds, config.cool_rounds) == (5, 0)
+
+
+def test_the_old_aggregation_name_still_works_with_a_warning():
+    with pytest.warns(FutureWarning, match="aggregation = 'fedavg' is deprecated; use aggregation = 'factors'"):
+        config = RunConfig.from_mapping({"aggregation": "fedavg"})
+    assert config.aggregation == "factors"
+
+
+def test_the_readme_table_is_the_one_generated_from_run_config():
+    import config_table  # scripts/config_table.py (pytest's pythonpath)
+
+    readme = config_table.README.read_text()
+    assert config_table.readme_table(readme) == config_table.table(), "run: python scripts/config_table.py --write"
+    assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))

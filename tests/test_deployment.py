@@ -7,28 +7,29 @@
     ports -> free ports and mounted paths -> temporary files. It proves the compose commands make
     a real run; it does not build or run the images.
 
-Processes start in their own sessions and are stopped in the fixture teardown by process group,
-plus any recorded descendant (the SuperLink detaches its SuperExec), never by name.
+Processes start in their own sessions and are stopped in the fixture teardown: each started process
+and every descendant (the SuperLink detaches its SuperExec), never by name. The process helpers
+(environment, free ports, run status, stopping) are the ones ``safedlora compare`` uses
+(``safedlora_app.simulation``).
 SAFEDLORA_DEPLOY_APP_DIR points the tests at another Flower app with the same run-config keys.
 """
 
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
+from safedlora_app.simulation import flower_env, free_port, run_status, stop_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = Path(os.environ.get("SAFEDLORA_DEPLOY_APP_DIR", ROOT)).resolve()
-BIN = Path(sys.executable).parent  # the venv's bin: the SuperLink spawns flower-superexec by name
 MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
 RUN_TIMEOUT = 300  # s for one `flwr run --stream` of 2 tiny rounds (~100 s on 2 idle cores)
 START_TIMEOUT = 60  # s for processes to come up / nodes to connect
@@ -54,25 +55,11 @@ pytestmark = [
 
 
 def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def proc_table():
-    """{pid: (ppid, starttime)} from /proc; starttime guards against PID reuse."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), fields[19])
-    return table
+    """``n`` distinct free ports."""
+    ports = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
 
 
 class Deployment:
@@ -83,18 +70,7 @@ class Deployment:
         self.procs = {}
         self.home = tmp / "flwr-home"
         self.home.mkdir()
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(self.home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HOME": str(tmp / "hf-home"),
-            "PYTHONUNBUFFERED": "1",
-        }
+        self.env = flower_env(self.home, HF_HOME=str(tmp / "hf-home"), PYTHONUNBUFFERED="1")
 
     # --- processes ---
     def start(self, name, argv, **env):
@@ -126,36 +102,23 @@ class Deployment:
         pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
 
     def stop(self):
-        table = proc_table()
-        children = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        tree, todo = {}, [p.pid for p in self.procs.values()]
-        while todo:  # ours and every descendant, with their start times
-            pid = todo.pop()
-            if pid in table and pid not in tree:
-                tree[pid] = table[pid][1]
-                todo += children.get(pid, [])
-
-        def signal_all(sig):
-            for p in self.procs.values():
-                try:  # own session: the group is ours (a PGID is not reused while it exists)
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
-            now = proc_table()
-            for pid, start in tree.items():
-                if pid in now and now[pid][1] == start:
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-
-        signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + 20  # SuperNodes take a few seconds to shut down
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
-            time.sleep(0.2)
-        signal_all(signal.SIGKILL)
+        """Every started process, its descendants, and what is left in its process group (its own session:
+        children orphaned by a crash stay there), all recorded before the first signal."""
+        groups = {p.pid for p in self.procs.values()}
+        tree = {}
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) in groups:
+                    tree[process.pid] = process
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        for p in self.procs.values():
+            try:
+                root = psutil.Process(p.pid)
+                tree.update({c.pid: c for c in [root, *root.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                pass
+        stop_processes(list(tree.values()), timeout=20)  # SuperNodes take a few seconds to shut down
         for p in self.procs.values():
             p.wait(timeout=10)
 
@@ -209,13 +172,11 @@ class Deployment:
 
         # `flwr run` exits 0 even when the run failed: the run's status is the verdict.
         def finished():
-            data = self.flwr_json("ls", conn, "--run-id", run_id)
-            runs = data.get("runs") or [{}]
-            return runs[0] if str(runs[0].get("status", "")).startswith("finished") else None
+            status = run_status(run_id, self.env, self.tmp, conn)
+            return status if status.startswith("finished") else None
 
-        run = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
-        assert run["run-id"] == run_id
-        assert run["status"] == "finished:completed", f"{run}\n{text[-4000:]}\n{self.logs()}"
+        status = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
+        assert status == "finished:completed", f"{status}\n{text[-4000:]}\n{self.logs()}"
 
         # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
         outputs = out_dir / run_name

@@ -61,6 +61,9 @@ def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accurac
     assert [r["budget"] for r in rows[1:]] == [48, 48, 30, 12]  # 12 modules x rank 4 -> x rank 1
     assert rows[-1]["cumulative-bytes"] == sum(r["bytes-down"] + r["bytes-up"] for r in rows)
     assert sum(rows[-1]["ranks"].values()) == 12
+    # The saved adapter is the model the last line's accuracy belongs to.
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved == rows[-1]["model-ranks"] and sum(saved.values()) == 12
     assert "[round 4/4] annealing | budget 12" in output  # the readable per-round line
     # eval-every=2: round 1 is not evaluated; round 0, 2 and the last three are.
     assert [r["accuracy"] is None for r in rows] == [False, True, False, False, False]
@@ -89,7 +92,7 @@ def test_full_initiating_stage_sends_backbone_once_and_saves_base_with_adapter(f
 def test_vision_task_through_the_same_strategy(flower, tmp_path, digits_folder, tiny_vit_dir):
     settings = (f"task='image-classification' model-name='{tiny_vit_dir}' dataset-name='{digits_folder}' "
                 "target-modules='q_proj,v_proj' head-modules='classifier' partitioner='iid' "
-                "num-server-rounds=3 init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1")
+                "num-server-rounds=3 rank-max=2 rank-min=1")  # heating and cooling scaled: 0 and 0 of 2 rounds
     run_dir, rows, _ = run_app(flower, tmp_path, "vit", settings)
     assert rows[-1]["budget"] == 4 and rows[-1]["bytes-down"] < rows[1]["bytes-down"]  # 4 modules (2 layers)
     reloaded = reload_accuracy(run_dir / "adapter", task="image-classification", dataset_name=str(digits_folder),

@@ -4,6 +4,7 @@ import pytest
 
 from safedlora_app import node_resources as nr
 from safedlora_app.config import RunConfig
+from safedlora_app.data import DataError
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -40,9 +41,9 @@ def test_node_local_file_uses_the_server_label_order_and_caches_tokens(tmp_path,
 
 def test_missing_data_path_and_unknown_labels_are_clear_errors(tmp_path, node_csv):
     nr.clear_caches()
-    with pytest.raises(FileNotFoundError, match="data-path = '/nope/local.csv' does not exist on this node"):
+    with pytest.raises(DataError, match="data-path = '/nope/local.csv' does not exist on this node"):
         nr.node_resources(config(tmp_path), {"data-path": "/nope/local.csv"}, LABELS)
-    with pytest.raises(ValueError, match=r"labels \['positive'\] that the server does not know"):
+    with pytest.raises(DataError, match=r"labels \['positive'\] that the server does not know"):
         nr.node_resources(config(tmp_path), {"data-path": str(node_csv)}, ("negative", "neutral"))
 
 

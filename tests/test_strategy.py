@@ -8,6 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from safedlora_app import payload as pl
 from safedlora_app.config import RunConfig
+from safedlora_app.round_plan import initial_tensors
 from safedlora_app.server_app import trained_arrays
 from safedlora_app.strategy import SAFedLoRA
 
@@ -35,12 +36,13 @@ def make_strategy(**overrides):
     values.update(overrides)
     config = RunConfig(**values)
     config.validate()
-    return SAFedLoRA(config.effective, MODULES, HEAD, BACKBONE)
+    expected_full = {**{f"head::{n}": s for n, s in HEAD.items()}, **{f"backbone::{n}": s for n, s in BACKBONE.items()}}
+    return SAFedLoRA(config.effective, MODULES, expected_full)
 
 
 def initial(strategy):
     state = {pl.key(pl.HEAD, "head.w"): torch.ones(2, 3), pl.key(pl.BACKBONE, "emb.w"): torch.zeros(4, 3)}
-    return strategy.initial_arrays(state)
+    return pl.pack(initial_tensors(strategy.config, state))
 
 
 def send(strategy, server_round, arrays, nodes=(11, 22)):
@@ -93,7 +95,7 @@ def test_first_lora_round_sends_revived_factors_and_per_node_configs():
     assert sent["lora_A::m0"].shape == (4, 4) and sent["lora_B::m1"].shape == (5, 4)
     assert torch.all(sent["lora_B::m0"] == 0) and torch.all(sent["lora_A::m0"].abs().sum(dim=1) > 0)
     assert not any(k.startswith("backbone::") for k in sent)  # pre-trained backbone: every node has it
-    assert strategy.history[-1].revived == 8
+    assert strategy.rounds.current.revived == 8
 
 
 def test_product_aggregation_equals_weighted_mean_of_products_and_head_mean():
@@ -120,15 +122,15 @@ def test_bytes_fall_with_the_budget():
     for server_round in range(1, 7):
         messages = send(strategy, server_round, arrays)
         arrays, _ = strategy.aggregate_train(server_round, [reply(m, trained(m, i)) for i, m in enumerate(messages)])
-    budgets = [s.budget for s in strategy.history]
-    down = [s.bytes_down for s in strategy.history]
+    budgets = [s.budget for s in strategy.rounds.rounds]
+    down = [s.bytes_down for s in strategy.rounds.rounds]
     # T=6, init 1, R=5, heat 1, cool 1: 8, 8, 8 (u=0), 5 (u=1/3 -> 1+7*2/3=5.67 -> 6), ...
     assert budgets[0] == 8 and budgets[-1] == 2
     assert all(x >= y for x, y in zip(budgets, budgets[1:]))
     assert all(x >= y for x, y in zip(down, down[1:])) and down[-1] < down[0]
     per_rank = sum(d_in + d_out for d_out, d_in in MODULES.values())
     # floor of r*(d_in+d_out) values per module, plus the head, each to 2 nodes (fp32 + key bytes)
-    assert strategy.history[-1].params_down == 2 * (1 * per_rank + 6)
+    assert strategy.rounds.current.params_down == 2 * (1 * per_rank + 6)
 
 
 @pytest.mark.parametrize("corrupt, reason", [
@@ -143,7 +145,7 @@ def test_malformed_reply_is_dropped_and_the_round_goes_on(corrupt, reason, caplo
     good = trained(messages[0], 1)
     bad = reply(messages[1], corrupt(trained(messages[1], 2)))
     arrays, _ = strategy.aggregate_train(1, [reply(messages[0], good), bad])
-    assert strategy.history[-1].replies == 1 and strategy.history[-1].dropped == 1
+    assert strategy.rounds.current.replies == 1 and strategy.rounds.current.dropped == 1
     assert reason in caplog.text and "node 22" in caplog.text
     new = pl.unpack(arrays)  # equals the good client's update alone
     assert torch.allclose(new["head::head.w"], good["head::head.w"])
@@ -155,7 +157,7 @@ def test_absurd_num_examples_is_dropped(num_examples):
     messages = send(strategy, 1, initial(strategy))
     replies = [reply(messages[0], trained(messages[0], 1)), reply(messages[1], trained(messages[1], 2), num_examples)]
     strategy.aggregate_train(1, replies)
-    assert strategy.history[-1].dropped == 1
+    assert strategy.rounds.current.dropped == 1
 
 
 def test_no_valid_reply_keeps_the_global_model():
@@ -181,7 +183,7 @@ def test_a_run_in_which_no_round_aggregates_anything_fails_instead_of_saving_a_m
     # Through Flower's own round loop: its Result keeps an *empty* ArrayRecord (not None) in this case.
     strategy = make_strategy(num_server_rounds=2, init_rounds=1, heat_rounds=0, cool_rounds=1)
     result = strategy.start(grid=FailingGrid((11, 22)), initial_arrays=initial(strategy), num_rounds=2)
-    assert [stats.dropped for stats in strategy.history] == [2, 2]
+    assert [stats.dropped for stats in strategy.rounds.rounds] == [2, 2]
     with pytest.raises(RuntimeError, match="no node returned a valid update in any of the 2 rounds"):
         trained_arrays(result, "r", 2)
 
@@ -200,11 +202,11 @@ def test_full_initiating_stage_then_backbone_reaches_each_node_once():
     messages = send(strategy, 2, arrays)
     digest = messages[0].content["config"]["backbone-hash"]
     assert digest and all("backbone::emb.w" in m.content["arrays"] for m in messages)
-    assert strategy.history[-1].backbone_sends == 2
+    assert strategy.rounds.current.backbone_sends == 2
     # Node 22 reports the wrong backbone: dropped, and it will be sent the backbone again.
     arrays, _ = strategy.aggregate_train(2, [reply(messages[0], trained(messages[0], 1)),
                                              reply(messages[1], trained(messages[1], 2), backbone_hash="f00")])
-    assert strategy.history[-1].dropped == 1
+    assert strategy.rounds.current.dropped == 1
     messages = send(strategy, 3, arrays)
     has_backbone = {m.metadata.dst_node_id: "backbone::emb.w" in m.content["arrays"] for m in messages}
     assert has_backbone == {11: False, 22: True}
@@ -250,5 +252,5 @@ def test_cosine_lr_decay_reaches_the_clients_round_by_round():
     assert lrs[0] == pytest.approx(0.004) and lrs[-1] == pytest.approx(0.001)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     # The diagnostics of every LoRA round: factor norms of the first module, dropped share of the update.
-    assert set(strategy.history[-1].factor_norms) == {"B", "A"}
-    assert 0.0 <= strategy.history[-1].dropped_update < 1.0
+    assert set(strategy.rounds.current.factor_norms) == {"B", "A"}
+    assert 0.0 <= strategy.rounds.current.dropped_update < 1.0

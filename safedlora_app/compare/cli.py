@@ -51,6 +51,40 @@ from .tables import (
 
 
 # --- Command line ----------------------------------------------------------------------------------
+def integer_at_least(low: int) -> Callable[[str], int]:
+    """argparse ``type=``: a whole number >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be an integer >= {low}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """argparse ``type=``: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be a fraction in (0, 1], e.g. 0.55")
+    return value
+
+
+def choices_of(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """argparse ``type=``: a comma-separated list of items from ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            return parse_choices(text, allowed)
+        except CompareError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedlora", description="SA-FedLoRA tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,36 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the command is run again.")
     p.add_argument("--quick", action="store_true",
                    help="smoke preset (one split, one seed, 3 rounds, tiny data; < 10 min on 2 cores) "
-                        "instead of the full preset (< 90 min on 2 cores)")
+                        "instead of the full preset (about 150 min on 2 cores)")
     p.add_argument("--name", default=None, help="results sub-directory (default: the preset's name)")
     p.add_argument("--out", default="results",
                    help="results directory, relative to the current directory or absolute (default: results)")
-    p.add_argument("--seeds", type=str, default=None, help="seeds for the headline methods (>= 1; first seed is "
-                   f"{FIRST_SEED}, then {FIRST_SEED + 1}, ...); default: preset")
-    p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
-    p.add_argument("--splits", default=None, help=f"comma-separated, from: {', '.join(SPLITS)}; default: preset")
-    p.add_argument("--rounds", type=str, default=None, help="num-server-rounds (>= 1); default: preset")
+    p.add_argument("--seeds", type=integer_at_least(1), default=None,
+                   help=f"seeds for the headline methods (>= 1; first seed is {FIRST_SEED}, then {FIRST_SEED + 1}, "
+                        "...); default: preset")
+    p.add_argument("--methods", type=choices_of(tuple(METHODS)), default=None,
+                   help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
+    p.add_argument("--splits", type=choices_of(tuple(SPLITS)), default=None,
+                   help=f"comma-separated, from: {', '.join(SPLITS)}; default: preset")
+    p.add_argument("--rounds", type=integer_at_least(1), default=None, help="num-server-rounds (>= 1); default: preset")
     p.add_argument("--lr-search", action="store_true",
                    help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} for every method on the "
                         "first seed and split, then use each method's best")
-    p.add_argument("--target-accuracy", type=str, default=None,
+    p.add_argument("--target-accuracy", type=fraction, default=None,
                    help="accuracy (fraction in (0, 1]) for the rounds-to-target column; default: preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config value for every run, over the preset's (repeatable), e.g. --set test-size=1000")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their run-config; run nothing")
     return parser
-
-
-def _int_option(text: str | None, option: str, low: int) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise CompareError(f"{option} = {text!r} is not allowed; it must be an integer >= {low}") from None
-    if value < low:
-        raise CompareError(f"{option} = {value} is not allowed; it must be an integer >= {low}")
-    return value
 
 
 def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[str, Any]:
@@ -111,19 +136,11 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
         raise CompareError(f"--name = {name!r} is not allowed; it must be a plain directory name, e.g. 'full'")
     out = Path(os.path.expanduser(args.out))
     root = (out if out.is_absolute() else (cwd or Path.cwd()) / out).resolve() / name
-    n_seeds = _int_option(args.seeds, "--seeds", 1) or preset.seeds
-    rounds = _int_option(args.rounds, "--rounds", 1) or preset.rounds
-    methods = parse_choices(args.methods, tuple(METHODS), "--methods") if args.methods else preset.methods
-    splits = parse_choices(args.splits, tuple(SPLITS), "--splits") if args.splits else preset.splits
-    target = preset.target_accuracy
-    if args.target_accuracy is not None:
-        try:
-            target = float(args.target_accuracy)
-        except ValueError:
-            target = float("nan")
-        if not 0.0 < target <= 1.0:
-            raise CompareError(f"--target-accuracy = {args.target_accuracy!r} is not allowed; it must be a fraction "
-                               "in (0, 1], e.g. 0.55")
+    n_seeds = args.seeds or preset.seeds
+    rounds = args.rounds or preset.rounds
+    methods = args.methods or preset.methods
+    splits = args.splits or preset.splits
+    target = args.target_accuracy or preset.target_accuracy
     from ..simulation import APP_ROOT
 
     if packaged_with_app(root, APP_ROOT):

@@ -25,7 +25,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sa-no-init": {"method": "sa-fedlora", "init-rounds": 0},
     "sa-no-anneal": {"method": "sa-fedlora", "schedule": "constant"},
     "sa-uniform": {"method": "sa-fedlora", "allocation": "uniform"},
-    "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "fedavg"},
+    "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "factors"},
     "sa-orth-a": {"method": "sa-fedlora", "factor-form": "orthonormal-a"},
 }
 METHOD_DESCRIPTIONS = {
@@ -37,7 +37,7 @@ METHOD_DESCRIPTIONS = {
     "sa-no-init": "SA-FedLoRA without initiating stage (init-rounds=0)",
     "sa-no-anneal": "SA-FedLoRA without annealing (schedule='constant')",
     "sa-uniform": "SA-FedLoRA with uniform allocation",
-    "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='fedavg')",
+    "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='factors')",
     "sa-orth-a": "SA-FedLoRA with FlexLoRA's factor split A = V^T, B = U S (factor-form='orthonormal-a')",
 }
 FULL_METHODS = ("fedavg", "fedprox")
@@ -182,22 +182,8 @@ def lr_key(method: str) -> str:
     return "full-lr" if method in FULL_METHODS else "lr"
 
 
-def parse_choices(text: str, allowed: Sequence[str], option: str) -> tuple[str, ...]:
-    """Split a comma-separated option value and check every item.
-
-    Parameters
-    ----------
-    text : str
-        E.g. ``"fedit-rmax,sa-fedlora"``.
-    allowed : sequence of str
-        The allowed items.
-    option : str
-        The option's name, for the error message.
-
-    Returns
-    -------
-    tuple of str
-        The items in the given order, duplicates dropped.
+def parse_choices(text: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """``"fedit-rmax,sa-fedlora"`` -> ``("fedit-rmax", "sa-fedlora")``: the items in order, duplicates dropped.
 
     Raises
     ------
@@ -206,10 +192,10 @@ def parse_choices(text: str, allowed: Sequence[str], option: str) -> tuple[str, 
     """
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
-        raise CompareError(f"{option} = {text!r} is not allowed; give a comma-separated list of: {', '.join(allowed)}")
+        raise CompareError(f"{text!r} is not allowed; give a comma-separated list of: {', '.join(allowed)}")
     for item in items:
         if item not in allowed:
-            raise CompareError(f"{option}: {item!r} is not allowed; choose from: {', '.join(allowed)}")
+            raise CompareError(f"{item!r} is not allowed; choose from: {', '.join(allowed)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -388,9 +374,9 @@ def run_config_string(settings: Mapping[str, Any]) -> str:
 
 def clients_per_round(settings: Mapping[str, Any], num_supernodes: int) -> int:
     """Nodes sampled per round, as the strategy samples them."""
-    fraction = float(settings.get("fraction-train", 1.0))
-    min_nodes = int(settings.get("min-nodes", 2))
-    return min(num_supernodes, max(int(num_supernodes * fraction), min_nodes))
+    config = RunConfig(fraction_train=float(settings.get("fraction-train", RunConfig.fraction_train)),
+                       min_nodes=int(settings.get("min-nodes", RunConfig.min_nodes)))
+    return config.clients_per_round(num_supernodes)
 
 
 def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float:

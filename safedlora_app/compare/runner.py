@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,8 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from ..config import DEPRECATED_VALUES
+from ..outputs import run_totals
 from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
-from .tables import MB, read_records, read_summary, run_dir, run_totals
+from .tables import MB, read_records, read_summary, run_dir
 
 
 # --- Checks: resuming, the app bundle, the machine -------------------------------------------------
@@ -28,11 +33,12 @@ def config_mismatch(planned: Mapping[str, Any], given: Mapping[str, Any]) -> lis
     """Keys whose value in a finished run's ``config.json`` (``given``) differs from the plan."""
     ignore = {"out-dir", "run-name", "cache-dir"}
     return [f"{k}: planned {v!r}, found {given.get(k)!r}" for k, v in planned.items()
-            if k not in ignore and not _same(v, given.get(k))]
+            if k not in ignore and not _same(v, DEPRECATED_VALUES.get(k, {}).get(given.get(k), given.get(k)))]
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal, counting 8 and 8.0 as the same (TOML may give either)."""
+    """Equal, counting 8 and 8.0 as the same (TOML may give either); a run made under a deprecated value's
+    old name counts as made with its new name."""
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
     return float(a) == float(b) if numbers else a == b
 
@@ -103,7 +109,6 @@ class Comparison:
         self._flower = None
         self._home: Path | None = None
         self.outcomes: dict[str, Outcome] = {}
-        self._spent = self._estimated = 0.0  # over runs done in this invocation (ETA calibration)
 
     def run_dir(self, spec: RunSpec) -> Path:
         return run_dir(self.root, spec)
@@ -135,13 +140,23 @@ class Comparison:
     def run_all(self, plan: Sequence[RunSpec], phase: str = "", later: float = 0.0) -> list[Outcome]:
         """Run (or skip) every planned run in order, one progress line each, with an ETA.
 
-        ``later`` is the estimate (seconds) of the runs of later phases, included in the ETA.
+        Progress is a tqdm bar over the *estimated* seconds of the work (``later``: the estimate of the runs
+        of later phases), so its rate calibrates the estimate against this machine and its ETA weighs a
+        full fine-tuning run more than a LoRA run.
         """
         todo = [s for s in plan if not self.finished(s)]
         remaining = sum(estimate_seconds(s) for s in todo) + later
         label = f"{phase}: " if phase else ""
         self.say(f"{label}{len(plan)} runs, {len(plan) - len(todo)} finished earlier, {len(todo)} to run "
                  f"(estimate {(remaining - later) / 60:.0f} min on 2 cores)")
+        bar = tqdm(total=max(1, round(remaining)), desc=phase or "runs", unit="s", file=sys.stderr, leave=False,
+                   bar_format="{desc}: {percentage:3.0f}% of the estimated work, {elapsed} elapsed, ETA {remaining}")
+        try:
+            return self._run_each(plan, todo, bar)
+        finally:
+            bar.close()
+
+    def _run_each(self, plan: Sequence[RunSpec], todo: Sequence[RunSpec], bar: tqdm) -> list[Outcome]:
         outcomes = []
         for index, spec in enumerate(plan, 1):
             tag = f"[{index}/{len(plan)}] {spec.key}"
@@ -156,12 +171,8 @@ class Comparison:
                 self.say(f"{tag}: started ({spec.lr_key} {spec.settings[spec.lr_key]:g}, "
                          f"{spec.settings['num-server-rounds']} rounds, ~{estimate:.0f} s)")
                 outcome = self.run_one(spec, timeout=max(600.0, 6 * estimate))
-                remaining -= estimate
-                if outcome.status == "finished":
-                    self._spent += outcome.seconds
-                    self._estimated += estimate
-                ratio = self._spent / self._estimated if self._estimated else 1.0
-                eta = max(0.0, remaining * ratio)
+                bar.update(round(estimate))
+                eta = _eta_seconds(bar)
                 if outcome.status == "finished":
                     self.say(f"{tag}: finished in {outcome.seconds:.0f} s | {self.describe(spec)} | "
                              f"ETA {eta / 60:.1f} min")
@@ -177,7 +188,8 @@ class Comparison:
         records = read_records(self.run_dir(spec))
         t = run_totals(records)
         best = "" if t["best-accuracy"] is None else f" (best {t['best-accuracy']:.1%})"
-        dropped = f" | WARNING: {t['dropped']} client replies dropped (see the log)" if t["dropped"] else ""
+        dropped = (f" | WARNING: {t['dropped-replies']} client replies dropped (see the log)"
+                   if t["dropped-replies"] else "")
         return f"acc {t['final-accuracy']:.1%}{best} | {(t['bytes-down'] + t['bytes-up']) / MB:.2f} MB{dropped}"
 
     def run_one(self, spec: RunSpec, timeout: float) -> Outcome:
@@ -228,6 +240,12 @@ class Comparison:
         if self._home is not None:
             shutil.rmtree(self._home, ignore_errors=True)
             self._home = None
+
+
+def _eta_seconds(bar: tqdm) -> float:
+    """The bar's remaining wall time: estimated seconds left over the measured rate (estimated s per wall s)."""
+    done, total, elapsed = bar.n, bar.total, bar.format_dict["elapsed"]
+    return (total - done) * elapsed / done if done and elapsed else 0.0
 
 
 def _text(value) -> str:

@@ -5,14 +5,15 @@ Reads what the app wrote in each run directory (``metrics.jsonl``, ``summary.jso
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from ..outputs import run_totals
 from .plan import HEADLINE, REFERENCES, SPLITS, RunSpec, clients_per_round
 
 MB = 1e6
@@ -84,28 +85,6 @@ def saving_pct(value: float | None, reference: float | None) -> float | None:
     if value is None or not reference:
         return None
     return 100.0 * (1.0 - value / reference)
-
-
-def run_totals(records: Sequence[Mapping]) -> dict[str, float]:
-    """Sums over the rounds (round 0 sends nothing) and the headline numbers of one run's metrics.
-
-    ``best-accuracy`` is the best over rounds 1..T (the initial model does not count);
-    ``last3-accuracy`` the mean over the last three rounds (less sensitive to the last round's sample).
-    """
-    rounds = [r for r in records if r["round"] > 0]
-    final = records[-1]
-    return {
-        "final-accuracy": final.get("accuracy"),
-        "final-macro-f1": final.get("macro-f1"),
-        "best-accuracy": max((r["accuracy"] for r in rounds if r.get("accuracy") is not None), default=None),
-        "last3-accuracy": mean_std([r.get("accuracy") for r in rounds[-3:]])[0],
-        "bytes-down": sum(r["bytes-down"] for r in rounds),
-        "bytes-up": sum(r["bytes-up"] for r in rounds),
-        "params-down": sum(r["params-down"] for r in rounds),
-        "params-up": sum(r["params-up"] for r in rounds),
-        "rounds": len(rounds),
-        "dropped": sum(int(r.get("dropped") or 0) for r in rounds),
-    }
 
 
 def paired_rows(root: Path, plan: Sequence[RunSpec], method: str = "sa-fedlora",
@@ -207,7 +186,7 @@ def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[M
     row["params_sent"] = _number(mean_std([t["params-down"] + t["params-up"] for t in totals])[0])
     row["saving_vs_fedavg_pct"] = row["saving_vs_fedit_rmax_pct"] = None
     row["wall_seconds"] = mean_std([s.get("wall-seconds") for s, _ in runs])[0]
-    row["dropped_replies"] = sum(t["dropped"] for t in totals)
+    row["dropped_replies"] = sum(t["dropped-replies"] for t in totals)
     return row
 
 
@@ -238,13 +217,9 @@ CSV_COLUMNS = ("split", "method", "seeds", "seeds_planned", "lr_key", "lr", "lr_
 
 
 def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as CSV with ``CSV_COLUMNS`` (empty cells for missing values)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
-    return buffer.getvalue()
+    """The rows as CSV with ``CSV_COLUMNS`` (empty cells for missing values; whole numbers stay whole)."""
+    frame = pd.DataFrame(list(rows), columns=list(CSV_COLUMNS), dtype=object)
+    return frame.where(frame.notna(), "").to_csv(index=False, lineterminator="\n")
 
 
 def format_pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -1,0 +1,95 @@
+"""One round's aggregation: the new global tensors from the valid replies, and the replies' metrics.
+
+Pure functions (no Flower, no I/O). Full rounds average every tensor. LoRA rounds average the head,
+keep the frozen backbone, and aggregate each module's factors: the exact weighted mean of the
+products ``B_k A_k`` truncated to rank-max (``aggregation = "product"``), or A and B averaged
+separately (``"factors"``, FedIT's way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from . import adapter_math as am
+from . import payload as pl
+from .config import RunConfig
+from .round_plan import FULL, RoundPlan
+
+Tensors = Mapping[str, torch.Tensor]
+REPLY_MEANS = ("train-loss", "train-time", "first-step-a-ratio")
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_k p_k x_k`` with ``p_k = w_k / sum w``, accumulated in float64, returned as float32."""
+    total = float(sum(weights))
+    return sum((w / total) * x.double() for w, x in zip(weights, tensors)).float()
+
+
+def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tensors], weights: Sequence[float],
+                    previous: Tensors) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(new global tensors, diagnostics)`` of a round.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The effective run config.
+    plan : RoundPlan
+        The round's plan: its kind, and the factors every node started from.
+    received : sequence of mapping
+        Each valid reply's tensors (``lora_B``/``lora_A`` entries already split from the wire).
+    weights : sequence of float
+        Each reply's ``num-examples``.
+    previous : mapping
+        The global tensors the round started from (the frozen backbone comes from here).
+
+    Returns
+    -------
+    new, diagnostics : dict, dict
+        ``diagnostics`` holds ``dropped_update`` (share of the round's mean update, squared Frobenius
+        summed over modules, that truncation to rank-max dropped; ``None`` when nothing is truncated)
+        and ``factor_norms`` (``||B||`` and ``||A||`` of the first module).
+    """
+    if plan.kind == FULL:
+        new = {k: weighted_mean([r[k] for r in received], weights) for k in received[0]}
+        return new, {"dropped_update": None, "factor_norms": {}}
+    new = pl.only(previous, pl.BACKBONE)  # frozen while LoRA trains
+    new.update({k: weighted_mean([r[k] for r in received], weights) for k in pl.only(received[0], pl.HEAD)})
+    dropped = update = 0.0
+    for m, (sent_b, sent_a) in plan.factors.items():
+        bs = [r[pl.key(pl.LORA_B, m)] for r in received]
+        as_ = [r[pl.key(pl.LORA_A, m)] for r in received]
+        if config.aggregation == "product":
+            b, a = am.aggregate_products(bs, as_, weights, max_rank=config.rank_max, form=config.factor_form)
+            module_dropped, module_update = am.dropped_update(bs, as_, weights, sent_b, sent_a,
+                                                              max_rank=config.rank_max)
+            dropped, update = dropped + module_dropped, update + module_update
+        else:
+            b, a = am.aggregate_factors(bs, as_, weights)
+        new[pl.key(pl.LORA_B, m)], new[pl.key(pl.LORA_A, m)] = b, a
+    first = next(iter(plan.factors))
+    diagnostics = {
+        # Averaging factors never truncates an exact mean.
+        "dropped_update": (dropped / update if update > 0 else 0.0) if config.aggregation == "product" else None,
+        "factor_norms": {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
+                         "A": float(new[pl.key(pl.LORA_A, first)].norm())},
+    }
+    return new, diagnostics
+
+
+def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[str, float | int]:
+    """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory."""
+    out: dict[str, float | int] = {"num-examples": int(sum(weights))}
+    for name in REPLY_MEANS:
+        values = [(w, float(r[name])) for w, r in zip(weights, records) if _number(r.get(name))]
+        if values:
+            out[name] = sum(w * v for w, v in values) / sum(w for w, _ in values)
+    peaks = [float(r["peak-memory-mb"]) for r in records if _number(r.get("peak-memory-mb"))]
+    if peaks:
+        out["peak-memory-mb"] = max(peaks)
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

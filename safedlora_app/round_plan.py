@@ -1,0 +1,139 @@
+"""The round plan: what one round trains and sends, and the model a round ends with.
+
+Pure functions of (effective config, round, global tensors): no Flower, no I/O. The strategy plans
+every round with :func:`plan_round`. The central evaluation and the saved adapter read the model a
+round ended with through :func:`adapter_at`, which :func:`plan_round` uses too. The model after
+round t is the aggregated adapter truncated to round t's budget (what a run stopped after round t
+would save). Its ranks are the ones a ``metrics.jsonl`` row logs as ``model-ranks`` next to that
+model's accuracy; ``ranks`` are the ones sent in the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from . import adapter_math as am
+from . import payload as pl
+from .config import RunConfig
+from .schedule import round_budget, round_lr_factor
+from .seeds import mix_seed
+
+FULL, LORA = "full", "lora"
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def round_kind(config: RunConfig, server_round: int) -> str:
+    """``full`` for full fine-tuning rounds (fedavg, fedprox, ``init-trainable = full``), else ``lora``."""
+    return FULL if server_round <= config.init_rounds and config.init_trainable == FULL else LORA
+
+
+def stage(config: RunConfig, server_round: int) -> str:
+    """``initiating`` or ``annealing`` for sa-fedlora; the baselines' rounds are ``training``."""
+    if config.method != "sa-fedlora":
+        return "training"
+    return "initiating" if server_round <= config.init_rounds else "annealing"
+
+
+def budget(config: RunConfig, server_round: int, num_modules: int) -> int:
+    """Total LoRA rank over ``num_modules`` adapted modules in a round (b_max while initiating)."""
+    return round_budget(server_round, config.num_server_rounds, config.init_rounds, config.heat_rounds,
+                        config.cool_rounds, config.rank_max * num_modules, config.rank_min * num_modules,
+                        config.schedule)
+
+
+def initial_tensors(config: RunConfig, model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Round 0's global state (``model.full_state``): the head, plus the pre-trained backbone if round 1 is full.
+
+    LoRA starts empty: every component is dead and is revived (peft's init) when first sent.
+    """
+    backbone = pl.only(model_state, pl.BACKBONE) if round_kind(config, 1) == FULL else {}
+    return {**pl.only(model_state, pl.HEAD), **backbone}
+
+
+def stored_factors(tensors: Mapping[str, torch.Tensor], module_shapes: Mapping[str, tuple[int, int]]) -> Factors:
+    """``{module: (B, A)}`` of the global adapter for every adapted module (rank 0 where none is stored yet)."""
+    stored = pl.lora_factors(tensors)
+    return {m: stored.get(m, (torch.zeros(d_out, 0), torch.zeros(0, d_in)))
+            for m, (d_out, d_in) in module_shapes.items()}
+
+
+def adapter_at(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],
+               module_shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, int], Factors]:
+    """The global adapter at round ``server_round``'s budget: ``(ranks, {module: (B, A)})``.
+
+    The budget is split over modules (global threshold on singular values, or uniform) and each
+    module is truncated to its rank. Factors in SVD form are truncated by slicing; averaged factors
+    (``aggregation = "factors"``) are re-factored first when they must shrink, so that truncation is
+    still the best approximation at that rank.
+    """
+    factors = stored_factors(tensors, module_shapes)
+    sigmas = {m: (am.singular_values(b, a) if b.shape[1] else torch.zeros(0)) for m, (b, a) in factors.items()}
+    ranks = am.allocate_ranks(sigmas, budget(config, server_round, len(module_shapes)), floor=config.rank_floor,
+                              cap=config.rank_max, uniform=config.allocation == "uniform")
+    out = {}
+    for m, (b, a) in factors.items():
+        if config.aggregation == "factors" and ranks[m] < b.shape[1]:
+            b, a = am.refactor(b, a, ranks[m], config.factor_form)
+        out[m] = am.resize(b, a, ranks[m])
+    return ranks, out
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What every node trains in one round.
+
+    ``ranks`` and ``factors`` are empty in full rounds. ``factors`` are the truncated global factors
+    with dead components revived: exactly what each node starts from.
+    """
+
+    server_round: int
+    kind: str
+    stage: str
+    lr: float
+    prox_mu: float
+    budget: int | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+    factors: Factors = field(default_factory=dict)
+    revived: int = 0
+
+    def lora_payload(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What every node is sent in a LoRA round: the plan's factors on the wire (``lora::packed``), the head."""
+        sent = pl.only(tensors, pl.HEAD)
+        for m, (b, a) in self.factors.items():
+            sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
+        return pl.to_wire(sent, list(self.ranks))
+
+    def train_config(self, lora_scale: float) -> dict:
+        """The round's keys of the message config that every node reads (see ``client_app``)."""
+        values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu}
+        if self.kind == LORA:
+            values.update({"lora-modules": list(self.ranks), "lora-ranks": list(self.ranks.values()),
+                           "lora-scale": lora_scale})
+        return values
+
+
+def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],
+               module_shapes: Mapping[str, tuple[int, int]]) -> RoundPlan:
+    """Plan round ``server_round`` from the global tensors it starts with.
+
+    Dead components (A row and B column both zero: a new adapter, or one the budget grew into)
+    get peft's init for A and a zero B column, seeded by (seed, round, module index).
+    """
+    kind = round_kind(config, server_round)
+    initiating = server_round <= config.init_rounds
+    lr = ((config.full_lr if kind == FULL else config.lr)
+          * round_lr_factor(server_round, config.num_server_rounds, config.lr_decay, config.lr_final_ratio))
+    common = dict(server_round=server_round, kind=kind, stage=stage(config, server_round), lr=lr,
+                  prox_mu=config.prox_mu if initiating else config.prox_mu_anneal)
+    if kind == FULL:
+        return RoundPlan(**common)
+    ranks, truncated = adapter_at(config, server_round, tensors, module_shapes)
+    factors, revived = {}, 0
+    for index, (m, (b, a)) in enumerate(truncated.items()):
+        b, a, count = am.revive_dead_components(b, a, seed=mix_seed(config.seed, server_round, index),
+                                                form=config.factor_form)
+        factors[m], revived = (b, a), revived + count
+    return RoundPlan(**common, budget=sum(ranks.values()), ranks=ranks, factors=factors, revived=revived)

@@ -1,0 +1,20 @@
+"""Reproducible randomness: one seed per (run seed, round, node, ...) and seeded sampling."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mix_seed(*values: int) -> int:
+    """One deterministic seed from several integers (run seed, round, partition, ...)."""
+    seed = 0
+    for value in values:
+        seed = (seed * 1_000_003 + int(value)) % (2**63 - 1)
+    return seed
+
+
+def sample_indices(size: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of ``range(size)`` (all of them when count is 0 or too large)."""
+    if count <= 0 or count >= size:
+        return list(range(size))
+    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist())

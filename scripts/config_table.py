@@ -1,0 +1,54 @@
+"""The README's run-config table, generated from ``RunConfig`` (each key's default and help, said once).
+
+    python scripts/config_table.py          # print the table
+    python scripts/config_table.py --write  # replace the table in README.md
+
+``tests/test_config.py`` checks that the README holds exactly this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from safedlora_app.config import RunConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADER = "| key | default | meaning |\n|---|---|---|\n"
+
+
+def cell(text: str) -> str:
+    """reStructuredText literals as Markdown code; pipes escaped for the table."""
+    return text.replace("``", "`").replace("|", "\\|")
+
+
+def table() -> str:
+    rows = []
+    for f in dataclasses.fields(RunConfig):
+        default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default)
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{default}` | {cell(f.metadata['help'])} |\n")
+    return HEADER + "".join(rows)
+
+
+def readme_table(text: str) -> str:
+    """The run-config table as it stands in the README (header to the first line that is not a row)."""
+    start = text.index(HEADER)
+    end = start + len(HEADER)
+    while text.startswith("|", end):
+        end = text.index("\n", end) + 1
+    return text[start:end]
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--write"]:
+        text = README.read_text()
+        README.write_text(text.replace(readme_table(text), table()))
+    else:
+        sys.stdout.write(table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

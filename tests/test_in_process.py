@@ -1,0 +1,138 @@
+"""The ServerApp and the ClientApp's handler in one process: Flower's own round loop, no transport.
+
+A Grid whose nodes are ``client_app.train_handler`` calls runs the real ``server_app.main`` on the
+real model and tweets in seconds, so round counts, the evaluated model's ranks and the saved adapter
+are checked without starting Flower's processes (the ``flwr run`` tests cover those).
+"""
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from safedlora_app import client_app, server_app
+from safedlora_app import payload as pl
+from safedlora_app.config import RunConfig
+from safedlora_app.model import module_shapes
+from safedlora_app.node_resources import node_resources
+from safedlora_app.round_plan import plan_round
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+LABELS = ["negative", "neutral", "positive"]  # the embedded tweets' classes
+TINY = {"local-samples": 16, "test-size": 40, "batch-size": 8, "eval-batch-size": 40, "min-nodes": 2,
+        "precision": "fp32"}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One node cache for the module: the tokenized partitions are made once."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture
+def run_config(tmp_path, cache_dir):
+    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+    def make(**overrides):
+        return {**defaults, **TINY, "out-dir": str(tmp_path), "cache-dir": str(cache_dir),
+                **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    return make
+
+
+class InProcessGrid:
+    """Nodes that are ``train_handler`` calls in this process; a handler's exception becomes an error reply."""
+
+    def __init__(self, config: dict, num_nodes: int = 2):
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=config,
+                                          node_config={"partition-id": i, "num-partitions": num_nodes})
+                         for i in range(num_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
+            try:
+                replies.append(client_app.train_handler(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
+                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
+        return replies
+
+
+def run_server(config: dict) -> tuple[Path, list[dict], dict]:
+    server_app.main(InProcessGrid(config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                   run_config=config))
+    run_dir = Path(config["out-dir"]) / config["run-name"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, rows, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_num_server_rounds_alone_runs_end_to_end(run_config, rounds):
+    run_dir, rows, summary = run_server(run_config(num_server_rounds=rounds, run_name=f"t{rounds}"))
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert rows[1]["stage"] == "initiating" and all(r["stage"] == "annealing" for r in rows[2:])
+    assert all(r["replies"] == 2 and r["dropped"] == 0 for r in rows[1:])
+    # Each row's accuracy belongs to the model at that round's budget, and the saved adapter is that model.
+    for row in rows[1:]:
+        assert sum(row["model-ranks"].values()) == row["budget"]
+    assert [r["budget"] for r in rows[1:]] == sorted((r["budget"] for r in rows[1:]), reverse=True)
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved == rows[-1]["model-ranks"] == summary["final-ranks"]
+    assert summary["rounds"] == rounds and summary["final-accuracy"] == rows[-1]["accuracy"]
+
+
+def lora_message(config: RunConfig, server_round: int = 1) -> Message:
+    """The message a node gets in a LoRA round, made by the round plan from the initial global state."""
+    resources = node_resources(config, {"partition-id": 0, "num-partitions": 2}, tuple(LABELS))
+    shapes = module_shapes(resources.base_model, [m for m in dict(resources.base_model.named_modules())
+                                                  if m.endswith((".query", ".value"))])
+    head = {k: v for k, v in resources.base_model.named_parameters() if k.startswith("classifier.")}
+    plan = plan_round(config.effective, server_round, {pl.key(pl.HEAD, k): v.detach() for k, v in head.items()},
+                      shapes)
+    tensors = {pl.key(pl.HEAD, k): v.detach() for k, v in head.items()}
+    for m, (b, a) in plan.factors.items():
+        tensors[pl.key(pl.LORA_B, m)], tensors[pl.key(pl.LORA_A, m)] = b, a
+    round_config = {"label-names": LABELS, "backbone-hash": "", **plan.train_config(config.lora_scale)}
+    content = RecordDict({pl.ARRAYS: pl.pack(pl.to_wire(tensors, list(plan.ranks))),
+                          "config": ConfigRecord(round_config)})
+    message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=100)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message, plan, shapes
+
+
+def test_train_handler_returns_factors_at_the_sent_ranks(run_config):
+    config = RunConfig.from_mapping(run_config(local_samples=8))
+    message, plan, shapes = lora_message(config)
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config(local_samples=8))
+    reply = client_app.train_handler(message, context)
+    arrays = pl.unpack(reply.content[pl.ARRAYS])
+    assert set(arrays) == {pl.PACKED, "head::classifier.weight", "head::classifier.bias"}
+    assert arrays[pl.PACKED].numel() == pl.packed_size(plan.ranks, shapes)
+    factors = pl.lora_factors(pl.from_wire(arrays, plan.ranks, shapes))
+    module = next(iter(plan.factors))
+    assert not torch.equal(factors[module][0], plan.factors[module][0])  # B left zero: it trained
+    metrics = reply.content[pl.METRICS]
+    assert metrics["num-examples"] == 8 and metrics["train-loss"] > 0
+
+
+def test_train_handler_refuses_a_round_config_whose_lists_disagree(run_config):
+    config = RunConfig.from_mapping(run_config())
+    message, _, _ = lora_message(config)
+    message.content["config"]["lora-ranks"] = list(message.content["config"]["lora-ranks"])[:-1]
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config())
+    with pytest.raises(pl.PayloadError, match="announces 12 LoRA modules but 11 ranks"):
+        client_app.train_handler(message, context)
