@@ -56,6 +56,9 @@ def train_handler(msg: Message, context: Context) -> Message:
                  device=device, dtype=compute_dtype(config.precision, device), warmup_steps=config.warmup_steps,
                  optimizer_name=config.optimizer, momentum=config.momentum)
 
+    # Dropout draws from torch's global generator: seed it per (run, round, node), so that a round gives the
+    # same update whatever this process ran before (a resumed run repeats an uninterrupted one exactly).
+    torch.manual_seed(mix_seed(config.seed, server_round, partition_id, 2))
     if round_config["kind"] == FULL:
         model = copy.deepcopy(resources.base_model)
         load_parameters(model, {**pl.select(received, pl.BACKBONE), **pl.select(received, pl.HEAD)})

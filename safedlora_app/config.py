@@ -62,7 +62,14 @@ class RunConfig:
     node_wait_timeout: float = option(
         300.0,
         "Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after.")
-    round_timeout: float = option(3600.0, "Seconds to wait for replies in one round; late replies are dropped.")
+    round_timeout: float = option(
+        3600.0,
+        "Most seconds to wait for replies in one round (and the first round's deadline); late replies are dropped.")
+    round_deadline_factor: float = option(
+        3.0,
+        "After the first round, a round waits at most this many times the longest earlier round in which every "
+        "node replied (at least 60 s, at most round-timeout), so that a hung node cannot hold each round for the "
+        "whole round-timeout; 0 = always round-timeout.")
 
     # --- Initiating stage ----------------------------------------------------------------
     init_rounds: int = option(1, "Rounds 1..init-rounds use the proximal term (0 disables the stage).")
@@ -117,7 +124,7 @@ class RunConfig:
     model_name: str = option("", "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2.")
     dataset_name: str = option(
         "",
-        "Hub id, local csv/json/jsonl/parquet file or directory; empty = the embedded tweets.")
+        "Hub id, local csv/tsv/json/jsonl/parquet file or directory; empty = the embedded tweets.")
     text_column: str = option("text", "Column with the input text (text tasks).")
     image_column: str = option("image", "Column with the input image (image tasks).")
     label_column: str = option("label", "Column with the class label.")
@@ -173,6 +180,11 @@ class RunConfig:
 
     # --- Outputs -------------------------------------------------------------------------
     out_dir: str = option("~/safedlora-runs", "Absolute directory (or starting with ~) for run outputs.")
+    resume: bool = option(
+        False,
+        "Continue the run in out-dir/run-name from its checkpoint (written after every round), at the next round. "
+        "Every other key must equal the checkpoint's, except out-dir and num-server-rounds (raise it to extend a "
+        "finished run).")
     run_name: str = option("", "Sub-directory of out-dir; empty = ``<method>-<date>-<time>``.")
     cache_dir: str = option("~/.cache/safedlora", "Node-local directory caching trained backbones by content hash.")
 
@@ -238,7 +250,7 @@ class RunConfig:
         _at_least("torch-threads", self.torch_threads, 0)
         _at_least("max-num-examples", self.max_num_examples, 1)
         for key, value in (("prox-mu", self.prox_mu), ("prox-mu-anneal", self.prox_mu_anneal),
-                           ("weight-decay", self.weight_decay)):
+                           ("weight-decay", self.weight_decay), ("round-deadline-factor", self.round_deadline_factor)):
             _at_least(key, value, 0.0)
         for key, value in (("lr", self.lr), ("full-lr", self.full_lr), ("lora-scale", self.lora_scale),
                            ("dirichlet-alpha", self.dirichlet_alpha), ("node-wait-timeout", self.node_wait_timeout),
@@ -283,6 +295,9 @@ class RunConfig:
                     f"{key} = {path!r} is not allowed; it must be absolute or start with '~' "
                     "(the ServerApp's working directory depends on where the SuperLink started)"
                 )
+        if self.resume and not self.run_name:
+            raise ConfigError("resume = true is not allowed with run-name = ''; "
+                              "give the run-name of the run to continue")
         if "/" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError(f"run-name = {self.run_name!r} is not allowed; it must be a plain directory name")
 

@@ -43,7 +43,9 @@ TOPIC_RULES = (
     ("claritin", ("claritin",)),
 )
 
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# File extension -> (datasets builder, its options). Tab-separated files are read by the csv builder.
+FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
+                 ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"\s+")
 
@@ -130,15 +132,17 @@ def _load_source(name: str) -> datasets.Dataset | datasets.DatasetDict:
         return load_default_tweets()
     path = Path(name).expanduser()
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
+        if path.suffix.lower() not in FILE_BUILDERS:
             raise DataError(
                 f"Unsupported data file {name!r}: the extension must be one of {sorted(FILE_BUILDERS)}."
             )
+        if path.stat().st_size == 0:
+            raise DataError(f"Data file {name!r} is empty.")
+        builder, options = FILE_BUILDERS[path.suffix.lower()]
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
         except Exception as exc:
-            raise DataError(f"Could not read {builder} file {name!r}: {exc}") from exc
+            raise DataError(f"Could not read {path.suffix.lower()[1:]} file {name!r}: {_reason(exc)}") from exc
     if path.is_dir():
         saved = any((path / f).exists() for f in ("state.json", "dataset_info.json", "dataset_dict.json"))
         try:
@@ -153,8 +157,20 @@ def _load_source(name: str) -> datasets.Dataset | datasets.DatasetDict:
         raise DataError(
             f"Could not load dataset {name!r} from the Hugging Face Hub (the hub could not be reached "
             f"or the id was not found), and no local file or directory of that name exists. Give a "
-            f"local .csv/.json/.jsonl/.parquet file or a dataset directory instead."
+            f"local .csv/.tsv/.json/.jsonl/.parquet file or a dataset directory instead."
         ) from exc
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a loader's error, in words (undecodable text named as such)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        if isinstance(error, UnicodeDecodeError):
+            break
+        error = error.__cause__ or error.__context__
+    if isinstance(error, UnicodeDecodeError):
+        return (f"it is not {error.encoding} text (byte {error.object[error.start:error.start + 1]!r} at offset "
+                f"{error.start}); save it as UTF-8")
+    return f"{type(error).__name__}: {error}"
 
 
 def _require_column(ds: datasets.Dataset, column: str, key: str) -> None:
@@ -264,7 +280,7 @@ def load_task_data(
     Parameters
     ----------
     dataset_name : str
-        ``""`` for the default tweets; a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file;
+        ``""`` for the default tweets; a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file;
         a local directory (saved with ``save_to_disk``, or loadable by ``load_dataset`` such as
         an imagefolder of ``label_name/xxx.png``); or a Hugging Face Hub id.
     task : str

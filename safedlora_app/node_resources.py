@@ -111,7 +111,10 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
         path = Path(os.path.expanduser(data_path))
         if not path.exists():
             raise DataError(f"node-config data-path = {data_path!r} does not exist on this node")
-        local = load_task_data(str(path), test_size=0, **columns)
+        try:
+            local = load_task_data(str(path), test_size=0, **columns)
+        except DataError as error:  # the node's reply names its own file
+            raise DataError(f"node-config data-path = {data_path!r}: {error}") from error
         return _relabel(local.train, local.label_names, label_names, data_path)
     task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
     if tuple(task_data.label_names) != tuple(label_names):

@@ -78,11 +78,19 @@ class RoundLog:
 
 
 def run_directory(config: RunConfig) -> Path:
-    """Create and return the absolute run directory (refusing to mix two runs' metrics)."""
+    """Create and return the absolute run directory (refusing to mix two runs' metrics).
+
+    With ``resume = true`` the directory must hold the run to continue.
+    """
     name = config.run_name or f"{config.method}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(os.path.expanduser(config.out_dir)).resolve() / name
+    if config.resume:
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume = true, but run-name = {name!r} has no directory {path}")
+        return path
     if (path / "metrics.jsonl").exists():
-        raise FileExistsError(f"run-name = {name!r}: {path} already holds a run; choose another run-name")
+        raise FileExistsError(f"run-name = {name!r}: {path} already holds a run; choose another run-name, "
+                              "or set resume = true to continue it")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -136,6 +144,16 @@ class RunRecorder(RoundLog):
         self.records: list[dict] = []
         self._last = time.perf_counter()
         self._cum_down = self._cum_up = 0
+
+    def restore(self, records: Sequence[Mapping]) -> None:
+        """Continue after the checkpointed ``records``: metrics.jsonl is rewritten to exactly those lines
+        (dropping any line of a round that ended after the checkpoint) and the byte counts go on from them."""
+        self.records = [dict(r) for r in records]
+        last = self.records[-1] if self.records else {}
+        self._cum_down, self._cum_up = last.get("cumulative-bytes-down", 0), last.get("cumulative-bytes-up", 0)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        partial.replace(self.path)
 
     def record(self, server_round: int, evaluation: dict[str, float] | None,
                model_ranks: Mapping[str, int] | None = None) -> dict:

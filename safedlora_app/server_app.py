@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import ERROR, INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -11,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
+from . import checkpoint
 from . import payload as pl
 from .config import ConfigError, RunConfig
 from .data import DataError, load_task_data
@@ -27,8 +29,9 @@ from .model import (
     pick_device,
 )
 from .outputs import RunRecorder, run_directory, write_json
+from .round_deadline import DeadlineGrid
 from .round_plan import initial_tensors
-from .strategy import SAFedLoRA
+from .strategy import NotEnoughNodes, SAFedLoRA
 from .training import Encoded, compute_dtype, evaluate
 
 app = ServerApp()
@@ -47,6 +50,29 @@ def trained_arrays(result: Result, run_name: str, num_rounds: int) -> ArrayRecor
         raise RuntimeError(f"run {run_name}: no node returned a valid update in any of the {num_rounds} rounds; "
                            "see the warnings above for each node's reason")
     return result.arrays
+
+
+def resume_point(config: RunConfig, run_dir: Path) -> checkpoint.Checkpoint:
+    """The checkpoint to continue from, checked against the run config.
+
+    Raises
+    ------
+    CheckpointError
+        When the checkpoint is missing or corrupt, a key other than out-dir, resume and num-server-rounds
+        differs from it, or it already holds every round asked for.
+    """
+    point = checkpoint.load(run_dir)
+    state_file = run_dir / checkpoint.DIRECTORY / checkpoint.STATE
+    differ = checkpoint.contradictions(point.state["given"], config.to_dict())
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"resume: {'; '.join(differ)} in {state_file}; only {', '.join(checkpoint.RESUMABLE_KEYS)} may change "
+            "when a run resumes")
+    if point.server_round >= config.num_server_rounds:
+        raise checkpoint.CheckpointError(
+            f"resume: {state_file} already holds round {point.server_round} and num-server-rounds = "
+            f"{config.num_server_rounds}; raise num-server-rounds to extend the run")
+    return point
 
 
 @app.main()
@@ -69,14 +95,27 @@ def main(grid: Grid, context: Context) -> None:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
 
-    run_dir = run_directory(config)
+    try:
+        run_dir = run_directory(config)
+        resumed = resume_point(config, run_dir) if config.resume else None
+    except (OSError, checkpoint.CheckpointError) as error:
+        log(ERROR, "cannot start the run: %s", error)
+        raise
     write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
                                          "label-names": list(task_data.label_names)})
     state = full_state(base, heads)
     shapes = module_shapes(base, modules)
     recorder = RunRecorder(run_dir, config.num_server_rounds)
+    first_round = resumed.server_round + 1 if resumed else 1
+    if resumed:
+        recorder.restore(resumed.state["records"])
+        checkpoint.restore_rng(resumed.state["rng"])
+        log(INFO, "resuming run %s at round %d of %d from %s", run_dir.name, first_round, config.num_server_rounds,
+            run_dir / checkpoint.DIRECTORY)
     strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
-                         rounds=recorder)
+                         rounds=recorder, first_round=first_round,
+                         node_backbone={int(k): v for k, v in resumed.state["node-backbone"].items()} if resumed
+                         else None)
     global_model = GlobalModel(base, effective, shapes, head_modules)
     test = Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
     device = pick_device()
@@ -85,8 +124,12 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.name, config.method, len(modules), len(task_data.test), str(dtype).removeprefix("torch."),
         device.type, run_dir)
 
-    def central_evaluation(server_round: int, arrays) -> MetricRecord | None:
-        """Evaluate the model the round ended with (every ``eval-every`` rounds) and write the round's line."""
+    def central_evaluation(flower_round: int, arrays) -> MetricRecord | None:
+        """Evaluate the model the round ended with (every ``eval-every`` rounds), write the round's line and
+        the checkpoint. Flower counts rounds from 1 in every invocation; a resumed run continues its own count."""
+        if resumed and flower_round == 0:
+            return None  # the initial model of a resumed run was evaluated before the interruption
+        server_round = flower_round + first_round - 1 if flower_round else 0
         result, ranks = None, None
         if config.evaluates(server_round):
             started = time.perf_counter()
@@ -95,18 +138,30 @@ def main(grid: Grid, context: Context) -> None:
                               num_classes=len(task_data.label_names), device=device, dtype=dtype)
             result["eval-seconds"] = time.perf_counter() - started
         recorder.record(server_round, result, ranks)
+        checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
+            "given": config.to_dict(), "records": recorder.records,
+            "node-backbone": {str(k): v for k, v in strategy.node_backbone.items()}})
         return MetricRecord(result) if result else None
 
     start = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=pl.pack(initial_tensors(effective, state)),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
-        evaluate_fn=central_evaluation,
-    )
-    final_arrays = trained_arrays(result, run_dir.name, config.num_server_rounds)
+    initial = pl.pack(resumed.tensors if resumed else initial_tensors(effective, state))
+    try:
+        result = strategy.start(
+            grid=DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor),
+            initial_arrays=initial,
+            num_rounds=config.num_server_rounds - first_round + 1,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
+            evaluate_fn=central_evaluation,
+        )
+    except NotEnoughNodes as error:
+        log(ERROR, "%s. The checkpoint after round %d is in %s: once nodes are back, run again with "
+            "resume = true and run-name = %r to continue", error, recorder.records[-1]["round"],
+            run_dir / checkpoint.DIRECTORY, run_dir.name)
+        raise
+    # A resumed run that aggregated nothing new still ends with the checkpoint's trained arrays.
+    final_arrays = initial if resumed and len(result.arrays) == 0 else trained_arrays(
+        result, run_dir.name, config.num_server_rounds)
     model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
                                   model_source(config.model_name))
     summary = recorder.summary(config, time.perf_counter() - start, model_dir)

@@ -94,13 +94,18 @@ class LocalFlower:
         """The run's final status (`flwr run` exits 0 even on failure)."""
         return run_status(run_id(output), self.env, self.home)
 
-    def stop(self) -> None:
-        """Stop the SuperLink started for this object (found by its control port) and its descendants."""
+    def processes(self) -> list[psutil.Process]:
+        """The SuperLink started for this object (found by its control port) and all its descendants."""
         needle = f"127.0.0.1:{self.control_port}"
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
             if any("flower-superlink" in part for part in cmdline) and needle in cmdline:
-                stop_processes([process, *process.children(recursive=True)], timeout=15)
+                return [process, *process.children(recursive=True)]
+        return []
+
+    def stop(self) -> None:
+        """Stop the SuperLink started for this object and its descendants."""
+        stop_processes(self.processes(), timeout=15)
 
 
 def run_id(output: str) -> int:

@@ -29,6 +29,10 @@ from .round_plan import FULL, RoundPlan, plan_round
 from .seeds import mix_seed
 
 
+class NotEnoughNodes(RuntimeError):
+    """Fewer than ``min-nodes`` nodes stayed connected for ``node-wait-timeout`` seconds."""
+
+
 class SAFedLoRA(FedAvg):
     """Staged, budgeted federated LoRA (and the full fine-tuning baselines) on Flower's FedAvg.
 
@@ -42,23 +46,28 @@ class SAFedLoRA(FedAvg):
         ``{wire key: shape}`` of a full round's reply (every ``backbone::`` and ``head::`` tensor).
     rounds : RoundLog, optional
         Where each round's figures go (the ServerApp passes its ``RunRecorder``).
+    first_round : int
+        The run's round that Flower's round 1 is (> 1 when a run resumes from a checkpoint).
+    node_backbone : mapping, optional
+        Node id -> the trained backbone's hash the node holds (from a checkpoint).
     """
 
     def __init__(self, config: RunConfig, module_shapes: Mapping[str, tuple[int, int]],
-                 expected_full: Mapping[str, tuple[int, ...]], rounds: RoundLog | None = None):
+                 expected_full: Mapping[str, tuple[int, ...]], rounds: RoundLog | None = None,
+                 first_round: int = 1, node_backbone: Mapping[int, str] | None = None):
         super().__init__(fraction_train=config.fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=config.min_nodes, min_available_nodes=config.min_nodes)
-        self.config = config
-        self.module_shapes = dict(module_shapes)
-        self.expected_full = dict(expected_full)
+        self.config, self.module_shapes, self.expected_full = config, dict(module_shapes), dict(expected_full)
         self.rounds = rounds if rounds is not None else RoundLog()
-        self._node_backbone: dict[int, str] = {}  # node id -> trained backbone hash it holds on disk
+        self.offset = first_round - 1
+        self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
         # The round in flight: its plan, the global tensors it started from, the reply shapes, the backbone hash.
         self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[str, tuple[int, ...]], str]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled node: the round's payload and its own copy of the config."""
+        server_round += self.offset
         node_ids = self._sample_nodes(server_round, grid)
         tensors = pl.unpack(arrays)
         plan = plan_round(self.config, server_round, tensors, self.module_shapes)
@@ -77,7 +86,7 @@ class SAFedLoRA(FedAvg):
         messages, with_backbone = [], None
         for node_id in node_ids:
             record = shared
-            if backbone and self._node_backbone.get(node_id) != backbone_hash:  # once per node
+            if backbone and self.node_backbone.get(node_id) != backbone_hash:  # once per node
                 with_backbone = with_backbone or ArrayRecord({**shared, **pl.pack(backbone)})
                 record = with_backbone
                 stats.backbone_sends += 1
@@ -85,7 +94,7 @@ class SAFedLoRA(FedAvg):
             stats.params_down += pl.num_parameters(record)
             content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(dict(round_config))})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        self._round = (plan, tensors, expected, backbone_hash)
+        self._round, self._sent_to = (plan, tensors, expected, backbone_hash), node_ids
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -95,30 +104,31 @@ class SAFedLoRA(FedAvg):
         Returns ``(None, None)`` when nothing valid arrived: Flower then keeps the previous
         global arrays, so a bad round never corrupts the model.
         """
+        server_round += self.offset
         plan, previous, expected, backbone_hash = self._round
         stats, start = self.rounds.current, time.perf_counter()
-        good = []
+        good, replies = [], list(replies)
+        lost = sorted(set(self._sent_to) - {r.metadata.src_node_id for r in replies})
+        if lost:  # no reply before the round's timeout: a node lost mid-round, or one that hangs
+            log(WARNING, "round %d: no reply from node(s) %s before the round timeout", server_round, lost)
+            stats.dropped += len(lost)
         for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, reply.error.reason)
-                self._node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
-                stats.dropped += 1
-                continue
-            received = reply.content.get(pl.ARRAYS)
-            if isinstance(received, ArrayRecord):
-                stats.bytes_up += received.count_bytes()
-                stats.params_up += pl.num_parameters(received)
+            node_id, content = reply.metadata.src_node_id, None if reply.has_error() else reply.content
+            if content is not None and isinstance(arrays := content.get(pl.ARRAYS), ArrayRecord):
+                stats.bytes_up, stats.params_up = (stats.bytes_up + arrays.count_bytes(),
+                                                   stats.params_up + pl.num_parameters(arrays))
             # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-            problem = reply_problem(reply.content, expected, max_num_examples=self.config.max_num_examples,
-                                    backbone_hash=backbone_hash or None)
+            problem = (f"failed: {reply.error.reason}" if content is None else reply_problem(
+                content, expected, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
             if problem:
                 log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node_id, problem)
                 stats.dropped += 1
+                if content is None:
+                    self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
                 continue
             if backbone_hash:
-                self._node_backbone[node_id] = backbone_hash
-            good.append(reply.content)
+                self.node_backbone[node_id] = backbone_hash
+            good.append(content)
         stats.replies = len(good)
         if not good:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
@@ -144,7 +154,7 @@ class SAFedLoRA(FedAvg):
         deadline = time.monotonic() + self.config.node_wait_timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.config.min_nodes:
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise NotEnoughNodes(
                     f"round {server_round}: only {len(node_ids)} node(s) connected after "
                     f"node-wait-timeout = {self.config.node_wait_timeout} s; min-nodes = {self.config.min_nodes}")
             log(INFO, "round %d: waiting for nodes (%d of %d connected)", server_round, len(node_ids),

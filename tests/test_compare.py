@@ -343,6 +343,22 @@ class FakeFlower:
         pass
 
 
+def test_report_only_tabulates_the_finished_runs_and_runs_nothing(tmp_path):
+    FakeFlower.runs = []
+    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "p", "--methods", "fedit-rmax"]
+    assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(argv)), [], say=lambda _: None,
+                       flower_factory=FakeFlower) == 0
+    (tmp_path / "p" / "table.csv").unlink()
+    argv[-1] = "fedit-rmax,sa-fedlora"  # sa-fedlora has not run yet
+    lines = []
+    options = cli.resolve_options(cli.build_parser().parse_args([*argv, "--report-only"]))
+    assert cli.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42"]  # nothing more ran
+    assert any("report only: 1 of 2 runs finished; not yet: natural/sa-fedlora-s42" in line for line in lines)
+    rows = list(csv.DictReader((tmp_path / "p" / "table.csv").read_text().splitlines()))
+    assert [(r["method"], r["seeds"]) for r in rows] == [("fedit-rmax", "1"), ("sa-fedlora", "0")]
+
+
 def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args(

@@ -357,4 +357,4 @@ def test_node_local_data_and_a_broken_node(deployment, tmp_path):
     failures = [line for line in d.last_run_log.splitlines() if "failed:" in line]
     assert failures and all("data-path = '/nonexistent/local.csv' does not exist on this node" in line
                             for line in failures), d.last_run_log[-4000:]
-    assert all(re.search(r"node \d+ failed", line) for line in failures)
+    assert all(re.search(r"node \d+: failed", line) for line in failures)

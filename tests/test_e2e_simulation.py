@@ -1,15 +1,18 @@
 """End to end through the real `flwr run` CLI: tiny runs of the real model on the real tweets."""
 
 import json
+import subprocess
+import time
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from safedlora_app.data import load_task_data
 from safedlora_app.model import load_preprocessor
-from safedlora_app.simulation import LocalFlower
+from safedlora_app.simulation import APP_ROOT, BIN, LocalFlower
 from safedlora_app.training import Encoded, evaluate
 
 pytestmark = pytest.mark.e2e
@@ -98,3 +101,34 @@ def test_vision_task_through_the_same_strategy(flower, tmp_path, digits_folder, 
     reloaded = reload_accuracy(run_dir / "adapter", task="image-classification", dataset_name=str(digits_folder),
                                model_name=str(tiny_vit_dir))
     assert reloaded["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+
+
+def test_a_run_killed_between_rounds_resumes_through_flwr_run_to_the_same_result(flower, tmp_path):
+    settings = "num-server-rounds=3 rank-max=2 rank-min=1"
+    whole_dir, whole_rows, _ = run_app(flower, tmp_path, "whole", settings)
+    config = f"{TINY} {settings} out-dir='{tmp_path}' run-name='killed' cache-dir='{tmp_path / 'cache'}'"
+    cli = subprocess.Popen([str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config", config],
+                           env=flower.env, cwd=flower.home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while not (state.exists() and json.loads(state.read_text())["round"] >= 1):
+        assert time.monotonic() < deadline and cli.poll() is None, "round 1's checkpoint never appeared"
+        time.sleep(0.2)
+    # Power loss on the server side: SIGKILL the process that runs the ServerApp (Flower's simulation runtime).
+    servers = [p for p in flower.processes() if any("flwr-simulation" in part for part in p.cmdline())]
+    assert servers, [p.cmdline() for p in flower.processes()]
+    for process in servers:
+        process.kill()
+    cli.kill()
+    cli.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    killed_dir, rows, output = run_app(flower, tmp_path, "killed", f"{settings} resume=true")
+    assert "resuming run killed at round" in output
+    drop = ("round-seconds", "eval-seconds", "train-seconds", "aggregate-seconds", "peak-memory-mb")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in whole_rows]
+    want = load_file(str(whole_dir / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)

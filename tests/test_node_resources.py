@@ -58,3 +58,26 @@ def test_one_process_serving_many_nodes_keeps_one_model_and_a_few_partitions(tmp
     assert nr.node_resources(run, {"partition-id": 11, "num-partitions": 400}, LABELS).data is served[11].data
     again = nr.node_resources(run, {"partition-id": 0, "num-partitions": 400}, LABELS)
     assert again.data is not served[0].data and again.data.tokens == served[0].data.tokens
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("no-label.csv", "text,sentiment\nhello,positive\nbye,negative\n", r"Column 'label' not found"),
+    ("empty.csv", "", r"is empty"),
+    ("latin1.csv", "text,label\ncaf\xe9 ol\xe9,positive\nbye,negative\n".encode("latin-1"),
+     r"is not utf-8 text \(byte b'\\xe9' at offset \d+\); save it as UTF-8"),
+    ("notes.txt", "text,label\nhi,positive\n", r"extension must be one of"),
+])
+def test_broken_node_local_files_name_the_file_and_the_problem(tmp_path, name, content, problem):
+    nr.clear_caches()
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=rf"data-path = '{path}'.*{problem}"):
+        nr.node_resources(config(tmp_path), {"data-path": str(path)}, LABELS)
+
+
+def test_a_tab_separated_file_is_read(tmp_path):
+    nr.clear_caches()
+    path = tmp_path / "local.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"tweet, with a comma {i}\t{LABELS[i % 3]}\n" for i in range(9)))
+    resources = nr.node_resources(config(tmp_path), {"data-path": str(path)}, LABELS)
+    assert len(resources.data) == 9 and sorted(set(resources.data.labels.tolist())) == [0, 1, 2]

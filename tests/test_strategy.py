@@ -254,3 +254,23 @@ def test_cosine_lr_decay_reaches_the_clients_round_by_round():
     # The diagnostics of every LoRA round: factor norms of the first module, dropped share of the update.
     assert set(strategy.rounds.current.factor_norms) == {"B", "A"}
     assert 0.0 <= strategy.rounds.current.dropped_update < 1.0
+
+
+def test_a_node_that_rejoins_with_a_new_id_gets_the_trained_backbone_again():
+    strategy = make_strategy(init_trainable="full", init_rounds=1)
+    messages = send(strategy, 1, initial(strategy))
+    arrays, _ = strategy.aggregate_train(1, [reply(m, received(m)) for m in messages])
+    messages = send(strategy, 2, arrays)
+    arrays, _ = strategy.aggregate_train(2, [reply(m, trained(m, i)) for i, m in enumerate(messages)])
+    # Node 22 restarts (power loss, wiped disk) and comes back as node 33.
+    messages = send(strategy, 3, arrays, nodes=(11, 33))
+    has_backbone = {m.metadata.dst_node_id: "backbone::emb.w" in m.content["arrays"] for m in messages}
+    assert has_backbone == {11: False, 33: True} and strategy.rounds.current.backbone_sends == 1
+
+
+def test_a_node_that_never_replies_is_named_and_counted(caplog):
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    arrays, _ = strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1))])  # node 22 is silent
+    assert arrays is not None and strategy.rounds.current.dropped == 1 and strategy.rounds.current.replies == 1
+    assert "no reply from node(s) [22]" in caplog.text

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config value for every run, over the preset's (repeatable), e.g. --set test-size=1000")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their run-config; run nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables, plots and comparison.json from the runs finished so far; run nothing "
+                        "(e.g. while the comparison runs, or after it was interrupted)")
     return parser
 
 
@@ -126,7 +129,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     -------
     dict
         ``preset``, ``root`` (``<out>/<name>``, absolute), ``seeds``, ``splits``, ``methods``,
-        ``target``, ``lr_search``, ``settings`` (the shared run-config) and ``dry_run``.
+        ``target``, ``lr_search``, ``settings`` (the shared run-config), ``dry_run`` and ``report_only``.
     """
     from ..config import ConfigError, RunConfig
 
@@ -155,6 +158,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     seeds = [FIRST_SEED + i for i in range(n_seeds)]
     options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
                "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run,
+               "report_only": args.report_only,
                "ablation": {"ablation_seeds": preset.ablation_seeds, "ablation_splits": preset.ablation_splits}}
     # Every planned run-config must pass the app's own validation before anything starts.
     for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
@@ -223,13 +227,19 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             searched = {s.key for s in search}
             later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, **options["ablation"])
                         if s.key not in searched and not runner.finished(s))
-            runner.run_all(search, phase="lr search", later=later)
+            if not options["report_only"]:
+                runner.run_all(search, phase="lr search", later=later)
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
         multipliers = chosen_multipliers(methods, {m: c["multiplier"] for m, c in chosen.items()})
         plan = plan_runs(settings, methods, splits, seeds, multipliers, **options["ablation"])
-        runner.run_all(plan, phase="comparison")
+        if options["report_only"]:
+            unfinished = [s.key for s in plan if not runner.finished(s)]
+            say(f"report only: {len(plan) - len(unfinished)} of {len(plan)} runs finished"
+                + (f"; not yet: {', '.join(unfinished)}" if unfinished else ""))
+        else:
+            runner.run_all(plan, phase="comparison")
     finally:
         runner.close()
     rows = build_rows(root, plan, options["target"])

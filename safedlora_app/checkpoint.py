@@ -1,0 +1,126 @@
+"""Checkpoints: the global arrays and the run's state after every round, for an exact resume.
+
+``<run dir>/checkpoint/`` holds ``round-<k>.safetensors`` (the global arrays after round k) and
+``state.json`` (the round, the run config, the per-round metrics lines, node -> backbone hash, the RNG
+states, and the SHA-256 of the arrays file). Each file is written to a temporary name and renamed:
+``state.json`` is replaced last and names its arrays file, so a crash at any moment leaves the previous
+checkpoint or the new one, whole. Older arrays files are removed after the new state is in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+DIRECTORY, STATE = "checkpoint", "state.json"
+# Run-config keys that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_KEYS = ("out-dir", "resume", "num-server-rounds")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not belong to this run config (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a resume starts from."""
+
+    server_round: int
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def save(run_dir: Path, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> Path:
+    """Write the checkpoint after ``server_round`` (see the module docstring); returns the state file."""
+    folder = run_dir / DIRECTORY
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = folder / f"round-{server_round:05d}.safetensors"
+    partial = arrays.with_suffix(".partial")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(partial))
+    _sync(partial)
+    partial.replace(arrays)
+    document = {"format": FORMAT, "round": server_round, "arrays": arrays.name, "arrays-sha256": _sha256(arrays),
+                "rng": rng_states(), **state}
+    path = folder / STATE
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(document, indent=1) + "\n")
+    _sync(partial)
+    partial.replace(path)
+    for old in folder.glob("round-*.safetensors"):
+        if old != arrays:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load(run_dir: Path) -> Checkpoint:
+    """The checkpoint of ``run_dir``; every problem raises ``CheckpointError`` naming the file."""
+    path = run_dir / DIRECTORY / STATE
+    if not path.exists():
+        raise CheckpointError(f"resume = true, but {path} does not exist: this run directory holds no checkpoint "
+                              "(set resume = false and choose a new run-name to start a run)")
+    try:
+        state = json.loads(path.read_text())
+        arrays = path.parent / state["arrays"]
+        expected, server_round = state["arrays-sha256"], int(state["round"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(error).__name__}: {error})") from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {state.get('format')!r}; this version reads format {FORMAT}")
+    if not arrays.exists():
+        raise CheckpointError(f"{arrays} (named by {path}) does not exist")
+    if _sha256(arrays) != expected:
+        raise CheckpointError(f"{arrays} is corrupt or truncated: its SHA-256 differs from the one in {path}")
+    try:
+        tensors = load_file(str(arrays))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{arrays} cannot be read ({error})") from None
+    return Checkpoint(server_round, tensors, state)
+
+
+def contradictions(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Run-config keys whose value differs from the checkpoint's, other than ``RESUMABLE_KEYS``."""
+    return [f"{key} = {given.get(key)!r} (the checkpoint has {value!r})" for key, value in saved.items()
+            if key not in RESUMABLE_KEYS and given.get(key) != value]
+
+
+def rng_states() -> dict[str, str]:
+    """The server process's global RNG states (Python and torch), base64-encoded."""
+    return {"python": base64.b64encode(json.dumps(_jsonable(random.getstate())).encode()).decode(),
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def restore_rng(states: Mapping[str, str]) -> None:
+    """Inverse of :func:`rng_states`."""
+    version, internal, gauss = json.loads(base64.b64decode(states["python"]))
+    random.setstate((version, tuple(internal), gauss))
+    raw = base64.b64decode(states["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())

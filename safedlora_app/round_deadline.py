@@ -1,0 +1,59 @@
+"""Each round's reply deadline, from the rounds before it: a node that hangs does not hold the run for an hour.
+
+Flower's strategy loop passes one fixed ``timeout`` to every ``send_and_receive``. A node whose SuperNode
+still sends heartbeats while its ClientApp is stuck is not reported lost, so without a tighter deadline
+every round would wait the whole ``round-timeout``. :class:`DeadlineGrid` wraps the Grid the strategy loop
+uses and gives each round ``round-deadline-factor`` times the longest earlier round in which every node
+replied (at least ``MIN_DEADLINE`` seconds, at most ``round-timeout``); the first round gets ``round-timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+MIN_DEADLINE = 60.0
+
+
+class DeadlineGrid:
+    """``grid`` with :meth:`send_and_receive`'s timeout set per round; everything else is ``grid``'s own.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's Grid.
+    cap : float
+        ``round-timeout``: the first round's deadline and every round's largest.
+    factor : float
+        ``round-deadline-factor``; 0 keeps ``cap`` for every round.
+    floor : float
+        The smallest deadline after the first round.
+    """
+
+    def __init__(self, grid: Grid, cap: float, factor: float, floor: float = MIN_DEADLINE):
+        self.grid, self.cap, self.factor, self.floor = grid, cap, factor, floor
+        self.longest: float | None = None  # seconds of the longest round in which every node replied
+        self.deadlines: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def deadline(self) -> float:
+        if not self.factor or self.longest is None:
+            return self.cap
+        return min(self.cap, max(self.floor, self.factor * self.longest))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:  # e.g. the federated evaluation this app does not use
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        deadline = self.deadline()
+        self.deadlines.append(deadline)
+        start = time.monotonic()
+        replies = list(self.grid.send_and_receive(messages, timeout=deadline))
+        if len(replies) == len(messages):
+            self.longest = max(self.longest or 0.0, time.monotonic() - start)
+        return replies

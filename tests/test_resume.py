@@ -1,0 +1,151 @@
+"""Checkpoint and resume: exact continuation, extension, refusals (in process; `flwr run` in test_e2e_simulation)."""
+
+import json
+import shutil
+import tomllib
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+from test_in_process import PYPROJECT, TINY, InProcessGrid, cache_dir, run_server  # noqa: F401 (cache_dir: fixture)
+
+from safedlora_app import checkpoint, server_app
+from safedlora_app.checkpoint import CheckpointError
+from safedlora_app.config import RunConfig
+
+WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "aggregate-seconds", "peak-memory-mb")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class Crash(Exception):
+    """Stands for the ServerApp's process dying."""
+
+
+class CrashingGrid(InProcessGrid):
+    """Dies when asked to run round ``crash_at`` (Flower's count), after the previous round's checkpoint."""
+
+    def __init__(self, config, crash_at):
+        super().__init__(config)
+        self.calls, self.crash_at = 0, crash_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.calls += bool(messages)  # Flower also sends each round's (empty) federated evaluation
+        if self.calls == self.crash_at:
+            raise Crash
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def comparable(rows):
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):  # noqa: F811
+    """A 3-round run start to finish, the reference for every resume here."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what Flower sets in a ServerApp
+    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    config = {**defaults, **TINY, "out-dir": str(tmp_path_factory.mktemp("runs")), "cache-dir": str(cache_dir),
+              "num-server-rounds": 3, "run-name": "whole"}
+    return config, *run_server(config)
+
+
+def test_a_run_killed_after_round_1_resumes_to_the_same_adapter_and_metrics(uninterrupted):
+    config, whole_dir, whole_rows, _ = uninterrupted
+    config = {**config, "run-name": "killed"}
+    with pytest.raises(Crash):
+        server_app.main(CrashingGrid(config, crash_at=2), Context(run_id=1, node_id=0, node_config={},
+                                                                  state=RecordDict(), run_config=config))
+    run_dir = whole_dir.parent / "killed"
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"] == 1
+    assert not (run_dir / "summary.json").exists()
+    resumed_dir, resumed_rows, summary = run_server({**config, "resume": True})
+    assert comparable(resumed_rows) == comparable(whole_rows)
+    assert summary["rounds"] == 3
+    want, got = adapter(whole_dir), adapter(resumed_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+
+def test_a_finished_run_extends_with_more_rounds(uninterrupted, tmp_path):
+    config, whole_dir, whole_rows, _ = uninterrupted
+    extended = {**config, "out-dir": str(tmp_path), "run-name": "whole"}
+    shutil.copytree(whole_dir, tmp_path / "whole")
+    _, rows, summary = run_server({**extended, "resume": True, "num-server-rounds": 4})
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and summary["rounds"] == 4
+    assert comparable(rows[:4]) == comparable(whole_rows)  # the first three rounds are kept as they were
+
+
+def test_resume_refuses_a_contradicting_config_and_a_finished_run(uninterrupted):
+    config, whole_dir, _, _ = uninterrupted
+    with pytest.raises(CheckpointError, match=r"resume: lr = 0.001 \(the checkpoint has 0.003\) in .*state.json; "
+                                              r"only out-dir, resume, num-server-rounds may change"):
+        server_app.resume_point(RunConfig.from_mapping({**config, "resume": True, "lr": 0.001}), whole_dir)
+    with pytest.raises(CheckpointError, match="already holds round 3 and num-server-rounds = 3; raise"):
+        server_app.resume_point(RunConfig.from_mapping({**config, "resume": True}), whole_dir)
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    tensors = {"head::w": torch.randn(3, 4), "lora_A::m": torch.randn(2, 4)}
+    checkpoint.save(tmp_path, 5, tensors, {"given": {"lr": 0.1}, "records": [], "node-backbone": {"7": "ab"}})
+    point = checkpoint.load(tmp_path)
+    assert point.server_round == 5 and point.state["node-backbone"] == {"7": "ab"}
+    assert all(torch.equal(point.tensors[k], v) for k, v in tensors.items())
+    checkpoint.save(tmp_path, 6, tensors, {"given": {}, "records": []})
+    assert [p.name for p in (tmp_path / "checkpoint").glob("round-*")] == ["round-00006.safetensors"]
+    # RNG states come back.
+    before = torch.rand(3)
+    state = checkpoint.rng_states()
+    first = torch.rand(3)
+    checkpoint.restore_rng(state)
+    assert torch.equal(torch.rand(3), first) and not torch.equal(first, before)
+    # A truncated arrays file and a truncated state file are refused, naming the file.
+    arrays = tmp_path / "checkpoint" / "round-00006.safetensors"
+    arrays.write_bytes(arrays.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=r"round-00006.safetensors is corrupt or truncated"):
+        checkpoint.load(tmp_path)
+    state_file = tmp_path / "checkpoint" / "state.json"
+    state_file.write_text(state_file.read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"state.json is corrupt or truncated"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        checkpoint.load(tmp_path / "elsewhere")
+
+
+class ShrinkingGrid(InProcessGrid):
+    """Node 101 disappears after round 1 and does not come back."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rounds = 0
+
+    def get_node_ids(self):
+        return list(self.contexts) if self.rounds < 1 else [100]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.rounds += bool(messages)
+        return replies
+
+
+def test_when_min_nodes_cannot_be_met_the_run_stops_and_resumes_once_nodes_return(uninterrupted, caplog):
+    config, whole_dir, whole_rows, _ = uninterrupted
+    config = {**config, "run-name": "shrunk", "node-wait-timeout": 1.0}
+    with pytest.raises(server_app.NotEnoughNodes, match="only 1 node"):
+        server_app.main(ShrinkingGrid(config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                      run_config=config))
+    assert "checkpoint after round 1" in caplog.text and "resume = true" in caplog.text
+    _, rows, _ = run_server({**config, "resume": True})  # both nodes are back
+    assert comparable(rows) == comparable(whole_rows)
