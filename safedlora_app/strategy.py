@@ -81,7 +81,8 @@ class SAFedLoRA(FedAvg):
         else:
             wire = plan.lora_payload(tensors)
             shared, expected = pl.pack(wire), {k: tuple(v.shape) for k, v in wire.items()}
-            backbone_hash = pl.tensors_hash(backbone) if backbone else ""  # '' = the pre-trained one
+            # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
+            backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
             round_config["backbone-hash"] = backbone_hash
         messages, with_backbone = [], None
         for node_id in node_ids:
@@ -94,7 +95,7 @@ class SAFedLoRA(FedAvg):
             stats.params_down += pl.num_parameters(record)
             content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(dict(round_config))})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        self._round, self._sent_to = (plan, tensors, expected, backbone_hash), node_ids
+        self._round, self._sent = (plan, tensors, expected, backbone_hash), messages
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -108,12 +109,16 @@ class SAFedLoRA(FedAvg):
         plan, previous, expected, backbone_hash = self._round
         stats, start = self.rounds.current, time.perf_counter()
         good, replies = [], list(replies)
-        lost = sorted(set(self._sent_to) - {r.metadata.src_node_id for r in replies})
+        # Flower's error reply for an unreachable node does not come from that node: match replies to messages
+        # (message ids exist once the Grid has pushed them).
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        node_of = {id(r): sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        lost = sorted(set(sent_to.values()) - set(node_of.values()))
         if lost:  # no reply before the round's timeout: a node lost mid-round, or one that hangs
             log(WARNING, "round %d: no reply from node(s) %s before the round timeout", server_round, lost)
             stats.dropped += len(lost)
         for reply in replies:
-            node_id, content = reply.metadata.src_node_id, None if reply.has_error() else reply.content
+            node_id, content = node_of[id(reply)], None if reply.has_error() else reply.content
             if content is not None and isinstance(arrays := content.get(pl.ARRAYS), ArrayRecord):
                 stats.bytes_up, stats.params_up = (stats.bytes_up + arrays.count_bytes(),
                                                    stats.params_up + pl.num_parameters(arrays))

@@ -151,23 +151,37 @@ class Deployment:
             return None
         return {str(n["node-id"]) for n in data["nodes"] if n["status"] == "online"}
 
-    def run_app(self, conn, run_name, alive=()):
-        """`flwr run APP CONN --stream` of 2 tiny rounds; returns the run's output dir."""
+    def launch(self, conn, run_name, settings=""):
+        """Start `flwr run APP CONN --stream` of the tiny settings (plus ``settings``) in the background."""
         out_dir = self.tmp / "out"
-        config = f"{TINY} cache-dir='{self.tmp / 'cache'}' out-dir='{out_dir}' run-name='{run_name}'"
+        items = dict(item.split("=", 1) for item in f"{TINY} {settings}".split())  # Flower refuses repeated keys
+        config = " ".join(f"{k}={v}" for k, v in items.items())
+        config += f" cache-dir='{self.tmp / 'cache'}' out-dir='{out_dir}' run-name='{run_name}'"
         log = self.tmp / f"flwr-run-{run_name}.log"
         with open(log, "wb") as f:
-            try:
-                result = subprocess.run(
-                    ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", config],
-                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self.env, cwd=self.tmp, timeout=RUN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"flwr run took over {RUN_TIMEOUT}s\n{log.read_text()[-4000:]}\n"
-                            f"{self.logs()}")
+            cli = subprocess.Popen(["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", config],
+                                   stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=self.env, cwd=self.tmp)
+        return cli, log, out_dir / run_name
+
+    def wait_rounds(self, outputs, rounds, cli, log, alive=()):
+        """Wait until the launched run has written ``rounds`` rounds (after round 0) to metrics.jsonl."""
+        def written():
+            if cli.poll() is not None:
+                pytest.fail(f"flwr run exited early\n{log.read_text(errors='replace')[-4000:]}\n{self.logs()}")
+            return len(metrics_rows(outputs)) > rounds
+        self.wait_for(written, f"round {rounds} to end", timeout=RUN_TIMEOUT, alive=alive)
+
+    def complete(self, conn, cli, log, alive=()):
+        """Wait for a launched run; assert it finished:completed; return its log text."""
+        try:
+            cli.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            pytest.fail(f"flwr run took over {RUN_TIMEOUT}s\n{log.read_text()[-4000:]}\n{self.logs()}")
         text = log.read_text(errors="replace")
         started = re.search(r"Successfully started run (\d+)", text)
-        assert result.returncode == 0 and started, text[-4000:]
+        assert cli.returncode == 0 and started, text[-4000:]
         run_id = started.group(1)
 
         # `flwr run` exits 0 even when the run failed: the run's status is the verdict.
@@ -177,14 +191,18 @@ class Deployment:
 
         status = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
         assert status == "finished:completed", f"{status}\n{text[-4000:]}\n{self.logs()}"
+        self.last_run_log = text
+        return text
 
+    def run_app(self, conn, run_name, alive=()):
+        """`flwr run APP CONN --stream` of 2 tiny rounds; returns the run's output dir."""
+        cli, log, outputs = self.launch(conn, run_name)
+        self.complete(conn, cli, log, alive=alive)
         # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
-        outputs = out_dir / run_name
         rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
         assert [row["round"] for row in rows][-1] == 2
         assert all(row["replies"] == 2 for row in rows if row["round"] >= 1), rows
         assert json.loads((outputs / "summary.json").read_text())["rounds"] == 2
-        self.last_run_log = text
         return outputs
 
 
@@ -358,3 +376,86 @@ def test_node_local_data_and_a_broken_node(deployment, tmp_path):
     assert failures and all("data-path = '/nonexistent/local.csv' does not exist on this node" in line
                             for line in failures), d.last_run_log[-4000:]
     assert all(re.search(r"node \d+: failed", line) for line in failures)
+
+
+def power_loss(pid):
+    """SIGKILL a process and all its descendants at once."""
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=10)
+
+
+def metrics_rows(outputs):
+    path = outputs / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_node_killed_mid_round_is_dropped_and_its_restart_gets_the_backbone_again(deployment):
+    """Power loss on a SuperNode while it trains: the round ends without it (Flower's heartbeat), the server
+    names it, and the run completes. The node comes back as a new SuperNode with an empty disk cache, gets the
+    trained backbone it lacks, and trains in the next round."""
+    d = deployment
+    link, *node_ports = free_ports(5)
+    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
+                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
+
+    def node(i, port, cache):
+        return ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", port,
+                "--node-config", f"partition-id={i} num-partitions=3 cache-dir='{cache}'"]
+
+    for i in range(3):
+        d.start(f"supernode-{i}", node(i, node_ports[i], d.tmp / f"cache-{i}"))
+    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
+    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 3, "3 SuperNodes online",
+               alive=list(d.procs))
+    cli, log, outputs = d.launch("loopback", "node-loss", "num-server-rounds=4 init-rounds=1 "
+                                 "init-trainable='full' heat-rounds=0 cool-rounds=1")
+    # Round 1 (full) is done and round 2 (LoRA + the trained backbone) is under way: kill node 2.
+    d.wait_rounds(outputs, 1, cli, log, alive=list(d.procs))
+    power_loss(d.procs["supernode-2"].pid)
+    killed_at = time.monotonic()
+    d.start("supernode-2b", node(2, node_ports[3], d.tmp / "cache-2-wiped"))  # a new node id, an empty cache
+    alive = ["superlink", "supernode-0", "supernode-1", "supernode-2b"]
+    text = d.complete("loopback", cli, log, alive=alive)
+    rows = metrics_rows(outputs)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[1]["replies"] == 3
+    assert rows[2]["replies"] == 2 and rows[2]["dropped"] == 1, rows[2]  # the lost node, named in the log
+    assert re.search(r"round 2: (dropped the reply of node \d+|no reply from node)", text), text[-4000:]
+    # The restarted node joins from round 3: it lacks the trained backbone, gets it once, and trains.
+    assert rows[3]["replies"] == 3 and rows[3]["backbone-sends"] == 1, rows[3]
+    assert rows[4]["replies"] == 3 and rows[4]["backbone-sends"] == 0, rows[4]
+    d.round_past_dead_node = rows[2]["round-seconds"]
+    print(f"round 2 ended {rows[2]['round-seconds']:.1f} s after it began "
+          f"({time.monotonic() - killed_at:.1f} s from the kill to the end of the run)")
+
+
+def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
+    """The SuperLink (and the ServerApp it runs) dies mid-run; restarted on the same --database, the
+    SuperNodes reconnect, and `resume = true` continues the run from the last checkpoint."""
+    d = deployment
+    link, *node_ports = free_ports(3)
+    superlink = ["flower-superlink", "--insecure", "--port", link, "--database", d.tmp / "state.db",
+                 "--disable-runtime-dependency-installation"]
+    d.start("superlink", superlink)
+    for i, port in enumerate(node_ports):
+        d.start(f"supernode-{i}", supernode_cmd(link, port, i, "--insecure"))
+    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
+    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "2 SuperNodes online",
+               alive=list(d.procs))
+    cli, log, outputs = d.launch("loopback", "link-restart", "num-server-rounds=3")
+    d.wait_rounds(outputs, 1, cli, log, alive=list(d.procs))
+    power_loss(d.procs["superlink"].pid)  # the server machine: the SuperLink and the ServerApp it runs
+    cli.wait(timeout=60)
+    d.start("superlink", superlink)  # same port, same database
+    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "the 2 SuperNodes back online",
+               alive=list(d.procs))
+    assert not (outputs / "summary.json").exists()
+    cli, log, _ = d.launch("loopback", "link-restart", "num-server-rounds=3 resume=true")
+    text = d.complete("loopback", cli, log, alive=list(d.procs))
+    assert "resuming run link-restart at round" in text
+    rows = metrics_rows(outputs)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["replies"] == 2 for r in rows[1:])
+    assert json.loads((outputs / "summary.json").read_text())["rounds"] == 3

@@ -202,6 +202,8 @@ def test_full_initiating_stage_then_backbone_reaches_each_node_once():
     messages = send(strategy, 2, arrays)
     digest = messages[0].content["config"]["backbone-hash"]
     assert digest and all("backbone::emb.w" in m.content["arrays"] for m in messages)
+    # The announced hash is the one a node computes from what it receives (bare parameter names).
+    assert digest == pl.tensors_hash(pl.select(pl.unpack(messages[0].content["arrays"]), pl.BACKBONE))
     assert strategy.rounds.current.backbone_sends == 2
     # Node 22 reports the wrong backbone: dropped, and it will be sent the backbone again.
     arrays, _ = strategy.aggregate_train(2, [reply(messages[0], trained(messages[0], 1)),
@@ -266,6 +268,16 @@ def test_a_node_that_rejoins_with_a_new_id_gets_the_trained_backbone_again():
     messages = send(strategy, 3, arrays, nodes=(11, 33))
     has_backbone = {m.metadata.dst_node_id: "backbone::emb.w" in m.content["arrays"] for m in messages}
     assert has_backbone == {11: False, 33: True} and strategy.rounds.current.backbone_sends == 1
+
+
+def test_an_error_reply_is_attributed_to_the_node_the_message_went_to(caplog):
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[1])
+    lost.metadata.__dict__["_src_node_id"] = 1  # Flower's reply for an unreachable node comes from the SuperLink
+    strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1)), lost])
+    assert "node 22: failed: Node Unavailable" in caplog.text and "no reply from" not in caplog.text
+    assert strategy.rounds.current.dropped == 1
 
 
 def test_a_node_that_never_replies_is_named_and_counted(caplog):
