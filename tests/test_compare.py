@@ -384,9 +384,19 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
         cli.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
 
 
+def test_the_lr_grid_extends_while_the_best_is_at_its_edge():
+    assert plan.extend_lr_grid({0.5: 0.6, 1.0: 0.65, 2.0: 0.7}) == 4.0
+    assert plan.extend_lr_grid({0.5: 0.7, 1.0: 0.65, 2.0: 0.6}) == 0.25
+    assert plan.extend_lr_grid({0.5: 0.6, 1.0: 0.7, 2.0: 0.65}) is None  # an inside optimum
+    assert plan.extend_lr_grid({1.0: 0.6, 2.0: 0.65, 4.0: 0.7, 8.0: 0.75}) is None  # the limit, x8
+    assert plan.extend_lr_grid({1.0: 0.6, 2.0: 0.7, 4.0: None}) is None  # x4 failed: not retried
+    assert plan.extend_lr_grid({1.0: None}) is None
+
+
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
     FakeFlower.runs = []
-    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx0.5-s42": 0.45, "fedit-rmax-lrx2-s42": 0.55}
+    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx0.5-s42": 0.45, "fedit-rmax-lrx2-s42": 0.55,
+                "fedit-rmax-lrx4-s42": 0.52}
     real_run = FakeFlower.run
 
     def run(self, run_config, timeout=600, federation=""):
@@ -401,9 +411,10 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
-    # 3 search runs on natural, then dirichlet at the chosen x2 (natural's x2 run is reused)
+    # 3 search runs on natural; x2, the best, is the grid's edge, so x4 is tried too (and is worse); then
+    # dirichlet at the chosen x2 (natural's x2 run is reused)
     assert FakeFlower.runs == ["fedit-rmax-s42", "fedit-rmax-lrx0.5-s42", "fedit-rmax-lrx2-s42",
-                               "fedit-rmax-lrx2-s42"]
+                               "fedit-rmax-lrx4-s42", "fedit-rmax-lrx2-s42"]
     summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
     assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 2.0
     reused = {r["key"]: r for r in summary["runs"]}["natural/fedit-rmax-lrx2-s42"]

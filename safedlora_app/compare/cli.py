@@ -18,6 +18,7 @@ from .plan import (
     FEDERATION,
     FIRST_SEED,
     HEADLINE,
+    LR_EXTENSION_LIMIT,
     LR_GRID,
     METHOD_DESCRIPTIONS,
     METHODS,
@@ -28,6 +29,7 @@ from .plan import (
     choose_lr,
     chosen_multipliers,
     estimate_seconds,
+    extend_lr_grid,
     lr_key,
     parse_choices,
     parse_set,
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from: {', '.join(SPLITS)}; default: preset")
     p.add_argument("--rounds", type=integer_at_least(1), default=None, help="num-server-rounds (>= 1); default: preset")
     p.add_argument("--lr-search", action="store_true",
-                   help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} for every method on the "
+                   help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} (extended by doubling or "
+                        f"halving, up to x{LR_EXTENSION_LIMIT:g} or x1/{LR_EXTENSION_LIMIT:g}, while the best is at "
+                        "an edge) for every method on the "
                         "first seed and split, then use each method's best")
     p.add_argument("--target-accuracy", type=fraction, default=None,
                    help="accuracy (fraction in (0, 1]) for the rounds-to-target column; default: preset")
@@ -211,6 +215,27 @@ def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any
     return out
 
 
+def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, Any], split: str, seed: int,
+                  runner: Comparison, report_only: bool = False) -> list[RunSpec]:
+    """Runs added to the lr search while a method's best multiplier is at an edge of those tried
+    (:func:`~.plan.extend_lr_grid`); with ``report_only``, only those already finished."""
+    added: list[RunSpec] = []
+    while True:
+        accuracies: dict[str, dict[float, float | None]] = {}
+        for spec in [*search, *added]:
+            summary = read_summary(run_dir(root, spec))
+            accuracies.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
+        more = [spec for method, accs in accuracies.items() if (m := extend_lr_grid(accs)) is not None
+                for spec in plan_lr_search(settings, [method], split, seed, grid=(m,))]
+        if report_only:
+            more = [spec for spec in more if runner.finished(spec)]
+        if not more:
+            return added
+        if not report_only:
+            runner.run_all(more, phase="lr search, extended at the edge")
+        added += more
+
+
 def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str], None] = print,
             flower_factory=None) -> int:
     """Run the comparison described by ``options``; return the exit code (1 if a run failed)."""
@@ -229,6 +254,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                         if s.key not in searched and not runner.finished(s))
             if not options["report_only"]:
                 runner.run_all(search, phase="lr search", later=later)
+            search += extend_search(root, search, settings, splits[0], seeds[0], runner, options["report_only"])
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
@@ -272,6 +298,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                      "seeds": seeds, "headline-methods": [m for m in HEADLINE if m in methods],
                      "target-accuracy": options["target"], "lr-search": options["lr_search"],
                      "lr-grid": list(LR_GRID) if options["lr_search"] else [],
+                     "lr-grid-extension-limit": LR_EXTENSION_LIMIT if options["lr_search"] else None,
                      "federation-config": FEDERATION},
         "chosen-lrs": chosen or {m: {"multiplier": 1.0, "lr-key": lr_key(m), "lr": settings[lr_key(m)],
                                      "search": {}} for m in methods},
