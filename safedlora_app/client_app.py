@@ -81,11 +81,12 @@ def train_handler(msg: Message, context: Context) -> Message:
         for m, (b, a) in factors.items():
             reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a
         reply = pl.to_wire(reply, list(ranks))
+    wire_dtype = str(round_config.get("wire-dtype", "float32")) if round_config["kind"] != FULL else "float32"
 
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})
     if result.first_step_a_ratio is not None:
         metrics["first-step-a-ratio"] = result.first_step_a_ratio
-    content = RecordDict({ARRAYS: pl.pack(reply), METRICS: metrics,
+    content = RecordDict({ARRAYS: pl.pack(reply, wire_dtype), METRICS: metrics,
                           NODE: ConfigRecord({"backbone-hash": backbone_hash, "data": resources.partition_label})})
     return Message(content=content, reply_to=msg)

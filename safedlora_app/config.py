@@ -31,6 +31,7 @@ TEXT_TASK, IMAGE_TASK = "text-classification", "image-classification"
 TASKS = (TEXT_TASK, IMAGE_TASK)
 PARTITIONERS = ("natural", "dirichlet", "iid")
 PRECISIONS = ("auto", "bf16", "fp32")
+WIRE_DTYPES = ("float32", "float16")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
@@ -168,6 +169,11 @@ class RunConfig:
     eval_every: int = option(
         1,
         "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.")
+    wire_dtype: str = option(
+        "float32",
+        "Float type of the LoRA factors and the head in every message down and up: ``float32``, or ``float16`` "
+        "(half the bytes; ArrayRecord takes no bfloat16). Training and aggregation stay float32/float64; the "
+        "global model and full fine-tuning rounds stay float32.")
     precision: str = option(
         "auto",
         "Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and "
@@ -230,6 +236,7 @@ class RunConfig:
         _choice("task", self.task, TASKS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("min-nodes", self.min_nodes, 1)
         _at_least("init-rounds", self.init_rounds, 0)

@@ -62,14 +62,16 @@ def lora_factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.T
     return {module: (b[module], a[module]) for module in a}
 
 
-def pack(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """ArrayRecord of float32 arrays (ArrayRecord rejects bfloat16; fp32 keeps aggregation exact)."""
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+def pack(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """ArrayRecord of ``dtype`` arrays: ``float32`` (the global model: aggregation stays exact) or ``float16``
+    (run-config ``wire-dtype``, for what travels; ArrayRecord takes no bfloat16)."""
+    kind = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    return ArrayRecord({k: v.detach().to("cpu", kind).contiguous() for k, v in tensors.items()})
 
 
 def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Tensors from an ArrayRecord, in its key order (each its own writable copy)."""
-    return dict(record.to_torch_state_dict())
+    """Float32 tensors from an ArrayRecord, in its key order (each its own writable copy)."""
+    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
 
 
 def announced_ranks(modules: Sequence[str], ranks: Sequence[int]) -> dict[str, int]:

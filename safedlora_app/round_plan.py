@@ -106,12 +106,12 @@ class RoundPlan:
             sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
         return pl.to_wire(sent, list(self.ranks))
 
-    def train_config(self, lora_scale: float) -> dict:
+    def train_config(self, lora_scale: float, wire_dtype: str = "float32") -> dict:
         """The round's keys of the message config that every node reads (see ``client_app``)."""
         values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu}
         if self.kind == LORA:
             values.update({"lora-modules": list(self.ranks), "lora-ranks": list(self.ranks.values()),
-                           "lora-scale": lora_scale})
+                           "lora-scale": lora_scale, "wire-dtype": wire_dtype})
         return values
 
 

@@ -74,13 +74,13 @@ class SAFedLoRA(FedAvg):
         stats = self.rounds.start(RoundStats(round=server_round, stage=plan.stage, kind=plan.kind,
                                              budget=plan.budget, ranks=plan.ranks, nodes=len(node_ids),
                                              revived=plan.revived))
-        round_config = {**dict(config), **plan.train_config(self.config.lora_scale)}
+        round_config = {**dict(config), **plan.train_config(self.config.lora_scale, self.config.wire_dtype)}
         backbone = pl.only(tensors, pl.BACKBONE)
         if plan.kind == FULL:
             shared, expected, backbone_hash, backbone = arrays, self.expected_full, "", {}
         else:
             wire = plan.lora_payload(tensors)
-            shared, expected = pl.pack(wire), {k: tuple(v.shape) for k, v in wire.items()}
+            shared, expected = pl.pack(wire, self.config.wire_dtype), {k: tuple(v.shape) for k, v in wire.items()}
             # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
             backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
             round_config["backbone-hash"] = backbone_hash

@@ -453,6 +453,10 @@ def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
     d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "the 2 SuperNodes back online",
                alive=list(d.procs))
     assert not (outputs / "summary.json").exists()
+    # What the restarted SuperLink says of the interrupted run (docs: README, "Resume and failures").
+    before = {r["run-id"]: r["status"] for r in d.flwr_json("ls", "loopback").get("runs", [])}
+    print(f"after the SuperLink restart, the interrupted run's status: {before}")
+    assert len(before) == 1 and not str(next(iter(before.values()))).startswith("finished:completed")
     cli, log, _ = d.launch("loopback", "link-restart", "num-server-rounds=3 resume=true")
     text = d.complete("loopback", cli, log, alive=list(d.procs))
     assert "resuming run link-restart at round" in text

@@ -93,6 +93,14 @@ def test_num_server_rounds_alone_runs_end_to_end(run_config, rounds):
     assert summary["rounds"] == rounds and summary["final-accuracy"] == rows[-1]["accuracy"]
 
 
+def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config):
+    _, wide, _ = run_server(run_config(num_server_rounds=2, run_name="wide"))
+    _, half, _ = run_server(run_config(num_server_rounds=2, run_name="half", wire_dtype="float16"))
+    assert all(r["replies"] == 2 for r in half[1:])
+    for w, h in zip(wide[1:], half[1:]):
+        assert 0.49 < h["bytes-down"] / w["bytes-down"] < 0.52 and 0.49 < h["bytes-up"] / w["bytes-up"] < 0.52
+
+
 def lora_message(config: RunConfig, server_round: int = 1) -> Message:
     """The message a node gets in a LoRA round, made by the round plan from the initial global state."""
     resources = node_resources(config, {"partition-id": 0, "num-partitions": 2}, tuple(LABELS))

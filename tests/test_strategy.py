@@ -286,3 +286,37 @@ def test_a_node_that_never_replies_is_named_and_counted(caplog):
     arrays, _ = strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1))])  # node 22 is silent
     assert arrays is not None and strategy.rounds.current.dropped == 1 and strategy.rounds.current.replies == 1
     assert "no reply from node(s) [22]" in caplog.text
+
+
+def test_float16_on_the_wire_halves_the_factor_bytes_and_keeps_the_global_model_float32():
+    wide, half = make_strategy(), make_strategy(wire_dtype="float16")
+    sent = {name: send(s, 1, initial(s)) for name, s in (("wide", wide), ("half", half))}
+    packed = {name: m[0].content["arrays"]["lora::packed"] for name, m in sent.items()}
+    assert (packed["wide"].dtype, packed["half"].dtype) == ("float32", "float16")
+    assert sent["half"][0].content["config"]["wire-dtype"] == "float16"
+    assert 2 * packed["half"].numpy().nbytes == packed["wide"].numpy().nbytes
+    # Bytes are counted as sent: the values halve, the per-array keys and headers do not (large at these shapes).
+    saved = wide.rounds.current.bytes_down - half.rounds.current.bytes_down
+    values = sum(array.numpy().nbytes for array in sent["wide"][0].content["arrays"].values())
+    assert saved == values  # 2 nodes x half the value bytes of one float32 message
+    # A node's float16 reply aggregates into float32 global factors, within float16's rounding of the inputs.
+    messages = sent["half"]
+    updates = [trained(m, i) for i, m in enumerate(messages)]
+    replies = [Message(RecordDict({"arrays": pl.pack(pl.to_wire(u, modules_of(m)), "float16"),
+                                   "metrics": MetricRecord({"num-examples": 10}),
+                                   "node": ConfigRecord({"backbone-hash": ""})}), reply_to=m)
+               for m, u in zip(messages, updates)]
+    arrays, _ = half.aggregate_train(1, replies)
+    assert all(a.dtype == "float32" for a in arrays.values())
+    head = (updates[0]["head::head.w"] + updates[1]["head::head.w"]) / 2
+    torch.testing.assert_close(pl.unpack(arrays)["head::head.w"], head, atol=0, rtol=2 ** -10)
+
+
+def test_float16_round_trip_error_bound():
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.05
+    back = pl.unpack(pl.pack({"x": values}, "float16"))["x"]
+    assert back.dtype == torch.float32
+    # Round to nearest at 11 significant bits: relative error <= 2^-11 for normal numbers (|x| >= 6.1e-5).
+    normal = values.abs() >= 2 ** -14
+    assert ((back - values).abs()[normal] <= values.abs()[normal] * 2 ** -11).all()
+    assert ((back - values).abs()[~normal] <= 2 ** -25).all()  # subnormal spacing, 2^-24, halved
