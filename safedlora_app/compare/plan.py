@@ -27,6 +27,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sa-uniform": {"method": "sa-fedlora", "allocation": "uniform"},
     "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "factors"},
     "sa-orth-a": {"method": "sa-fedlora", "factor-form": "orthonormal-a"},
+    "sa-fp16": {"method": "sa-fedlora", "wire-dtype": "float16"},
 }
 METHOD_DESCRIPTIONS = {
     "fedavg": "full fine-tuning (FedAvg)",
@@ -39,10 +40,11 @@ METHOD_DESCRIPTIONS = {
     "sa-uniform": "SA-FedLoRA with uniform allocation",
     "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='factors')",
     "sa-orth-a": "SA-FedLoRA with FlexLoRA's factor split A = V^T, B = U S (factor-form='orthonormal-a')",
+    "sa-fp16": "SA-FedLoRA with float16 factors and head on the wire (wire-dtype='float16')",
 }
 FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
-                       "sa-orth-a")
+                       "sa-orth-a", "sa-fp16")
 #: Methods repeated over every seed; the others run on the first seed only.
 HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
 #: Byte savings are reported against these (per split).
