@@ -149,12 +149,16 @@ class Comparison:
         label = f"{phase}: " if phase else ""
         self.say(f"{label}{len(plan)} runs, {len(plan) - len(todo)} finished earlier, {len(todo)} to run "
                  f"(estimate {(remaining - later) / 60:.0f} min on 2 cores)")
-        bar = tqdm(total=max(1, round(remaining)), desc=phase or "runs", unit="s", file=sys.stderr, leave=False,
+        # The bar draws on a terminal only: in a log file its redraws would break the progress lines.
+        screen = sys.stderr if sys.stderr.isatty() else open(os.devnull, "w")  # noqa: SIM115 (closed below)
+        bar = tqdm(total=max(1, round(remaining)), desc=phase or "runs", unit="s", file=screen, leave=False,
                    bar_format="{desc}: {percentage:3.0f}% of the estimated work, {elapsed} elapsed, ETA {remaining}")
         try:
             return self._run_each(plan, todo, bar)
         finally:
             bar.close()
+            if screen is not sys.stderr:
+                screen.close()
 
     def _run_each(self, plan: Sequence[RunSpec], todo: Sequence[RunSpec], bar: tqdm) -> list[Outcome]:
         outcomes = []
