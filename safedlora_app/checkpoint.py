@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = 1
 DIRECTORY, STATE = "checkpoint", "state.json"
-# Run-config keys that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_KEYS = ("out-dir", "resume", "num-server-rounds")
+# Run-config keys that may differ between a checkpoint and the run that resumes it (run-name: a run started
+# without one is resumed by its directory's name).
+RESUMABLE_KEYS = ("out-dir", "run-name", "resume", "num-server-rounds")
+REQUIRED = ("given", "records", "node-backbone", "rng")
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +80,9 @@ def load(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"{path} is corrupt or truncated ({type(error).__name__}: {error})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {state.get('format')!r}; this version reads format {FORMAT}")
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is corrupt or truncated: it lacks {', '.join(missing)}")
     if not arrays.exists():
         raise CheckpointError(f"{arrays} (named by {path}) does not exist")
     if _sha256(arrays) != expected:

@@ -335,9 +335,9 @@ class RunConfig:
         fine-tune the full model every round. Their stage keys are overridden, not rejected,
         so one pyproject serves every method.
         """
-        if self.method == "fedit":
+        if self.method == "fedit":  # a constant budget: no heating or cooling to fit
             config = dataclasses.replace(self, init_rounds=0, schedule="constant", allocation="uniform",
-                                         aggregation="factors", prox_mu_anneal=0.0)
+                                         aggregation="factors", prox_mu_anneal=0.0, heat_rounds=0, cool_rounds=0)
         elif self.method in ("fedavg", "fedprox"):
             config = dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
                                          prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
@@ -349,8 +349,8 @@ class RunConfig:
     def phase_rounds(self) -> tuple[int, int]:
         """``(heat, cool)`` annealing rounds: the explicit values, or -1 resolved from the fractions.
 
-        A fraction f of R annealing rounds gives ``floor(f * R + 1/2)`` rounds; when both are resolved
-        and their sum would exceed R, cooling gives way (never the case for fractions summing to <= 1).
+        A fraction f of R annealing rounds gives ``floor(f * R + 1/2)`` rounds; a resolved phase gives way
+        when the two would exceed R (cooling first when both are resolved).
         """
         annealing = max(self.num_server_rounds - self.init_rounds, 0)
         heat = self.heat_rounds if self.heat_rounds >= 0 else math.floor(self.heat_fraction * annealing + 0.5)

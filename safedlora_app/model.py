@@ -181,7 +181,8 @@ def set_lora_weights(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch
     given = {PEFT_PREFIX + name: value for name, value in head.items()}
     for name, (b, a) in factors.items():
         given[f"{PEFT_PREFIX}{name}.lora_B.weight"], given[f"{PEFT_PREFIX}{name}.lora_A.weight"] = b, a
-    state = get_peft_model_state_dict(peft_model)  # what is not given keeps its value
+    # save_embedding_layers=False: "auto" would ask the Hub about the base model on every call.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # what is not given keeps its value
     unknown = sorted(set(given) - set(state))
     if unknown:
         raise ModelError(f"not in the adapter of this model: {[k.removeprefix(PEFT_PREFIX) for k in unknown[:5]]}")
@@ -193,7 +194,7 @@ def get_lora_weights(peft_model, modules: Sequence[str], head_names: Sequence[st
     """``({module: (B, A)}, {head parameter: tensor})`` from a peft model (detached, CPU; peft's public API)."""
     from peft import get_peft_model_state_dict
 
-    state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     factors = {name: (state[f"{PEFT_PREFIX}{name}.lora_B.weight"], state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
                for name in modules}
     return factors, {name: state[PEFT_PREFIX + name] for name in head_names}

@@ -33,9 +33,10 @@ class DeadlineGrid:
         The smallest deadline after the first round.
     """
 
-    def __init__(self, grid: Grid, cap: float, factor: float, floor: float = MIN_DEADLINE):
+    def __init__(self, grid: Grid, cap: float, factor: float, floor: float = MIN_DEADLINE,
+                 longest: float | None = None):
         self.grid, self.cap, self.factor, self.floor = grid, cap, factor, floor
-        self.longest: float | None = None  # seconds of the longest round in which every node replied
+        self.longest = longest  # seconds of the longest round in which every node replied (checkpointed)
         self.deadlines: list[float] = []
 
     def __getattr__(self, name):
@@ -54,6 +55,6 @@ class DeadlineGrid:
         self.deadlines.append(deadline)
         start = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=deadline))
-        if len(replies) == len(messages):
+        if sum(not r.has_error() for r in replies) == len(messages):  # Flower's error replies do not count
             self.longest = max(self.longest or 0.0, time.monotonic() - start)
         return replies

@@ -139,15 +139,17 @@ def main(grid: Grid, context: Context) -> None:
             result["eval-seconds"] = time.perf_counter() - started
         recorder.record(server_round, result, ranks)
         checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
-            "given": config.to_dict(), "records": recorder.records,
+            "given": config.to_dict(), "records": recorder.records, "longest-round-seconds": deadlines.longest,
             "node-backbone": {str(k): v for k, v in strategy.node_backbone.items()}})
         return MetricRecord(result) if result else None
 
     start = time.perf_counter()
     initial = pl.pack(resumed.tensors if resumed else initial_tensors(effective, state))
+    deadlines = DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor,
+                             longest=resumed.state.get("longest-round-seconds") if resumed else None)
     try:
         result = strategy.start(
-            grid=DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor),
+            grid=deadlines,
             initial_arrays=initial,
             num_rounds=config.num_server_rounds - first_round + 1,
             timeout=config.round_timeout,

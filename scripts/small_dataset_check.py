@@ -53,9 +53,10 @@ def main() -> int:
                 name = f"{method}-s{seed}"
                 run_dir = out / "runs" / name
                 if not (run_dir / "summary.json").exists():
+                    resume = (run_dir / "checkpoint" / "state.json").exists()  # an interrupted run continues
                     config = (f"dataset-name='{out / 'small.csv'}' test-size={TEST_SIZE} num-server-rounds={ROUNDS} "
                               f"method='{method}' seed={seed} out-dir='{out / 'runs'}' run-name='{name}' "
-                              f"cache-dir='{out / 'cache'}'")
+                              f"cache-dir='{out / 'cache'}' resume={'true' if resume else 'false'}")
                     result = flower.run(config, timeout=1800, federation="num-supernodes=2")
                     status = flower.run_status(result.stdout + result.stderr)
                     if status != "finished:completed":

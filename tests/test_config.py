@@ -61,8 +61,13 @@ def test_method_presets_override_stage_keys():
     fedavg = RunConfig(method="fedavg", prox_mu=0.5).effective
     assert fedavg.init_rounds == fedavg.num_server_rounds and fedavg.init_trainable == "full" and fedavg.prox_mu == 0.0
     assert RunConfig(method="fedprox", prox_mu=0.5).effective.prox_mu == 0.5
-    # fedit ignores sa-fedlora's stage constraints (e.g. init-rounds left at its default)
+    # fedit ignores sa-fedlora's stage constraints (e.g. init-rounds left at its default), heating and cooling
+    # included: its budget is constant, so explicit phases that would not fit are dropped, not a crash in round 1.
     RunConfig.from_mapping({"method": "fedit", "init-rounds": 11, "num-server-rounds": 3})
+    fedit = RunConfig.from_mapping({"method": "fedit", "num-server-rounds": 2, "heat-rounds": 2, "cool-rounds": 1})
+    assert (fedit.effective.heat_rounds, fedit.effective.cool_rounds) == (0, 0)
+    from safedlora_app.round_plan import budget
+    assert [budget(fedit.effective, r, 12) for r in (1, 2)] == [96, 96]
 
 
 def test_node_config_overrides_client_side_keys_only():

@@ -90,7 +90,7 @@ def test_a_finished_run_extends_with_more_rounds(uninterrupted, tmp_path):
 def test_resume_refuses_a_contradicting_config_and_a_finished_run(uninterrupted):
     config, whole_dir, _, _ = uninterrupted
     with pytest.raises(CheckpointError, match=r"resume: lr = 0.001 \(the checkpoint has 0.003\) in .*state.json; "
-                                              r"only out-dir, resume, num-server-rounds may change"):
+                                              r"only out-dir, run-name, resume, num-server-rounds may change"):
         server_app.resume_point(RunConfig.from_mapping({**config, "resume": True, "lr": 0.001}), whole_dir)
     with pytest.raises(CheckpointError, match="already holds round 3 and num-server-rounds = 3; raise"):
         server_app.resume_point(RunConfig.from_mapping({**config, "resume": True}), whole_dir)
@@ -102,7 +102,7 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     point = checkpoint.load(tmp_path)
     assert point.server_round == 5 and point.state["node-backbone"] == {"7": "ab"}
     assert all(torch.equal(point.tensors[k], v) for k, v in tensors.items())
-    checkpoint.save(tmp_path, 6, tensors, {"given": {}, "records": []})
+    checkpoint.save(tmp_path, 6, tensors, {"given": {}, "records": [], "node-backbone": {}})
     assert [p.name for p in (tmp_path / "checkpoint").glob("round-*")] == ["round-00006.safetensors"]
     # RNG states come back.
     before = torch.rand(3)
@@ -121,6 +121,9 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         checkpoint.load(tmp_path)
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         checkpoint.load(tmp_path / "elsewhere")
+    checkpoint.save(tmp_path, 7, tensors, {"given": {}, "records": []})  # a state without the node map
+    with pytest.raises(CheckpointError, match=r"state.json is corrupt or truncated: it lacks node-backbone"):
+        checkpoint.load(tmp_path)
 
 
 class ShrinkingGrid(InProcessGrid):
