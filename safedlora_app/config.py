@@ -126,6 +126,14 @@ class RunConfig:
     dataset_name: str = option(
         "",
         "Hub id, local csv/tsv/json/jsonl/parquet file or directory; empty = the embedded tweets.")
+    label_names: str = option(
+        "",
+        "Class names in the model's order, comma-separated, or a file with one name per line; empty = those of "
+        "dataset-name. With central-eval = false the server then loads no dataset at all.")
+    central_eval: bool = option(
+        True,
+        "Evaluate the global model on dataset-name's held-out rows (test-size) after round 0, every eval-every-th "
+        "round and the last 3; false for a server that holds no data (give label-names).")
     text_column: str = option("text", "Column with the input text (text tasks).")
     image_column: str = option("image", "Column with the input image (image tasks).")
     label_column: str = option("label", "Column with the class label.")
@@ -302,6 +310,13 @@ class RunConfig:
                     f"{key} = {path!r} is not allowed; it must be absolute or start with '~' "
                     "(the ServerApp's working directory depends on where the SuperLink started)"
                 )
+        if not self.central_eval and not self.label_names.strip():
+            raise ConfigError("central-eval = false is not allowed with label-names = ''; a server without data "
+                              "learns the class names from label-names, e.g. label-names = 'negative,neutral,positive'")
+        names = self.label_list()
+        if self.label_names.strip() and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ConfigError(f"label-names = {self.label_names!r} is not allowed; give at least 2 distinct class "
+                              "names, comma-separated or one per line in a file")
         if self.resume and not self.run_name:
             raise ConfigError("resume = true is not allowed with run-name = ''; "
                               "give the run-name of the run to continue")
@@ -370,6 +385,14 @@ class RunConfig:
         """Whether central evaluation runs after ``server_round`` (0 = the initial model)."""
         return (server_round == 0 or server_round % self.eval_every == 0
                 or server_round > self.num_server_rounds - EVAL_LAST_ROUNDS)
+
+    def label_list(self) -> tuple[str, ...]:
+        """``label-names`` as a tuple: a file's non-empty lines, or the comma-separated names (empty: none)."""
+        path = os.path.expanduser(self.label_names.strip())
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return tuple(line.strip() for line in handle if line.strip())
+        return tuple(name.strip() for name in self.label_names.split(",") if name.strip())
 
     @staticmethod
     def module_names(spec: str) -> list[str]:

@@ -60,6 +60,12 @@ class GlobalModel:
         set_lora_weights(model, factors, head)
         return (model.merge_and_unload() if merged else model), ranks
 
+    def ranks(self, server_round: int, arrays: ArrayRecord) -> dict[str, int]:
+        """The ranks of the model after ``server_round`` (empty before any LoRA round), without building it."""
+        tensors = pl.unpack(arrays)
+        return adapter_at(self.config, server_round, tensors, self.module_shapes)[0] if pl.select(
+            tensors, pl.LORA_A) else {}
+
     def _base_for(self, tensors) -> nn.Module:
         backbone = pl.select(tensors, pl.BACKBONE)
         if not backbone:

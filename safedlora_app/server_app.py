@@ -52,6 +52,26 @@ def trained_arrays(result: Result, run_name: str, num_rounds: int) -> ArrayRecor
     return result.arrays
 
 
+def server_data(config: RunConfig):
+    """``(task data or None, label names)``: the server loads ``dataset-name`` only to evaluate centrally or
+    to learn the class names; ``label-names`` given, it must match the dataset's (in order) when both exist.
+
+    Raises
+    ------
+    DataError, ConfigError
+    """
+    names = config.label_list()
+    if not config.central_eval:
+        return None, names
+    data = load_task_data(config.dataset_name, task=config.task, text_column=config.text_column,
+                          label_column=config.label_column, image_column=config.image_column,
+                          natural_column=config.natural_column, test_size=config.test_size)
+    if names and names != tuple(data.label_names):
+        raise ConfigError(f"label-names = {config.label_names!r} is not allowed: dataset-name's classes are "
+                          f"{list(data.label_names)} (in that order); give those, or set central-eval = false")
+    return data, tuple(data.label_names)
+
+
 def resume_point(config: RunConfig, run_dir: Path) -> checkpoint.Checkpoint:
     """The checkpoint to continue from, checked against the run config.
 
@@ -81,10 +101,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = RunConfig.from_mapping(context.run_config)
         effective = config.effective
-        task_data = load_task_data(config.dataset_name, task=config.task, text_column=config.text_column,
-                                   label_column=config.label_column, image_column=config.image_column,
-                                   natural_column=config.natural_column, test_size=config.test_size)
-        base = load_base_model(config.model_name, config.task, task_data.label_names, seed=config.seed)
+        task_data, label_names = server_data(config)
+        base = load_base_model(config.model_name, config.task, label_names, seed=config.seed)
         preprocessor = load_preprocessor(config.model_name, config.task)
         head_modules = config.module_names(config.head_modules)
         modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
@@ -102,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "cannot start the run: %s", error)
         raise
     write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
-                                         "label-names": list(task_data.label_names)})
+                                         "label-names": list(label_names)})
     state = full_state(base, heads)
     shapes = module_shapes(base, modules)
     recorder = RunRecorder(run_dir, config.num_server_rounds)
@@ -117,12 +135,13 @@ def main(grid: Grid, context: Context) -> None:
                          node_backbone={int(k): v for k, v in resumed.state["node-backbone"].items()} if resumed
                          else None)
     global_model = GlobalModel(base, effective, shapes, head_modules)
-    test = Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
+    test = (Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
+            if config.central_eval else None)
     device = pick_device()
     dtype = compute_dtype(config.precision, device)
-    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %d held-out rows, evaluated in %s on %s; outputs in %s",
-        run_dir.name, config.method, len(modules), len(task_data.test), str(dtype).removeprefix("torch."),
-        device.type, run_dir)
+    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %s; outputs in %s", run_dir.name, config.method, len(modules),
+        f"{len(test)} held-out rows evaluated in {str(dtype).removeprefix('torch.')} on {device.type}" if test
+        else "no central evaluation (central-eval = false)", run_dir)
 
     def central_evaluation(flower_round: int, arrays) -> MetricRecord | None:
         """Evaluate the model the round ended with (every ``eval-every`` rounds), write the round's line and
@@ -131,12 +150,14 @@ def main(grid: Grid, context: Context) -> None:
             return None  # the initial model of a resumed run was evaluated before the interruption
         server_round = flower_round + first_round - 1 if flower_round else 0
         result, ranks = None, None
-        if config.evaluates(server_round):
+        if config.evaluates(server_round) and test is not None:
             started = time.perf_counter()
             model, ranks = global_model.build(server_round, arrays, merged=True)
             result = evaluate(model, test, batch_size=config.eval_batch_size,
-                              num_classes=len(task_data.label_names), device=device, dtype=dtype)
+                              num_classes=len(label_names), device=device, dtype=dtype)
             result["eval-seconds"] = time.perf_counter() - started
+        elif config.evaluates(server_round) and server_round > 0:
+            ranks = global_model.ranks(server_round, arrays)
         recorder.record(server_round, result, ranks)
         checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
             "given": config.to_dict(), "records": recorder.records, "longest-round-seconds": deadlines.longest,
@@ -153,7 +174,7 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=initial,
             num_rounds=config.num_server_rounds - first_round + 1,
             timeout=config.round_timeout,
-            train_config=ConfigRecord({"label-names": list(task_data.label_names)}),
+            train_config=ConfigRecord({"label-names": list(label_names)}),
             evaluate_fn=central_evaluation,
         )
     except NotEnoughNodes as error:
@@ -169,5 +190,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = recorder.summary(config, time.perf_counter() - start, model_dir)
     write_json(run_dir / "summary.json", summary)
     recorder.plot(run_dir)
-    log(INFO, "SA-FedLoRA run %s finished: final accuracy %.1f%%, %.2f MB sent in total; outputs in %s",
-        run_dir.name, 100 * (summary["final-accuracy"] or 0.0), summary["total-mb"], run_dir)
+    accuracy = summary["final-accuracy"]
+    log(INFO, "SA-FedLoRA run %s finished: %s, %.2f MB sent in total; outputs in %s", run_dir.name,
+        "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%",
+        summary["total-mb"], run_dir)

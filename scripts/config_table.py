@@ -27,7 +27,7 @@ def cell(text: str) -> str:
 def table() -> str:
     rows = []
     for f in dataclasses.fields(RunConfig):
-        default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default)
+        default = json.dumps(f.default) if isinstance(f.default, (str, bool)) else repr(f.default)  # as in TOML
         rows.append(f"| `{f.name.replace('_', '-')}` | `{default}` | {cell(f.metadata['help'])} |\n")
     return HEADER + "".join(rows)
 

@@ -29,6 +29,8 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"num-server-rounds": 3, "heat-rounds": 3}, "heat-rounds + cool-rounds = 3 + 0 is not allowed"),
     ({"heat-fraction": 1.5}, "heat-fraction = 1.5 is not allowed; it must be in [0, 1]"),
     ({"aggregation": "mean"}, "aggregation = 'mean' is not allowed; choose one of: product, factors"),
+    ({"central-eval": False}, "central-eval = false is not allowed with label-names = ''"),
+    ({"label-names": "pos,pos"}, "label-names = 'pos,pos' is not allowed; give at least 2 distinct class names"),
     ({"wire-dtype": "bfloat16"}, "wire-dtype = 'bfloat16' is not allowed; choose one of: float32, float16"),
     ({"resume": True, "run-name": ""}, "resume = true is not allowed with run-name = ''"),
     ({"round-deadline-factor": -1.0}, "round-deadline-factor = -1.0 is not allowed; it must be >= 0"),
@@ -110,3 +112,11 @@ def test_the_readme_table_is_the_one_generated_from_run_config():
     readme = config_table.README.read_text()
     assert config_table.readme_table(readme) == config_table.table(), "run: python scripts/config_table.py --write"
     assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))
+
+
+def test_label_names_from_a_list_or_a_file(tmp_path):
+    assert RunConfig(label_names=" neg, neu ,pos").label_list() == ("neg", "neu", "pos")
+    names = tmp_path / "labels.txt"
+    names.write_text("sad\n\nhappy\n")
+    assert RunConfig(label_names=str(names)).label_list() == ("sad", "happy")
+    assert RunConfig().label_list() == ()

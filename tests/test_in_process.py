@@ -51,10 +51,10 @@ def run_config(tmp_path, cache_dir):
 class InProcessGrid:
     """Nodes that are ``train_handler`` calls in this process; a handler's exception becomes an error reply."""
 
-    def __init__(self, config: dict, num_nodes: int = 2):
+    def __init__(self, config: dict, num_nodes: int = 2, node_configs: list[dict] | None = None):
+        node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=config,
-                                          node_config={"partition-id": i, "num-partitions": num_nodes})
-                         for i in range(num_nodes)}
+                                          node_config=node_config) for i, node_config in enumerate(node_configs)}
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -70,9 +70,9 @@ class InProcessGrid:
         return replies
 
 
-def run_server(config: dict) -> tuple[Path, list[dict], dict]:
-    server_app.main(InProcessGrid(config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                   run_config=config))
+def run_server(config: dict, node_configs: list[dict] | None = None) -> tuple[Path, list[dict], dict]:
+    server_app.main(InProcessGrid(config, node_configs=node_configs),
+                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     run_dir = Path(config["out-dir"]) / config["run-name"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, rows, json.loads((run_dir / "summary.json").read_text())
@@ -99,6 +99,24 @@ def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config
     assert all(r["replies"] == 2 for r in half[1:])
     for w, h in zip(wide[1:], half[1:]):
         assert 0.49 < h["bytes-down"] / w["bytes-down"] < 0.52 and 0.49 < h["bytes-up"] / w["bytes-up"] < 0.52
+
+
+def test_a_server_without_data_trains_nodes_on_their_own_files(run_config, tmp_path):
+    """central-eval = false and label-names: the server never opens dataset-name (it does not exist here)."""
+    files = []
+    for i, (first, second) in enumerate((("negative", "positive"), ("neutral", "positive"))):
+        path = tmp_path / f"node-{i}.csv"
+        path.write_text("text,label\n" + "".join(f"reading {k} is {'fine' if k % 2 else 'off'},"
+                                                  f"{second if k % 2 else first}\n" for k in range(24)))
+        files.append({"data-path": str(path)})
+    config = run_config(num_server_rounds=2, run_name="no-data", central_eval=False,
+                        label_names="negative,neutral,positive", dataset_name=str(tmp_path / "nowhere.csv"))
+    run_dir, rows, summary = run_server(config, node_configs=files)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 for r in rows[1:])
+    assert all(r["accuracy"] is None for r in rows) and summary["final-accuracy"] is None
+    assert sum(rows[-1]["model-ranks"].values()) == rows[-1]["budget"]  # ranks logged without evaluating
+    assert json.loads((run_dir / "config.json").read_text())["label-names"] == LABELS
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
 
 
 def lora_message(config: RunConfig, server_round: int = 1) -> Message:
