@@ -8,12 +8,52 @@ dropped with a reason; the round aggregates the rest.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .payload import ARRAYS, METRICS, NODE
+from .payload import ARRAYS, METRICS, NODE, num_parameters
+
+
+@dataclass
+class Screened:
+    """One round's replies sorted out: valid contents by node, dropped ones with their reason, silent nodes."""
+
+    valid: list[tuple[int, RecordDict]] = field(default_factory=list)
+    dropped: list[tuple[int, str, bool]] = field(default_factory=list)
+    """``(node id, reason, failed)``: ``failed`` for an error reply (the node, or Flower for it, reported one)."""
+    lost: list[int] = field(default_factory=list)
+    """Nodes sent a message that did not reply before the round's deadline."""
+    bytes_up: int = 0
+    params_up: int = 0
+
+
+def screen(sent: Sequence[Message], replies: Sequence[Message], expected_shapes: Mapping[str, tuple[int, ...]], *,
+           max_num_examples: int, backbone_hash: str | None = None) -> Screened:
+    """Check every reply against what its node was sent (see :func:`reply_problem`).
+
+    Replies are matched to the messages they answer: Flower's error reply for an unreachable node comes from the
+    SuperLink, not from the node (message ids exist once the Grid has pushed the messages).
+    """
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    out = Screened()
+    for reply in replies:
+        node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        content = None if reply.has_error() else reply.content
+        if content is not None and isinstance(arrays := content.get(ARRAYS), ArrayRecord):
+            out.bytes_up += arrays.count_bytes()
+            out.params_up += num_parameters(arrays)
+        problem = (f"failed: {reply.error.reason}" if content is None else reply_problem(
+            content, expected_shapes, max_num_examples=max_num_examples, backbone_hash=backbone_hash))
+        if problem:
+            out.dropped.append((node_id, problem, content is None))
+        else:
+            out.valid.append((node_id, content))
+    answered = {node for node, _ in out.valid} | {node for node, _, _ in out.dropped}
+    out.lost = sorted(set(sent_to.values()) - answered)
+    return out
 
 
 def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, ...]], *,

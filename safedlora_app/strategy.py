@@ -24,7 +24,7 @@ from . import payload as pl
 from .aggregation import aggregate_round, reply_metrics
 from .config import RunConfig
 from .outputs import RoundLog, RoundStats
-from .replies import reply_problem
+from .replies import screen
 from .round_plan import FULL, RoundPlan, plan_round
 from .seeds import mix_seed
 
@@ -108,33 +108,19 @@ class SAFedLoRA(FedAvg):
         server_round += self.offset
         plan, previous, expected, backbone_hash = self._round
         stats, start = self.rounds.current, time.perf_counter()
-        good, replies = [], list(replies)
-        # Flower's error reply for an unreachable node does not come from that node: match replies to messages
-        # (message ids exist once the Grid has pushed them).
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        node_of = {id(r): sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
-        lost = sorted(set(sent_to.values()) - set(node_of.values()))
-        if lost:  # no reply before the round's timeout: a node lost mid-round, or one that hangs
-            log(WARNING, "round %d: no reply from node(s) %s before the round timeout", server_round, lost)
-            stats.dropped += len(lost)
-        for reply in replies:
-            node_id, content = node_of[id(reply)], None if reply.has_error() else reply.content
-            if content is not None and isinstance(arrays := content.get(pl.ARRAYS), ArrayRecord):
-                stats.bytes_up, stats.params_up = (stats.bytes_up + arrays.count_bytes(),
-                                                   stats.params_up + pl.num_parameters(arrays))
-            # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-            problem = (f"failed: {reply.error.reason}" if content is None else reply_problem(
-                content, expected, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
-            if problem:
-                log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node_id, problem)
-                stats.dropped += 1
-                if content is None:
-                    self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
-                continue
-            if backbone_hash:
-                self.node_backbone[node_id] = backbone_hash
-            good.append(content)
-        stats.replies = len(good)
+        # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
+        screened = screen(self._sent, list(replies), expected, max_num_examples=self.config.max_num_examples,
+                          backbone_hash=backbone_hash or None)
+        stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
+        if screened.lost:  # no reply before the round's deadline: a node lost mid-round, or one that hangs
+            log(WARNING, "round %d: no reply from node(s) %s before the round timeout", server_round, screened.lost)
+        for node_id, problem, failed in screened.dropped:
+            log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node_id, problem)
+            if failed:
+                self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
+        self.node_backbone.update({node_id: backbone_hash for node_id, _ in screened.valid if backbone_hash})
+        good = [content for _, content in screened.valid]
+        stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
