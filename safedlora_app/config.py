@@ -173,10 +173,18 @@ class RunConfig:
         0,
         "Optimizer steps over which each client round ramps its learning rate linearly up to ``lr`` (each"
         " round starts a fresh AdamW, whose first steps are the largest).")
-    eval_batch_size: int = option(64, "Batch size of central evaluation.")
+    eval_batch_size: int = option(64, "Batch size of central and federated evaluation.")
     eval_every: int = option(
         1,
         "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.")
+    fraction_evaluate: float = option(
+        0.0,
+        "Federated evaluation: fraction of connected nodes (at least 1) that evaluate the global model on their "
+        "held-out eval-fraction share after each evaluated round (eval-every, the last 3); 0 = none.")
+    eval_fraction: float = option(
+        0.2,
+        "With fraction-evaluate > 0: share of each node's rows held out (fixed seed) for federated evaluation "
+        "and never trained on, in every round.")
     wire_dtype: str = option(
         "float32",
         "Float type of the LoRA factors and the head in every message down and up: ``float32``, or ``float16`` "
@@ -277,6 +285,10 @@ class RunConfig:
                 raise ConfigError(f"{key} = {value!r} is not allowed; it must be in [0, 1]")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction-evaluate = {self.fraction_evaluate!r} is not allowed; it must be in [0, 1]")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"eval-fraction = {self.eval_fraction!r} is not allowed; it must be in (0, 1)")
         if not 0.0 < self.lr_final_ratio <= 1.0:
             raise ConfigError(f"lr-final-ratio = {self.lr_final_ratio!r} is not allowed; it must be in (0, 1]")
         if not 0.0 <= self.momentum < 1.0:
@@ -381,8 +393,14 @@ class RunConfig:
         ``min-nodes``, at most all."""
         return min(connected, max(int(connected * self.fraction_train), self.min_nodes))
 
+    def evaluators_per_round(self, connected: int) -> int:
+        """Nodes sampled for federated evaluation: ``fraction-evaluate`` of the connected ones, at least 1
+        (none when it is 0)."""
+        return min(connected, max(int(connected * self.fraction_evaluate), 1)) if self.fraction_evaluate else 0
+
     def evaluates(self, server_round: int) -> bool:
-        """Whether central evaluation runs after ``server_round`` (0 = the initial model)."""
+        """Whether central evaluation runs after ``server_round`` (0 = the initial model), and federated
+        evaluation too (rounds >= 1, with ``fraction-evaluate > 0``)."""
         return (server_round == 0 or server_round % self.eval_every == 0
                 or server_round > self.num_server_rounds - EVAL_LAST_ROUNDS)
 

@@ -56,6 +56,18 @@ class RoundStats:
     """Share of the round's mean update (sum over modules, squared Frobenius) that truncation to rank-max dropped."""
     factor_norms: dict[str, float] = field(default_factory=dict)
     """``||B||_F`` and ``||A||_F`` of the first module's global factors after aggregation."""
+    # Federated evaluation (fraction-evaluate > 0): the round's global model on the nodes' held-out rows.
+    eval_nodes: int = 0
+    eval_replies: int = 0
+    eval_dropped: int = 0
+    eval_rows: int = 0
+    eval_bytes_down: int = 0
+    eval_bytes_up: int = 0
+    fed_accuracy: float | None = None
+    """Row-weighted mean of the evaluating nodes' accuracies (= accuracy over all their held-out rows)."""
+    fed_macro_f1: float | None = None
+    """Row-weighted mean of the nodes' own macro-F1s (not the macro-F1 of the pooled rows)."""
+    fed_loss: float | None = None
 
 
 class RoundLog:
@@ -107,7 +119,8 @@ def run_totals(records: Sequence[Mapping]) -> dict:
 
     ``best-accuracy`` is the best over the evaluated rounds 1..T (the initial model does not count);
     ``last3-accuracy`` the mean over the last three rounds (less sensitive to the last round's sample);
-    ``final-ranks`` the ranks of the model the run ended with.
+    ``final-ranks`` the ranks of the model the run ended with. Bytes are training traffic; federated
+    evaluation's are ``eval-mb``.
     """
     rows = [r for r in records if r["round"] > 0]
     final = records[-1] if records else {}
@@ -131,6 +144,9 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         "dropped-replies": sum(int(r.get("dropped") or 0) for r in rows),
         "rounds-without-replies": sum(1 for r in rows if r.get("replies") == 0),
         "final-ranks": final.get("model-ranks") or {},
+        "final-fed-accuracy": final.get("fed-accuracy"),
+        "final-fed-macro-f1": final.get("fed-macro-f1"),
+        "eval-mb": sum(r.get("eval-bytes-down", 0) + r.get("eval-bytes-up", 0) for r in rows) / MB,
     }
 
 
@@ -197,6 +213,9 @@ class RunRecorder(RoundLog):
         budget = (f"budget {line['budget']} (ranks {min(ranks.values())}-{max(ranks.values())})"
                   if line.get("budget") is not None else "full model")
         dropped = f" | dropped {line['dropped']}" if line.get("dropped") else ""
+        if line.get("fed-accuracy") is not None:
+            evaluation += (f" | federated acc {line['fed-accuracy']:.1%} f1 {line['fed-macro-f1']:.3f} "
+                           f"({line['eval-rows']} rows, {line['eval-replies']} nodes)")
         return (f"[round {line['round']}/{self.num_rounds}] {line['stage']} | {budget} | "
                 f"down {line['bytes-down'] / MB:.2f} MB up {line['bytes-up'] / MB:.2f} MB | "
                 f"{evaluation} | {line['round-seconds']:.1f} s{dropped}")

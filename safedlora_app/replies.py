@@ -1,14 +1,15 @@
-"""Validation of client replies before they touch the global model.
+"""Validation of client replies before they touch the global model or the logged metrics.
 
-A malformed reply (wrong keys, shapes other than what the node was sent, non-finite values,
-an absurd ``num-examples``, a backbone other than the one the node was told to use) is
-dropped with a reason; the round aggregates the rest.
+A malformed training reply (wrong keys, shapes other than what the node was sent, non-finite values,
+an absurd ``num-examples``, a backbone other than the one the node was told to use) is dropped with a
+reason; the round aggregates the rest. So is an evaluation reply whose metrics are missing or out of
+range.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +31,10 @@ class Screened:
     params_up: int = 0
 
 
-def screen(sent: Sequence[Message], replies: Sequence[Message], expected_shapes: Mapping[str, tuple[int, ...]], *,
-           max_num_examples: int, backbone_hash: str | None = None) -> Screened:
-    """Check every reply against what its node was sent (see :func:`reply_problem`).
+def screen(sent: Sequence[Message], replies: Sequence[Message], problem: Callable[[RecordDict], str | None]
+           ) -> Screened:
+    """Check every reply with ``problem`` (:func:`reply_problem` or :func:`evaluation_problem`, bound to what
+    the nodes were sent), which returns why a content is unusable or ``None``.
 
     Replies are matched to the messages they answer: Flower's error reply for an unreachable node comes from the
     SuperLink, not from the node (message ids exist once the Grid has pushed the messages).
@@ -45,10 +47,9 @@ def screen(sent: Sequence[Message], replies: Sequence[Message], expected_shapes:
         if content is not None and isinstance(arrays := content.get(ARRAYS), ArrayRecord):
             out.bytes_up += arrays.count_bytes()
             out.params_up += num_parameters(arrays)
-        problem = (f"failed: {reply.error.reason}" if content is None else reply_problem(
-            content, expected_shapes, max_num_examples=max_num_examples, backbone_hash=backbone_hash))
-        if problem:
-            out.dropped.append((node_id, problem, content is None))
+        reason = f"failed: {reply.error.reason}" if content is None else problem(content)
+        if reason:
+            out.dropped.append((node_id, reason, content is None))
         else:
             out.valid.append((node_id, content))
     answered = {node for node, _ in out.valid} | {node for node, _, _ in out.dropped}
@@ -77,12 +78,8 @@ def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, 
         return f"no ArrayRecord under {ARRAYS!r}"
     if not isinstance(metrics, MetricRecord):
         return f"no MetricRecord under {METRICS!r}"
-    num_examples = metrics.get("num-examples")
-    if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, float))
-            or not math.isfinite(num_examples) or num_examples != int(num_examples)):
-        return f"num-examples = {num_examples!r} is not a whole number"
-    if not 0 < num_examples <= max_num_examples:
-        return f"num-examples = {num_examples!r} is outside 1..{max_num_examples}"
+    if problem := _examples_problem(metrics, max_num_examples):
+        return problem
     missing = sorted(set(expected_shapes) - set(arrays))
     extra = sorted(set(arrays) - set(expected_shapes))
     if missing or extra:
@@ -95,9 +92,41 @@ def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, 
             return f"{name} has dtype {array.dtype}, expected a float type"
         if not np.isfinite(array.numpy()).all():
             return f"{name} holds NaN or inf"
-    if backbone_hash is not None:
-        node = content.get(NODE)
-        reported = node.get("backbone-hash") if isinstance(node, ConfigRecord) else None
-        if reported != backbone_hash:
-            return f"trained on backbone {str(reported)[:12]!r}, expected {backbone_hash[:12]!r}"
+    return _backbone_problem(content, backbone_hash)
+
+
+def evaluation_problem(content: RecordDict, *, max_num_examples: int, backbone_hash: str | None = None
+                       ) -> str | None:
+    """Why an evaluation reply cannot be counted, or ``None``: it must report its rows (``num-examples``),
+    ``accuracy`` and ``macro-f1`` in [0, 1] and a finite ``loss`` >= 0 in a MetricRecord under ``metrics``."""
+    metrics = content.get(METRICS)
+    if not isinstance(metrics, MetricRecord):
+        return f"no MetricRecord under {METRICS!r}"
+    if problem := _examples_problem(metrics, max_num_examples):
+        return problem
+    for name, high in (("accuracy", 1.0), ("macro-f1", 1.0), ("loss", math.inf)):
+        value = metrics.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high \
+                or not math.isfinite(value):
+            return f"{name} = {value!r} is not a number in [0, {high}]"
+    return _backbone_problem(content, backbone_hash)
+
+
+def _examples_problem(metrics: MetricRecord, max_num_examples: int) -> str | None:
+    num_examples = metrics.get("num-examples")
+    if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, float))
+            or not math.isfinite(num_examples) or num_examples != int(num_examples)):
+        return f"num-examples = {num_examples!r} is not a whole number"
+    if not 0 < num_examples <= max_num_examples:
+        return f"num-examples = {num_examples!r} is outside 1..{max_num_examples}"
+    return None
+
+
+def _backbone_problem(content: RecordDict, backbone_hash: str | None) -> str | None:
+    if backbone_hash is None:
+        return None
+    node = content.get(NODE)
+    reported = node.get("backbone-hash") if isinstance(node, ConfigRecord) else None
+    if reported != backbone_hash:
+        return f"used backbone {str(reported)[:12]!r}, expected {backbone_hash[:12]!r}"
     return None

@@ -49,7 +49,7 @@ class DeadlineGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        if not messages:  # e.g. the federated evaluation this app does not use
+        if not messages:  # e.g. a round without federated evaluation
             return list(self.grid.send_and_receive(messages, timeout=timeout))
         deadline = self.deadline()
         self.deadlines.append(deadline)

@@ -137,3 +137,18 @@ def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch
                                                 form=config.factor_form)
         factors[m], revived = (b, a), revived + count
     return RoundPlan(**common, budget=sum(ranks.values()), ranks=ranks, factors=factors, revived=revived)
+
+
+def model_plan(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],
+               module_shapes: Mapping[str, tuple[int, int]]) -> RoundPlan:
+    """The model after round ``server_round``, as nodes rebuild it for federated evaluation.
+
+    The same payload as a training round's, with :func:`adapter_at`'s factors as they are (nothing
+    revived): the global model central evaluation scores. ``full`` while no LoRA round has been
+    aggregated (the backbone, if trained, and the head), ``lora`` after.
+    """
+    common = dict(server_round=server_round, stage=stage(config, server_round), lr=0.0, prox_mu=0.0)
+    if not pl.select(tensors, pl.LORA_A):
+        return RoundPlan(kind=FULL, **common)
+    ranks, factors = adapter_at(config, server_round, tensors, module_shapes)
+    return RoundPlan(kind=LORA, **common, budget=sum(ranks.values()), ranks=ranks, factors=factors)

@@ -18,3 +18,21 @@ def sample_indices(size: int, count: int, seed: int) -> list[int]:
     if count <= 0 or count >= size:
         return list(range(size))
     return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+def holdout_split(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held out)`` indices of ``range(size)``: ``round(fraction * size)`` rows (at least 1) held out
+    by a seeded permutation, the rest for training; with ``fraction`` 0, every row trains.
+
+    Raises
+    ------
+    ValueError
+        When ``size`` is too small to leave a row on each side.
+    """
+    if fraction <= 0:
+        return list(range(size)), []
+    held = max(1, round(fraction * size))
+    if held >= size:
+        raise ValueError(f"{size} row(s) cannot be split into training rows and {held} held-out row(s)")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])

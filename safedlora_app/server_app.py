@@ -175,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=config.num_server_rounds - first_round + 1,
             timeout=config.round_timeout,
             train_config=ConfigRecord({"label-names": list(label_names)}),
+            evaluate_config=ConfigRecord({"label-names": list(label_names)}),
             evaluate_fn=central_evaluation,
         )
     except NotEnoughNodes as error:
@@ -191,6 +192,7 @@ def main(grid: Grid, context: Context) -> None:
     write_json(run_dir / "summary.json", summary)
     recorder.plot(run_dir)
     accuracy = summary["final-accuracy"]
-    log(INFO, "SA-FedLoRA run %s finished: %s, %.2f MB sent in total; outputs in %s", run_dir.name,
+    federated = summary["final-fed-accuracy"]
+    log(INFO, "SA-FedLoRA run %s finished: %s%s, %.2f MB sent in total; outputs in %s", run_dir.name,
         "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%",
-        summary["total-mb"], run_dir)
+        "" if federated is None else f", federated accuracy {100 * federated:.1f}%", summary["total-mb"], run_dir)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from logging import INFO, WARNING
 
 import torch
@@ -24,8 +25,8 @@ from . import payload as pl
 from .aggregation import aggregate_round, reply_metrics
 from .config import RunConfig
 from .outputs import RoundLog, RoundStats
-from .replies import screen
-from .round_plan import FULL, RoundPlan, plan_round
+from .replies import Screened, evaluation_problem, reply_problem, screen
+from .round_plan import FULL, RoundPlan, model_plan, plan_round
 from .seeds import mix_seed
 
 
@@ -55,7 +56,7 @@ class SAFedLoRA(FedAvg):
     def __init__(self, config: RunConfig, module_shapes: Mapping[str, tuple[int, int]],
                  expected_full: Mapping[str, tuple[int, ...]], rounds: RoundLog | None = None,
                  first_round: int = 1, node_backbone: Mapping[int, str] | None = None):
-        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=0.0,
+        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
                          min_train_nodes=config.min_nodes, min_available_nodes=config.min_nodes)
         self.config, self.module_shapes, self.expected_full = config, dict(module_shapes), dict(expected_full)
         self.rounds = rounds if rounds is not None else RoundLog()
@@ -63,17 +64,106 @@ class SAFedLoRA(FedAvg):
         self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
         # The round in flight: its plan, the global tensors it started from, the reply shapes, the backbone hash.
         self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[str, tuple[int, ...]], str]
+        self._evaluation: tuple[list[Message], str] | None = None  # the evaluation in flight: messages, backbone
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled node: the round's payload and its own copy of the config."""
         server_round += self.offset
-        node_ids = self._sample_nodes(server_round, grid)
+        node_ids = self._sample_nodes(server_round, grid, self.config.clients_per_round)
         tensors = pl.unpack(arrays)
         plan = plan_round(self.config, server_round, tensors, self.module_shapes)
         stats = self.rounds.start(RoundStats(round=server_round, stage=plan.stage, kind=plan.kind,
                                              budget=plan.budget, ranks=plan.ranks, nodes=len(node_ids),
                                              revived=plan.revived))
+        messages, expected, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.TRAIN)
+        stats.bytes_down, stats.params_down, stats.backbone_sends = _traffic(messages, backbone_hash)
+        self._round, self._sent = (plan, tensors, expected, backbone_hash), messages
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation after the rounds central evaluation scores: the round's global model
+        (:func:`~safedlora_app.round_plan.model_plan`) to ``fraction-evaluate`` of the nodes."""
+        server_round += self.offset
+        if not self.config.fraction_evaluate or not self.config.evaluates(server_round) or len(arrays) == 0:
+            self._evaluation = None
+            return []
+        node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, purpose=1)
+        tensors = pl.unpack(arrays)
+        plan = model_plan(self.config, server_round, tensors, self.module_shapes)
+        messages, _, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE)
+        stats = self.rounds.current
+        stats.eval_nodes = len(node_ids)
+        stats.eval_bytes_down, _, sends = _traffic(messages, backbone_hash)
+        stats.backbone_sends += sends
+        self._evaluation = (messages, backbone_hash)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, drop the bad ones, aggregate the rest.
+
+        Returns ``(None, None)`` when nothing valid arrived: Flower then keeps the previous
+        global arrays, so a bad round never corrupts the model.
+        """
+        server_round += self.offset
+        plan, previous, expected, backbone_hash = self._round
+        stats, start = self.rounds.current, time.perf_counter()
+        # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
+        screened = screen(self._sent, list(replies), partial(
+            reply_problem, expected_shapes=expected, max_num_examples=self.config.max_num_examples,
+            backbone_hash=backbone_hash or None))
+        stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
+        good = self._account(server_round, "training", screened, backbone_hash)
+        stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
+        if not good:
+            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
+            return None, None
+        weights = [float(content[pl.METRICS]["num-examples"]) for content in good]
+        received = [pl.from_wire(pl.unpack(c[pl.ARRAYS]), plan.ranks, self.module_shapes) for c in good]
+        new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
+        metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
+        stats.train_loss, stats.train_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
+            metrics.get(k) for k in ("train-loss", "train-time", "peak-memory-mb", "first-step-a-ratio"))
+        stats.dropped_update, stats.factor_norms = diagnostics["dropped_update"], diagnostics["factor_norms"]
+        stats.aggregate_seconds = time.perf_counter() - start
+        return pl.pack(new), MetricRecord(metrics)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Check every evaluation reply, drop the bad ones, and weight the rest by their rows."""
+        if self._evaluation is None:
+            return None
+        server_round += self.offset
+        sent, backbone_hash = self._evaluation
+        stats = self.rounds.current
+        screened = screen(sent, list(replies), partial(
+            evaluation_problem, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
+        good = self._account(server_round, "evaluation", screened, backbone_hash)
+        stats.eval_bytes_up = screened.bytes_up
+        stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
+        if not good:
+            log(WARNING, "round %d: no valid evaluation reply", server_round)
+            return None
+        metrics = [content[pl.METRICS] for content in good]
+        rows = [float(m["num-examples"]) for m in metrics]
+        stats.eval_rows = int(sum(rows))
+        stats.fed_accuracy, stats.fed_macro_f1, stats.fed_loss = (
+            sum(w * float(m[k]) for w, m in zip(rows, metrics)) / sum(rows) for k in ("accuracy", "macro-f1", "loss"))
+        return MetricRecord({"fed-accuracy": stats.fed_accuracy, "fed-macro-f1": stats.fed_macro_f1,
+                             "fed-loss": stats.fed_loss, "eval-rows": stats.eval_rows})
+
+    def summary(self) -> None:
+        c = self.config
+        log(INFO, "\t└──> SA-FedLoRA: method=%s, %d modules, ranks %d..%d (%s), init-rounds=%d (%s), %s, %s",
+            c.method, len(self.module_shapes), c.rank_min, c.rank_max, c.schedule, c.init_rounds, c.init_trainable,
+            c.allocation, c.aggregation)
+
+    def _messages(self, plan: RoundPlan, tensors: dict[str, torch.Tensor], arrays: ArrayRecord,
+                  config: ConfigRecord, node_ids: list[int], message_type: str
+                  ) -> tuple[list[Message], dict[str, tuple[int, ...]], str]:
+        """``(messages, reply shapes, backbone hash)``: the plan's payload to every node, with a trained
+        backbone added for the nodes that do not hold it yet."""
         round_config = {**dict(config), **plan.train_config(self.config.lora_scale, self.config.wire_dtype)}
         backbone = pl.only(tensors, pl.BACKBONE)
         if plan.kind == FULL:
@@ -90,58 +180,26 @@ class SAFedLoRA(FedAvg):
             if backbone and self.node_backbone.get(node_id) != backbone_hash:  # once per node
                 with_backbone = with_backbone or ArrayRecord({**shared, **pl.pack(backbone)})
                 record = with_backbone
-                stats.backbone_sends += 1
-            stats.bytes_down += record.count_bytes()
-            stats.params_down += pl.num_parameters(record)
             content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(dict(round_config))})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        self._round, self._sent = (plan, tensors, expected, backbone_hash), messages
-        return messages
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages, expected, backbone_hash
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop the bad ones, aggregate the rest.
-
-        Returns ``(None, None)`` when nothing valid arrived: Flower then keeps the previous
-        global arrays, so a bad round never corrupts the model.
-        """
-        server_round += self.offset
-        plan, previous, expected, backbone_hash = self._round
-        stats, start = self.rounds.current, time.perf_counter()
-        # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-        screened = screen(self._sent, list(replies), expected, max_num_examples=self.config.max_num_examples,
-                          backbone_hash=backbone_hash or None)
-        stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
+    def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str) -> list[RecordDict]:
+        """Log lost and dropped replies, note which nodes now hold the backbone; the valid contents."""
         if screened.lost:  # no reply before the round's deadline: a node lost mid-round, or one that hangs
-            log(WARNING, "round %d: no reply from node(s) %s before the round timeout", server_round, screened.lost)
+            log(WARNING, "round %d: no %s reply from node(s) %s before the round timeout", server_round, what,
+                screened.lost)
         for node_id, problem, failed in screened.dropped:
-            log(WARNING, "round %d: dropped the reply of node %d: %s", server_round, node_id, problem)
+            log(WARNING, "round %d: dropped the %s reply of node %d: %s", server_round, what, node_id, problem)
             if failed:
                 self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
         self.node_backbone.update({node_id: backbone_hash for node_id, _ in screened.valid if backbone_hash})
-        good = [content for _, content in screened.valid]
-        stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
-        if not good:
-            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
-            return None, None
-        weights = [float(content[pl.METRICS]["num-examples"]) for content in good]
-        received = [pl.from_wire(pl.unpack(c[pl.ARRAYS]), plan.ranks, self.module_shapes) for c in good]
-        new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
-        metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
-        stats.train_loss, stats.train_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
-            metrics.get(k) for k in ("train-loss", "train-time", "peak-memory-mb", "first-step-a-ratio"))
-        stats.dropped_update, stats.factor_norms = diagnostics["dropped_update"], diagnostics["factor_norms"]
-        stats.aggregate_seconds = time.perf_counter() - start
-        return pl.pack(new), MetricRecord(metrics)
+        return [content for _, content in screened.valid]
 
-    def summary(self) -> None:
-        c = self.config
-        log(INFO, "\t└──> SA-FedLoRA: method=%s, %d modules, ranks %d..%d (%s), init-rounds=%d (%s), %s, %s",
-            c.method, len(self.module_shapes), c.rank_min, c.rank_max, c.schedule, c.init_rounds, c.init_trainable,
-            c.allocation, c.aggregation)
-
-    def _sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
-        """Wait (bounded) for ``min-nodes`` nodes, then sample reproducibly for the round."""
+    def _sample_nodes(self, server_round: int, grid: Grid, how_many: Callable[[int], int],
+                      purpose: int = 0) -> list[int]:
+        """Wait (bounded) for ``min-nodes`` nodes, then sample ``how_many(connected)`` reproducibly for the round
+        (``purpose`` 0 for training, 1 for evaluation: independent draws)."""
         deadline = time.monotonic() + self.config.node_wait_timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.config.min_nodes:
             if time.monotonic() > deadline:
@@ -151,5 +209,12 @@ class SAFedLoRA(FedAvg):
             log(INFO, "round %d: waiting for nodes (%d of %d connected)", server_round, len(node_ids),
                 self.config.min_nodes)
             time.sleep(1.0)
-        size = self.config.clients_per_round(len(node_ids))
-        return sorted(random.Random(mix_seed(self.config.seed, server_round, 0)).sample(node_ids, size))
+        size = how_many(len(node_ids))
+        return sorted(random.Random(mix_seed(self.config.seed, server_round, purpose)).sample(node_ids, size))
+
+
+def _traffic(messages: list[Message], backbone_hash: str) -> tuple[int, int, int]:
+    """``(bytes, parameters, backbone sends)`` of the messages sent down."""
+    records = [m.content[pl.ARRAYS] for m in messages]
+    sends = sum(1 for r in records if backbone_hash and any(k.startswith(pl.BACKBONE + pl.SEP) for k in r))
+    return sum(r.count_bytes() for r in records), sum(pl.num_parameters(r) for r in records), sends

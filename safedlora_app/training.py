@@ -86,6 +86,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        """The rows at ``indices``, in that order (shares the preprocessor)."""
+        pick = list(indices)
+        return Encoded(self.labels[pick], self.preprocessor,
+                       tokens=None if self.tokens is None else [self.tokens[i] for i in pick],
+                       images=None if self.images is None else [self.images[i] for i in pick])
+
     def by_length(self) -> list[int]:
         """Row indices, shortest text first (images: as stored), so that batches need little padding."""
         if self.tokens is None:

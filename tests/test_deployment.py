@@ -194,9 +194,9 @@ class Deployment:
         self.last_run_log = text
         return text
 
-    def run_app(self, conn, run_name, alive=()):
-        """`flwr run APP CONN --stream` of 2 tiny rounds; returns the run's output dir."""
-        cli, log, outputs = self.launch(conn, run_name)
+    def run_app(self, conn, run_name, alive=(), settings=""):
+        """`flwr run APP CONN --stream` of 2 tiny rounds (plus ``settings``); returns the run's output dir."""
+        cli, log, outputs = self.launch(conn, run_name, settings)
         self.complete(conn, cli, log, alive=alive)
         # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
         rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
@@ -345,21 +345,23 @@ def test_compose_topology_on_loopback(deployment):
     d.run_app("docker-tls", "compose", alive=alive)
 
 
-def test_node_local_data_and_a_broken_node(deployment, tmp_path):
-    """A node trains on its own CSV with a node-local model path; a node whose data-path is missing
-    fails with a clear error that the server logs with its node id, and the run goes on."""
+def test_a_server_without_data_node_local_files_federated_evaluation_and_a_broken_node(deployment, tmp_path):
+    """The server loads no dataset (central-eval = false, label-names; its dataset-name does not exist). Two
+    nodes train and evaluate on their own CSVs (one with a node-local model path); a node whose data-path is
+    missing fails with a clear error that the server logs with its node id, and the run goes on."""
     from safedlora_app.model import default_model_dir
 
     d = deployment
-    local_csv = tmp_path / "local.csv"
-    local_csv.write_text("text,label\n" + "".join(
-        f"my sensor tweet {i} is {'fine' if i % 2 else 'broken'},{'positive' if i % 2 else 'negative'}\n"
-        for i in range(20)))
+    local_csv, other_csv = tmp_path / "local.csv", tmp_path / "other.csv"
+    for path, (first, second) in ((local_csv, ("negative", "positive")), (other_csv, ("neutral", "positive"))):
+        path.write_text("text,label\n" + "".join(
+            f"my sensor tweet {i} is {'fine' if i % 2 else 'broken'},{second if i % 2 else first}\n"
+            for i in range(20)))
     link, *node_ports = free_ports(4)
     d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
                           d.tmp / "state.db", "--disable-runtime-dependency-installation"])
     configs = [f"data-path='{local_csv}' model-path='{default_model_dir()}'",
-               "partition-id=1 num-partitions=2",
+               f"data-path='{other_csv}'",
                "data-path='/nonexistent/local.csv'"]
     for i, (port, node_config) in enumerate(zip(node_ports, configs)):
         d.start(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
@@ -369,9 +371,14 @@ def test_node_local_data_and_a_broken_node(deployment, tmp_path):
     d.wait_for(lambda: (ids := d.online_nodes("local-data")) and len(ids) == 3 and ids, "3 SuperNodes online",
                alive=names)
 
-    outputs = d.run_app("local-data", "local-data", alive=names)  # asserts 2 valid replies per round
+    outputs = d.run_app("local-data", "local-data", alive=names,  # asserts 2 valid replies per round
+                        settings="central-eval=false label-names='negative,neutral,positive' "
+                                 "fraction-evaluate=1.0 dataset-name='/nonexistent/on/the/server.csv'")
     rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
     assert all(row["nodes"] == 3 and row["dropped"] == 1 for row in rows if row["round"] >= 1), rows
+    # Federated evaluation: the two sound nodes score each round's model on their held-out rows.
+    assert all(row["eval-nodes"] == 3 and row["eval-replies"] == 2 and row["eval-dropped"] == 1
+               and 0 <= row["fed-accuracy"] <= 1 and row["accuracy"] is None for row in rows if row["round"] >= 1)
     failures = [line for line in d.last_run_log.splitlines() if "failed:" in line]
     assert failures and all("data-path = '/nonexistent/local.csv' does not exist on this node" in line
                             for line in failures), d.last_run_log[-4000:]
@@ -423,7 +430,8 @@ def test_a_node_killed_mid_round_is_dropped_and_its_restart_gets_the_backbone_ag
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[1]["replies"] == 3
     assert rows[2]["replies"] == 2 and rows[2]["dropped"] == 1, rows[2]  # the lost node, named in the log
-    assert re.search(r"round 2: (dropped the reply of node \d+|no reply from node)", text), text[-4000:]
+    assert re.search(r"round 2: (dropped the training reply of node \d+|no training reply from node)",
+                     text), text[-4000:]
     # The restarted node joins from round 3: it lacks the trained backbone, gets it once, and trains.
     assert rows[3]["replies"] == 3 and rows[3]["backbone-sends"] == 1, rows[3]
     assert rows[4]["replies"] == 3 and rows[4]["backbone-sends"] == 0, rows[4]

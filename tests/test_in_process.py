@@ -17,8 +17,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from safedlora_app import client_app, server_app
 from safedlora_app import payload as pl
 from safedlora_app.config import RunConfig
+from safedlora_app.data import DataError
 from safedlora_app.model import module_shapes
 from safedlora_app.node_resources import node_resources
+from safedlora_app.replies import evaluation_problem
 from safedlora_app.round_plan import plan_round
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -49,7 +51,7 @@ def run_config(tmp_path, cache_dir):
 
 
 class InProcessGrid:
-    """Nodes that are ``train_handler`` calls in this process; a handler's exception becomes an error reply."""
+    """Nodes that are ClientApp handler calls in this process; a handler's exception becomes an error reply."""
 
     def __init__(self, config: dict, num_nodes: int = 2, node_configs: list[dict] | None = None):
         node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
@@ -64,7 +66,9 @@ class InProcessGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
             try:
-                replies.append(client_app.train_handler(message, self.contexts[message.metadata.dst_node_id]))
+                handler = (client_app.train_handler if message.metadata.message_type == MessageType.TRAIN
+                           else client_app.evaluate_handler)
+                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
                 replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
         return replies
@@ -101,8 +105,9 @@ def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config
         assert 0.49 < h["bytes-down"] / w["bytes-down"] < 0.52 and 0.49 < h["bytes-up"] / w["bytes-up"] < 0.52
 
 
-def test_a_server_without_data_trains_nodes_on_their_own_files(run_config, tmp_path):
-    """central-eval = false and label-names: the server never opens dataset-name (it does not exist here)."""
+def test_a_server_without_data_trains_and_evaluates_on_the_nodes_own_files(run_config, tmp_path):
+    """central-eval = false and label-names: the server never opens dataset-name (it does not exist here);
+    fraction-evaluate = 1: both nodes score every round's model on their held-out quarter."""
     files = []
     for i, (first, second) in enumerate((("negative", "positive"), ("neutral", "positive"))):
         path = tmp_path / f"node-{i}.csv"
@@ -110,10 +115,16 @@ def test_a_server_without_data_trains_nodes_on_their_own_files(run_config, tmp_p
                                                   f"{second if k % 2 else first}\n" for k in range(24)))
         files.append({"data-path": str(path)})
     config = run_config(num_server_rounds=2, run_name="no-data", central_eval=False,
-                        label_names="negative,neutral,positive", dataset_name=str(tmp_path / "nowhere.csv"))
+                        label_names="negative,neutral,positive", dataset_name=str(tmp_path / "nowhere.csv"),
+                        fraction_evaluate=1.0, eval_fraction=0.25, local_samples=0)
     run_dir, rows, summary = run_server(config, node_configs=files)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 for r in rows[1:])
     assert all(r["accuracy"] is None for r in rows) and summary["final-accuracy"] is None
+    # 6 of each node's 24 rows are held out: 18 train (local-samples = 0: all of them), 12 evaluate.
+    assert all(r["train-loss"] is not None and r["eval-replies"] == 2 and r["eval-rows"] == 12 for r in rows[1:])
+    assert all(0 <= r["fed-accuracy"] <= 1 and 0 <= r["fed-macro-f1"] <= 1 and r["fed-loss"] > 0 for r in rows[1:])
+    assert all(r["eval-bytes-down"] > 0 for r in rows[1:]) and summary["eval-mb"] > 0
+    assert summary["final-fed-accuracy"] == rows[-1]["fed-accuracy"]
     assert sum(rows[-1]["model-ranks"].values()) == rows[-1]["budget"]  # ranks logged without evaluating
     assert json.loads((run_dir / "config.json").read_text())["label-names"] == LABELS
     assert (run_dir / "adapter" / "adapter_config.json").exists()
@@ -162,3 +173,33 @@ def test_train_handler_refuses_a_round_config_whose_lists_disagree(run_config):
                       state=RecordDict(), run_config=run_config())
     with pytest.raises(pl.PayloadError, match="announces 12 LoRA modules but 11 ranks"):
         client_app.train_handler(message, context)
+
+
+def test_evaluate_handler_scores_the_held_out_rows_that_training_never_uses(run_config, tmp_path):
+    local_csv = tmp_path / "local.csv"
+    local_csv.write_text("text,label\n" + "".join(f"reading {k} is {'fine' if k % 2 else 'off'},"
+                                                  f"{'positive' if k % 2 else 'negative'}\n" for k in range(24)))
+    settings = run_config(local_samples=0, fraction_evaluate=1.0, eval_fraction=0.25)
+    message, _, _ = lora_message(RunConfig.from_mapping(settings))
+    context = Context(run_id=1, node_id=100, node_config={"data-path": str(local_csv)}, state=RecordDict(),
+                      run_config=settings)
+    trained_reply = client_app.train_handler(message, context)
+    evaluated = client_app.evaluate_handler(message, context)
+    # 6 of the 24 rows are held out; local-samples = 0 trains on every other row.
+    assert trained_reply.content["metrics"]["num-examples"] == 18
+    metrics = evaluated.content["metrics"]
+    assert metrics["num-examples"] == 6 and "arrays" not in evaluated.content
+    assert evaluation_problem(evaluated.content, max_num_examples=24) is None
+    # The half-and-half file: a model that has barely trained scores near chance, not 0 or 1 on every row.
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+
+
+def test_a_node_too_small_to_hold_rows_out_says_so(run_config, tmp_path):
+    local_csv = tmp_path / "one.csv"
+    local_csv.write_text("text,label\none reading,positive\nanother reading,negative\n")
+    settings = run_config(fraction_evaluate=1.0, eval_fraction=0.9)
+    message, _, _ = lora_message(RunConfig.from_mapping(settings))
+    context = Context(run_id=1, node_id=100, node_config={"data-path": str(local_csv)}, state=RecordDict(),
+                      run_config=settings)
+    with pytest.raises(DataError, match=r"eval-fraction = 0.9: 2 row\(s\) cannot be split .* too small"):
+        client_app.evaluate_handler(message, context)

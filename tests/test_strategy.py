@@ -276,7 +276,7 @@ def test_an_error_reply_is_attributed_to_the_node_the_message_went_to(caplog):
     lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[1])
     lost.metadata.__dict__["_src_node_id"] = 1  # Flower's reply for an unreachable node comes from the SuperLink
     strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1)), lost])
-    assert "node 22: failed: Node Unavailable" in caplog.text and "no reply from" not in caplog.text
+    assert "node 22: failed: Node Unavailable" in caplog.text and "no training reply from" not in caplog.text
     assert strategy.rounds.current.dropped == 1
 
 
@@ -285,7 +285,7 @@ def test_a_node_that_never_replies_is_named_and_counted(caplog):
     messages = send(strategy, 1, initial(strategy))
     arrays, _ = strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1))])  # node 22 is silent
     assert arrays is not None and strategy.rounds.current.dropped == 1 and strategy.rounds.current.replies == 1
-    assert "no reply from node(s) [22]" in caplog.text
+    assert "no training reply from node(s) [22]" in caplog.text
 
 
 def test_float16_on_the_wire_halves_the_factor_bytes_and_keeps_the_global_model_float32():
