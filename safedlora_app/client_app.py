@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import payload as pl
-from .config import RunConfig
+from .config import RunConfig, node_max_rank
 from .data import DataError
 from .model import (
     build_lora_model,
@@ -29,7 +29,7 @@ from .model import (
     set_lora_weights,
 )
 from .node_resources import base_with_backbone, node_resources
-from .payload import ARRAYS, METRICS, NODE
+from .payload import ARRAYS, LIMITS, METRICS, NODE
 from .round_plan import FULL
 from .seeds import holdout_split, mix_seed, sample_indices
 from .training import compute_dtype, evaluate, train
@@ -40,6 +40,7 @@ app = ClientApp()
 def _setup(msg: Message, context: Context):
     """``(config, round config, node resources, device)`` of a message; resources are cached per process."""
     config = RunConfig.from_mapping(context.run_config).with_node_config(context.node_config).effective
+    node_max_rank(context.node_config)  # a bad value fails every reply, naming the key
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     round_config = msg.content["config"]
@@ -57,7 +58,7 @@ def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[i
         raise DataError(f"eval-fraction = {config.eval_fraction}: {error} (this node's data is too small)") from error
 
 
-def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources):
+def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources, node_config):
     """The model a message describes: a full model (full rounds), or peft LoRA at the announced ranks on
     the right frozen base (the pre-trained one, or a trained backbone the node caches)."""
     head_modules = config.module_names(config.head_modules)
@@ -67,6 +68,8 @@ def _received_model(received: dict[str, torch.Tensor], round_config, config: Run
         return model, {}
     base = base_with_backbone(resources, str(round_config["backbone-hash"]), received, config.cache_dir)
     ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
+    if (cap := node_max_rank(node_config)) and max(ranks.values(), default=0) > cap:
+        raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {cap}")
     received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
     model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
     head = pl.select(received, pl.HEAD)
@@ -99,7 +102,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     # same update whatever this process ran before (a resumed run repeats an uninterrupted one exactly).
     torch.manual_seed(mix_seed(config.seed, server_round, partition_id, 2))
     received = pl.unpack(msg.content[ARRAYS])
-    model, ranks = _received_model(received, round_config, config, resources)
+    model, ranks = _received_model(received, round_config, config, resources, context.node_config)
     if round_config["kind"] == FULL:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
@@ -128,7 +131,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Federated evaluation: the round's global model on this node's held-out rows (never trained on)."""
     config, round_config, resources, device = _setup(msg, context)
     _, held_out = _local_rows(config, len(resources.data), int(context.node_config.get("partition-id", 0)))
-    model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources)
+    model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources,
+                                   context.node_config)
     if ranks:  # the LoRA update folded into the weights: the same logits, no adapter branch to compute
         model = model.merge_and_unload()
     result = evaluate(model, resources.data.subset(held_out), batch_size=config.eval_batch_size,
@@ -136,4 +140,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
                       dtype=compute_dtype(config.precision, device))
     metrics = MetricRecord({"num-examples": len(held_out), **result})
     return Message(content=RecordDict({METRICS: metrics, NODE: _node_record(round_config, resources)}),
+                   reply_to=msg)
+
+
+@app.query()
+def limits_handler(msg: Message, context: Context) -> Message:
+    """The node's declared limits (node-config ``max-rank``; 0 = none), asked once by the server."""
+    return Message(content=RecordDict({LIMITS: ConfigRecord({"max-rank": node_max_rank(context.node_config)})}),
                    reply_to=msg)

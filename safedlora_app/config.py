@@ -34,6 +34,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 WIRE_DTYPES = ("float32", "float16")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
+# Limits a SuperNode declares for itself with --node-config; the server asks for them (a query message).
+NODE_LIMITS = ("max-rank",)
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
 
@@ -420,6 +422,23 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping, as in ``pyproject.toml`` (for the resolved-config output)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def node_max_rank(node_config: Mapping[str, Any]) -> int:
+    """A node's ``max-rank`` (node-config): the largest LoRA rank per module it trains; 0 = no cap.
+
+    Raises
+    ------
+    ConfigError
+        When the value is not a whole number >= 1.
+    """
+    if "max-rank" not in node_config:
+        return 0
+    value = node_config["max-rank"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"node-config max-rank = {value!r} is not allowed; it must be a whole number >= 1 (the "
+                          "largest LoRA rank per module this node trains), or left out for no cap")
+    return int(value)
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

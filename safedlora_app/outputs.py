@@ -39,6 +39,8 @@ class RoundStats:
     model_ranks: dict[str, int] = field(default_factory=dict)
     """Ranks of the model the round ended with, whose accuracy this line reports (empty where not evaluated)."""
     nodes: int = 0
+    capped: int = 0
+    """Nodes sent lower ranks than ``ranks`` because of their node-config ``max-rank``."""
     replies: int = 0
     dropped: int = 0
     bytes_down: int = 0

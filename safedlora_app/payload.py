@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+# Record names in messages: the tensors, the metrics, what a node says about itself, its declared limits.
+ARRAYS, METRICS, NODE, LIMITS = "arrays", "metrics", "node", "limits"
 LORA_A, LORA_B, HEAD, BACKBONE = "lora_A", "lora_B", "head", "backbone"
 SEP = "::"
 PACKED = "lora::packed"

@@ -31,10 +31,10 @@ class Screened:
     params_up: int = 0
 
 
-def screen(sent: Sequence[Message], replies: Sequence[Message], problem: Callable[[RecordDict], str | None]
+def screen(sent: Sequence[Message], replies: Sequence[Message], problem: Callable[[int, RecordDict], str | None]
            ) -> Screened:
-    """Check every reply with ``problem`` (:func:`reply_problem` or :func:`evaluation_problem`, bound to what
-    the nodes were sent), which returns why a content is unusable or ``None``.
+    """Check every reply with ``problem(node id, content)`` (:func:`reply_problem` or :func:`evaluation_problem`,
+    bound to what that node was sent), which returns why a content is unusable or ``None``.
 
     Replies are matched to the messages they answer: Flower's error reply for an unreachable node comes from the
     SuperLink, not from the node (message ids exist once the Grid has pushed the messages).
@@ -47,7 +47,7 @@ def screen(sent: Sequence[Message], replies: Sequence[Message], problem: Callabl
         if content is not None and isinstance(arrays := content.get(ARRAYS), ArrayRecord):
             out.bytes_up += arrays.count_bytes()
             out.params_up += num_parameters(arrays)
-        reason = f"failed: {reply.error.reason}" if content is None else problem(content)
+        reason = f"failed: {reply.error.reason}" if content is None else problem(node_id, content)
         if reason:
             out.dropped.append((node_id, reason, content is None))
         else:

@@ -10,6 +10,7 @@ model's accuracy; ``ranks`` are the ones sent in the round.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -98,6 +99,28 @@ class RoundPlan:
     ranks: dict[str, int] = field(default_factory=dict)
     factors: Factors = field(default_factory=dict)
     revived: int = 0
+
+    def capped(self, max_rank: int) -> RoundPlan:
+        """The plan for a node that trains at most ``max_rank`` per module (0: this plan).
+
+        Each module keeps its first ``max_rank`` components. Under ``aggregation = "product"`` the factors
+        are in SVD form, so that is the best rank-``max_rank`` approximation of the module's update; under
+        ``"factors"`` it is HetLoRA's truncation. The node's reply is zero-padded back (:func:`padded`).
+        """
+        if not max_rank or all(r <= max_rank for r in self.ranks.values()):
+            return self
+        ranks = {m: min(r, max_rank) for m, r in self.ranks.items()}
+        factors = {m: am.resize(b, a, ranks[m]) for m, (b, a) in self.factors.items()}
+        return dataclasses.replace(self, ranks=ranks, factors=factors, budget=sum(ranks.values()))
+
+    def padded(self, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A capped node's reply at this plan's ranks: its factors with zero components appended, which
+        leaves each product ``B·A`` unchanged."""
+        out = dict(received)
+        for m, rank in self.ranks.items():
+            kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
+            out[kb], out[ka] = am.resize(received[kb], received[ka], rank)
+        return out
 
     def lora_payload(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What every node is sent in a LoRA round: the plan's factors on the wire (``lora::packed``), the head."""

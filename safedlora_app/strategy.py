@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from logging import INFO, WARNING
 
 import torch
@@ -62,6 +61,7 @@ class SAFedLoRA(FedAvg):
         self.rounds = rounds if rounds is not None else RoundLog()
         self.offset = first_round - 1
         self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
+        self.node_caps: dict[int, int] = {}  # node id -> declared max-rank (0 = none), asked once per node
         # The round in flight: its plan, the global tensors it started from, the reply shapes, the backbone hash.
         self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[str, tuple[int, ...]], str]
         self._evaluation: tuple[list[Message], str] | None = None  # the evaluation in flight: messages, backbone
@@ -76,9 +76,11 @@ class SAFedLoRA(FedAvg):
         stats = self.rounds.start(RoundStats(round=server_round, stage=plan.stage, kind=plan.kind,
                                              budget=plan.budget, ranks=plan.ranks, nodes=len(node_ids),
                                              revived=plan.revived))
-        messages, expected, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.TRAIN)
+        messages, plans, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.TRAIN,
+                                                        grid)
         stats.bytes_down, stats.params_down, stats.backbone_sends = _traffic(messages, backbone_hash)
-        self._round, self._sent = (plan, tensors, expected, backbone_hash), messages
+        stats.capped = sum(1 for node_plan, _ in plans.values() if node_plan is not plan)
+        self._round, self._sent = (plan, tensors, plans, backbone_hash), messages
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -92,7 +94,8 @@ class SAFedLoRA(FedAvg):
         node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, purpose=1)
         tensors = pl.unpack(arrays)
         plan = model_plan(self.config, server_round, tensors, self.module_shapes)
-        messages, _, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE)
+        messages, _, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE,
+                                                    grid)
         stats = self.rounds.current
         stats.eval_nodes = len(node_ids)
         stats.eval_bytes_down, _, sends = _traffic(messages, backbone_hash)
@@ -108,20 +111,22 @@ class SAFedLoRA(FedAvg):
         global arrays, so a bad round never corrupts the model.
         """
         server_round += self.offset
-        plan, previous, expected, backbone_hash = self._round
+        plan, previous, plans, backbone_hash = self._round
         stats, start = self.rounds.current, time.perf_counter()
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-        screened = screen(self._sent, list(replies), partial(
-            reply_problem, expected_shapes=expected, max_num_examples=self.config.max_num_examples,
-            backbone_hash=backbone_hash or None))
+        screened = screen(self._sent, list(replies), lambda node_id, content: reply_problem(
+            content, plans[node_id][1], max_num_examples=self.config.max_num_examples,
+            backbone_hash=backbone_hash or None) if node_id in plans else "answers no message of this round")
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
-        good = self._account(server_round, "training", screened, backbone_hash)
+        valid = self._account(server_round, "training", screened, backbone_hash)
+        good = [content for _, content in valid]
         stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
         weights = [float(content[pl.METRICS]["num-examples"]) for content in good]
-        received = [pl.from_wire(pl.unpack(c[pl.ARRAYS]), plan.ranks, self.module_shapes) for c in good]
+        received = [plan.padded(pl.from_wire(pl.unpack(c[pl.ARRAYS]), plans[n][0].ranks, self.module_shapes))
+                    for n, c in valid]
         new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
         metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
         stats.train_loss, stats.train_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
@@ -137,9 +142,9 @@ class SAFedLoRA(FedAvg):
         server_round += self.offset
         sent, backbone_hash = self._evaluation
         stats = self.rounds.current
-        screened = screen(sent, list(replies), partial(
-            evaluation_problem, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
-        good = self._account(server_round, "evaluation", screened, backbone_hash)
+        screened = screen(sent, list(replies), lambda _, content: evaluation_problem(
+            content, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
+        good = [content for _, content in self._account(server_round, "evaluation", screened, backbone_hash)]
         stats.eval_bytes_up = screened.bytes_up
         stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
@@ -160,32 +165,63 @@ class SAFedLoRA(FedAvg):
             c.allocation, c.aggregation)
 
     def _messages(self, plan: RoundPlan, tensors: dict[str, torch.Tensor], arrays: ArrayRecord,
-                  config: ConfigRecord, node_ids: list[int], message_type: str
-                  ) -> tuple[list[Message], dict[str, tuple[int, ...]], str]:
-        """``(messages, reply shapes, backbone hash)``: the plan's payload to every node, with a trained
-        backbone added for the nodes that do not hold it yet."""
-        round_config = {**dict(config), **plan.train_config(self.config.lora_scale, self.config.wire_dtype)}
-        backbone = pl.only(tensors, pl.BACKBONE)
+                  config: ConfigRecord, node_ids: list[int], message_type: str, grid: Grid
+                  ) -> tuple[list[Message], dict[int, tuple[RoundPlan, dict[str, tuple[int, ...]]]], str]:
+        """``(messages, {node: (its plan, its reply shapes)}, backbone hash)``: the plan's payload to every node,
+        truncated to the node's ``max-rank``, with a trained backbone for the nodes that do not hold it yet."""
         if plan.kind == FULL:
-            shared, expected, backbone_hash, backbone = arrays, self.expected_full, "", {}
-        else:
-            wire = plan.lora_payload(tensors)
-            shared, expected = pl.pack(wire, self.config.wire_dtype), {k: tuple(v.shape) for k, v in wire.items()}
-            # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
-            backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
-            round_config["backbone-hash"] = backbone_hash
-        messages, with_backbone = [], None
+            round_config = {**dict(config), **plan.train_config(self.config.lora_scale)}
+            messages = [Message(content=RecordDict({pl.ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
+                                message_type=message_type, dst_node_id=n) for n in node_ids]
+            return messages, {n: (plan, self.expected_full) for n in node_ids}, ""
+        caps = self._node_caps(node_ids, grid, plan.server_round)
+        backbone = pl.only(tensors, pl.BACKBONE)
+        # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
+        backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
+        payloads: dict[tuple[int, bool], tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (cap, with backbone)
+        messages, plans = [], {}
         for node_id in node_ids:
-            record = shared
-            if backbone and self.node_backbone.get(node_id) != backbone_hash:  # once per node
-                with_backbone = with_backbone or ArrayRecord({**shared, **pl.pack(backbone)})
-                record = with_backbone
-            content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(dict(round_config))})
+            node_plan = plan.capped(caps.get(node_id, 0))
+            send_backbone = bool(backbone) and self.node_backbone.get(node_id) != backbone_hash  # once per node
+            key = (sum(node_plan.ranks.values()) if node_plan is not plan else 0, send_backbone)
+            if key not in payloads:
+                wire = node_plan.lora_payload(tensors)
+                record = ArrayRecord({**pl.pack(wire, self.config.wire_dtype),
+                                      **(pl.pack(backbone) if send_backbone else {})})
+                payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in wire.items()})
+            node_plan, record, expected = payloads[key]
+            round_config = {**dict(config), **node_plan.train_config(self.config.lora_scale, self.config.wire_dtype),
+                            "backbone-hash": backbone_hash}
+            content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(round_config)})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
-        return messages, expected, backbone_hash
+            plans[node_id] = (node_plan, expected)
+        return messages, plans, backbone_hash
 
-    def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str) -> list[RecordDict]:
-        """Log lost and dropped replies, note which nodes now hold the backbone; the valid contents."""
+    def _node_caps(self, node_ids: list[int], grid: Grid, server_round: int) -> dict[int, int]:
+        """Each node's ``max-rank`` (0 = none), asked once per node with a query message. A node that does not
+        answer soundly counts as uncapped this round and is asked again next time."""
+        unknown = [n for n in node_ids if n not in self.node_caps]
+        if unknown:
+            queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+                               message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+            replies = grid.send_and_receive(queries, timeout=self.config.round_timeout)
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
+            for reply in replies:
+                node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                limits = None if reply.has_error() else reply.content.get(pl.LIMITS)
+                cap = limits.get("max-rank") if isinstance(limits, ConfigRecord) else None
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+                    self.node_caps[node_id] = cap
+                else:
+                    log(WARNING, "round %d: node %d did not report its limits (%s); sent uncapped ranks", server_round,
+                        node_id, reply.error.reason if reply.has_error() else f"limits {limits!r}")
+            if capped := {n: c for n, c in self.node_caps.items() if n in unknown and c}:
+                log(INFO, "round %d: node max-rank caps %s", server_round, capped)
+        return {n: self.node_caps.get(n, 0) for n in node_ids}
+
+    def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str
+                 ) -> list[tuple[int, RecordDict]]:
+        """Log lost and dropped replies, note which nodes now hold the backbone; the valid ``(node, content)``."""
         if screened.lost:  # no reply before the round's deadline: a node lost mid-round, or one that hangs
             log(WARNING, "round %d: no %s reply from node(s) %s before the round timeout", server_round, what,
                 screened.lost)
@@ -194,7 +230,7 @@ class SAFedLoRA(FedAvg):
             if failed:
                 self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
         self.node_backbone.update({node_id: backbone_hash for node_id, _ in screened.valid if backbone_hash})
-        return [content for _, content in screened.valid]
+        return screened.valid
 
     def _sample_nodes(self, server_round: int, grid: Grid, how_many: Callable[[int], int],
                       purpose: int = 0) -> list[int]:

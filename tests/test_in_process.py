@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from safedlora_app import client_app, server_app
 from safedlora_app import payload as pl
-from safedlora_app.config import RunConfig
+from safedlora_app.config import ConfigError, RunConfig
 from safedlora_app.data import DataError
 from safedlora_app.model import module_shapes
 from safedlora_app.node_resources import node_resources
@@ -66,8 +66,8 @@ class InProcessGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
             try:
-                handler = (client_app.train_handler if message.metadata.message_type == MessageType.TRAIN
-                           else client_app.evaluate_handler)
+                handler = {MessageType.TRAIN: client_app.train_handler, MessageType.QUERY: client_app.limits_handler,
+                           MessageType.EVALUATE: client_app.evaluate_handler}[message.metadata.message_type]
                 replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
                 replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
@@ -203,3 +203,29 @@ def test_a_node_too_small_to_hold_rows_out_says_so(run_config, tmp_path):
                       run_config=settings)
     with pytest.raises(DataError, match=r"eval-fraction = 0.9: 2 row\(s\) cannot be split .* too small"):
         client_app.evaluate_handler(message, context)
+
+
+def test_a_node_capped_at_rank_2_trains_at_rank_2_while_the_global_adapter_keeps_rank_8(run_config):
+    """Node 101 declares max-rank = 2 (node-config): every LoRA message to it carries at most rank 2, and the
+    global adapter still holds rank-8 modules from the uncapped node."""
+    nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2, "max-rank": 2}]
+    _, rows, summary = run_server(run_config(num_server_rounds=2, run_name="capped"), node_configs=nodes)
+    assert all(r["replies"] == 2 and r["capped"] == 1 for r in rows[1:])
+    assert max(rows[1]["model-ranks"].values()) == 8 and max(rows[2]["model-ranks"].values()) > 2
+    _, uncapped, _ = run_server(run_config(num_server_rounds=2, run_name="uncapped"))
+    assert rows[1]["bytes-down"] < uncapped[1]["bytes-down"] and rows[1]["bytes-up"] < uncapped[1]["bytes-up"]
+
+
+def test_a_capped_node_refuses_ranks_above_its_cap_and_reports_its_limits(run_config):
+    config = RunConfig.from_mapping(run_config())
+    message, _, _ = lora_message(config)  # rank 8
+    node_config = {"partition-id": 0, "num-partitions": 2, "max-rank": 2}
+    context = Context(run_id=1, node_id=100, node_config=node_config, state=RecordDict(), run_config=run_config())
+    with pytest.raises(pl.PayloadError, match="the server sent rank 8, above this node's max-rank = 2"):
+        client_app.train_handler(message, context)
+    query = Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=100)
+    query.metadata.__dict__["_message_id"] = query.object_id
+    assert client_app.limits_handler(query, context).content["limits"]["max-rank"] == 2
+    context.node_config["max-rank"] = "two"
+    with pytest.raises(ConfigError, match="node-config max-rank = 'two' is not allowed"):
+        client_app.limits_handler(query, context)

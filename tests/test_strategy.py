@@ -23,11 +23,23 @@ def _task_identity():
 
 
 class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
+    """Connected nodes that answer the server's query for their limits with ``caps`` (node -> max-rank)."""
+
+    def __init__(self, nodes, caps=None):
+        self.nodes, self.caps, self.queries = nodes, dict(caps or {}), 0
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            assert message.metadata.message_type == "query"
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.queries += 1
+            limits = ConfigRecord({"max-rank": self.caps.get(message.metadata.dst_node_id, 0)})
+            replies.append(Message(RecordDict({"limits": limits}), reply_to=message))
+        return replies
 
 
 def make_strategy(**overrides):
@@ -45,9 +57,9 @@ def initial(strategy):
     return pl.pack(initial_tensors(strategy.config, state))
 
 
-def send(strategy, server_round, arrays, nodes=(11, 22)):
+def send(strategy, server_round, arrays, nodes=(11, 22), grid=None):
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"label-names": ["a", "b"]}),
-                                             FakeGrid(nodes)))
+                                             grid or FakeGrid(nodes)))
     for message in messages:  # what the Grid does when it pushes
         message.metadata.__dict__["_message_id"] = message.object_id
     return messages

@@ -1,0 +1,101 @@
+"""Per-node rank caps (node-config ``max-rank``) on tiny shapes with hand-made replies: what a capped node is
+sent and may return, and that the global adapter still reaches the uncapped ranks."""
+
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
+
+from safedlora_app import payload as pl
+from safedlora_app.config import ConfigError, node_max_rank
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+def test_a_bad_max_rank_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"node-config max-rank = .* is not allowed; it must be a whole number >= 1"):
+        node_max_rank({"max-rank": value})
+
+
+def test_max_rank_values():
+    assert node_max_rank({}) == 0 and node_max_rank({"max-rank": 2}) == 2 and node_max_rank({"max-rank": 3.0}) == 3
+
+
+def two_rounds_with_a_capped_node(aggregation="product"):
+    """Round 1 trains both nodes; round 2's messages. Node 22 declares max-rank 2; rank-max is 4."""
+    strategy = make_strategy(aggregation=aggregation, heat_rounds=2)
+    grid = FakeGrid((11, 22), caps={22: 2})
+    first = send(strategy, 1, initial(strategy), grid=grid)
+    updates = [trained(first[0], 1), trained(first[1], 2)]
+    arrays, _ = strategy.aggregate_train(1, [reply(first[0], updates[0], 30), reply(first[1], updates[1], 10)])
+    return strategy, grid, first, updates, arrays
+
+
+def test_a_capped_node_receives_and_returns_only_its_ranks_and_the_global_adapter_keeps_the_others():
+    strategy, grid, first, updates, arrays = two_rounds_with_a_capped_node()
+    uncapped, capped = (m.content["config"] for m in first)
+    assert uncapped["lora-ranks"] == [4, 4] and capped["lora-ranks"] == [2, 2]
+    assert strategy.rounds.current.capped == 1
+    assert first[1].content["arrays"].count_bytes() < first[0].content["arrays"].count_bytes()
+    assert pl.packed_size({"m0": 2, "m1": 2}, MODULES) == pl.unpack(first[1].content["arrays"])[pl.PACKED].numel()
+    # Exact aggregation of a rank-4 and a rank-2 reply: the weighted mean of their products, at rank 4.
+    new = pl.unpack(arrays)
+    for m in MODULES:
+        dense = sum(w * (u[f"lora_B::{m}"].double() @ u[f"lora_A::{m}"].double())
+                    for w, u in zip((0.75, 0.25), updates))
+        got = new[f"lora_B::{m}"].double() @ new[f"lora_A::{m}"].double()
+        assert new[f"lora_A::{m}"].shape[0] == torch.linalg.matrix_rank(got) == min(4, *MODULES[m])
+        tail = torch.linalg.svdvals(dense)[4:]
+        assert torch.linalg.matrix_norm(dense - got) ** 2 == pytest.approx(float((tail ** 2).sum()), abs=1e-4)
+    # Round 2: the capped node gets the best rank-2 approximation of each module (SVD form: its first two
+    # components); the limits were asked once per node.
+    second = send(strategy, 2, arrays, grid=grid)
+    full, cut = received(second[0]), received(second[1])
+    for m in MODULES:
+        b, a = full[f"lora_B::{m}"].double(), full[f"lora_A::{m}"].double()
+        best = torch.linalg.svdvals(b @ a)[2:]
+        got = cut[f"lora_B::{m}"].double() @ cut[f"lora_A::{m}"].double()
+        assert cut[f"lora_A::{m}"].shape[0] == 2
+        assert torch.linalg.matrix_norm(b @ a - got) ** 2 == pytest.approx(float((best ** 2).sum()), abs=1e-6)
+    assert grid.queries == 2
+
+
+def test_a_capped_node_that_returns_the_uncapped_ranks_is_dropped():
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy), grid=FakeGrid((11, 22), caps={22: 2}))
+    wrong = reply(messages[1], trained(messages[0], 3))  # rank-4 factors from the node capped at 2
+    _, metrics = strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1)), wrong])
+    assert strategy.rounds.current.dropped == 1 and metrics["num-examples"] == 10
+
+
+def test_factor_averaging_pads_a_capped_reply_with_zero_components():
+    strategy, _, _, updates, arrays = two_rounds_with_a_capped_node(aggregation="factors")
+    new = pl.unpack(arrays)
+    for kind in ("lora_B", "lora_A"):
+        for m in MODULES:
+            capped = pl.lora_factors({k: v for k, v in updates[1].items()})[m]
+            padded = torch.zeros_like(updates[0][f"{kind}::{m}"])
+            part = capped[0] if kind == "lora_B" else capped[1]
+            if kind == "lora_B":
+                padded[:, :2] = part
+            else:
+                padded[:2] = part
+            expected = 0.75 * updates[0][f"{kind}::{m}"] + 0.25 * padded
+            assert torch.allclose(new[f"{kind}::{m}"], expected, atol=1e-6)
+
+
+def test_a_node_that_cannot_report_its_limits_is_treated_as_uncapped_and_asked_again(caplog):
+    class Silent(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            self.queries += len(messages)
+            return []
+
+    strategy, grid = make_strategy(), Silent((11, 22))
+    messages = send(strategy, 1, initial(strategy), grid=grid)
+    assert [m.content["config"]["lora-ranks"] for m in messages] == [[4, 4], [4, 4]]
+    send(strategy, 2, initial(strategy), grid=grid)
+    assert grid.queries == 4
