@@ -20,6 +20,7 @@ for name, value in {
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs real Flower simulations (slow, minutes)")
     config.addinivalue_line("markers", "deployment: starts real SuperLink/SuperNode processes on loopback")
+    config.addinivalue_line("markers", "compose: runs docker/compose.yml on a real Docker engine")
 
 
 import numpy as np  # noqa: E402

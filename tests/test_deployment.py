@@ -2,10 +2,9 @@
 
 (a) plain HTTP: one SuperLink, two SuperNodes, `flwr run` -- the commands of docs/deployment.md.
 (b) TLS + SuperNode authentication: the registered nodes train, an unregistered key is refused.
-(c) the Docker topology: every command of docker/compose.yml + compose.tls.yml (process
-    isolation, separate SuperExecs) run natively, with service names -> 127.0.0.1, container
-    ports -> free ports and mounted paths -> temporary files. It proves the compose commands make
-    a real run; it does not build or run the images.
+(c) a server without data, node-local files, federated evaluation and a broken node; a node killed
+    mid-round; a SuperLink restarted mid-run.
+docker/compose.yml itself runs on a real Docker engine in tests/test_compose.py.
 
 Processes start in their own sessions and are stopped in the fixture teardown: each started process
 and every descendant (the SuperLink detaches its SuperExec), never by name. The process helpers
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from safedlora_app.simulation import flower_env, free_port, run_status, stop_processes
 
@@ -271,78 +269,6 @@ def test_loopback_tls_with_supernode_auth(deployment):
 
     d.run_app("tls", "tls", alive=alive)
     assert d.online_nodes("tls") == registered
-
-
-def compose_services():
-    """docker/compose.yml merged with compose.tls.yml (command replaced, volumes by target)."""
-    base = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
-    overlay = yaml.safe_load((ROOT / "docker" / "compose.tls.yml").read_text())["services"]
-    for name, svc in overlay.items():
-        volumes = {v.split(":")[1]: v for v in base[name].get("volumes", [])}
-        volumes.update({v.split(":")[1]: v for v in svc.get("volumes", [])})
-        base[name] = {**base[name], **svc, "volumes": list(volumes.values())}
-    return base
-
-
-def test_compose_topology_on_loopback(deployment):
-    d = deployment
-    certs = d.tmp / "certs"
-    subprocess.run(["bash", MAKE_CERTS, certs], check=True, capture_output=True, timeout=120,
-                   env=d.env)
-    services = compose_services()
-    programs = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
-    flower = {n: s for n, s in services.items() if "entrypoint" not in s}  # skip the chown helper
-    listeners = [n for n, s in flower.items() if "--port" in s["command"]]
-    ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
-
-    def native(name, svc):
-        """The service's command with container addresses, ports and mounts made local."""
-        mounts = {}
-        for volume in svc.get("volumes", []):
-            source, target = volume.split(":")[:2]
-            if source.startswith("./certs/"):
-                mounts[target] = str(certs / source.removeprefix("./certs/"))
-            else:  # a named volume
-                mounts[target] = str(d.tmp / "volumes" / source)
-                Path(mounts[target]).mkdir(parents=True, exist_ok=True)
-        args = []
-        for arg in map(str, svc["command"]):
-            host, _, port = arg.partition(":")
-            if host in ports and port.isdigit():
-                arg = f"127.0.0.1:{ports[host]}"
-            elif arg == "0.0.0.0":
-                arg = "127.0.0.1"
-            elif args and args[-1] == "--port":
-                arg = str(ports[name])
-            for target, source in mounts.items():
-                if arg == target or arg.startswith(target + "/"):
-                    arg = source + arg[len(target):]
-            args.append(arg)
-        program = programs.get(svc["image"].split(":")[0], "flower-superexec")
-        return [program, *args]
-
-    def start(name):
-        # Each container has its own HOME: give each process its own FLWR_HOME too.
-        d.start(name, native(name, flower[name]), FLWR_HOME=str(d.tmp / "homes" / name))
-
-    link = f"127.0.0.1:{ports['superlink']}"
-    d.connection("docker-tls", link, **{"root-certificates": str(certs / "ca.crt")})
-    start("superlink")
-    d.wait_for(lambda: d.online_nodes("docker-tls") is not None, "the SuperLink",
-               alive=["superlink"])
-    registered = set()
-    for k in (0, 1):  # docs/deployment.md: register before the SuperNodes start
-        reply = d.flwr_json("supernode", "register", certs / f"node-{k}.pub", "docker-tls")
-        assert reply["success"], reply
-        registered.add(str(reply["node-id"]))
-    for name in flower:
-        if name != "superlink":
-            start(name)
-    alive = list(flower)
-    d.wait_for(lambda: d.online_nodes("docker-tls") == registered, "both SuperNodes online",
-               alive=alive)
-
-    d.run_app("docker-tls", "compose", alive=alive)
 
 
 def test_a_server_without_data_node_local_files_federated_evaluation_and_a_broken_node(deployment, tmp_path):

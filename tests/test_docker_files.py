@@ -230,7 +230,7 @@ def test_dockerfile():
     # /app/runs exists in the image, so the named volume mounted there is owned by `app`.
     assert re.search(r"^RUN mkdir -p /app/runs\b", text, re.M)
     assert "serverapp-runs:/app/runs" in plain()["superexec-serverapp"]["volumes"]
-    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "docker/certs"} <= set(ignore)
 
 
