@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 MIN_DEADLINE = 60.0
@@ -55,6 +55,7 @@ class DeadlineGrid:
         self.deadlines.append(deadline)
         start = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=deadline))
-        if sum(not r.has_error() for r in replies) == len(messages):  # Flower's error replies do not count
+        training = all(m.metadata.message_type == MessageType.TRAIN for m in messages)
+        if training and sum(not r.has_error() for r in replies) == len(messages):  # error replies do not count
             self.longest = max(self.longest or 0.0, time.monotonic() - start)
         return replies

@@ -21,6 +21,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs real Flower simulations (slow, minutes)")
     config.addinivalue_line("markers", "deployment: starts real SuperLink/SuperNode processes on loopback")
     config.addinivalue_line("markers", "compose: runs docker/compose.yml on a real Docker engine")
+    config.addinivalue_line("markers", "arm64: an emulated arm64 SuperNode (opt-in, SAFEDLORA_ARM64_ROOTFS)")
 
 
 import numpy as np  # noqa: E402

@@ -1,6 +1,7 @@
 """Each round's reply deadline comes from the earlier rounds (a hung node cannot hold every round an hour)."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,8 +11,8 @@ from safedlora_app.round_deadline import DeadlineGrid
 class Note:
     """A stand-in message (or reply): ``failed`` ones are Flower's error replies."""
 
-    def __init__(self, name, failed=False):
-        self.name, self.failed = name, failed
+    def __init__(self, name, failed=False, kind="train"):
+        self.name, self.failed, self.metadata = name, failed, SimpleNamespace(message_type=kind)
 
     def has_error(self):
         return self.failed
@@ -76,3 +77,15 @@ def test_the_deadline_stays_within_its_floor_and_cap():
     grid = DeadlineGrid(inner, cap=5.0, factor=3.0, floor=1.0)
     grid.longest = 0.01
     assert grid.deadline() == 1.0
+
+
+def test_a_quick_query_or_evaluation_does_not_shorten_the_next_training_round():
+    inner = SlowGrid()
+    grid = DeadlineGrid(inner, cap=3600.0, factor=3.0, floor=0.01)
+    grid.send_and_receive([Note("q", kind="query")], timeout=3600.0)  # the limits query before round 1
+    grid.send_and_receive([A, B], timeout=3600.0)
+    assert inner.timeouts == [3600.0, 3600.0] and grid.longest is not None
+    learned = grid.longest
+    inner.seconds = 0.3
+    grid.send_and_receive([Note("e", kind="evaluate")], timeout=3600.0)
+    assert grid.longest == learned  # evaluation uses the deadline but does not set it
