@@ -62,8 +62,9 @@ class SAFedLoRA(FedAvg):
         self.offset = first_round - 1
         self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
         self.node_caps: dict[int, int] = {}  # node id -> declared max-rank (0 = none), asked once per node
-        # The round in flight: its plan, the global tensors it started from, the reply shapes, the backbone hash.
-        self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[str, tuple[int, ...]], str]
+        # The round in flight: its plan, the global tensors it started from, each node's plan and reply shapes,
+        # the backbone hash.
+        self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[int, tuple[RoundPlan, dict]], str]
         self._evaluation: tuple[list[Message], str] | None = None  # the evaluation in flight: messages, backbone
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -178,12 +179,12 @@ class SAFedLoRA(FedAvg):
         backbone = pl.only(tensors, pl.BACKBONE)
         # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
         backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
-        payloads: dict[tuple[int, bool], tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (cap, with backbone)
+        payloads: dict[tuple, tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (ranks, with backbone)
         messages, plans = [], {}
         for node_id in node_ids:
             node_plan = plan.capped(caps.get(node_id, 0))
             send_backbone = bool(backbone) and self.node_backbone.get(node_id) != backbone_hash  # once per node
-            key = (sum(node_plan.ranks.values()) if node_plan is not plan else 0, send_backbone)
+            key = (tuple(node_plan.ranks.values()), send_backbone)
             if key not in payloads:
                 wire = node_plan.lora_payload(tensors)
                 record = ArrayRecord({**pl.pack(wire, self.config.wire_dtype),
