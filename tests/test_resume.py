@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 from test_in_process import PYPROJECT, TINY, InProcessGrid, cache_dir, run_server  # noqa: F401 (cache_dir: fixture)
@@ -36,7 +36,9 @@ class CrashingGrid(InProcessGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        self.calls += bool(messages)  # Flower also sends each round's (empty) federated evaluation
+        # Only training rounds count: the server also asks new nodes for their limits, and Flower sends each
+        # round's (here empty) federated evaluation.
+        self.calls += any(m.metadata.message_type == MessageType.TRAIN for m in messages)
         if self.calls == self.crash_at:
             raise Crash
         return super().send_and_receive(messages, timeout=timeout)
