@@ -38,14 +38,15 @@ app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    """``(config, round config, node resources, device)`` of a message; resources are cached per process."""
+    """``(config, round config, node resources, device, max-rank)`` of a message; resources are cached per
+    process. A bad node-config ``max-rank`` fails every reply, naming the key."""
     config = RunConfig.from_mapping(context.run_config).with_node_config(context.node_config).effective
-    node_max_rank(context.node_config)  # a bad value fails every reply, naming the key
+    max_rank = node_max_rank(context.node_config)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     round_config = msg.content["config"]
     resources = node_resources(config, dict(context.node_config), tuple(round_config["label-names"]))
-    return config, round_config, resources, pick_device()
+    return config, round_config, resources, pick_device(), max_rank
 
 
 def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[int], list[int]]:
@@ -58,7 +59,7 @@ def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[i
         raise DataError(f"eval-fraction = {config.eval_fraction}: {error} (this node's data is too small)") from error
 
 
-def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources, node_config):
+def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources, max_rank: int):
     """The model a message describes: a full model (full rounds), or peft LoRA at the announced ranks on
     the right frozen base (the pre-trained one, or a trained backbone the node caches)."""
     head_modules = config.module_names(config.head_modules)
@@ -68,8 +69,8 @@ def _received_model(received: dict[str, torch.Tensor], round_config, config: Run
         return model, {}
     base = base_with_backbone(resources, str(round_config["backbone-hash"]), received, config.cache_dir)
     ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
-    if (cap := node_max_rank(node_config)) and max(ranks.values(), default=0) > cap:
-        raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {cap}")
+    if max_rank and max(ranks.values(), default=0) > max_rank:
+        raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {max_rank}")
     received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
     model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
     head = pl.select(received, pl.HEAD)
@@ -86,7 +87,7 @@ def _node_record(round_config, resources) -> ConfigRecord:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """One round of local training."""
-    config, round_config, resources, device = _setup(msg, context)
+    config, round_config, resources, device, max_rank = _setup(msg, context)
     server_round = int(round_config["server-round"])
     partition_id = int(context.node_config.get("partition-id", 0))
     rows, _ = _local_rows(config, len(resources.data), partition_id)
@@ -102,7 +103,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     # same update whatever this process ran before (a resumed run repeats an uninterrupted one exactly).
     torch.manual_seed(mix_seed(config.seed, server_round, partition_id, 2))
     received = pl.unpack(msg.content[ARRAYS])
-    model, ranks = _received_model(received, round_config, config, resources, context.node_config)
+    model, ranks = _received_model(received, round_config, config, resources, max_rank)
     if round_config["kind"] == FULL:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
@@ -129,10 +130,9 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Federated evaluation: the round's global model on this node's held-out rows (never trained on)."""
-    config, round_config, resources, device = _setup(msg, context)
+    config, round_config, resources, device, max_rank = _setup(msg, context)
     _, held_out = _local_rows(config, len(resources.data), int(context.node_config.get("partition-id", 0)))
-    model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources,
-                                   context.node_config)
+    model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources, max_rank)
     if ranks:  # the LoRA update folded into the weights: the same logits, no adapter branch to compute
         model = model.merge_and_unload()
     result = evaluate(model, resources.data.subset(held_out), batch_size=config.eval_batch_size,

@@ -34,8 +34,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 WIRE_DTYPES = ("float32", "float16")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
-# Limits a SuperNode declares for itself with --node-config; the server asks for them (a query message).
-NODE_LIMITS = ("max-rank",)
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
 

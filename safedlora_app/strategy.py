@@ -89,7 +89,7 @@ class SAFedLoRA(FedAvg):
         """Federated evaluation after the rounds central evaluation scores: the round's global model
         (:func:`~safedlora_app.round_plan.model_plan`) to ``fraction-evaluate`` of the nodes."""
         server_round += self.offset
-        if not self.config.fraction_evaluate or not self.config.evaluates(server_round) or len(arrays) == 0:
+        if not self.config.fraction_evaluate or not self.config.evaluates(server_round):
             self._evaluation = None
             return []
         node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, purpose=1)
