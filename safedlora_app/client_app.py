@@ -41,7 +41,7 @@ def _setup(msg: Message, context: Context):
     """``(config, round config, node resources, device, max-rank)`` of a message; resources are cached per
     process. A bad node-config ``max-rank`` fails every reply, naming the key."""
     config = RunConfig.from_mapping(context.run_config).with_node_config(context.node_config).effective
-    max_rank = node_max_rank(context.node_config)
+    max_rank = node_max_rank(context.node_config, config)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     round_config = msg.content["config"]
@@ -145,6 +145,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def limits_handler(msg: Message, context: Context) -> Message:
-    """The node's declared limits (node-config ``max-rank``; 0 = none), asked once by the server."""
-    return Message(content=RecordDict({LIMITS: ConfigRecord({"max-rank": node_max_rank(context.node_config)})}),
-                   reply_to=msg)
+    """The node's declared limits (``max-rank``, 0 = none; see :func:`node_max_rank`), asked once by the server."""
+    max_rank = node_max_rank(context.node_config, RunConfig.from_mapping(context.run_config))
+    return Message(content=RecordDict({LIMITS: ConfigRecord({"max-rank": max_rank})}), reply_to=msg)

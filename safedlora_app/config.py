@@ -190,6 +190,11 @@ class RunConfig:
         "Float type of the LoRA factors and the head in every message down and up: ``float32``, or ``float16`` "
         "(half the bytes; ArrayRecord takes no bfloat16). Training and aggregation stay float32/float64; the "
         "global model and full fine-tuning rounds stay float32.")
+    partition_max_rank: str = option(
+        "",
+        "Simulation stand-in for node-config ``max-rank`` (simulated nodes get no node-config of their own): "
+        "comma-separated caps by partition-id, e.g. ``\"2,0,2\"`` caps partitions 0 and 2 at rank 2; 0 or no "
+        "entry = no cap. A node's own node-config ``max-rank`` wins.")
     precision: str = option(
         "auto",
         "Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and "
@@ -285,6 +290,7 @@ class RunConfig:
                 raise ConfigError(f"{key} = {value!r} is not allowed; it must be in [0, 1]")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
+        self.partition_caps()
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate = {self.fraction_evaluate!r} is not allowed; it must be in [0, 1]")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -412,6 +418,19 @@ class RunConfig:
                 return tuple(line.strip() for line in handle if line.strip())
         return tuple(name.strip() for name in self.label_names.split(",") if name.strip())
 
+    def partition_caps(self) -> tuple[int, ...]:
+        """``partition-max-rank`` as a tuple of caps by partition-id (0 = no cap)."""
+        caps = []
+        for item in self.partition_max_rank.split(",") if self.partition_max_rank.strip() else []:
+            try:
+                caps.append(int(item.strip()))
+            except ValueError:
+                caps.append(-1)
+            if caps[-1] < 0:
+                raise ConfigError(f"partition-max-rank = {self.partition_max_rank!r} is not allowed; give whole "
+                                  "numbers >= 0 by partition-id, comma-separated (0 = no cap), e.g. '2,0,2'")
+        return tuple(caps)
+
     @staticmethod
     def module_names(spec: str) -> list[str]:
         """Split a comma-separated module list, dropping blanks."""
@@ -422,16 +441,21 @@ class RunConfig:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def node_max_rank(node_config: Mapping[str, Any]) -> int:
-    """A node's ``max-rank`` (node-config): the largest LoRA rank per module it trains; 0 = no cap.
+def node_max_rank(node_config: Mapping[str, Any], config: RunConfig | None = None) -> int:
+    """A node's ``max-rank``: the largest LoRA rank per module it trains; 0 = no cap.
+
+    The node-config's ``max-rank`` when it has one, else the run-config's ``partition-max-rank`` entry for
+    the node's ``partition-id`` (how a simulation caps some of its nodes).
 
     Raises
     ------
     ConfigError
-        When the value is not a whole number >= 1.
+        When the node-config value is not a whole number >= 1.
     """
     if "max-rank" not in node_config:
-        return 0
+        caps = config.partition_caps() if config is not None else ()
+        partition_id = node_config.get("partition-id")
+        return caps[int(partition_id)] if isinstance(partition_id, int) and 0 <= partition_id < len(caps) else 0
     value = node_config["max-rank"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
         raise ConfigError(f"node-config max-rank = {value!r} is not allowed; it must be a whole number >= 1 (the "

@@ -48,6 +48,8 @@ def test_every_method_differs_from_the_base_only_where_it_should():
     assert s["sa-uniform"]["allocation"] == "uniform"
     assert s["sa-ab-avg"]["aggregation"] == "factors"
     assert s["fedprox"]["method"] == "fedprox"
+    caps = RunConfig.from_mapping({"partition-max-rank": s["sa-half-capped"]["partition-max-rank"]}).partition_caps()
+    assert len(caps) == plan.SPLITS["natural"][1] == plan.SPLITS["dirichlet"][1] and caps.count(2) == 4
     shared = {k: v for k, v in s["sa-fedlora"].items() if k not in ("method",)}
     for method, settings in s.items():
         assert settings["num-server-rounds"] == 8 and settings["test-size"] == BASE["test-size"]

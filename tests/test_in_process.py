@@ -229,3 +229,8 @@ def test_a_capped_node_refuses_ranks_above_its_cap_and_reports_its_limits(run_co
     context.node_config["max-rank"] = "two"
     with pytest.raises(ConfigError, match="node-config max-rank = 'two' is not allowed"):
         client_app.limits_handler(query, context)
+    simulated = Context(run_id=1, node_id=100, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                        run_config=run_config(partition_max_rank="0,2"))  # a simulated node has no node-config cap
+    assert client_app.limits_handler(query, simulated).content["limits"]["max-rank"] == 2
+    with pytest.raises(pl.PayloadError, match="above this node's max-rank = 2"):
+        client_app.train_handler(message, simulated)

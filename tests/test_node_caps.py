@@ -7,7 +7,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
 
 from safedlora_app import payload as pl
-from safedlora_app.config import ConfigError, node_max_rank
+from safedlora_app.config import ConfigError, RunConfig, node_max_rank
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +23,19 @@ def test_a_bad_max_rank_is_refused_naming_the_key(value):
 
 def test_max_rank_values():
     assert node_max_rank({}) == 0 and node_max_rank({"max-rank": 2}) == 2 and node_max_rank({"max-rank": 3.0}) == 3
+
+
+def test_a_simulated_partition_takes_its_cap_from_partition_max_rank_and_node_config_wins():
+    config = RunConfig.from_mapping({"partition-max-rank": "2, 0,4"})
+    assert [node_max_rank({"partition-id": p}, config) for p in range(5)] == [2, 0, 4, 0, 0]
+    assert node_max_rank({"partition-id": 0, "max-rank": 3}, config) == 3
+    assert node_max_rank({}, config) == 0 and node_max_rank({"partition-id": 0}) == 0
+
+
+@pytest.mark.parametrize("value", ["2,two", "2,-1", "2,,2", "1.5"])
+def test_a_bad_partition_max_rank_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"partition-max-rank = .* is not allowed; give whole numbers >= 0"):
+        RunConfig.from_mapping({"partition-max-rank": value})
 
 
 def two_rounds_with_a_capped_node(aggregation="product"):
