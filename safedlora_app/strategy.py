@@ -3,8 +3,9 @@
 The global ``ArrayRecord`` that Flower passes between rounds holds ``head::*`` always,
 ``backbone::*`` once the backbone is trained (full fine-tuning rounds), and ``lora_A::m`` /
 ``lora_B::m`` once a LoRA round has been aggregated. What each round sends is the round plan
-(:mod:`~safedlora_app.round_plan`); how replies combine is :mod:`~safedlora_app.aggregation`.
-The hooks here only sample nodes, address messages, check replies and count bytes.
+(:mod:`~safedlora_app.round_plan`); what each node gets of it is :mod:`~safedlora_app.dispatch`; how
+replies combine is :mod:`~safedlora_app.aggregation`. The hooks here only sample nodes, check replies and
+count bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.supercore import log
 from . import payload as pl
 from .aggregation import aggregate_round, reply_metrics
 from .config import RunConfig
+from .dispatch import Dispatch, ask_limits, dispatch
 from .outputs import RoundLog, RoundStats
 from .replies import Screened, evaluation_problem, reply_problem, screen
 from .round_plan import FULL, RoundPlan, model_plan, plan_round
@@ -62,10 +64,8 @@ class SAFedLoRA(FedAvg):
         self.offset = first_round - 1
         self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
         self.node_caps: dict[int, int] = {}  # node id -> declared max-rank (0 = none), asked once per node
-        # The round in flight: its plan, the global tensors it started from, each node's plan and reply shapes,
-        # the backbone hash.
-        self._round: tuple[RoundPlan, dict[str, torch.Tensor], dict[int, tuple[RoundPlan, dict]], str]
-        self._evaluation: tuple[list[Message], str] | None = None  # the evaluation in flight: messages, backbone
+        self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
+        self._evaluation: Dispatch | None = None  # the federated evaluation in flight
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -77,12 +77,11 @@ class SAFedLoRA(FedAvg):
         stats = self.rounds.start(RoundStats(round=server_round, stage=plan.stage, kind=plan.kind,
                                              budget=plan.budget, ranks=plan.ranks, nodes=len(node_ids),
                                              revived=plan.revived))
-        messages, plans, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.TRAIN,
-                                                        grid)
-        stats.bytes_down, stats.params_down, stats.backbone_sends = _traffic(messages, backbone_hash)
-        stats.capped = sum(1 for node_plan, _ in plans.values() if node_plan is not plan)
-        self._round, self._sent = (plan, tensors, plans, backbone_hash), messages
-        return messages
+        sent = self._dispatch(plan, tensors, arrays, config, node_ids, MessageType.TRAIN, grid)
+        stats.bytes_down, stats.params_down, stats.backbone_sends = sent.traffic()
+        stats.capped = sent.capped
+        self._round = (sent, tensors)
+        return sent.messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -95,14 +94,13 @@ class SAFedLoRA(FedAvg):
         node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, purpose=1)
         tensors = pl.unpack(arrays)
         plan = model_plan(self.config, server_round, tensors, self.module_shapes)
-        messages, _, backbone_hash = self._messages(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE,
-                                                    grid)
+        sent = self._dispatch(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE, grid)
         stats = self.rounds.current
         stats.eval_nodes = len(node_ids)
-        stats.eval_bytes_down, _, sends = _traffic(messages, backbone_hash)
+        stats.eval_bytes_down, _, sends = sent.traffic()
         stats.backbone_sends += sends
-        self._evaluation = (messages, backbone_hash)
-        return messages
+        self._evaluation = sent
+        return sent.messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -112,14 +110,15 @@ class SAFedLoRA(FedAvg):
         global arrays, so a bad round never corrupts the model.
         """
         server_round += self.offset
-        plan, previous, plans, backbone_hash = self._round
+        sent, previous = self._round
+        plan, plans = sent.plan, sent.plans
         stats, start = self.rounds.current, time.perf_counter()
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-        screened = screen(self._sent, list(replies), lambda node_id, content: reply_problem(
+        screened = screen(sent.messages, list(replies), lambda node_id, content: reply_problem(
             content, plans[node_id][1], max_num_examples=self.config.max_num_examples,
-            backbone_hash=backbone_hash or None) if node_id in plans else "answers no message of this round")
+            backbone_hash=sent.backbone_hash or None) if node_id in plans else "answers no message of this round")
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
-        valid = self._account(server_round, "training", screened, backbone_hash)
+        valid = self._account(server_round, "training", screened, sent.backbone_hash)
         good = [content for _, content in valid]
         stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
@@ -141,11 +140,11 @@ class SAFedLoRA(FedAvg):
         if self._evaluation is None:
             return None
         server_round += self.offset
-        sent, backbone_hash = self._evaluation
+        sent = self._evaluation
         stats = self.rounds.current
-        screened = screen(sent, list(replies), lambda _, content: evaluation_problem(
-            content, max_num_examples=self.config.max_num_examples, backbone_hash=backbone_hash or None))
-        good = [content for _, content in self._account(server_round, "evaluation", screened, backbone_hash)]
+        screened = screen(sent.messages, list(replies), lambda _, content: evaluation_problem(
+            content, max_num_examples=self.config.max_num_examples, backbone_hash=sent.backbone_hash or None))
+        good = [content for _, content in self._account(server_round, "evaluation", screened, sent.backbone_hash)]
         stats.eval_bytes_up = screened.bytes_up
         stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
@@ -165,60 +164,14 @@ class SAFedLoRA(FedAvg):
             c.method, len(self.module_shapes), c.rank_min, c.rank_max, c.schedule, c.init_rounds, c.init_trainable,
             c.allocation, c.aggregation)
 
-    def _messages(self, plan: RoundPlan, tensors: dict[str, torch.Tensor], arrays: ArrayRecord,
-                  config: ConfigRecord, node_ids: list[int], message_type: str, grid: Grid
-                  ) -> tuple[list[Message], dict[int, tuple[RoundPlan, dict[str, tuple[int, ...]]]], str]:
-        """``(messages, {node: (its plan, its reply shapes)}, backbone hash)``: the plan's payload to every node,
-        truncated to the node's ``max-rank``, with a trained backbone for the nodes that do not hold it yet."""
-        if plan.kind == FULL:
-            round_config = {**dict(config), **plan.train_config(self.config.lora_scale)}
-            messages = [Message(content=RecordDict({pl.ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
-                                message_type=message_type, dst_node_id=n) for n in node_ids]
-            return messages, {n: (plan, self.expected_full) for n in node_ids}, ""
-        caps = self._node_caps(node_ids, grid, plan.server_round)
-        backbone = pl.only(tensors, pl.BACKBONE)
-        # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
-        backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
-        payloads: dict[tuple, tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (ranks, with backbone)
-        messages, plans = [], {}
-        for node_id in node_ids:
-            node_plan = plan.capped(caps.get(node_id, 0))
-            send_backbone = bool(backbone) and self.node_backbone.get(node_id) != backbone_hash  # once per node
-            key = (tuple(node_plan.ranks.values()), send_backbone)
-            if key not in payloads:
-                wire = node_plan.lora_payload(tensors)
-                record = ArrayRecord({**pl.pack(wire, self.config.wire_dtype),
-                                      **(pl.pack(backbone) if send_backbone else {})})
-                payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in wire.items()})
-            node_plan, record, expected = payloads[key]
-            round_config = {**dict(config), **node_plan.train_config(self.config.lora_scale, self.config.wire_dtype),
-                            "backbone-hash": backbone_hash}
-            content = RecordDict({pl.ARRAYS: record, "config": ConfigRecord(round_config)})
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
-            plans[node_id] = (node_plan, expected)
-        return messages, plans, backbone_hash
-
-    def _node_caps(self, node_ids: list[int], grid: Grid, server_round: int) -> dict[int, int]:
-        """Each node's ``max-rank`` (0 = none), asked once per node with a query message. A node that does not
-        answer soundly counts as uncapped this round and is asked again next time."""
-        unknown = [n for n in node_ids if n not in self.node_caps]
-        if unknown:
-            queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
-                               message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-            replies = grid.send_and_receive(queries, timeout=self.config.round_timeout)
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
-            for reply in replies:
-                node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                limits = None if reply.has_error() else reply.content.get(pl.LIMITS)
-                cap = limits.get("max-rank") if isinstance(limits, ConfigRecord) else None
-                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
-                    self.node_caps[node_id] = cap
-                else:
-                    log(WARNING, "round %d: node %d did not report its limits (%s); sent uncapped ranks", server_round,
-                        node_id, reply.error.reason if reply.has_error() else f"limits {limits!r}")
-            if capped := {n: c for n, c in self.node_caps.items() if n in unknown and c}:
-                log(INFO, "round %d: node max-rank caps %s", server_round, capped)
-        return {n: self.node_caps.get(n, 0) for n in node_ids}
+    def _dispatch(self, plan: RoundPlan, tensors: dict[str, torch.Tensor], arrays: ArrayRecord,
+                  config: ConfigRecord, node_ids: list[int], message_type: str, grid: Grid) -> Dispatch:
+        """The plan's messages to ``node_ids``, each cut to the node's ``max-rank`` (asked once per node)."""
+        if plan.kind != FULL and (unknown := [n for n in node_ids if n not in self.node_caps]):
+            self.node_caps.update(ask_limits(grid, unknown, plan.server_round, self.config.round_timeout))
+        return dispatch(plan, tensors, arrays, config, node_ids, message_type, caps=self.node_caps,
+                        node_backbone=self.node_backbone, expected_full=self.expected_full,
+                        lora_scale=self.config.lora_scale, wire_dtype=self.config.wire_dtype)
 
     def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str
                  ) -> list[tuple[int, RecordDict]]:
@@ -249,9 +202,3 @@ class SAFedLoRA(FedAvg):
         size = how_many(len(node_ids))
         return sorted(random.Random(mix_seed(self.config.seed, server_round, purpose)).sample(node_ids, size))
 
-
-def _traffic(messages: list[Message], backbone_hash: str) -> tuple[int, int, int]:
-    """``(bytes, parameters, backbone sends)`` of the messages sent down."""
-    records = [m.content[pl.ARRAYS] for m in messages]
-    sends = sum(1 for r in records if backbone_hash and any(k.startswith(pl.BACKBONE + pl.SEP) for k in r))
-    return sum(r.count_bytes() for r in records), sum(pl.num_parameters(r) for r in records), sends

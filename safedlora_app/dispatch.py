@@ -1,0 +1,95 @@
+"""What each sampled node is sent, and asking a node for its limits (no strategy state, no aggregation).
+
+A LoRA round's payload is the round plan cut to the node's ``max-rank``, plus the trained backbone for a node
+that does not hold it yet. Nodes that need the same ranks and backbone share one ``ArrayRecord``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from . import payload as pl
+from .round_plan import FULL, RoundPlan
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The messages of one round (training or evaluation), and what each node's reply must look like."""
+
+    plan: RoundPlan
+    messages: list[Message]
+    plans: dict[int, tuple[RoundPlan, dict[str, tuple[int, ...]]]]
+    """Node id -> (the plan it was sent, ``{wire key: shape}`` of its reply)."""
+    backbone_hash: str
+    """The trained backbone's hash the nodes must confirm; '' for the pre-trained one."""
+
+    def traffic(self) -> tuple[int, int, int]:
+        """``(bytes, parameters, backbone sends)`` of the messages sent down."""
+        records = [m.content[pl.ARRAYS] for m in self.messages]
+        sends = sum(1 for r in records if self.backbone_hash and any(k.startswith(pl.BACKBONE + pl.SEP) for k in r))
+        return sum(r.count_bytes() for r in records), sum(pl.num_parameters(r) for r in records), sends
+
+    @property
+    def capped(self) -> int:
+        """Nodes sent lower ranks than the round's plan, because of their ``max-rank``."""
+        return sum(1 for node_plan, _ in self.plans.values() if node_plan is not self.plan)
+
+
+def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: ArrayRecord, config: ConfigRecord,
+             node_ids: list[int], message_type: str, *, caps: Mapping[int, int], node_backbone: Mapping[int, str],
+             expected_full: Mapping[str, tuple[int, ...]], lora_scale: float, wire_dtype: str) -> Dispatch:
+    """The plan's payload to every node in ``node_ids``, cut to its cap in ``caps`` (0 = none), with the
+    trained backbone for the nodes whose ``node_backbone`` hash differs (once per node)."""
+    if plan.kind == FULL:
+        round_config = {**dict(config), **plan.train_config(lora_scale)}
+        messages = [Message(content=RecordDict({pl.ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
+                            message_type=message_type, dst_node_id=n) for n in node_ids]
+        return Dispatch(plan, messages, {n: (plan, dict(expected_full)) for n in node_ids}, "")
+    backbone = pl.only(tensors, pl.BACKBONE)
+    # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
+    backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
+    payloads: dict[tuple, tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (ranks, with backbone)
+    messages, plans = [], {}
+    for node_id in node_ids:
+        node_plan = plan.capped(caps.get(node_id, 0))
+        send_backbone = bool(backbone) and node_backbone.get(node_id) != backbone_hash
+        key = (tuple(node_plan.ranks.values()), send_backbone)
+        if key not in payloads:
+            wire = node_plan.lora_payload(tensors)
+            record = ArrayRecord({**pl.pack(wire, wire_dtype), **(pl.pack(backbone) if send_backbone else {})})
+            payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in wire.items()})
+        node_plan, record, expected = payloads[key]
+        round_config = ConfigRecord({**dict(config), **node_plan.train_config(lora_scale, wire_dtype),
+                                     "backbone-hash": backbone_hash})
+        content = RecordDict({pl.ARRAYS: record, "config": round_config})
+        messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        plans[node_id] = (node_plan, expected)
+    return Dispatch(plan, messages, plans, backbone_hash)
+
+
+def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: float) -> dict[int, int]:
+    """``{node id: max-rank}`` (0 = none) of the nodes that answer a query message soundly; the others are
+    logged and left out, so that they count as uncapped and are asked again next time."""
+    queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+                       message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
+    caps = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        limits = None if reply.has_error() else reply.content.get(pl.LIMITS)
+        cap = limits.get("max-rank") if isinstance(limits, ConfigRecord) else None
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+            caps[node_id] = cap
+        else:
+            log(WARNING, "round %d: node %d did not report its limits (%s); sent uncapped ranks", server_round,
+                node_id, reply.error.reason if reply.has_error() else f"limits {limits!r}")
+    if capped := {n: c for n, c in caps.items() if c}:
+        log(INFO, "round %d: node max-rank caps %s", server_round, capped)
+    return caps
