@@ -105,6 +105,13 @@ def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
                             b_max, b_min, "cubic") for t in range(1, rounds + 1)]
     assert budgets[:2] == [96, 96] and budgets[-stages["cool-rounds"]:] == [24] * stages["cool-rounds"]
     assert sum(budgets) / (rounds * b_max) < 0.5
+    # sa-short-cool cools for 4 of the 15 annealing rounds, not 8, and stays under half too
+    base = {**preset, "num-server-rounds": rounds, **stages}
+    short = RunConfig.from_mapping(plan.run_settings(base, "natural", "sa-short-cool", 42))
+    heat, cool = short.phase_rounds()
+    assert (heat, cool) == (0, 4)
+    longer = [round_budget(t, rounds, 1, heat, cool, b_max, b_min, "cubic") for t in range(1, rounds + 1)]
+    assert sum(budgets) < sum(longer) < 0.5 * rounds * b_max
 
 
 def test_choose_lr_takes_the_best_final_accuracy_and_breaks_ties_towards_x1():
