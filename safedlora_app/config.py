@@ -420,16 +420,11 @@ class RunConfig:
 
     def partition_caps(self) -> tuple[int, ...]:
         """``partition-max-rank`` as a tuple of caps by partition-id (0 = no cap)."""
-        caps = []
-        for item in self.partition_max_rank.split(",") if self.partition_max_rank.strip() else []:
-            try:
-                caps.append(int(item.strip()))
-            except ValueError:
-                caps.append(-1)
-            if caps[-1] < 0:
-                raise ConfigError(f"partition-max-rank = {self.partition_max_rank!r} is not allowed; give whole "
-                                  "numbers >= 0 by partition-id, comma-separated (0 = no cap), e.g. '2,0,2'")
-        return tuple(caps)
+        items = [item.strip() for item in self.partition_max_rank.split(",")] if self.partition_max_rank.strip() else []
+        if not all(item.isascii() and item.isdigit() for item in items):
+            raise ConfigError(f"partition-max-rank = {self.partition_max_rank!r} is not allowed; give whole numbers "
+                              ">= 0 by partition-id, comma-separated (0 = no cap), e.g. '2,0,2'")
+        return tuple(int(item) for item in items)
 
     @staticmethod
     def module_names(spec: str) -> list[str]:
@@ -455,7 +450,7 @@ def node_max_rank(node_config: Mapping[str, Any], config: RunConfig | None = Non
     if "max-rank" not in node_config:
         caps = config.partition_caps() if config is not None else ()
         partition_id = node_config.get("partition-id")
-        return caps[int(partition_id)] if isinstance(partition_id, int) and 0 <= partition_id < len(caps) else 0
+        return caps[partition_id] if isinstance(partition_id, int) and 0 <= partition_id < len(caps) else 0
     value = node_config["max-rank"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
         raise ConfigError(f"node-config max-rank = {value!r} is not allowed; it must be a whole number >= 1 (the "
