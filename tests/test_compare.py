@@ -114,6 +114,22 @@ def test_full_preset_schedule_sends_at_most_half_of_fixed_rank_adapters():
     assert sum(budgets) < sum(longer) < 0.5 * rounds * b_max
 
 
+@pytest.mark.parametrize("method, floor", [("sa-fp16-rmin4", 4), ("sa-fp16-rmin6", 6)])
+def test_float16_methods_raise_the_floor_and_stay_under_half_of_float32_bytes(method, floor):
+    # float16 halves each factor's bytes, so a budget with a higher floor still plans under half of the
+    # float32 bytes that fedit-rmax sends at rank-max every round.
+    rounds = plan.PRESETS["full"].rounds
+    base = {**plan.PRESETS["full"].settings, "num-server-rounds": rounds, **plan.stage_rounds(rounds)}
+    config = RunConfig.from_mapping(plan.run_settings(base, "natural", method, 42))
+    assert (config.rank_min, config.wire_dtype) == (floor, "float16")
+    modules = 12
+    heat, cool = config.phase_rounds()
+    budgets = [round_budget(t, rounds, config.init_rounds, heat, cool, 8 * modules, floor * modules, "cubic")
+               for t in range(1, rounds + 1)]
+    assert budgets[-1] == floor * modules
+    assert sum(budgets) * 2 < 0.5 * rounds * 8 * modules * 4
+
+
 def test_choose_lr_takes_the_best_final_accuracy_and_breaks_ties_towards_x1():
     assert plan.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.50}) == 1.0
     assert plan.choose_lr({0.5: 0.61, 1.0: 0.60, 2.0: None}) == 0.5

@@ -32,6 +32,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "sa-short-cool": {"method": "sa-fedlora", "cool-rounds": -1, "cool-fraction": 0.25},
     # Partitions 0, 2, 4, 6 of the 7 (both splits have 7 nodes) stand in for 1 GB boards (node-config max-rank 2).
     "sa-half-capped": {"method": "sa-fedlora", "partition-max-rank": "2,0,2,0,2,0,2"},
+    # float16 halves the bytes per rank, so the byte goal affords a higher floor: rank-min 4 plans ~30% of
+    # fedit-rmax's float32 bytes, rank-min 6 ~40% (the float32 default at rank-min 2 plans 40%).
+    "sa-fp16-rmin4": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4},
+    "sa-fp16-rmin6": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 6},
 }
 METHOD_DESCRIPTIONS = {
     "fedavg": "full fine-tuning (FedAvg)",
@@ -47,10 +51,13 @@ METHOD_DESCRIPTIONS = {
     "sa-fp16": "SA-FedLoRA with float16 factors and head on the wire (wire-dtype='float16')",
     "sa-short-cool": "SA-FedLoRA cooling for a quarter of the annealing rounds, not half (cool-fraction=0.25)",
     "sa-half-capped": "SA-FedLoRA with 4 of the 7 nodes capped at rank 2 (partition-max-rank='2,0,2,0,2,0,2')",
+    "sa-fp16-rmin4": "SA-FedLoRA with float16 on the wire and a budget floor of rank 4 (rank-min=4)",
+    "sa-fp16-rmin6": "SA-FedLoRA with float16 on the wire and a budget floor of rank 6 (rank-min=6)",
 }
 FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
-                       "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped")
+                       "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",
+                       "sa-fp16-rmin6")
 #: Methods repeated over every seed; the others run on the first seed only.
 HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
 #: Byte savings are reported against these (per split).
