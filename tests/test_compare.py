@@ -507,12 +507,14 @@ def test_sigterm_stops_a_comparison_like_ctrl_c_and_the_old_handler_comes_back()
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_each_ablation_is_paired_against_sa_fedlora(tmp_path):
+def test_each_ablation_is_paired_against_sa_fedlora_and_fedit_rmax(tmp_path):
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--methods", "sa-fedlora,sa-no-init,sa-fp16"]))
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--methods",
+         "fedit-rmax,sa-fedlora,sa-no-init,sa-fp16"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     paired = json.loads((tmp_path / "a" / "comparison.json").read_text())["paired"]
-    assert [(r["method"], r["reference"], r["pairs"]) for r in paired] == [("sa-no-init", "sa-fedlora", 1),
-                                                                           ("sa-fp16", "sa-fedlora", 1)]
-    assert paired[0]["final_mean"] == 0.0 and paired[0]["final_low"] is None  # one pair: no interval
+    assert [(r["method"], r["reference"], r["pairs"]) for r in paired] == [
+        ("sa-fedlora", "fedit-rmax", 1), ("sa-no-init", "sa-fedlora", 1), ("sa-no-init", "fedit-rmax", 1),
+        ("sa-fp16", "sa-fedlora", 1), ("sa-fp16", "fedit-rmax", 1)]
+    assert paired[1]["final_mean"] == 0.0 and paired[1]["final_low"] is None  # one pair: no interval
