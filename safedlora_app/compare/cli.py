@@ -282,9 +282,9 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
     markdown = format_markdown(rows, options["target"], notes)
     # sa-fedlora against the baselines, then each of its ablations against sa-fedlora itself and against
     # fedit-rmax (the byte goal's reference: an ablation may meet the goal where the default does not).
-    paired = paired_rows(root, plan) + [row for m in methods if METHODS[m].get("method") == "sa-fedlora"
-                                        and m != "sa-fedlora"
-                                        for row in paired_rows(root, plan, method=m, references=("sa-fedlora", "fedit-rmax"))]
+    ablations = [m for m in methods if METHODS[m].get("method") == "sa-fedlora" and m != "sa-fedlora"]
+    paired = paired_rows(root, plan) + [row for m in ablations for row in
+                                        paired_rows(root, plan, method=m, references=("sa-fedlora", "fedit-rmax"))]
     if paired:
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
                      "t-interval of the mean difference:\n\n" + format_paired_markdown(paired))
