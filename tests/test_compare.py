@@ -302,6 +302,7 @@ def test_config_mismatch_names_the_changed_keys():
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
     (["--set", "learning-rate=0.1"], "--set: 'learning-rate' is not a run-config key"),
     (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
+    (["--seeds", "2", "--ablation-seeds", "3"], "--ablation-seeds = 3 is not allowed"),
     (["--out", str(APP_ROOT / "docs" / "comparison")], "lies inside the app directory"),  # not git-ignored
 ])
 def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
@@ -323,6 +324,13 @@ def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
     assert "--federation-config \"num-supernodes=7 client-resources-num-cpus=1\"" in out
     assert "8 runs; estimate" in out and str(tmp_path / "x") in out
     assert not (tmp_path / "x").exists()
+
+
+def test_ablation_seeds_run_the_ablations_on_more_of_the_seeds(capsys, tmp_path):
+    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "4", "--ablation-seeds", "3",
+                     "--methods", "fedit-rmax,sa-fp16", "--splits", "natural"]) == 0
+    out = capsys.readouterr().out
+    assert "natural/sa-fp16-s44" in out and "sa-fp16-s45" not in out and "natural/fedit-rmax-s45" in out
 
 
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=integer_at_least(1), default=None,
                    help=f"seeds for the headline methods (>= 1; first seed is {FIRST_SEED}, then {FIRST_SEED + 1}, "
                         "...); default: preset")
+    p.add_argument("--ablation-seeds", type=integer_at_least(1), default=None,
+                   help="seeds for the methods other than fedavg, fedit-rmax and sa-fedlora (the first ones of "
+                        "--seeds; at most --seeds); default: preset")
     p.add_argument("--methods", type=choices_of(tuple(METHODS)), default=None,
                    help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
     p.add_argument("--splits", type=choices_of(tuple(SPLITS)), default=None,
@@ -144,6 +147,10 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     out = Path(os.path.expanduser(args.out))
     root = (out if out.is_absolute() else (cwd or Path.cwd()) / out).resolve() / name
     n_seeds = args.seeds or preset.seeds
+    ablation_seeds = args.ablation_seeds or min(preset.ablation_seeds, n_seeds)
+    if ablation_seeds > n_seeds:
+        raise CompareError(f"--ablation-seeds = {ablation_seeds} is not allowed: the ablations use the first of the "
+                           f"{n_seeds} seeds (--seeds), so it must be at most {n_seeds}")
     rounds = args.rounds or preset.rounds
     methods = args.methods or preset.methods
     splits = args.splits or preset.splits
@@ -163,7 +170,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
                "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run,
                "report_only": args.report_only,
-               "ablation": {"ablation_seeds": preset.ablation_seeds, "ablation_splits": preset.ablation_splits}}
+               "ablation": {"ablation_seeds": ablation_seeds, "ablation_splits": preset.ablation_splits}}
     # Every planned run-config must pass the app's own validation before anything starts.
     for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
             plan_lr_search(settings, methods, splits[0], seeds[0]) if args.lr_search else []):
