@@ -6,7 +6,7 @@ Runs the app with its defaults through the real `flwr run` on a private local Su
 included in the wall time), then reads the run's metrics.jsonl:
 - wall time of the whole command, and per round: seconds, central evaluation's share, aggregation's share;
 - wire bytes of each LoRA round against the floor: every node receives and returns exactly
-  ``sum_m r_m (d_in + d_out)`` float32 values of factors, plus the head's values. Goal: <= 1.02.
+  ``sum_m r_m (d_in + d_out)`` values of factors (wire-dtype), plus the head's values. Goal: <= 1.02.
 - accuracy: final, best, and the spread of the last four rounds.
 """
 
@@ -24,7 +24,7 @@ from safedlora_app.data import SENTIMENTS
 from safedlora_app.model import adapted_modules, head_parameters, load_base_model, module_shapes
 from safedlora_app.simulation import LocalFlower
 
-BYTES_PER_VALUE = 4
+BYTES_PER_VALUE = {"float32": 4, "float16": 2}  # by wire-dtype
 
 
 def floors(config: RunConfig) -> tuple[dict[str, int], int]:
@@ -79,9 +79,9 @@ def main() -> None:
         if not r["ranks"]:
             continue
         per_node = sum(r["ranks"][m] * factor_values[m] for m in factor_values)
-        floor = BYTES_PER_VALUE * (r["nodes"] + r["replies"]) * per_node
+        floor = BYTES_PER_VALUE[config.wire_dtype] * (r["nodes"] + r["replies"]) * per_node
         ratios_factors.append((r["bytes-down"] + r["bytes-up"]) / floor)
-        head = BYTES_PER_VALUE * (r["nodes"] + r["replies"]) * head_values
+        head = BYTES_PER_VALUE[config.wire_dtype] * (r["nodes"] + r["replies"]) * head_values
         ratios.append((r["bytes-down"] + r["bytes-up"]) / (floor + head))
     if ratios:
         print(f"wire bytes / floor (factors + head): median {statistics.median(ratios):.4f}, max {max(ratios):.4f} "

@@ -98,7 +98,7 @@ def test_num_server_rounds_alone_runs_end_to_end(run_config, rounds):
 
 
 def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config):
-    _, wide, _ = run_server(run_config(num_server_rounds=2, run_name="wide"))
+    _, wide, _ = run_server(run_config(num_server_rounds=2, run_name="wide", wire_dtype="float32"))
     _, half, _ = run_server(run_config(num_server_rounds=2, run_name="half", wire_dtype="float16"))
     assert all(r["replies"] == 2 for r in half[1:])
     for w, h in zip(wide[1:], half[1:]):

@@ -44,7 +44,7 @@ class FakeGrid:
 
 def make_strategy(**overrides):
     values = dict(num_server_rounds=6, init_rounds=1, heat_rounds=1, cool_rounds=1, rank_max=4, rank_min=1,
-                  rank_floor=1, min_nodes=2, schedule="linear")
+                  rank_floor=1, min_nodes=2, schedule="linear", wire_dtype="float32")  # exact factors on the wire
     values.update(overrides)
     config = RunConfig(**values)
     config.validate()
