@@ -303,6 +303,7 @@ def test_config_mismatch_names_the_changed_keys():
     (["--set", "learning-rate=0.1"], "--set: 'learning-rate' is not a run-config key"),
     (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
     (["--seeds", "2", "--ablation-seeds", "3"], "--ablation-seeds = 3 is not allowed"),
+    (["--splits", "natural", "--ablation-splits", "dirichlet"], "--ablation-splits = dirichlet is not allowed"),
     (["--out", str(APP_ROOT / "docs" / "comparison")], "lies inside the app directory"),  # not git-ignored
 ])
 def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
@@ -331,6 +332,13 @@ def test_ablation_seeds_run_the_ablations_on_more_of_the_seeds(capsys, tmp_path)
                      "--methods", "fedit-rmax,sa-fp16", "--splits", "natural"]) == 0
     out = capsys.readouterr().out
     assert "natural/sa-fp16-s44" in out and "sa-fp16-s45" not in out and "natural/fedit-rmax-s45" in out
+
+
+def test_ablation_splits_run_the_ablations_on_another_split(capsys, tmp_path):
+    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "2", "--ablation-splits", "dirichlet",
+                     "--methods", "fedit-rmax,sa-fp16", "--splits", "natural,dirichlet"]) == 0
+    out = capsys.readouterr().out
+    assert "dirichlet/sa-fp16-s43" in out and "natural/sa-fp16" not in out and "natural/fedit-rmax-s43" in out
 
 
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):

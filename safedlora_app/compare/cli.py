@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-seeds", type=integer_at_least(1), default=None,
                    help="seeds for the methods other than fedavg, fedit-rmax and sa-fedlora (the first ones of "
                         "--seeds; at most --seeds); default: preset")
+    p.add_argument("--ablation-splits", type=choices_of(tuple(SPLITS)), default=None,
+                   help="splits for the methods other than fedavg, fedit-rmax and sa-fedlora (comma-separated, "
+                        "from --splits); default: preset")
     p.add_argument("--methods", type=choices_of(tuple(METHODS)), default=None,
                    help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
     p.add_argument("--splits", type=choices_of(tuple(SPLITS)), default=None,
@@ -155,6 +158,10 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     methods = args.methods or preset.methods
     splits = args.splits or preset.splits
     target = args.target_accuracy or preset.target_accuracy
+    outside = [s for s in args.ablation_splits or () if s not in splits]
+    if outside:
+        raise CompareError(f"--ablation-splits = {','.join(outside)} is not allowed: the comparison runs only the "
+                           f"splits {','.join(splits)} (--splits)")
     from ..simulation import APP_ROOT
 
     if packaged_with_app(root, APP_ROOT):
@@ -170,7 +177,8 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
                "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run,
                "report_only": args.report_only,
-               "ablation": {"ablation_seeds": ablation_seeds, "ablation_splits": preset.ablation_splits}}
+               "ablation": {"ablation_seeds": ablation_seeds,
+                            "ablation_splits": args.ablation_splits or preset.ablation_splits}}
     # Every planned run-config must pass the app's own validation before anything starts.
     for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
             plan_lr_search(settings, methods, splits[0], seeds[0]) if args.lr_search else []):
