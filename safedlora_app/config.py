@@ -85,7 +85,7 @@ class RunConfig:
 
     # --- Annealing stage -----------------------------------------------------------------
     rank_max: int = option(8, "Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank.")
-    rank_min: int = option(2, "Bottom rank per module; b_min = rank-min x modules.")
+    rank_min: int = option(4, "Bottom rank per module; b_min = rank-min x modules.")
     rank_floor: int = option(1, "Fewest components any module keeps under global allocation.")
     heat_rounds: int = option(
         -1,
