@@ -42,7 +42,7 @@ METHOD_DESCRIPTIONS = {
     "fedprox": "full fine-tuning + proximal term (FedProx)",
     "fedit-rmax": "LoRA at fixed rank-max, A/B averaged (FedIT)",
     "fedit-rmin": "LoRA at fixed rank-min, A/B averaged (FedIT)",
-    "sa-fedlora": "SA-FedLoRA",
+    "sa-fedlora": "SA-FedLoRA at the comparison's shared settings (rank-min 2, float32 on the wire)",
     "sa-no-init": "SA-FedLoRA without initiating stage (init-rounds=0)",
     "sa-no-anneal": "SA-FedLoRA without annealing (schedule='constant')",
     "sa-uniform": "SA-FedLoRA with uniform allocation",
@@ -51,7 +51,8 @@ METHOD_DESCRIPTIONS = {
     "sa-fp16": "SA-FedLoRA with float16 factors and head on the wire (wire-dtype='float16')",
     "sa-short-cool": "SA-FedLoRA cooling for a quarter of the annealing rounds, not half (cool-fraction=0.25)",
     "sa-half-capped": "SA-FedLoRA with 4 of the 7 nodes capped at rank 2 (partition-max-rank='2,0,2,0,2,0,2')",
-    "sa-fp16-rmin4": "SA-FedLoRA with float16 on the wire and a budget floor of rank 4 (rank-min=4)",
+    "sa-fp16-rmin4": "SA-FedLoRA with float16 on the wire and a budget floor of rank 4 (rank-min=4): the app's "
+                     "defaults",
     "sa-fp16-rmin6": "SA-FedLoRA with float16 on the wire and a budget floor of rank 6 (rank-min=6)",
 }
 FULL_METHODS = ("fedavg", "fedprox")
