@@ -33,7 +33,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # Partitions 0, 2, 4, 6 of the 7 (both splits have 7 nodes) stand in for 1 GB boards (node-config max-rank 2).
     "sa-half-capped": {"method": "sa-fedlora", "partition-max-rank": "2,0,2,0,2,0,2"},
     # float16 halves the bytes per rank, so the byte goal affords a higher floor: rank-min 4 plans ~30% of
-    # fedit-rmax's float32 bytes, rank-min 6 ~40% (the float32 default at rank-min 2 plans 40%).
+    # fedit-rmax's float32 bytes, rank-min 6 ~40% (sa-fedlora here, rank-min 2 at float32, plans 40%).
     "sa-fp16-rmin4": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4},
     "sa-fp16-rmin6": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 6},
 }
@@ -59,7 +59,7 @@ FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
                        "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",
                        "sa-fp16-rmin6")
-#: Methods repeated over every seed; the others run on the first seed only.
+#: Methods repeated over every seed and split; the others run on the preset's ablation seeds and splits.
 HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
 #: Byte savings are reported against these (per split).
 REFERENCES = ("fedavg", "fedit-rmax")
