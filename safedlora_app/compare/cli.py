@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the command is run again.")
     p.add_argument("--quick", action="store_true",
                    help="smoke preset (one split, one seed, 3 rounds, tiny data; < 10 min on 2 cores) "
-                        "instead of the full preset (about 150 min on 2 cores)")
+                        "instead of the full preset (hours on 2 cores: --dry-run prints its estimate)")
     p.add_argument("--name", default=None, help="results sub-directory (default: the preset's name)")
     p.add_argument("--out", default="results",
                    help="results directory, relative to the current directory or absolute (default: results)")
