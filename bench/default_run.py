@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from safedlora_app.config import RunConfig
 from safedlora_app.data import SENTIMENTS
 from safedlora_app.model import adapted_modules, head_parameters, load_base_model, module_shapes
 from safedlora_app.simulation import LocalFlower
-
-BYTES_PER_VALUE = {"float32": 4, "float16": 2}  # by wire-dtype
 
 
 def floors(config: RunConfig) -> tuple[dict[str, int], int]:
@@ -75,13 +75,14 @@ def main() -> None:
           f"(median); aggregation {aggregation:.2f}% of a round (median)")
     factor_values, head_values = floors(config)
     ratios, ratios_factors = [], []
+    value_bytes = np.dtype(config.wire_dtype).itemsize
     for r in trained:
         if not r["ranks"]:
             continue
         per_node = sum(r["ranks"][m] * factor_values[m] for m in factor_values)
-        floor = BYTES_PER_VALUE[config.wire_dtype] * (r["nodes"] + r["replies"]) * per_node
+        floor = value_bytes * (r["nodes"] + r["replies"]) * per_node
         ratios_factors.append((r["bytes-down"] + r["bytes-up"]) / floor)
-        head = BYTES_PER_VALUE[config.wire_dtype] * (r["nodes"] + r["replies"]) * head_values
+        head = value_bytes * (r["nodes"] + r["replies"]) * head_values
         ratios.append((r["bytes-down"] + r["bytes-up"]) / (floor + head))
     if ratios:
         print(f"wire bytes / floor (factors + head): median {statistics.median(ratios):.4f}, max {max(ratios):.4f} "
