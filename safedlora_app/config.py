@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter_math import FACTOR_FORMS
+from .profiles import PROFILES
 from .schedule import LR_DECAYS, SHRINK_CURVES
 
 METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
@@ -57,6 +58,11 @@ class RunConfig:
         "sa-fedlora",
         "``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or ``fedit`` "
         "(LoRA at fixed ``rank-max``, A and B averaged separately).")
+    profile: str = option(
+        "",
+        "A named set of values for other keys: ``\"\"`` (none: the defaults, the lean point) or ``accurate`` "
+        "(LoRA on every Linear layer, rank 16 annealed to 8: closer to full fine-tuning's accuracy for more "
+        "bytes; README). A key the profile sets must stay at its default.")
     num_server_rounds: int = option(12, "Total federated rounds T.")
     fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.")
     min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).")
@@ -241,12 +247,14 @@ class RunConfig:
                               FutureWarning, stacklevel=2)
                 value = old[value]
             values[name] = _coerce(key, value, known[name].type)
+        _apply_profile(values, known)
         config = cls(**values)
         config.validate()
         return config
 
     def validate(self) -> None:
         """Check every value; raise one ``ConfigError`` for the first bad one."""
+        _choice("profile", self.profile, ("", *PROFILES))
         _choice("method", self.method, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("allocation", self.allocation, ALLOCATIONS)
@@ -479,9 +487,26 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {type_name}")
 
 
+def _apply_profile(values: dict[str, Any], fields: Mapping[str, dataclasses.Field]) -> None:
+    """Set the values of ``values["profile"]`` in place; a key given another value than both its default and
+    the profile's is a conflict (the profile would silently override it)."""
+    name = values.get("profile", "")
+    if not name:
+        return
+    _choice("profile", name, ("", *PROFILES))
+    for key, value in PROFILES[name].items():
+        field_name = key.replace("-", "_")
+        given, default = values.get(field_name, fields[field_name].default), fields[field_name].default
+        if given not in (default, value):
+            raise ConfigError(f"{key} = {given!r} is not allowed with profile = {name!r}, which sets {key} = "
+                              f"{value!r}; leave {key} at its default ({default!r}) or set profile = ''")
+        values[field_name] = value
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: "
+                          f"{', '.join(item or repr(item) for item in allowed)}")
 
 
 def _at_least(key: str, value: float, low: float) -> None:

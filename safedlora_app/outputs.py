@@ -72,6 +72,41 @@ class RoundStats:
     fed_loss: float | None = None
 
 
+def selection_loss(line: Mapping) -> float | None:
+    """The held-out loss that ranks a round's model: the central one, else the federated one (``None``: the
+    round was not evaluated)."""
+    loss = line.get("loss")
+    return line.get("fed-loss") if loss is None else loss
+
+
+@dataclass
+class BestRound:
+    """The evaluated round (1..T) with the lowest held-out loss so far (:func:`selection_loss`).
+
+    On small or skewed data the held-out loss can rise while the nodes' training loss falls (client drift),
+    so the last round's model need not be the best one; the ServerApp keeps this round's model too.
+    """
+
+    round: int | None = None
+    loss: float | None = None
+
+    def offer(self, line: Mapping) -> bool:
+        """Take ``line`` (a metrics.jsonl row) if its loss is lower than the best so far; ``True`` if taken."""
+        loss = selection_loss(line)
+        if line["round"] < 1 or loss is None or (self.loss is not None and loss >= self.loss):
+            return False
+        self.round, self.loss = line["round"], float(loss)
+        return True
+
+    @classmethod
+    def of(cls, records: Sequence[Mapping]) -> BestRound:
+        """The best round among ``records`` (a resumed run's rows)."""
+        best = cls()
+        for line in records:
+            best.offer(line)
+        return best
+
+
 class RoundLog:
     """The rounds' :class:`RoundStats`, in order; the strategy starts and fills one per round."""
 
@@ -222,10 +257,14 @@ class RunRecorder(RoundLog):
                 f"down {line['bytes-down'] / MB:.2f} MB up {line['bytes-up'] / MB:.2f} MB | "
                 f"{evaluation} | {line['round-seconds']:.1f} s{dropped}")
 
-    def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None) -> dict:
-        """Totals and headline numbers of the run."""
+    def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None,
+                best: BestRound | None = None, best_dir: Path | None = None) -> dict:
+        """Totals and headline numbers of the run; ``best-model-*``: the lowest held-out loss's round and model."""
+        best = best or BestRound()
         return {"method": config.method, **run_totals(self.records), "wall-seconds": wall_seconds,
-                "model-dir": str(model_dir) if model_dir else None}
+                "model-dir": str(model_dir) if model_dir else None,
+                "best-model-round": best.round, "best-model-loss": best.loss,
+                "best-model-dir": str(best_dir) if best_dir and best.round is not None else None}
 
     def plot(self, run_dir: Path) -> list[Path]:
         """The run's plots (accuracy vs round and vs MB, budget, per-module ranks)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -28,13 +29,15 @@ from .model import (
     module_shapes,
     pick_device,
 )
-from .outputs import RunRecorder, run_directory, write_json
+from .outputs import BestRound, RunRecorder, run_directory, write_json
 from .round_deadline import DeadlineGrid
 from .round_plan import initial_tensors
 from .strategy import NotEnoughNodes, SAFedLoRA
 from .training import Encoded, compute_dtype, evaluate
 
 app = ServerApp()
+#: ``best-round-<t>/``: the model of the round with the lowest held-out loss, next to the last round's.
+BEST_PREFIX = "best-round-"
 
 
 def trained_arrays(result: Result, run_name: str, num_rounds: int) -> ArrayRecord:
@@ -130,6 +133,7 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint.restore_rng(resumed.state["rng"])
         log(INFO, "resuming run %s at round %d of %d from %s", run_dir.name, first_round, config.num_server_rounds,
             run_dir / checkpoint.DIRECTORY)
+    best = BestRound.of(recorder.records)  # its model was saved before an interruption
     strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
                          rounds=recorder, first_round=first_round,
                          node_backbone={int(k): v for k, v in resumed.state["node-backbone"].items()} if resumed
@@ -142,6 +146,15 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %s; outputs in %s", run_dir.name, config.method, len(modules),
         f"{len(test)} held-out rows evaluated in {str(dtype).removeprefix('torch.')} on {device.type}" if test
         else "no central evaluation (central-eval = false)", run_dir)
+
+    def keep_best(server_round: int, arrays) -> None:
+        """Save the model after ``server_round`` as the best one, then delete the previous best (so that a
+        crash while saving keeps the old one)."""
+        global_model.save(server_round, arrays, run_dir / f"{BEST_PREFIX}{server_round}", preprocessor,
+                          model_source(config.model_name))
+        for old in run_dir.glob(f"{BEST_PREFIX}*"):
+            if old.name != f"{BEST_PREFIX}{server_round}":
+                shutil.rmtree(old, ignore_errors=True)
 
     def central_evaluation(flower_round: int, arrays) -> MetricRecord | None:
         """Evaluate the model the round ended with (every ``eval-every`` rounds), write the round's line and
@@ -158,7 +171,9 @@ def main(grid: Grid, context: Context) -> None:
             result["eval-seconds"] = time.perf_counter() - started
         elif config.evaluates(server_round) and server_round > 0:
             ranks = global_model.ranks(server_round, arrays)
-        recorder.record(server_round, result, ranks)
+        line = recorder.record(server_round, result, ranks)
+        if best.offer(line):
+            keep_best(server_round, arrays)
         checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
             "given": config.to_dict(), "records": recorder.records, "longest-round-seconds": deadlines.longest,
             "node-backbone": {str(k): v for k, v in strategy.node_backbone.items()}})
@@ -188,7 +203,10 @@ def main(grid: Grid, context: Context) -> None:
         result, run_dir.name, config.num_server_rounds)
     model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
                                   model_source(config.model_name))
-    summary = recorder.summary(config, time.perf_counter() - start, model_dir)
+    best_dir = run_dir / f"{BEST_PREFIX}{best.round}"
+    best_model = next((d for d in (best_dir / "adapter", best_dir / "model") if d.is_dir()), None)
+    summary = {**recorder.summary(config, time.perf_counter() - start, model_dir, best, best_model),
+               "device": device.type, "compute-dtype": str(dtype).removeprefix("torch.")}
     write_json(run_dir / "summary.json", summary)
     recorder.plot(run_dir)
     accuracy = summary["final-accuracy"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from safedlora_app.compare import cli, plan, runner, tables
+from safedlora_app.compare.store import RunStore, local_dtype
 from safedlora_app.config import RunConfig
 from safedlora_app.schedule import round_budget
 from safedlora_app.simulation import APP_ROOT
@@ -52,7 +53,8 @@ def test_every_method_differs_from_the_base_only_where_it_should():
     assert len(caps) == plan.SPLITS["natural"][1] == plan.SPLITS["dirichlet"][1] and caps.count(2) == 4
     shared = {k: v for k, v in s["sa-fedlora"].items() if k not in ("method",)}
     for method, settings in s.items():
-        assert settings["num-server-rounds"] == 8 and settings["test-size"] == BASE["test-size"]
+        rounds = plan.METHODS[method].get("num-server-rounds", 8)  # the 32-round levers set their own
+        assert settings["num-server-rounds"] == rounds and settings["test-size"] == BASE["test-size"]
         assert {k: v for k, v in settings.items() if k in shared and k not in plan.METHODS[method]} == \
             {k: v for k, v in shared.items() if k not in plan.METHODS[method]}
 
@@ -371,9 +373,11 @@ class FakeFlower:
         run_dir = Path(settings["out-dir"].strip("'")) / settings["run-name"].strip("'")
         run_dir.mkdir(parents=True, exist_ok=True)
         given = {k: json.loads(v.replace("'", '"')) for k, v in settings.items()}
+        given = RunConfig.from_mapping(given).to_dict()  # the app writes every key
         (run_dir / "config.json").write_text(json.dumps({"given": given}))
         (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records([0.4, 0.5], 10, 20)) + "\n")
-        (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": 0.5, "wall-seconds": 1.0}))
+        (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": 0.5, "wall-seconds": 1.0,
+                                                          "compute-dtype": local_dtype(given)}))
         FakeFlower.runs.append(run_dir.name)
         return subprocess.CompletedProcess([], 0, "Starting logstream for run_id `7`", "")
 
@@ -417,12 +421,93 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     assert any(line.startswith("[2/2] natural/sa-fedlora-s42: finished in") and "ETA" in line for line in lines)
     summary = json.loads((root / "comparison.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["skipped", "finished"]
-    assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.003, "search": {}}
+    assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.003, "search": {},
+                                                   "fixed": False}
     # other settings under the same name are refused, not mixed
     changed = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
     with pytest.raises(plan.CompareError, match="was made with other settings"):
         cli.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
+
+
+def test_a_stored_run_is_found_by_its_full_run_config_wherever_it_was_written(tmp_path):
+    settings = {"method": "fedit", "seed": 43, "lr": 0.006, "partitioner": "natural"}
+    run_dir = tmp_path / "somewhere" / "fedit-rmax-s43"
+    run_dir.mkdir(parents=True)
+    given = RunConfig.from_mapping({**settings, "out-dir": "/elsewhere", "run-name": "x"}).to_dict()
+    (run_dir / "config.json").write_text(json.dumps({"given": given}))
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    (run_dir / "summary.json").write_text(json.dumps({"compute-dtype": "float32"}))
+    (run_dir / "adapter").mkdir()  # models are not stored
+    store = RunStore(tmp_path / "store")
+    stored = store.put(run_dir, "natural")
+    assert stored.parent == tmp_path / "store" / "natural" and stored.name.startswith("fedit-rmax-s43-")
+    assert sorted(p.name for p in stored.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    fresh = RunStore(tmp_path / "store")  # a later comparison reads the folder again
+    assert fresh.find(settings, "float32") == stored
+    assert fresh.find({**settings, "rank-max": 8}, "float32") == stored  # the default, given or not
+    assert fresh.find({**settings, "lr": 0.003}, "float32") is None  # any other value of any key: another run
+    assert fresh.find({**settings, "seed": 42}, "float32") is None
+    assert fresh.find({**settings, "rank-max": 16}, "float32") is None
+    assert fresh.find(settings, "bfloat16") is None  # the same seed in other arithmetic is another run
+    assert store.put(run_dir, "natural") == stored  # stored once
+
+
+def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tmp_path):
+    FakeFlower.runs = []
+    first = ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--methods", "fedit-rmax",
+             "--store", str(tmp_path / "store")]
+    assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(first)), [], say=lambda _: None,
+                       flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42"] and len(list((tmp_path / "store" / "natural").iterdir())) == 1
+    second = ["compare", "--quick", "--out", str(tmp_path), "--name", "b", "--methods", "fedit-rmax,sa-fedlora",
+              "--reuse", str(tmp_path / "store")]
+    lines = []
+    assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(second)), [], say=lines.append,
+                       flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]  # fedit-rmax came from the store
+    assert any("natural/fedit-rmax-s42: reused the stored run" in line for line in lines)
+    summary = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    assert [(r["key"], r["status"]) for r in summary["runs"]] == [("natural/fedit-rmax-s42", "reused"),
+                                                                  ("natural/sa-fedlora-s42", "finished")]
+    rows = list(csv.DictReader((tmp_path / "b" / "table.csv").read_text().splitlines()))
+    assert [(r["method"], r["seeds"]) for r in rows] == [("fedit-rmax", "1"), ("sa-fedlora", "1")]
+    # --no-reuse runs it again
+    FakeFlower.runs = []
+    options = cli.resolve_options(cli.build_parser().parse_args([*second[:5], "c", *second[6:8], "--no-reuse"]))
+    assert options["reuse"] is None
+    assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]
+
+
+def test_fixed_lr_multipliers_skip_the_search_for_those_methods_and_their_family(capsys, tmp_path):
+    argv = ["compare", "--out", str(tmp_path), "--lr-search", "--lr-multipliers", "sa-fedlora=2",
+            "--methods", "sa-fp16-rmin4,sa-all-r16,sa-qv-r16", "--splits", "natural", "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    search, comparison = out.split("comparison (")
+    assert "lr search (3 runs on natural, seed 42)" in search  # sa-all-r16 alone searches its own rate
+    assert "natural/sa-all-r16-lrx0.5-s42" in search and "sa-qv-r16" not in search
+    assert "natural/sa-qv-r16-lrx2-s42" in comparison  # sa-fedlora's fixed x2
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--lr-multipliers", "sa-fedlora=-1", "--dry-run"])
+    assert "'sa-fedlora=-1' is not allowed" in capsys.readouterr().err
+
+
+def test_the_32_round_levers_keep_the_presets_stage_shape():
+    assert plan.LONG_RUN == {"num-server-rounds": 32, **plan.stage_rounds(32)}
+    for method in ("sa-fp16-rmin4-32r", "sa-all-r16-32r"):
+        short = method.removesuffix("-32r")
+        assert {k: v for k, v in plan.METHODS[method].items() if k not in plan.LONG_RUN} == plan.METHODS[short]
+
+
+def test_the_paper_reading_scales_both_rates_and_the_levers_cover_every_linear_layer():
+    spec = plan.run_settings(BASE, "natural", "sa-paper-init", 42, 2.0)
+    assert spec["lr"] == pytest.approx(2 * BASE["lr"]) and spec["full-lr"] == pytest.approx(2 * BASE["full-lr"])
+    assert plan.run_settings(BASE, "natural", "sa-all-r16", 42, 2.0)["full-lr"] == BASE["full-lr"]
+    for method in ("sa-all-r16", "fedit-all-r16"):
+        assert plan.METHODS[method]["target-modules"] == "query,key,value,dense"
+        assert plan.lr_source(method) == method
 
 
 def test_the_lr_grid_extends_while_the_best_is_at_its_edge():

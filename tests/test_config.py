@@ -120,3 +120,23 @@ def test_label_names_from_a_list_or_a_file(tmp_path):
     names.write_text("sad\n\nhappy\n")
     assert RunConfig(label_names=str(names)).label_list() == ("sad", "happy")
     assert RunConfig().label_list() == ()
+
+
+def test_a_profile_sets_its_keys_and_refuses_a_key_set_to_something_else():
+    config = RunConfig.from_mapping({**run_config(), "profile": "accurate"})
+    assert (config.target_modules, config.rank_max, config.rank_min) == ("query,key,value,dense", 16, 8)
+    assert RunConfig.from_mapping(config.to_dict()) == config  # a resolved config reads back unchanged
+    # a key at the profile's own value is no conflict; any other value is
+    assert RunConfig.from_mapping({**run_config(), "profile": "accurate", "rank-max": 16}).rank_max == 16
+    with pytest.raises(ConfigError, match="rank-min = 2 is not allowed with profile = 'accurate', which sets "
+                                          r"rank-min = 8; leave rank-min at its default \(4\) or set profile = ''"):
+        RunConfig.from_mapping({**run_config(), "profile": "accurate", "rank-min": 2})
+    with pytest.raises(ConfigError, match="profile = 'fast' is not allowed; choose one of: '', accurate"):
+        RunConfig.from_mapping({"profile": "fast"})
+
+
+def test_the_accurate_profile_is_what_the_comparison_measured_as_sa_all_r16():
+    from safedlora_app.compare.plan import METHODS
+    from safedlora_app.profiles import PROFILES
+
+    assert METHODS["sa-all-r16"] == {"method": "sa-fedlora", "wire-dtype": "float16", **PROFILES["accurate"]}

@@ -63,7 +63,7 @@ def uninterrupted(tmp_path_factory, cache_dir):  # noqa: F811
 
 
 def test_a_run_killed_after_round_1_resumes_to_the_same_adapter_and_metrics(uninterrupted):
-    config, whole_dir, whole_rows, _ = uninterrupted
+    config, whole_dir, whole_rows, whole_summary = uninterrupted
     config = {**config, "run-name": "killed"}
     with pytest.raises(Crash):
         server_app.main(CrashingGrid(config, crash_at=2), Context(run_id=1, node_id=0, node_config={},
@@ -74,6 +74,10 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapter_and_metrics(unin
     resumed_dir, resumed_rows, summary = run_server({**config, "resume": True})
     assert comparable(resumed_rows) == comparable(whole_rows)
     assert summary["rounds"] == 3
+    # The best round is chosen over all rounds, the ones before the interruption too, and kept once.
+    assert (summary["best-model-round"], summary["best-model-loss"]) == (whole_summary["best-model-round"],
+                                                                         whole_summary["best-model-loss"])
+    assert [p.name for p in resumed_dir.glob("best-round-*")] == [f"best-round-{summary['best-model-round']}"]
     want, got = adapter(whole_dir), adapter(resumed_dir)
     assert want.keys() == got.keys()
     for name in want:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ from .plan import (
     estimate_seconds,
     extend_lr_grid,
     lr_key,
+    lr_source,
     parse_choices,
     parse_set,
     plan_lr_search,
@@ -39,6 +41,7 @@ from .plan import (
     stage_rounds,
 )
 from .runner import Comparison, machine_info, packaged_with_app
+from .store import RunStore
 from .tables import (
     build_rows,
     format_csv,
@@ -50,6 +53,9 @@ from .tables import (
     table_notes,
     write_plots,
 )
+
+#: The runs committed with the app (relative to the app's directory), reused by default.
+STORED_RUNS = "docs/results/runs"
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -87,6 +93,26 @@ def choices_of(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def multipliers_of(allowed: Sequence[str]) -> Callable[[str], dict[str, float]]:
+    """argparse ``type=``: ``"fedavg=2,sa-fedlora=0.5"`` -> ``{"fedavg": 2.0, "sa-fedlora": 0.5}``."""
+    def parse(text: str) -> dict[str, float]:
+        out = {}
+        for item in (i.strip() for i in text.split(",") if i.strip()):
+            method, _, raw = item.partition("=")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if method.strip() not in allowed or not 0 < value < math.inf:
+                raise argparse.ArgumentTypeError(
+                    f"{item!r} is not allowed; write METHOD=X with X > 0 and METHOD one of: {', '.join(allowed)}")
+            out[method.strip()] = value
+        if not out:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; write e.g. 'fedavg=2,sa-fedlora=2'")
+        return out
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedlora", description="SA-FedLoRA tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -121,10 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
                         f"halving, up to x{LR_EXTENSION_LIMIT:g} or x1/{LR_EXTENSION_LIMIT:g}, while the best is at "
                         "an edge) for every method on the "
                         "first seed and split, then use each method's best")
+    p.add_argument("--lr-multipliers", type=multipliers_of(tuple(METHODS)), default={}, metavar="METHOD=X,...",
+                   help="fixed lr multipliers, e.g. 'fedavg=2,sa-fedlora=2' (an earlier search's choice): those "
+                        "methods, and the methods that take their rate, are not searched again")
     p.add_argument("--target-accuracy", type=fraction, default=None,
                    help="accuracy (fraction in (0, 1]) for the rounds-to-target column; default: preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config value for every run, over the preset's (repeatable), e.g. --set test-size=1000")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="stored runs (see --store) to copy in for planned runs made with exactly the same "
+                        f"run-config, instead of running them again; default: the app's {STORED_RUNS}, if present")
+    p.add_argument("--no-reuse", action="store_true", help="run every planned run, even one stored already")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="store each run finished here (config.json, summary.json, metrics.jsonl; no models) in DIR, "
+                        f"keyed by its run-config, e.g. {STORED_RUNS} to commit them with the app")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and their run-config; run nothing")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables, plots and comparison.json from the runs finished so far; run nothing "
@@ -170,18 +206,24 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
             "excluded by its .gitignore, so `flwr run` would pack the results (*.json, *.md) into the app "
             "bundle (10 MB limit). Use an --out outside the app directory, or add the folder (e.g. '/results/') "
             "to .gitignore")
+    reuse = None if args.no_reuse else Path(os.path.expanduser(args.reuse)) if args.reuse else APP_ROOT / STORED_RUNS
+    if args.reuse and not args.no_reuse and not reuse.is_dir():
+        raise CompareError(f"--reuse = {args.reuse!r} is not allowed: no such directory")
     defaults = RunConfig()
     settings = {"lr": defaults.lr, "full-lr": defaults.full_lr, **preset.settings, "num-server-rounds": rounds,
                 **stage_rounds(rounds), **parse_set(args.set)}
     seeds = [FIRST_SEED + i for i in range(n_seeds)]
     options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
-               "target": target, "lr_search": bool(args.lr_search), "settings": settings, "dry_run": args.dry_run,
+               "target": target, "lr_search": bool(args.lr_search), "fixed_lrs": dict(args.lr_multipliers),
+               "settings": settings, "dry_run": args.dry_run,
                "report_only": args.report_only,
+               "reuse": reuse if reuse is not None and reuse.is_dir() else None,
+               "store": Path(os.path.expanduser(args.store)).resolve() if args.store else None,
                "ablation": {"ablation_seeds": ablation_seeds,
                             "ablation_splits": args.ablation_splits or preset.ablation_splits}}
     # Every planned run-config must pass the app's own validation before anything starts.
     for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
-            plan_lr_search(settings, methods, splits[0], seeds[0]) if args.lr_search else []):
+            searched_runs(options) if args.lr_search else []):
         try:
             RunConfig.from_mapping({**spec.settings, "out-dir": str(root), "run-name": spec.run_name})
         except ConfigError as error:
@@ -194,21 +236,32 @@ def print_plan(options: Mapping[str, Any], say: Callable[[str], None] = print) -
     settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
     runs = []
     if options["lr_search"]:
-        search = plan_lr_search(settings, methods, splits[0], seeds[0])
+        search = searched_runs(options)
         say(f"lr search ({len(search)} runs on {splits[0]}, seed {seeds[0]}):")
         runs += search
         for spec in search:
             say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
                 f"--federation-config \"{spec.federation}\"")
-        say("comparison (shown at x1; each method then uses the multiplier its search picks; runs that the "
-            "search already made are not repeated):")
-    plan = plan_runs(settings, methods, splits, seeds, **options["ablation"])
+        say("comparison (shown at x1, or a fixed --lr-multipliers; each other method then uses the multiplier its "
+            "search picks; runs that the search already made are not repeated):")
+    fixed = chosen_multipliers(methods, options.get("fixed_lrs", {}))
+    plan = plan_runs(settings, methods, splits, seeds, fixed, **options["ablation"])
     runs += [s for s in plan if s.key not in {r.key for r in runs}]
     for spec in plan:
         say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
             f"--federation-config \"{spec.federation}\"")
     total = sum(estimate_seconds(s) for s in runs)
     say(f"{len(runs)} runs; estimate {total / 60:.0f} min on 2 cores; results in {options['root']}")
+
+
+def searched_runs(options: Mapping[str, Any]) -> list[RunSpec]:
+    """The lr search's first runs (first split and seed), leaving out the methods with a fixed multiplier
+    (``--lr-multipliers``) and those that take such a method's rate."""
+    fixed = options.get("fixed_lrs", {})
+    methods = [m for m in options["methods"] if m not in fixed and lr_source(m) not in fixed]
+    if not methods:
+        return []
+    return plan_lr_search(options["settings"], methods, options["splits"][0], options["seeds"][0])
 
 
 def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
@@ -258,12 +311,14 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
     settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runner = Comparison(root, say=say, flower_factory=flower_factory)
+    reuse, store = options.get("reuse"), options.get("store")
+    runner = Comparison(root, say=say, flower_factory=flower_factory, reuse=RunStore(reuse) if reuse else None,
+                        store=RunStore(store) if store else None)
     chosen: dict[str, dict[str, Any]] = {}
     search: list[RunSpec] = []
     try:
         if options["lr_search"]:
-            search = plan_lr_search(settings, methods, splits[0], seeds[0])
+            search = searched_runs(options)
             searched = {s.key for s in search}
             later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, **options["ablation"])
                         if s.key not in searched and not runner.finished(s))
@@ -273,7 +328,8 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
-        multipliers = chosen_multipliers(methods, {m: c["multiplier"] for m, c in chosen.items()})
+        multipliers = chosen_multipliers(methods, {**{m: c["multiplier"] for m, c in chosen.items()},
+                                                   **options.get("fixed_lrs", {})})
         plan = plan_runs(settings, methods, splits, seeds, multipliers, **options["ablation"])
         if options["report_only"]:
             unfinished = [s.key for s in plan if not runner.finished(s)]
@@ -283,6 +339,8 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             runner.run_all(plan, phase="comparison")
     finally:
         runner.close()
+    fixed = options.get("fixed_lrs", {})
+    lrs = {spec.method: spec.settings[spec.lr_key] for spec in plan}
     rows = build_rows(root, plan, options["target"])
     notes = table_notes(options, seeds)
     dropped = [f"{r['split']}/{r['method']} ({r['dropped_replies']})" for r in rows if r["dropped_replies"]]
@@ -319,8 +377,9 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                      "lr-grid": list(LR_GRID) if options["lr_search"] else [],
                      "lr-grid-extension-limit": LR_EXTENSION_LIMIT if options["lr_search"] else None,
                      "federation-config": FEDERATION},
-        "chosen-lrs": chosen or {m: {"multiplier": 1.0, "lr-key": lr_key(m), "lr": settings[lr_key(m)],
-                                     "search": {}} for m in methods},
+        "chosen-lrs": {m: {"multiplier": multipliers[m], "lr-key": lr_key(m), "lr": lrs.get(m),
+                           "search": chosen.get(lr_source(m), {}).get("search", {}),
+                           "fixed": m in fixed or lr_source(m) in fixed} for m in methods},
         "machine": machine_info(),
         "wall-seconds": time.perf_counter() - started,
         "runs": [{"key": o.spec.key, "split": o.spec.split, "method": o.spec.method, "seed": o.spec.seed,

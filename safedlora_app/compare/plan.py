@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RunConfig
+from ..profiles import ALL_LINEAR, PROFILES
 
 # --- Methods and splits -------------------------------------------------------------------------
+#: 32 rounds with the preset's stage shape (1 initiating round, the second half cooling): twice the rounds.
+LONG_RUN = {"num-server-rounds": 32, "init-rounds": 1, "heat-rounds": 0, "cool-rounds": 16}
 #: label -> run-config overrides. ``"{rank-min}"`` is replaced by the settings' rank-min.
 METHODS: dict[str, dict[str, Any]] = {
     "fedavg": {"method": "fedavg"},
@@ -36,6 +39,19 @@ METHODS: dict[str, dict[str, Any]] = {
     # fedit-rmax's float32 bytes, rank-min 6 ~40% (sa-fedlora here, rank-min 2 at float32, plans 40%).
     "sa-fp16-rmin4": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4},
     "sa-fp16-rmin6": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 6},
+    # Issue #22's levers towards full fine-tuning's accuracy (each searches its own lr with --lr-search).
+    # LoRA on every Linear layer of the encoder (query, key, value, attention output, both feed-forward layers)
+    # and the pooler: 37 modules instead of 12, rank 16 annealed to 8.
+    "sa-all-r16": {"method": "sa-fedlora", "wire-dtype": "float16", **PROFILES["accurate"]},
+    "fedit-all-r16": {"method": "fedit", "target-modules": ALL_LINEAR, "rank-max": 16},
+    # A higher heating rank, annealed to the defaults' floor.
+    "sa-qv-r16": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-max": 16, "rank-min": 4},
+    # More rounds (32 instead of the preset's 16) at the same settings: the curves still rise at round 16.
+    "sa-fp16-rmin4-32r": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, **LONG_RUN},
+    "sa-all-r16-32r": {"method": "sa-fedlora", "wire-dtype": "float16", "target-modules": ALL_LINEAR,
+                       "rank-max": 16, "rank-min": 8, **LONG_RUN},
+    # The paper's reading: the initiating round trains the whole model (backbone + head), then the defaults.
+    "sa-paper-init": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, "init-trainable": "full"},
 }
 METHOD_DESCRIPTIONS = {
     "fedavg": "full fine-tuning (FedAvg)",
@@ -54,6 +70,13 @@ METHOD_DESCRIPTIONS = {
     "sa-fp16-rmin4": "SA-FedLoRA with float16 on the wire and a budget floor of rank 4 (rank-min=4): the app's "
                      "defaults",
     "sa-fp16-rmin6": "SA-FedLoRA with float16 on the wire and a budget floor of rank 6 (rank-min=6)",
+    "sa-all-r16": "SA-FedLoRA on every Linear layer (37 modules), rank 16 annealed to 8, float16 on the wire",
+    "fedit-all-r16": "LoRA on every Linear layer (37 modules) at fixed rank 16, A/B averaged (FedIT)",
+    "sa-qv-r16": "SA-FedLoRA heating at rank 16, annealed to the defaults' floor of 4, float16 on the wire",
+    "sa-fp16-rmin4-32r": "the defaults (sa-fp16-rmin4) over 32 rounds instead of 16",
+    "sa-all-r16-32r": "sa-all-r16 over 32 rounds instead of 16",
+    "sa-paper-init": "SA-FedLoRA whose initiating round trains the whole model (init-trainable='full'), then the "
+                     "defaults (float16 LoRA rounds, floor rank 4); the lr search scales lr and full-lr together",
 }
 FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
@@ -61,6 +84,10 @@ FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-n
                        "sa-fp16-rmin6")
 #: Methods repeated over every seed and split; the others run on the preset's ablation seeds and splits.
 HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
+#: Methods that ``--lr-search`` searches for themselves (the others take their family's rate, :func:`lr_source`).
+OWN_LR_SEARCH = HEADLINE + ("sa-all-r16", "fedit-all-r16", "sa-paper-init")
+#: Methods that take another method's searched rate (the rest of the sa-fedlora variants take sa-fedlora's).
+LR_FAMILY = {"fedprox": "fedavg", "fedit-rmin": "fedit-rmax", "sa-all-r16-32r": "sa-all-r16"}
 #: Byte savings are reported against these (per split).
 REFERENCES = ("fedavg", "fedit-rmax")
 
@@ -206,6 +233,13 @@ def lr_key(method: str) -> str:
     return "full-lr" if method in FULL_METHODS else "lr"
 
 
+def lr_keys(method: str) -> tuple[str, ...]:
+    """The run-config keys an lr multiplier scales: also ``full-lr`` for a method whose initiating stage
+    trains the whole model (one search for both rates, whose ratio stays the preset's)."""
+    full_init = METHODS[method].get("init-trainable") == "full"
+    return (lr_key(method), "full-lr") if full_init else (lr_key(method),)
+
+
 def parse_choices(text: str, allowed: Sequence[str]) -> tuple[str, ...]:
     """``"fedit-rmax,sa-fedlora"`` -> ``("fedit-rmax", "sa-fedlora")``: the items in order, duplicates dropped.
 
@@ -294,8 +328,8 @@ def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr
     settings = {**base, **SPLITS[split][0], "seed": seed}
     for key, value in METHODS[method].items():
         settings[key] = settings[value[1:-1]] if isinstance(value, str) and value.startswith("{") else value
-    key = lr_key(method)
-    settings[key] = float(f"{settings[key] * lr_multiplier:.6g}")
+    for key in lr_keys(method):
+        settings[key] = float(f"{settings[key] * lr_multiplier:.6g}")
     return settings
 
 
@@ -340,16 +374,17 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
 
 def lr_source(method: str) -> str:
     """The headline method whose searched lr ``method`` uses: its own for a headline method, else its family's."""
-    if method in HEADLINE:
+    if method in OWN_LR_SEARCH:
         return method
-    return {"fedprox": "fedavg", "fedit-rmin": "fedit-rmax"}.get(method, "sa-fedlora")
+    return LR_FAMILY.get(method, "sa-fedlora")
 
 
 def plan_lr_search(base: Mapping[str, Any], methods: Sequence[str], split: str, seed: int,
                    grid: Sequence[float] = LR_GRID) -> list[RunSpec]:
-    """Every headline method among ``methods`` (each method, if none is) at every lr multiplier of ``grid``,
-    on one split and one seed. The other methods use their family's choice (:func:`lr_source`)."""
-    searched = [m for m in methods if m in HEADLINE] or list(methods)
+    """Every method among ``methods`` that searches its own rate (``OWN_LR_SEARCH``; each method, if none does)
+    at every lr multiplier of ``grid``, on one split and one seed. The others use their family's choice
+    (:func:`lr_source`)."""
+    searched = [m for m in methods if m in OWN_LR_SEARCH] or list(methods)
     return [RunSpec(split, method, seed, float(m), run_settings(base, split, method, seed, float(m)), SPLITS[split][1])
             for method in searched for m in grid]
 

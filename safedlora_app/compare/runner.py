@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..config import DEPRECATED_VALUES
 from ..outputs import run_totals
 from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
+from .store import RunStore, local_dtype
 from .tables import MB, read_records, read_summary, run_dir
 
 
@@ -80,7 +81,7 @@ class Outcome:
     """What happened to one planned run."""
 
     spec: RunSpec
-    status: str  # "finished", "skipped" (finished earlier), "failed"
+    status: str  # "finished", "skipped" (finished earlier), "reused" (copied from a RunStore), "failed"
     seconds: float | None = None
     error: str = ""
     command: list[str] = field(default_factory=list)
@@ -97,11 +98,17 @@ class Comparison:
         Prints one progress line.
     flower_factory : callable, optional
         ``home -> LocalFlower`` (tests may substitute it).
+    reuse : RunStore, optional
+        Stored runs to copy in instead of running a planned run made with the same full run-config.
+    store : RunStore, optional
+        Where every run finished here is stored (its small outputs).
     """
 
-    def __init__(self, root: Path, say: Callable[[str], None] = print, flower_factory=None):
+    def __init__(self, root: Path, say: Callable[[str], None] = print, flower_factory=None,
+                 reuse: RunStore | None = None, store: RunStore | None = None):
         self.root = root
         self.say = say
+        self.reuse, self.store = reuse, store
         if flower_factory is None:
             from ..simulation import LocalFlower
             flower_factory = LocalFlower
@@ -144,6 +151,12 @@ class Comparison:
         of later phases), so its rate calibrates the estimate against this machine and its ETA weighs a
         full fine-tuning run more than a LoRA run.
         """
+        for spec in plan:
+            if self.reuse is not None and not self.finished(spec) and (
+                    stored := self.reuse.find(spec.settings, local_dtype(spec.settings))):
+                self.reuse.copy_into(stored, self.run_dir(spec))
+                self.outcomes[spec.key] = Outcome(spec, "reused", command=self.command(spec))
+                self.say(f"{spec.key}: reused the stored run {stored}")
         todo = [s for s in plan if not self.finished(s)]
         remaining = sum(estimate_seconds(s) for s in todo) + later
         label = f"{phase}: " if phase else ""
@@ -167,7 +180,7 @@ class Comparison:
             if spec not in todo:
                 # A run the lr search made in this invocation keeps its outcome (and measured seconds).
                 earlier = self.outcomes.get(spec.key)
-                outcome = earlier if earlier and earlier.status == "finished" else Outcome(
+                outcome = earlier if earlier and earlier.status in ("finished", "reused") else Outcome(
                     spec, "skipped", command=self.command(spec))
                 self.say(f"{tag}: finished earlier | {self.describe(spec)}")
             else:
@@ -177,6 +190,8 @@ class Comparison:
                 outcome = self.run_one(spec, timeout=max(600.0, 6 * estimate))
                 bar.update(round(estimate))
                 eta = _eta_seconds(bar)
+                if outcome.status == "finished" and self.store is not None:
+                    self.store.put(self.run_dir(spec), spec.split)
                 if outcome.status == "finished":
                     self.say(f"{tag}: finished in {outcome.seconds:.0f} s | {self.describe(spec)} | "
                              f"ETA {eta / 60:.1f} min")

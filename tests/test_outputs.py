@@ -1,0 +1,28 @@
+"""The run's outputs: which round's model is kept as the best one (hand-made metrics rows)."""
+
+from safedlora_app.outputs import BestRound, selection_loss
+
+
+def row(server_round, loss=None, fed_loss=None):
+    return {"round": server_round, "loss": loss, "fed-loss": fed_loss}
+
+
+def test_the_lowest_held_out_loss_wins_and_ties_keep_the_earlier_round():
+    best = BestRound()
+    assert best.offer(row(1, 0.9)) and best.round == 1
+    assert not best.offer(row(2, None))  # not evaluated (eval-every)
+    assert best.offer(row(3, 0.7)) and (best.round, best.loss) == (3, 0.7)
+    assert not best.offer(row(4, 0.8)) and not best.offer(row(5, 0.7))
+    assert best.round == 3
+
+
+def test_round_zero_never_counts_and_federated_loss_stands_in_for_central():
+    assert selection_loss(row(2, 0.5, 0.1)) == 0.5  # central first
+    assert selection_loss(row(2, None, 0.4)) == 0.4
+    best = BestRound.of([row(0, 0.1), row(1, None, 0.6), row(2, None, 0.4), row(3, None, 0.5)])
+    assert (best.round, best.loss) == (2, 0.4)
+
+
+def test_no_evaluation_means_no_best_round():
+    best = BestRound.of([row(0), row(1), row(2)])
+    assert best.round is None and best.loss is None
