@@ -255,6 +255,10 @@ class RunConfig:
     def validate(self) -> None:
         """Check every value; raise one ``ConfigError`` for the first bad one."""
         _choice("profile", self.profile, ("", *PROFILES))
+        for key, value in PROFILES.get(self.profile, {}).items():  # RunConfig(...) and replace() skip from_mapping
+            if getattr(self, key.replace("-", "_")) != value:
+                raise ConfigError(f"{key} = {getattr(self, key.replace('-', '_'))!r} is not allowed with profile = "
+                                  f"{self.profile!r}, which sets {key} = {value!r}")
         _choice("method", self.method, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("allocation", self.allocation, ALLOCATIONS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -93,8 +94,9 @@ class BestRound:
     def offer(self, line: Mapping) -> bool:
         """Take ``line`` (a metrics.jsonl row) if its loss is lower than the best so far; ``True`` if taken."""
         loss = selection_loss(line)
-        if line["round"] < 1 or loss is None or (self.loss is not None and loss >= self.loss):
-            return False
+        if line["round"] < 1 or loss is None or not math.isfinite(loss) or (self.loss is not None
+                                                                              and loss >= self.loss):
+            return False  # a diverged round (non-finite loss) never counts
         self.round, self.loss = line["round"], float(loss)
         return True
 

@@ -147,13 +147,11 @@ def main(grid: Grid, context: Context) -> None:
         f"{len(test)} held-out rows evaluated in {str(dtype).removeprefix('torch.')} on {device.type}" if test
         else "no central evaluation (central-eval = false)", run_dir)
 
-    def keep_best(server_round: int, arrays) -> None:
-        """Save the model after ``server_round`` as the best one, then delete the previous best (so that a
-        crash while saving keeps the old one)."""
-        global_model.save(server_round, arrays, run_dir / f"{BEST_PREFIX}{server_round}", preprocessor,
-                          model_source(config.model_name))
+    def prune_best() -> None:
+        """Delete every ``best-round-*`` folder but the best round's. Called once the checkpoint names that
+        round, so that a crash in between leaves the folder a resumed run's records point to."""
         for old in run_dir.glob(f"{BEST_PREFIX}*"):
-            if old.name != f"{BEST_PREFIX}{server_round}":
+            if old.name != f"{BEST_PREFIX}{best.round}":
                 shutil.rmtree(old, ignore_errors=True)
 
     def central_evaluation(flower_round: int, arrays) -> MetricRecord | None:
@@ -173,10 +171,12 @@ def main(grid: Grid, context: Context) -> None:
             ranks = global_model.ranks(server_round, arrays)
         line = recorder.record(server_round, result, ranks)
         if best.offer(line):
-            keep_best(server_round, arrays)
+            global_model.save(server_round, arrays, run_dir / f"{BEST_PREFIX}{server_round}", preprocessor,
+                              model_source(config.model_name))
         checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
             "given": config.to_dict(), "records": recorder.records, "longest-round-seconds": deadlines.longest,
             "node-backbone": {str(k): v for k, v in strategy.node_backbone.items()}})
+        prune_best()
         return MetricRecord(result) if result else None
 
     start = time.perf_counter()

@@ -440,17 +440,28 @@ def test_a_stored_run_is_found_by_its_full_run_config_wherever_it_was_written(tm
     (run_dir / "summary.json").write_text(json.dumps({"compute-dtype": "float32"}))
     (run_dir / "adapter").mkdir()  # models are not stored
     store = RunStore(tmp_path / "store")
-    stored = store.put(run_dir, "natural")
+    stored = store.put(run_dir, "natural", 7, "num-supernodes=7")
     assert stored.parent == tmp_path / "store" / "natural" and stored.name.startswith("fedit-rmax-s43-")
-    assert sorted(p.name for p in stored.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in stored.iterdir()) == ["config.json", "metrics.jsonl", "run.json", "summary.json"]
+    assert json.loads((stored / "run.json").read_text())["num-supernodes"] == 7
     fresh = RunStore(tmp_path / "store")  # a later comparison reads the folder again
-    assert fresh.find(settings, "float32") == stored
-    assert fresh.find({**settings, "rank-max": 8}, "float32") == stored  # the default, given or not
-    assert fresh.find({**settings, "lr": 0.003}, "float32") is None  # any other value of any key: another run
-    assert fresh.find({**settings, "seed": 42}, "float32") is None
-    assert fresh.find({**settings, "rank-max": 16}, "float32") is None
-    assert fresh.find(settings, "bfloat16") is None  # the same seed in other arithmetic is another run
-    assert store.put(run_dir, "natural") == stored  # stored once
+    assert fresh.find(settings, 7, "float32") == stored
+    assert fresh.find({**settings, "rank-max": 8}, 7, "float32") == stored  # the default, given or not
+    assert fresh.find({**settings, "lr": 0.003}, 7, "float32") is None  # any other value of any key: another run
+    assert fresh.find({**settings, "seed": 42}, 7, "float32") is None
+    assert fresh.find({**settings, "rank-max": 16}, 7, "float32") is None
+    assert fresh.find(settings, 6, "float32") is None  # other nodes, other partitions
+    assert fresh.find(settings, 7, "bfloat16") is None  # the same seed in other arithmetic is another run
+    assert store.put(run_dir, "natural", 7) == stored  # stored once
+    # a key the app gained after the run was stored takes its default: the run is still found
+    given.pop("profile")
+    (stored / "config.json").write_text(json.dumps({"given": given}))
+    assert RunStore(tmp_path / "store").find(settings, 7, "float32") == stored
+    # a half-written copy is not a stored run
+    (stored.parent / "x.partial").mkdir()
+    for name in ("config.json", "summary.json", "metrics.jsonl", "run.json"):
+        (stored.parent / "x.partial" / name).write_text((stored / name).read_text())
+    assert list(RunStore(tmp_path / "store").index().values()) == [stored]
 
 
 def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tmp_path):

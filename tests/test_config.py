@@ -133,6 +133,9 @@ def test_a_profile_sets_its_keys_and_refuses_a_key_set_to_something_else():
         RunConfig.from_mapping({**run_config(), "profile": "accurate", "rank-min": 2})
     with pytest.raises(ConfigError, match="profile = 'fast' is not allowed; choose one of: '', accurate"):
         RunConfig.from_mapping({"profile": "fast"})
+    with pytest.raises(ConfigError, match="rank-max = 8 is not allowed with profile = 'accurate', which sets "
+                                          "rank-max = 16"):
+        dataclasses.replace(config, rank_max=8).validate()  # a config built around from_mapping
 
 
 def test_the_accurate_profile_is_what_the_comparison_measured_as_sa_all_r16():

@@ -23,6 +23,11 @@ def test_round_zero_never_counts_and_federated_loss_stands_in_for_central():
     assert (best.round, best.loss) == (2, 0.4)
 
 
+def test_a_diverged_round_never_counts():
+    best = BestRound.of([row(1, 0.9), row(2, float("nan")), row(3, float("inf")), row(4, 1.0)])
+    assert (best.round, best.loss) == (1, 0.9)
+
+
 def test_no_evaluation_means_no_best_round():
     best = BestRound.of([row(0), row(1), row(2)])
     assert best.round is None and best.loss is None

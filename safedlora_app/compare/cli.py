@@ -320,7 +320,9 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         if options["lr_search"]:
             search = searched_runs(options)
             searched = {s.key for s in search}
-            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, **options["ablation"])
+            fixed = chosen_multipliers(methods, options.get("fixed_lrs", {}))
+            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, fixed,
+                                                               **options["ablation"])
                         if s.key not in searched and not runner.finished(s))
             if not options["report_only"]:
                 runner.run_all(search, phase="lr search", later=later)
@@ -353,11 +355,12 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             + f" -> x{c['multiplier']:g}" for m, c in chosen.items()))
     (root / "table.csv").write_text(format_csv(rows))
     markdown = format_markdown(rows, options["target"], notes)
-    # sa-fedlora against the baselines, then each of its ablations against sa-fedlora itself and against
-    # fedit-rmax (the byte goal's reference: an ablation may meet the goal where the default does not).
+    # sa-fedlora against the baselines, then each of its variants against sa-fedlora itself, the app's defaults,
+    # fedit-rmax (the byte goal's reference: a variant may meet the goal where the default does not) and fedavg
+    # (issue #22's accuracy goal). Only references that ran are paired.
     ablations = [m for m in methods if METHODS[m].get("method") == "sa-fedlora" and m != "sa-fedlora"]
-    paired = paired_rows(root, plan) + [row for m in ablations for row in
-                                        paired_rows(root, plan, method=m, references=("sa-fedlora", "fedit-rmax"))]
+    paired = paired_rows(root, plan) + [row for m in ablations for row in paired_rows(
+        root, plan, method=m, references=("sa-fedlora", "sa-fp16-rmin4", "fedit-rmax", "fedavg"))]
     if paired:
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
                      "t-interval of the mean difference:\n\n" + format_paired_markdown(paired))
@@ -378,7 +381,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                      "lr-grid-extension-limit": LR_EXTENSION_LIMIT if options["lr_search"] else None,
                      "federation-config": FEDERATION},
         "chosen-lrs": {m: {"multiplier": multipliers[m], "lr-key": lr_key(m), "lr": lrs.get(m),
-                           "search": chosen.get(lr_source(m), {}).get("search", {}),
+                           "search": (chosen.get(m) or chosen.get(lr_source(m), {})).get("search", {}),
                            "fixed": m in fixed or lr_source(m) in fixed} for m in methods},
         "machine": machine_info(),
         "wall-seconds": time.perf_counter() - started,

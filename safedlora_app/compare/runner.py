@@ -152,8 +152,9 @@ class Comparison:
         full fine-tuning run more than a LoRA run.
         """
         for spec in plan:
-            if self.reuse is not None and not self.finished(spec) and (
-                    stored := self.reuse.find(spec.settings, local_dtype(spec.settings))):
+            if self.reuse is not None and not self.finished(spec) and (stored := self.reuse.find(
+                    spec.settings, spec.num_supernodes, local_dtype(spec.settings))):
+                self._move_aside(spec)
                 self.reuse.copy_into(stored, self.run_dir(spec))
                 self.outcomes[spec.key] = Outcome(spec, "reused", command=self.command(spec))
                 self.say(f"{spec.key}: reused the stored run {stored}")
@@ -191,7 +192,10 @@ class Comparison:
                 bar.update(round(estimate))
                 eta = _eta_seconds(bar)
                 if outcome.status == "finished" and self.store is not None:
-                    self.store.put(self.run_dir(spec), spec.split)
+                    try:
+                        self.store.put(self.run_dir(spec), spec.split, spec.num_supernodes, spec.federation)
+                    except (OSError, ValueError, KeyError) as error:  # the run itself is fine: go on
+                        self.say(f"  WARNING: could not store {spec.key} in {self.store.root}: {error}")
                 if outcome.status == "finished":
                     self.say(f"{tag}: finished in {outcome.seconds:.0f} s | {self.describe(spec)} | "
                              f"ETA {eta / 60:.1f} min")
@@ -214,11 +218,7 @@ class Comparison:
     def run_one(self, spec: RunSpec, timeout: float) -> Outcome:
         """One ``flwr run``; a half-finished directory is moved to ``aborted/`` first."""
         run_dir = self.run_dir(spec)
-        if run_dir.exists():
-            aside = self.root / "aborted" / spec.split / f"{spec.run_name}-{datetime.now():%Y%m%d-%H%M%S}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(run_dir), str(aside))
-            self.say(f"  moved the unfinished {run_dir.name} to {aside.relative_to(self.root)}")
+        self._move_aside(spec)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = self.root / "logs" / spec.split / f"{spec.run_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +244,15 @@ class Comparison:
         if status != "finished:completed" or read_summary(run_dir) is None:
             return Outcome(spec, "failed", seconds, f"status {status}; log {log}", command)
         return Outcome(spec, "finished", seconds, "", command)
+
+    def _move_aside(self, spec: RunSpec) -> None:
+        """Move a half-finished run directory to ``aborted/`` (kept, never mixed with a new run)."""
+        run_dir = self.run_dir(spec)
+        if run_dir.exists():
+            aside = self.root / "aborted" / spec.split / f"{spec.run_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(run_dir), str(aside))
+            self.say(f"  moved the unfinished {run_dir.name} to {aside.relative_to(self.root)}")
 
     def _ensure_flower(self):
         if self._flower is None:
