@@ -122,24 +122,24 @@ def test_label_names_from_a_list_or_a_file(tmp_path):
     assert RunConfig().label_list() == ()
 
 
-def test_a_profile_sets_its_keys_and_refuses_a_key_set_to_something_else():
+def test_a_profile_replaces_defaults_only():
     config = RunConfig.from_mapping({**run_config(), "profile": "accurate"})
-    assert (config.target_modules, config.rank_max, config.rank_min) == ("query,key,value,dense", 16, 8)
+    assert (config.target_modules, config.rank_max, config.rank_min, config.lr, config.num_server_rounds) == (
+        "query,key,value,dense", 16, 8, 1.5e-3, 24)
     assert RunConfig.from_mapping(config.to_dict()) == config  # a resolved config reads back unchanged
-    # a key at the profile's own value is no conflict; any other value is
-    assert RunConfig.from_mapping({**run_config(), "profile": "accurate", "rank-max": 16}).rank_max == 16
-    with pytest.raises(ConfigError, match="rank-min = 2 is not allowed with profile = 'accurate', which sets "
-                                          r"rank-min = 8; leave rank-min at its default \(4\) or set profile = ''"):
-        RunConfig.from_mapping({**run_config(), "profile": "accurate", "rank-min": 2})
+    given = RunConfig.from_mapping({**run_config(), "profile": "accurate", "num-server-rounds": 40, "rank-min": 2})
+    assert (given.num_server_rounds, given.rank_min, given.rank_max) == (40, 2, 16)  # given values win
     with pytest.raises(ConfigError, match="profile = 'fast' is not allowed; choose one of: '', accurate"):
         RunConfig.from_mapping({"profile": "fast"})
-    with pytest.raises(ConfigError, match="rank-max = 8 is not allowed with profile = 'accurate', which sets "
-                                          "rank-max = 16"):
-        dataclasses.replace(config, rank_max=8).validate()  # a config built around from_mapping
 
 
-def test_the_accurate_profile_is_what_the_comparison_measured_as_sa_all_r16():
-    from safedlora_app.compare.plan import METHODS
-    from safedlora_app.profiles import PROFILES
+def test_the_accurate_profile_is_what_the_comparison_measured():
+    from safedlora_app.compare.plan import LONG_RUN, METHODS, PRESETS
+    from safedlora_app.profiles import ACCURATE_ADAPTER, PROFILES
 
-    assert METHODS["sa-all-r16"] == {"method": "sa-fedlora", "wire-dtype": "float16", **PROFILES["accurate"]}
+    assert METHODS["sa-all-r16"] == {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER}
+    assert METHODS["sa-all-r16-32r"] == {**METHODS["sa-all-r16"], **LONG_RUN}
+    # the comparison's search chose x0.5 of the preset's rate, and twice fedavg's rounds matched it
+    accurate = PROFILES["accurate"]
+    assert accurate["lr"] == 0.5 * PRESETS["full"].settings["lr"]
+    assert accurate["num-server-rounds"] / RunConfig().num_server_rounds == LONG_RUN["num-server-rounds"] / 16

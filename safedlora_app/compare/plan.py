@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RunConfig
-from ..profiles import ALL_LINEAR, PROFILES
+from ..profiles import ACCURATE_ADAPTER, ALL_LINEAR
 
 # --- Methods and splits -------------------------------------------------------------------------
 #: 32 rounds with the preset's stage shape (1 initiating round, the second half cooling): twice the full
@@ -43,14 +43,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # Issue #22's levers towards full fine-tuning's accuracy (each searches its own lr with --lr-search).
     # LoRA on every Linear layer of the encoder (query, key, value, attention output, both feed-forward layers)
     # and the pooler: 37 modules instead of 12, rank 16 annealed to 8.
-    "sa-all-r16": {"method": "sa-fedlora", "wire-dtype": "float16", **PROFILES["accurate"]},
+    "sa-all-r16": {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER},
     "fedit-all-r16": {"method": "fedit", "target-modules": ALL_LINEAR, "rank-max": 16},
     # A higher heating rank, annealed to the defaults' floor.
     "sa-qv-r16": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-max": 16, "rank-min": 4},
     # More rounds (32 instead of the preset's 16) at the same settings: the curves still rise at round 16.
     "sa-fp16-rmin4-32r": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, **LONG_RUN},
-    "sa-all-r16-32r": {"method": "sa-fedlora", "wire-dtype": "float16", "target-modules": ALL_LINEAR,
-                       "rank-max": 16, "rank-min": 8, **LONG_RUN},
+    "sa-all-r16-32r": {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER, **LONG_RUN},
     # The paper's reading: the initiating round trains the whole model (backbone + head), then the defaults.
     "sa-paper-init": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, "init-trainable": "full"},
 }
