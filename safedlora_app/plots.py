@@ -48,6 +48,31 @@ def plot_runs(runs: Mapping[str, Records], out_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_paired(points: Sequence[tuple[str, float, float, float | None, float | None]], reference: str,
+                path: Path) -> Path:
+    """Each method's paired difference to ``reference`` in final accuracy (points; the 95% interval as a bar,
+    none from one pair) against the MB it sent, log scale; the reference at 0 and -1 point dashed.
+
+    ``points``: ``(method, MB sent, mean difference, interval low, interval high)``.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, mb, mean, low, high in points:
+        errors = None if low is None else [[mean - low], [high - mean]]
+        ax.errorbar([mb], [mean], yerr=errors, fmt="o", capsize=4, label=label)
+    ax.axhline(0.0, color="grey", linewidth=1)
+    ax.axhline(-1.0, color="grey", linewidth=1, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent in the run (down + up, all nodes; log scale)")
+    ax.set_ylabel(f"final accuracy − {reference}'s, points (paired)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ranks(records: Records, path: Path) -> Path | None:
     """Heat map of each module's rank over rounds (LoRA rounds only); ``None`` if there are none."""
     rounds = [r for r in records if r.get("ranks")]

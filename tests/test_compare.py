@@ -266,6 +266,7 @@ def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
     assert s["saving_vs_fedit_rmax_pct"] == pytest.approx(60.0)  # 160 vs 400
     assert s["best_accuracy_mean"] == pytest.approx(0.6) and s["final_accuracy_std"] is None
     assert s["rounds_to_target"] == 1
+    assert s["params_pct_of_fedavg"] == pytest.approx(4.0) and fa["params_pct_of_fedavg"] == pytest.approx(100.0)
     table = tables.format_markdown(rows, 0.55, ["a note"])
     cells = {r["method"]: r for r in markdown_rows(table)}
     assert list(cells) == ["fedavg", "fedit-rmax", "sa-fedlora"]
@@ -274,9 +275,24 @@ def test_rows_aggregate_seeds_and_compute_savings_against_the_references():
     assert cells["sa-fedlora"]["seeds"] == "1*"  # fewer seeds than the headline methods: marked
     assert (cells["sa-fedlora"]["final acc %"], cells["sa-fedlora"]["best acc %"]) == ("50.0", "60.0")
     assert cells["sa-fedlora"]["saving vs fedavg"] == "96.0%" and cells["sa-fedlora"]["saving vs fedit-rmax"] == "60.0%"
+    assert cells["sa-fedlora"]["params % of fedavg's"] == "4.00"  # 40 of 1,000 parameters
     assert table.rstrip().endswith("a note")
     parsed = list(csv.DictReader(tables.format_csv(rows).splitlines()))
     assert tuple(parsed[0]) == tables.CSV_COLUMNS and parsed[2]["saving_vs_fedit_rmax_pct"] == "60.0"
+
+
+def test_the_paired_plot_draws_every_method_paired_against_fedavg(tmp_path):
+    rows = [{"split": "natural", "method": m, "bytes_down": b, "bytes_up": b} for m, b in
+            (("fedavg", 1e9), ("sa-fedlora", 1e6), ("sa-all-r16-32r", 2e7))]
+    paired = [{"split": "natural", "method": "sa-fedlora", "reference": "fedavg", "final_mean": -2.0,
+               "final_low": -3.0, "final_high": -1.0},
+              {"split": "natural", "method": "sa-all-r16-32r", "reference": "fedavg", "final_mean": 0.7,
+               "final_low": None, "final_high": None},  # one pair: no interval
+              {"split": "natural", "method": "sa-fedlora", "reference": "fedit-rmax", "final_mean": 0.1,
+               "final_low": -1.0, "final_high": 1.2}]
+    paths = tables.write_paired_plots(tmp_path, rows, paired)
+    assert paths == [tmp_path / "plots" / "natural" / "paired_vs_fedavg_vs_mb.png"] and paths[0].stat().st_size > 0
+    assert tables.write_paired_plots(tmp_path, rows[1:], paired) == []  # no fedavg runs: nothing to draw
 
 
 def test_rounds_to_target_column_when_only_some_seeds_reach_it():

@@ -51,6 +51,7 @@ from .tables import (
     read_summary,
     run_dir,
     table_notes,
+    write_paired_plots,
     write_plots,
 )
 
@@ -365,7 +366,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
                      "t-interval of the mean difference:\n\n" + format_paired_markdown(paired))
     (root / "table.md").write_text(markdown)
-    plots = write_plots(root, plan)
+    plots = write_plots(root, plan) + write_paired_plots(root, rows, paired)
     failed = [o for o in runner.outcomes.values() if o.status == "failed"]
     comparison = {
         "name": root.name,

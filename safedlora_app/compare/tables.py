@@ -191,10 +191,12 @@ def method_row(split: str, method: str, runs: Sequence[tuple[Mapping, Sequence[M
 
 
 def add_savings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill ``saving_vs_fedavg_pct`` and ``saving_vs_fedit_rmax_pct`` from the same split's reference rows.
+    """Fill ``saving_vs_fedavg_pct`` and ``saving_vs_fedit_rmax_pct`` from the same split's reference rows, and
+    ``params_pct_of_fedavg`` (the paper's metric: transmitted parameters as a share of fedavg's).
 
     The saving compares total bytes (down + up): ``100 * (1 - bytes / bytes_reference)``.
     """
+    params = {(r["split"], r["method"]): r["params_sent"] for r in rows}
     totals = {(r["split"], r["method"]): (r["bytes_down"] + r["bytes_up"]) if r["bytes_down"] is not None else None
               for r in rows}
     out = []
@@ -203,6 +205,9 @@ def add_savings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = totals[(row["split"], row["method"])]
         for reference, column in zip(REFERENCES, ("saving_vs_fedavg_pct", "saving_vs_fedit_rmax_pct"), strict=True):
             row[column] = saving_pct(mine, totals.get((row["split"], reference)))
+        fedavg = params.get((row["split"], REFERENCES[0]))
+        row["params_pct_of_fedavg"] = (100.0 * row["params_sent"] / fedavg if fedavg and row["params_sent"] is not None
+                                       else None)
         out.append(row)
     return out
 
@@ -212,7 +217,7 @@ CSV_COLUMNS = ("split", "method", "seeds", "seeds_planned", "lr_key", "lr", "lr_
                "last3_accuracy_mean", "last3_accuracy_std",
                "final_macro_f1_mean", "final_macro_f1_std", "rounds_to_target", "reached_target", "mb_to_target",
                "equal_mb", "accuracy_at_equal_mb",
-               "bytes_down", "bytes_up", "mb_down", "mb_up", "params_sent",
+               "bytes_down", "bytes_up", "mb_down", "mb_up", "params_sent", "params_pct_of_fedavg",
                "saving_vs_fedavg_pct", "saving_vs_fedit_rmax_pct", "wall_seconds", "dropped_replies")
 
 
@@ -255,7 +260,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Seq
     """A Markdown table of the rows, one per split + method, with the notes below."""
     header = ("split", "method", "seeds", "lr", "final acc %", "best acc %", "last-3 acc %", "macro-F1",
               f"rounds to {target:.0%}", f"MB to {target:.0%}", "acc % at fedit-rmax's MB", "MB down", "MB up",
-              "params sent", "saving vs fedavg", "saving vs fedit-rmax", "wall s")
+              "params sent", "params % of fedavg's", "saving vs fedavg", "saving vs fedit-rmax", "wall s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         seeds = f"{r['seeds']}" + ("" if r["seeds"] == r["seeds_planned"] else f" of {r['seeds_planned']}")
@@ -274,6 +279,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], target: float, notes: Seq
             "" if r["mb_down"] is None else f"{r['mb_down']:.2f}",
             "" if r["mb_up"] is None else f"{r['mb_up']:.2f}",
             "" if r["params_sent"] is None else f"{r['params_sent'] / 1e6:.2f} M",
+            "" if r.get("params_pct_of_fedavg") is None else f"{r['params_pct_of_fedavg']:.2f}",
             format_saving(r["saving_vs_fedavg_pct"]),
             format_saving(r["saving_vs_fedit_rmax_pct"]),
             "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}",
@@ -336,6 +342,25 @@ def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
         if "sa-fedlora" in runs:
             ranks = plot_ranks(runs["sa-fedlora"], out / "sa-fedlora_ranks_vs_round.png")
             paths += [ranks] if ranks else []
+    return paths
+
+
+def write_paired_plots(root: Path, rows: Sequence[Mapping[str, Any]], paired: Sequence[Mapping[str, Any]],
+                       reference: str = "fedavg") -> list[Path]:
+    """Per split with ``reference`` runs: every method paired against it, against the MB it sent."""
+    from ..plots import plot_paired
+
+    mb = {(r["split"], r["method"]): (r["bytes_down"] + r["bytes_up"]) / MB for r in rows
+          if r["bytes_down"] is not None}
+    paths = []
+    for split in dict.fromkeys(r["split"] for r in rows):
+        if (split, reference) not in mb:
+            continue
+        points = [(reference, mb[(split, reference)], 0.0, None, None)] + [
+            (r["method"], mb[(split, r["method"])], r["final_mean"], r["final_low"], r["final_high"])
+            for r in paired if r["split"] == split and r["reference"] == reference and (split, r["method"]) in mb]
+        if len(points) > 1:
+            paths.append(plot_paired(points, reference, root / "plots" / split / f"paired_vs_{reference}_vs_mb.png"))
     return paths
 
 
