@@ -499,6 +499,13 @@ def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tm
                                                                   ("natural/sa-fedlora-s42", "finished")]
     rows = list(csv.DictReader((tmp_path / "b" / "table.csv").read_text().splitlines()))
     assert [(r["method"], r["seeds"]) for r in rows] == [("fedit-rmax", "1"), ("sa-fedlora", "1")]
+    # the tables are rebuilt from the stored runs alone
+    report = ["compare", "--quick", "--out", str(tmp_path), "--name", "d", "--methods", "fedit-rmax",
+              "--reuse", str(tmp_path / "store"), "--report-only"]
+    FakeFlower.runs = []
+    assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(report)), [], say=lambda _: None,
+                       flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == [] and "| natural | fedit-rmax | 1 |" in (tmp_path / "d" / "table.md").read_text()
     # --no-reuse runs it again
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args([*second[:5], "c", *second[6:8], "--no-reuse"]))

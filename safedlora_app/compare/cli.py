@@ -325,7 +325,9 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, fixed,
                                                                **options["ablation"])
                         if s.key not in searched and not runner.finished(s))
-            if not options["report_only"]:
+            if options["report_only"]:
+                runner.reuse_stored(search)
+            else:
                 runner.run_all(search, phase="lr search", later=later)
             search += extend_search(root, search, settings, splits[0], seeds[0], runner, options["report_only"])
             chosen = lr_choices(root, search)
@@ -335,6 +337,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
                                                    **options.get("fixed_lrs", {})})
         plan = plan_runs(settings, methods, splits, seeds, multipliers, **options["ablation"])
         if options["report_only"]:
+            runner.reuse_stored(plan)
             unfinished = [s.key for s in plan if not runner.finished(s)]
             say(f"report only: {len(plan) - len(unfinished)} of {len(plan)} runs finished"
                 + (f"; not yet: {', '.join(unfinished)}" if unfinished else ""))

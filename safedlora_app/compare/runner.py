@@ -151,13 +151,7 @@ class Comparison:
         of later phases), so its rate calibrates the estimate against this machine and its ETA weighs a
         full fine-tuning run more than a LoRA run.
         """
-        for spec in plan:
-            if self.reuse is not None and not self.finished(spec) and (stored := self.reuse.find(
-                    spec.settings, spec.num_supernodes, local_dtype(spec.settings))):
-                self._move_aside(spec)
-                self.reuse.copy_into(stored, self.run_dir(spec))
-                self.outcomes[spec.key] = Outcome(spec, "reused", command=self.command(spec))
-                self.say(f"{spec.key}: reused the stored run {stored}")
+        self.reuse_stored(plan)
         todo = [s for s in plan if not self.finished(s)]
         remaining = sum(estimate_seconds(s) for s in todo) + later
         label = f"{phase}: " if phase else ""
@@ -173,6 +167,16 @@ class Comparison:
             bar.close()
             if screen is not sys.stderr:
                 screen.close()
+
+    def reuse_stored(self, plan: Sequence[RunSpec]) -> None:
+        """Copy in the stored run (``reuse``) of every planned run that has not finished here."""
+        for spec in plan:
+            if self.reuse is not None and not self.finished(spec) and (stored := self.reuse.find(
+                    spec.settings, spec.num_supernodes, local_dtype(spec.settings))):
+                self._move_aside(spec)
+                self.reuse.copy_into(stored, self.run_dir(spec))
+                self.outcomes[spec.key] = Outcome(spec, "reused", command=self.command(spec))
+                self.say(f"{spec.key}: reused the stored run {stored}")
 
     def _run_each(self, plan: Sequence[RunSpec], todo: Sequence[RunSpec], bar: tqdm) -> list[Outcome]:
         outcomes = []
