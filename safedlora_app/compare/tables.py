@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from ..outputs import run_totals
-from .plan import HEADLINE, REFERENCES, SPLITS, RunSpec, clients_per_round
+from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, RunSpec, clients_per_round
 
 MB = 1e6
 
@@ -384,6 +384,10 @@ def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
         "wall s = the ServerApp's time from round 0's evaluation to the end (summary.json), without `flwr run` "
         "startup. Plots show each method's first seed.",
     ]
+    own = [f"{m} {METHODS[m]['num-server-rounds']}" for m in options.get("methods", ())
+           if "num-server-rounds" in METHODS.get(m, {})]
+    if own:
+        notes.append("Rounds of the methods that set their own: " + ", ".join(own) + ".")
     ablation = options.get("ablation", {})
     ablation_seeds = seeds[:ablation.get("ablation_seeds", 1)]
     others = [m for m in options.get("methods", ()) if m not in HEADLINE]
