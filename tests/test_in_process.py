@@ -104,6 +104,16 @@ def test_num_server_rounds_alone_runs_end_to_end(run_config, rounds):
     assert saved_best == best["model-ranks"]
 
 
+def test_the_accurate_profile_trains_every_linear_layer(run_config):
+    """profile = "accurate": LoRA on all 37 Linear layers of MiniLM (6 x query, key, value and 3 dense, and the
+    pooler) at rank 16; the rounds given here (2) win over the profile's 24."""
+    _, rows, summary = run_server(run_config(num_server_rounds=2, run_name="accurate", profile="accurate"))
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 for r in rows[1:])
+    assert len(rows[1]["ranks"]) == 37 and set(rows[1]["ranks"].values()) == {16}
+    assert any(m.endswith("intermediate.dense") for m in rows[1]["ranks"]) and "bert.pooler.dense" in rows[1]["ranks"]
+    assert len(summary["final-ranks"]) == 37 and summary["best-model-dir"]
+
+
 def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config):
     _, wide, _ = run_server(run_config(num_server_rounds=2, run_name="wide", wire_dtype="float32"))
     _, half, _ = run_server(run_config(num_server_rounds=2, run_name="half", wire_dtype="float16"))
