@@ -285,11 +285,11 @@ def test_the_paired_plot_draws_every_method_paired_against_fedavg(tmp_path):
     rows = [{"split": "natural", "method": m, "bytes_down": b, "bytes_up": b} for m, b in
             (("fedavg", 1e9), ("sa-fedlora", 1e6), ("sa-all-r16-32r", 2e7))]
     paired = [{"split": "natural", "method": "sa-fedlora", "reference": "fedavg", "final_mean": -2.0,
-               "final_low": -3.0, "final_high": -1.0},
+               "final_low": -3.0, "final_high": -1.0, "pairs": 4},
               {"split": "natural", "method": "sa-all-r16-32r", "reference": "fedavg", "final_mean": 0.7,
-               "final_low": None, "final_high": None},  # one pair: no interval
+               "final_low": None, "final_high": None, "pairs": 1},  # one pair: no interval
               {"split": "natural", "method": "sa-fedlora", "reference": "fedit-rmax", "final_mean": 0.1,
-               "final_low": -1.0, "final_high": 1.2}]
+               "final_low": -1.0, "final_high": 1.2, "pairs": 4}]
     paths = tables.write_paired_plots(tmp_path, rows, paired)
     assert paths == [tmp_path / "plots" / "natural" / "paired_vs_fedavg_vs_mb.png"] and paths[0].stat().st_size > 0
     assert tables.write_paired_plots(tmp_path, rows[1:], paired) == []  # no fedavg runs: nothing to draw

@@ -357,7 +357,8 @@ def write_paired_plots(root: Path, rows: Sequence[Mapping[str, Any]], paired: Se
         if (split, reference) not in mb:
             continue
         points = [(reference, mb[(split, reference)], 0.0, None, None)] + [
-            (r["method"], mb[(split, r["method"])], r["final_mean"], r["final_low"], r["final_high"])
+            (f"{r['method']} ({r['pairs']} seed{'s' if r['pairs'] > 1 else ''})", mb[(split, r["method"])],
+             r["final_mean"], r["final_low"], r["final_high"])
             for r in paired if r["split"] == split and r["reference"] == reference and (split, r["method"]) in mb]
         if len(points) > 1:
             paths.append(plot_paired(points, reference, root / "plots" / split / f"paired_vs_{reference}_vs_mb.png"))
