@@ -468,6 +468,7 @@ def test_a_stored_run_is_found_by_its_full_run_config_wherever_it_was_written(tm
     assert fresh.find({**settings, "rank-max": 16}, 7, "float32") is None
     assert fresh.find(settings, 6, "float32") is None  # other nodes, other partitions
     assert fresh.find(settings, 7, "bfloat16") is None  # the same seed in other arithmetic is another run
+    assert fresh.find({**settings, "precision": "fp32"}, 7, "float32") == stored  # the arithmetic is what counts
     assert store.put(run_dir, "natural", 7) == stored  # stored once
     # a key the app gained after the run was stored takes its default: the run is still found
     given.pop("profile")

@@ -38,8 +38,12 @@ def full_config(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_key(settings: Mapping[str, Any], num_supernodes: int) -> str:
-    """12 hex digits of the SHA-256 of the full run-config (:func:`full_config`) and the number of nodes."""
+    """12 hex digits of the SHA-256 of the full run-config (:func:`full_config`) and the number of nodes.
+
+    ``precision`` is left out: what it decides, the arithmetic, is the other half of a stored run's key (so a
+    float32 run made with ``auto`` on a CPU without bf16 serves ``precision = "fp32"`` anywhere)."""
     what = {**full_config(settings), "num-supernodes": int(num_supernodes)}
+    what.pop("precision")
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
