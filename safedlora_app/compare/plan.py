@@ -154,9 +154,9 @@ PRESETS = {
         settings={**_COMMON, "local-samples": 160, "test-size": 2000, "eval-every": 4},
         ablation_seeds=2, ablation_splits=("natural",),
     ),
-    # A smoke of the whole pipeline: every method but the 32-round ones, one split, one seed, 3 rounds, tiny data, 2 clients per
-    # round (with all 7 the first round's model loads and 4 waves took it to 10.4 min on a busy machine); ~10 min by
-    # --dry-run's estimate with the 19 methods of 2026-12 (not timed whole).
+    # A smoke of the whole pipeline: every method but the 32-round ones, one split, one seed, 3 rounds, tiny data,
+    # 2 clients per round (with all 7 the first round's model loads and 4 waves took it to 10.4 min on a busy
+    # machine); ~10 min by --dry-run's estimate with the 19 methods of 2026-12 (not timed whole).
     "quick": Preset(
         name="quick", seeds=1, splits=("natural",), rounds=3,
         methods=tuple(m for m in METHODS if "num-server-rounds" not in METHODS[m]),  # not the 32-round levers
