@@ -491,11 +491,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 def _apply_profile(values: dict[str, Any], fields: Mapping[str, dataclasses.Field]) -> None:
     """Give every key that ``values["profile"]`` sets, and that is at its default, the profile's value (in place).
     A key given another value keeps it."""
-    name = values.get("profile", "")
-    if not name:
-        return
-    _choice("profile", name, ("", *PROFILES))
-    for key, value in PROFILES[name].items():
+    for key, value in PROFILES.get(values.get("profile", ""), {}).items():  # an unknown name fails in validate()
         field_name = key.replace("-", "_")
         if values.get(field_name, fields[field_name].default) == fields[field_name].default:
             values[field_name] = value
