@@ -1,9 +1,11 @@
-"""The README's run-config table, generated from ``RunConfig`` (each key's default and help, said once).
+"""The run-config table of docs/configuration.md, generated from ``RunConfig`` (each key's default and help, said
+once).
 
     python scripts/config_table.py          # print the table
-    python scripts/config_table.py --write  # replace the table in README.md
+    python scripts/config_table.py --write  # replace the table in docs/configuration.md
 
-``tests/test_config.py`` checks that the README holds exactly this table.
+``tests/test_config.py`` checks that docs/configuration.md holds exactly this table. The table is found by its
+header row (``HEADER``) and ends at the first line that is not a table row.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from safedlora_app.config import RunConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 HEADER = "| key | default | meaning |\n|---|---|---|\n"
 
 
@@ -32,8 +34,8 @@ def table() -> str:
     return HEADER + "".join(rows)
 
 
-def readme_table(text: str) -> str:
-    """The run-config table as it stands in the README (header to the first line that is not a row)."""
+def doc_table(text: str) -> str:
+    """The run-config table as it stands in the page (header to the first line that is not a row)."""
     start = text.index(HEADER)
     end = start + len(HEADER)
     while text.startswith("|", end):
@@ -43,8 +45,8 @@ def readme_table(text: str) -> str:
 
 def main(argv: list[str]) -> int:
     if argv == ["--write"]:
-        text = README.read_text()
-        README.write_text(text.replace(readme_table(text), table()))
+        text = DOC.read_text()
+        DOC.write_text(text.replace(doc_table(text), table()))
     else:
         sys.stdout.write(table())
     return 0

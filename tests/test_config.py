@@ -106,11 +106,11 @@ def test_the_old_aggregation_name_still_works_with_a_warning():
     assert config.aggregation == "factors"
 
 
-def test_the_readme_table_is_the_one_generated_from_run_config():
+def test_the_configuration_page_table_is_the_one_generated_from_run_config():
     import config_table  # scripts/config_table.py (pytest's pythonpath)
 
-    readme = config_table.README.read_text()
-    assert config_table.readme_table(readme) == config_table.table(), "run: python scripts/config_table.py --write"
+    page = config_table.DOC.read_text()  # docs/configuration.md
+    assert config_table.doc_table(page) == config_table.table(), "run: python scripts/config_table.py --write"
     assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))
 
 
