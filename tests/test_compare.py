@@ -4,8 +4,10 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -212,26 +214,49 @@ def test_mb_to_target_and_accuracy_at_equal_mb():
     assert tables.accuracy_at_mb(rows, 2.5) == 0.5
 
 
-def test_paired_rows_pair_seeds_and_give_intervals(tmp_path):
-    settings = {"num-server-rounds": 2, "lr": 1e-3, "full-lr": 1e-4}
-    specs = plan.plan_runs(settings, ["fedit-rmax", "sa-fedlora"], ["natural"], [42, 43, 44])
-    finals = {("fedit-rmax", 42): 0.60, ("fedit-rmax", 43): 0.62, ("fedit-rmax", 44): 0.64,
-              ("sa-fedlora", 42): 0.61, ("sa-fedlora", 43): 0.64}  # seed 44 of sa-fedlora did not finish
+def write_finished_runs(root, specs, finals):
+    """Run directories of the ``(method, seed)`` runs in ``finals`` (final accuracy); the others did not finish."""
     for spec in specs:
         if (spec.method, spec.seed) in finals:
-            path = tables.run_dir(tmp_path, spec)
+            path = tables.run_dir(root, spec)
             path.mkdir(parents=True)
             (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records(
                 [0.4, 0.5, finals[(spec.method, spec.seed)]], 10, 10)) + "\n")
             (path / "summary.json").write_text("{}")
+
+
+def test_paired_rows_pair_seeds_and_give_intervals(tmp_path):
+    settings = {"num-server-rounds": 2, "lr": 1e-3, "full-lr": 1e-4}
+    specs = plan.plan_runs(settings, ["fedit-rmax", "sa-fedlora"], ["natural"], [42, 43, 44, 45])
+    finals = {("fedit-rmax", 42): 0.60, ("fedit-rmax", 43): 0.62, ("fedit-rmax", 44): 0.64, ("fedit-rmax", 45): 0.6,
+              ("sa-fedlora", 42): 0.61, ("sa-fedlora", 43): 0.64, ("sa-fedlora", 44): 0.67}  # not seed 45
+    write_finished_runs(tmp_path, specs, finals)
     [row] = tables.paired_rows(tmp_path, specs, references=["fedit-rmax"])
-    assert row["pairs"] == 2 and row["final_diffs"] == pytest.approx([1.0, 2.0])
-    assert row["final_mean"] == pytest.approx(1.5)
-    half = 12.706205 * 0.5 ** 0.5 / 2 ** 0.5  # t(0.975, df=1) * sd(1, 2) / sqrt(n) = 6.353
-    assert (row["final_low"], row["final_high"]) == pytest.approx((1.5 - half, 1.5 + half), abs=1e-5)
+    assert row["pairs"] == 3 and row["final_diffs"] == pytest.approx([1.0, 2.0, 3.0])
+    assert row["final_mean"] == pytest.approx(2.0)
+    half = 4.302653 * 1.0 / 3 ** 0.5  # t(0.975, df=2) * sd(1, 2, 3) / sqrt(n) = 2.484
+    assert (row["final_low"], row["final_high"]) == pytest.approx((2.0 - half, 2.0 + half), abs=1e-5)
     [cells] = markdown_rows(tables.format_paired_markdown([row]))
-    assert cells["difference"] == "sa-fedlora − fedit-rmax" and cells["seeds"] == "2"
-    assert cells["final acc, points [95% CI]"] == "+1.5 [-4.9, +7.9]" and cells["per seed (final)"] == "+1.0, +2.0"
+    assert cells["difference"] == "sa-fedlora − fedit-rmax" and cells["seeds"] == "3"
+    assert cells["final acc, points [95% CI]"] == "+2.0 [-0.5, +4.5]"
+    assert cells["per seed (final)"] == "+1.0, +2.0, +3.0"
+
+
+def test_two_paired_seeds_give_the_mean_difference_and_no_interval(tmp_path):
+    # Seeds 42 and 43 both differ by -0.3 points: sd 0, so a t-interval would claim [-0.3, -0.3]. Two pairs
+    # cannot bound the spread; below 3 the table says so, and comparison.json's bounds are null.
+    settings = {"num-server-rounds": 2, "lr": 1e-3, "full-lr": 1e-4}
+    specs = plan.plan_runs(settings, ["fedavg", "sa-fedlora"], ["natural"], [42, 43])
+    write_finished_runs(tmp_path, specs, {("fedavg", 42): 0.700, ("sa-fedlora", 42): 0.697,
+                                          ("fedavg", 43): 0.650, ("sa-fedlora", 43): 0.647})
+    [row] = tables.paired_rows(tmp_path, specs, references=["fedavg"])
+    assert row["pairs"] == 2 and row["final_diffs"] == pytest.approx([-0.3, -0.3])
+    assert row["final_mean"] == pytest.approx(-0.3)
+    assert (row["final_low"], row["final_high"], row["last3_low"], row["last3_high"]) == (None, None, None, None)
+    assert json.loads(json.dumps(row))["final_low"] is None
+    [cells] = markdown_rows(tables.format_paired_markdown([row]))
+    assert cells["final acc, points [95% CI]"] == "-0.3 (n=2: no interval below 3 seeds)"
+    assert tables.paired_interval([-0.3, -0.3]) is None
 
 
 def markdown_rows(table: str) -> list[dict[str, str]]:
@@ -322,6 +347,9 @@ def test_config_mismatch_names_the_changed_keys():
     (["--set", "rank-min=9"], "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
     (["--seeds", "2", "--ablation-seeds", "3"], "--ablation-seeds = 3 is not allowed"),
     (["--splits", "natural", "--ablation-splits", "dirichlet"], "--ablation-splits = dirichlet is not allowed"),
+    (["--splits", "natural", "--headline-splits", "dirichlet"],
+     "--headline-splits = dirichlet is not allowed: the comparison runs only the splits natural (--splits)"),
+    (["--headline-splits", "iid"], "argument --headline-splits: 'iid' is not allowed; choose from: natural, dirichlet"),
     (["--out", str(APP_ROOT / "docs" / "comparison")], "lies inside the app directory"),  # not git-ignored
 ])
 def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
@@ -359,6 +387,41 @@ def test_ablation_splits_run_the_ablations_on_another_split(capsys, tmp_path):
     assert "dirichlet/sa-fp16-s43" in out and "natural/sa-fp16" not in out and "natural/fedit-rmax-s43" in out
 
 
+def planned_keys(out: str) -> set[str]:
+    """The run keys a dry run printed."""
+    return set(re.findall(r"^  (\S+)  --run-config", out, flags=re.MULTILINE))
+
+
+def test_headline_splits_add_seeds_on_those_splits_only(capsys, tmp_path):
+    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "5", "--ablation-seeds", "3",
+                     "--headline-splits", "natural", "--methods", "fedavg,sa-fedlora,sa-fp16",
+                     "--splits", "natural,dirichlet"]) == 0
+    out = capsys.readouterr().out
+
+    def keys(split, methods, n_seeds):
+        return {f"{split}/{method}-s{seed}" for method in methods for seed in range(42, 42 + n_seeds)}
+
+    # headline methods: 5 seeds on natural, the 3 ablation seeds on dirichlet; sa-fp16: the preset's natural only
+    assert planned_keys(out) == (keys("natural", ["fedavg", "sa-fedlora"], 5) | keys("natural", ["sa-fp16"], 3)
+                                 | keys("dirichlet", ["fedavg", "sa-fedlora"], 3))
+    assert "19 runs; estimate" in out
+
+
+def test_headline_splits_default_to_every_split_and_reach_the_plan_and_the_notes(tmp_path):
+    specs = plan.plan_runs(BASE, ["fedit-rmax", "sa-no-init"], ["natural", "dirichlet"], [42, 43, 44],
+                           ablation_seeds=2, headline_splits=("dirichlet",))
+    assert [s.key for s in specs if s.split == "natural"] == [
+        "natural/fedit-rmax-s42", "natural/sa-no-init-s42", "natural/fedit-rmax-s43", "natural/sa-no-init-s43"]
+    assert [s.key for s in specs if s.method == "fedit-rmax" and s.split == "dirichlet"] == [
+        "dirichlet/fedit-rmax-s42", "dirichlet/fedit-rmax-s43", "dirichlet/fedit-rmax-s44"]
+    argv = ["compare", "--out", str(tmp_path), "--seeds", "3", "--splits", "natural,dirichlet"]
+    options = cli.resolve_options(cli.build_parser().parse_args(argv))
+    assert options.headline_splits == ("natural", "dirichlet")  # default: every split
+    options = cli.resolve_options(cli.build_parser().parse_args([*argv, "--headline-splits", "dirichlet"]))
+    assert options.headline_splits == ("dirichlet",)
+    assert "* fedavg, fedit-rmax, sa-fedlora on split(s) natural: seed(s) 42, 43." in tables.table_notes(options)
+
+
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
     cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
     out = capsys.readouterr().out
@@ -366,13 +429,50 @@ def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
     assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
 
 
+#: Modules that ``--help`` and ``--dry-run`` do without: the runs import them (seconds each on 2 cores).
+HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "flwr", "ray", "pandas", "scipy", "matplotlib", "tqdm")
+
+
+def heavy_modules_after(code: str) -> set[str]:
+    """The ``HEAVY_MODULES`` imported after running ``code`` in a fresh interpreter."""
+    code += f"\nimport json, sys\nprint(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def heavy_modules_imported_by(*argv: str) -> set[str]:
+    """The ``HEAVY_MODULES`` that ``safedlora *argv`` imports."""
+    return heavy_modules_after(f"from safedlora_app.compare import cli\ntry:\n    cli.main({list(argv)!r})\n"
+                               "except SystemExit:\n    pass")
+
+
+@pytest.fixture(scope="module")
+def dry_run_imports(tmp_path_factory) -> set[str]:
+    return heavy_modules_imported_by("compare", "--dry-run", "--lr-search", "--out", str(tmp_path_factory.mktemp("d")))
+
+
+def test_help_imports_no_heavy_module():
+    assert heavy_modules_imported_by("compare", "--help") == set()
+
+
+def test_dry_run_imports_no_heavy_module_beyond_the_apps_config(dry_run_imports):
+    # The dry run validates every planned run-config with the app's RunConfig, so it imports what that imports.
+    assert dry_run_imports <= heavy_modules_after("import safedlora_app.config")
+
+
+@pytest.mark.xfail(strict=True, reason="safedlora_app.config imports torch (adapter_math) for FACTOR_FORMS, a tuple "
+                                       "of names; the dry run validates every run-config with RunConfig")
+def test_dry_run_imports_no_torch(dry_run_imports):
+    assert "torch" not in dry_run_imports
+
+
 def test_results_inside_the_app_are_refused_unless_gitignored(tmp_path):
     app = tmp_path / "app"
     app.mkdir()
-    assert runner.packaged_with_app(app / "results" / "quick", app)
+    assert cli.packaged_with_app(app / "results" / "quick", app)
     (app / ".gitignore").write_text("/results/\n")
-    assert not runner.packaged_with_app(app / "results" / "quick", app)
-    assert not runner.packaged_with_app(tmp_path / "elsewhere", app)
+    assert not cli.packaged_with_app(app / "results" / "quick", app)
+    assert not cli.packaged_with_app(tmp_path / "elsewhere", app)
 
 
 # --- Runner with a stand-in for Flower (resume logic) ------------------------------------------------
@@ -510,7 +610,7 @@ def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tm
     # --no-reuse runs it again
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args([*second[:5], "c", *second[6:8], "--no-reuse"]))
-    assert options["reuse"] is None
+    assert options.reuse is None
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]
 

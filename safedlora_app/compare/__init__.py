@@ -6,7 +6,8 @@ Flower's own simulation: no second implementation of anything), and aggregates w
 (``metrics.jsonl``, ``summary.json``) into tables, plots and ``comparison.json``::
 
     safedlora compare [--quick] [--name NAME] [--out DIR] [--seeds N] [--methods m1,m2]
-                      [--splits natural,dirichlet] [--rounds T] [--lr-search]
+                      [--splits natural,dirichlet] [--ablation-seeds N] [--ablation-splits S,...]
+                      [--headline-splits S,...] [--rounds T] [--lr-search]
                       [--target-accuracy A] [--set KEY=VALUE ...] [--dry-run]
 
 Layout of ``<out>/<name>/``::
@@ -23,9 +24,10 @@ Resuming: a run whose ``summary.json`` exists is skipped (after checking that it
 same settings); a run directory without one (a run that was interrupted) is moved to ``aborted/``
 and the run is done again.
 
-The package is pure functions plus a thin runner: :mod:`.plan` (methods, splits, presets, run planning;
-pure), :mod:`.tables` (aggregation, tables and plots of finished runs), :mod:`.runner` (``flwr run`` per
-planned run, resuming) and :mod:`.cli` (the command line, :func:`main`).
+The package is pure functions plus a thin runner: :mod:`.plan` (methods, splits, presets, the resolved options,
+run planning; pure), :mod:`.tables` (aggregation, tables and plots of finished runs), :mod:`.runner` (``flwr run``
+per planned run, resuming) and :mod:`.cli` (the command line, :func:`main`). ``--help`` and ``--dry-run`` import
+:mod:`.plan` alone.
 """
 
 from .cli import main

@@ -1,4 +1,8 @@
-"""The command line: ``safedlora compare`` options, the dry run, and the comparison from plan to results."""
+"""The command line: ``safedlora compare`` options, the dry run, and the comparison from plan to results.
+
+``--help`` and ``--dry-run`` import :mod:`.plan` alone; the runner, the store and the tables (flwr, pandas, tqdm,
+the app's training code) are imported in :func:`compare`, where runs happen.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plan import (
     FEDERATION,
@@ -26,6 +30,7 @@ from .plan import (
     PRESETS,
     SPLITS,
     CompareError,
+    CompareOptions,
     RunSpec,
     choose_lr,
     chosen_multipliers,
@@ -36,24 +41,12 @@ from .plan import (
     parse_choices,
     parse_set,
     plan_lr_search,
-    plan_runs,
     run_config_string,
     stage_rounds,
 )
-from .runner import Comparison, machine_info, packaged_with_app
-from .store import RunStore
-from .tables import (
-    build_rows,
-    format_csv,
-    format_markdown,
-    format_paired_markdown,
-    paired_rows,
-    read_summary,
-    run_dir,
-    table_notes,
-    write_paired_plots,
-    write_plots,
-)
+
+if TYPE_CHECKING:
+    from .runner import Comparison
 
 #: The runs committed with the app (relative to the app's directory), reused by default.
 STORED_RUNS = "docs/results/runs"
@@ -133,11 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seeds for the headline methods (>= 1; first seed is {FIRST_SEED}, then {FIRST_SEED + 1}, "
                         "...); default: preset")
     p.add_argument("--ablation-seeds", type=integer_at_least(1), default=None,
-                   help="seeds for the methods other than fedavg, fedit-rmax and sa-fedlora (the first ones of "
-                        "--seeds; at most --seeds); default: preset")
+                   help="seeds for the methods other than fedavg, fedit-rmax and sa-fedlora, and for those three "
+                        "on the splits outside --headline-splits (the first ones of --seeds; at most --seeds); "
+                        "default: preset")
     p.add_argument("--ablation-splits", type=choices_of(tuple(SPLITS)), default=None,
                    help="splits for the methods other than fedavg, fedit-rmax and sa-fedlora (comma-separated, "
                         "from --splits); default: preset")
+    p.add_argument("--headline-splits", type=choices_of(tuple(SPLITS)), default=None,
+                   help="splits on which fedavg, fedit-rmax and sa-fedlora run all --seeds (comma-separated, from "
+                        "--splits); on the other splits they run the first --ablation-seeds, so 'natural' with "
+                        "--seeds 5 and --ablation-seeds 3 adds seeds on the natural split only; default: all of "
+                        "--splits")
     p.add_argument("--methods", type=choices_of(tuple(METHODS)), default=None,
                    help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
     p.add_argument("--splits", type=choices_of(tuple(SPLITS)), default=None,
@@ -169,14 +168,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[str, Any]:
+def packaged_with_app(root: Path, app_root: Path) -> bool:
+    """Whether ``flwr run <app_root>`` would pack files under ``root`` into the app bundle (FAB).
+
+    Flower packs every ``*.json``/``*.jsonl``/``*.md`` under the app directory that ``.gitignore``
+    does not exclude, and refuses bundles over 10 MB or paths nested too deep: results written
+    there would break every later run. Uses Flower's own filter.
+    """
+    try:
+        relative = root.resolve().relative_to(app_root.resolve())
+    except ValueError:
+        return False
+    from flwr.cli.utils import filter_paths_for_publish  # here: only results inside the app need it (1 s)
+
+    gitignore = app_root / ".gitignore"
+    probe = (relative / "table.md").as_posix()
+    files = {probe: b"", ".gitignore": gitignore.read_bytes() if gitignore.exists() else b""}
+    try:
+        return probe in filter_paths_for_publish(files)
+    except Exception:  # e.g. the path is nested too deep for Flower: it would break runs too
+        return True
+
+
+def check_within_splits(option: str, chosen: Sequence[str] | None, splits: Sequence[str]) -> None:
+    """Raise ``CompareError`` naming the splits of ``option`` that ``--splits`` leaves out."""
+    outside = [s for s in chosen or () if s not in splits]
+    if outside:
+        raise CompareError(f"{option} = {','.join(outside)} is not allowed: the comparison runs only the "
+                           f"splits {','.join(splits)} (--splits)")
+
+
+def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> CompareOptions:
     """Turn parsed arguments into the comparison's options; every bad value raises ``CompareError``.
 
-    Returns
-    -------
-    dict
-        ``preset``, ``root`` (``<out>/<name>``, absolute), ``seeds``, ``splits``, ``methods``,
-        ``target``, ``lr_search``, ``settings`` (the shared run-config), ``dry_run`` and ``report_only``.
+    What the command line leaves out comes from the preset (``--quick`` or the full one), and every planned
+    run-config passes the app's own validation before anything starts.
     """
     from ..config import ConfigError, RunConfig
 
@@ -192,13 +218,9 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
         raise CompareError(f"--ablation-seeds = {ablation_seeds} is not allowed: the ablations use the first of the "
                            f"{n_seeds} seeds (--seeds), so it must be at most {n_seeds}")
     rounds = args.rounds or preset.rounds
-    methods = args.methods or preset.methods
     splits = args.splits or preset.splits
-    target = args.target_accuracy or preset.target_accuracy
-    outside = [s for s in args.ablation_splits or () if s not in splits]
-    if outside:
-        raise CompareError(f"--ablation-splits = {','.join(outside)} is not allowed: the comparison runs only the "
-                           f"splits {','.join(splits)} (--splits)")
+    check_within_splits("--ablation-splits", args.ablation_splits, splits)
+    check_within_splits("--headline-splits", args.headline_splits, splits)
     from ..simulation import APP_ROOT
 
     if packaged_with_app(root, APP_ROOT):
@@ -213,18 +235,15 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     defaults = RunConfig()
     settings = {"lr": defaults.lr, "full-lr": defaults.full_lr, **preset.settings, "num-server-rounds": rounds,
                 **stage_rounds(rounds), **parse_set(args.set)}
-    seeds = [FIRST_SEED + i for i in range(n_seeds)]
-    options = {"preset": preset.name, "root": root, "seeds": seeds, "splits": splits, "methods": methods,
-               "target": target, "lr_search": bool(args.lr_search), "fixed_lrs": dict(args.lr_multipliers),
-               "settings": settings, "dry_run": args.dry_run,
-               "report_only": args.report_only,
-               "reuse": reuse if reuse is not None and reuse.is_dir() else None,
-               "store": Path(os.path.expanduser(args.store)).resolve() if args.store else None,
-               "ablation": {"ablation_seeds": ablation_seeds,
-                            "ablation_splits": args.ablation_splits or preset.ablation_splits}}
-    # Every planned run-config must pass the app's own validation before anything starts.
-    for spec in plan_runs(settings, methods, splits, seeds, **options["ablation"]) + (
-            searched_runs(options) if args.lr_search else []):
+    options = CompareOptions(
+        preset=preset.name, root=root, seeds=tuple(FIRST_SEED + i for i in range(n_seeds)), splits=splits,
+        methods=args.methods or preset.methods, target=args.target_accuracy or preset.target_accuracy,
+        settings=settings, lr_search=bool(args.lr_search), fixed_lrs=dict(args.lr_multipliers),
+        ablation_seeds=ablation_seeds, ablation_splits=args.ablation_splits or preset.ablation_splits,
+        headline_splits=args.headline_splits or splits, dry_run=args.dry_run, report_only=args.report_only,
+        reuse=reuse if reuse is not None and reuse.is_dir() else None,
+        store=Path(os.path.expanduser(args.store)).resolve() if args.store else None)
+    for spec in options.plan() + (searched_runs(options) if options.lr_search else []):
         try:
             RunConfig.from_mapping({**spec.settings, "out-dir": str(root), "run-name": spec.run_name})
         except ConfigError as error:
@@ -232,49 +251,53 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> dict[s
     return options
 
 
-def print_plan(options: Mapping[str, Any], say: Callable[[str], None] = print) -> None:
+def print_plan(options: CompareOptions, say: Callable[[str], None] = print) -> None:
     """The dry run: every planned run with its run-config string and federation config."""
-    settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
     runs = []
-    if options["lr_search"]:
+    if options.lr_search:
         search = searched_runs(options)
-        say(f"lr search ({len(search)} runs on {splits[0]}, seed {seeds[0]}):")
+        say(f"lr search ({len(search)} runs on {options.splits[0]}, seed {options.seeds[0]}):")
         runs += search
         for spec in search:
             say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
                 f"--federation-config \"{spec.federation}\"")
         say("comparison (shown at x1, or a fixed --lr-multipliers; each other method then uses the multiplier its "
             "search picks; runs that the search already made are not repeated):")
-    fixed = chosen_multipliers(methods, options.get("fixed_lrs", {}))
-    plan = plan_runs(settings, methods, splits, seeds, fixed, **options["ablation"])
+    plan = options.plan(chosen_multipliers(options.methods, options.fixed_lrs))
     runs += [s for s in plan if s.key not in {r.key for r in runs}]
     for spec in plan:
         say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
             f"--federation-config \"{spec.federation}\"")
     total = sum(estimate_seconds(s) for s in runs)
-    say(f"{len(runs)} runs; estimate {total / 60:.0f} min on 2 cores; results in {options['root']}")
+    say(f"{len(runs)} runs; estimate {total / 60:.0f} min on 2 cores; results in {options.root}")
 
 
-def searched_runs(options: Mapping[str, Any]) -> list[RunSpec]:
+def searched_runs(options: CompareOptions) -> list[RunSpec]:
     """The lr search's first runs (first split and seed), leaving out the methods with a fixed multiplier
     (``--lr-multipliers``) and those that take such a method's rate."""
-    fixed = options.get("fixed_lrs", {})
-    methods = [m for m in options["methods"] if m not in fixed and lr_source(m) not in fixed]
+    fixed = options.fixed_lrs
+    methods = [m for m in options.methods if m not in fixed and lr_source(m) not in fixed]
     if not methods:
         return []
-    return plan_lr_search(options["settings"], methods, options["splits"][0], options["seeds"][0])
+    return plan_lr_search(options.settings, methods, options.splits[0], options.seeds[0])
+
+
+def final_accuracies(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[float, float | None]]:
+    """``{method: {lr multiplier: final accuracy}}`` of the lr-search runs (``None`` for one not finished)."""
+    from .tables import read_summary, run_dir
+
+    out: dict[str, dict[float, float | None]] = {}
+    for spec in search:
+        summary = read_summary(run_dir(root, spec))
+        out.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
+    return out
 
 
 def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
     """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final accuracy}}}`` from finished runs."""
-    by_method: dict[str, dict[float, float | None]] = {}
-    values: dict[tuple[str, float], float] = {}
-    for spec in search:
-        summary = read_summary(run_dir(root, spec))
-        by_method.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
-        values[(spec.method, spec.lr_multiplier)] = spec.settings[spec.lr_key]
+    values = {(spec.method, spec.lr_multiplier): spec.settings[spec.lr_key] for spec in search}
     out = {}
-    for method, accs in by_method.items():
+    for method, accs in final_accuracies(root, search).items():
         try:
             m = choose_lr(accs)
         except ValueError:
@@ -290,10 +313,7 @@ def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, 
     (:func:`~.plan.extend_lr_grid`); with ``report_only``, only those already finished."""
     added: list[RunSpec] = []
     while True:
-        accuracies: dict[str, dict[float, float | None]] = {}
-        for spec in [*search, *added]:
-            summary = read_summary(run_dir(root, spec))
-            accuracies.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
+        accuracies = final_accuracies(root, [*search, *added])
         more = [spec for method, accs in accuracies.items() if (m := extend_lr_grid(accs)) is not None
                 for spec in plan_lr_search(settings, [method], split, seed, grid=(m,))]
         if report_only:
@@ -305,38 +325,51 @@ def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, 
         added += more
 
 
-def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str], None] = print,
+def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], None] = print,
             flower_factory=None) -> int:
     """Run the comparison described by ``options``; return the exit code (1 if a run failed)."""
-    root: Path = options["root"]
-    settings, methods, splits, seeds = (options[k] for k in ("settings", "methods", "splits", "seeds"))
+    from .runner import Comparison, machine_info
+    from .store import RunStore
+    from .tables import (
+        MIN_INTERVAL_PAIRS,
+        build_rows,
+        format_csv,
+        format_markdown,
+        format_paired_markdown,
+        paired_rows,
+        run_dir,
+        table_notes,
+        write_paired_plots,
+        write_plots,
+    )
+
+    root, settings = options.root, options.settings
+    methods, splits, seeds = options.methods, options.splits, options.seeds
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    reuse, store = options.get("reuse"), options.get("store")
-    runner = Comparison(root, say=say, flower_factory=flower_factory, reuse=RunStore(reuse) if reuse else None,
-                        store=RunStore(store) if store else None)
+    runner = Comparison(root, say=say, flower_factory=flower_factory,
+                        reuse=RunStore(options.reuse) if options.reuse else None,
+                        store=RunStore(options.store) if options.store else None)
     chosen: dict[str, dict[str, Any]] = {}
     search: list[RunSpec] = []
     try:
-        if options["lr_search"]:
+        if options.lr_search:
             search = searched_runs(options)
             searched = {s.key for s in search}
-            fixed = chosen_multipliers(methods, options.get("fixed_lrs", {}))
-            later = sum(estimate_seconds(s) for s in plan_runs(settings, methods, splits, seeds, fixed,
-                                                               **options["ablation"])
+            later = sum(estimate_seconds(s) for s in options.plan(chosen_multipliers(methods, options.fixed_lrs))
                         if s.key not in searched and not runner.finished(s))
-            if options["report_only"]:
+            if options.report_only:
                 runner.reuse_stored(search)
             else:
                 runner.run_all(search, phase="lr search", later=later)
-            search += extend_search(root, search, settings, splits[0], seeds[0], runner, options["report_only"])
+            search += extend_search(root, search, settings, splits[0], seeds[0], runner, options.report_only)
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
         multipliers = chosen_multipliers(methods, {**{m: c["multiplier"] for m, c in chosen.items()},
-                                                   **options.get("fixed_lrs", {})})
-        plan = plan_runs(settings, methods, splits, seeds, multipliers, **options["ablation"])
-        if options["report_only"]:
+                                                   **options.fixed_lrs})
+        plan = options.plan(multipliers)
+        if options.report_only:
             runner.reuse_stored(plan)
             unfinished = [s.key for s in plan if not runner.finished(s)]
             say(f"report only: {len(plan) - len(unfinished)} of {len(plan)} runs finished"
@@ -345,10 +378,10 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             runner.run_all(plan, phase="comparison")
     finally:
         runner.close()
-    fixed = options.get("fixed_lrs", {})
+    fixed = options.fixed_lrs
     lrs = {spec.method: spec.settings[spec.lr_key] for spec in plan}
-    rows = build_rows(root, plan, options["target"])
-    notes = table_notes(options, seeds)
+    rows = build_rows(root, plan, options.target)
+    notes = table_notes(options)
     dropped = [f"{r['split']}/{r['method']} ({r['dropped_replies']})" for r in rows if r["dropped_replies"]]
     if dropped:
         notes.append("WARNING: client replies were dropped (failed or invalid) in: " + ", ".join(dropped)
@@ -358,7 +391,7 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
             f"{m} " + ", ".join(f"{k} {'' if v is None else f'{v:.1%}'}" for k, v in c["search"].items())
             + f" -> x{c['multiplier']:g}" for m, c in chosen.items()))
     (root / "table.csv").write_text(format_csv(rows))
-    markdown = format_markdown(rows, options["target"], notes)
+    markdown = format_markdown(rows, options.target, notes)
     # sa-fedlora against the baselines, then each of its variants against sa-fedlora itself, the app's defaults,
     # fedit-rmax (the byte goal's reference: a variant may meet the goal where the default does not) and fedavg
     # (issue #22's accuracy goal). Only references that ran are paired.
@@ -367,7 +400,8 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         root, plan, method=m, references=("sa-fedlora", "sa-fp16-rmin4", "fedit-rmax", "fedavg"))]
     if paired:
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
-                     "t-interval of the mean difference:\n\n" + format_paired_markdown(paired))
+                     f"t-interval of the mean difference (from {MIN_INTERVAL_PAIRS} paired seeds):\n\n"
+                     + format_paired_markdown(paired))
     (root / "table.md").write_text(markdown)
     plots = write_plots(root, plan) + write_paired_plots(root, rows, paired)
     failed = [o for o in runner.outcomes.values() if o.status == "failed"]
@@ -375,14 +409,17 @@ def compare(options: Mapping[str, Any], argv: Sequence[str], say: Callable[[str]
         "name": root.name,
         "created": datetime.now().isoformat(timespec="seconds"),
         "command": ["safedlora", *argv],
-        "preset": options["preset"],
+        "preset": options.preset,
         "settings": {"shared-run-config": dict(settings), "methods": {m: METHODS[m] for m in methods},
                      "method-descriptions": {m: METHOD_DESCRIPTIONS[m] for m in methods},
                      "splits": {s: {"run-config": SPLITS[s][0], "num-supernodes": SPLITS[s][1]} for s in splits},
-                     "seeds": seeds, "headline-methods": [m for m in HEADLINE if m in methods],
-                     "target-accuracy": options["target"], "lr-search": options["lr_search"],
-                     "lr-grid": list(LR_GRID) if options["lr_search"] else [],
-                     "lr-grid-extension-limit": LR_EXTENSION_LIMIT if options["lr_search"] else None,
+                     "seeds": list(seeds), "headline-methods": [m for m in HEADLINE if m in methods],
+                     "headline-splits": [s for s in splits if s in (options.headline_splits or splits)],
+                     "ablation-seeds": list(seeds[:options.ablation_seeds]),
+                     "ablation-splits": [s for s in splits if s in (options.ablation_splits or splits)],
+                     "target-accuracy": options.target, "lr-search": options.lr_search,
+                     "lr-grid": list(LR_GRID) if options.lr_search else [],
+                     "lr-grid-extension-limit": LR_EXTENSION_LIMIT if options.lr_search else None,
                      "federation-config": FEDERATION},
         "chosen-lrs": {m: {"multiplier": multipliers[m], "lr-key": lr_key(m), "lr": lrs.get(m),
                            "search": (chosen.get(m) or chosen.get(lr_source(m), {})).get("search", {}),
@@ -439,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as error:
         parser.exit(2, f"safedlora compare: error: {error}\n")
     say = lambda line: print(line, flush=True)  # noqa: E731
-    if options["dry_run"]:
+    if options.dry_run:
         print_plan(options, say)
         return 0
     try:

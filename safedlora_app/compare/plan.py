@@ -1,7 +1,10 @@
 """Methods, splits, presets and costs of a comparison, and its planning (pure, no I/O).
 
 What runs: :data:`METHODS` x :data:`SPLITS` x seeds (x lr multipliers), each a :class:`RunSpec` with its
-complete run-config; plus the ``--run-config`` formatting and the run-time estimate.
+complete run-config; plus the resolved options (:class:`CompareOptions`), the ``--run-config`` formatting and
+the run-time estimate.
+
+``--help`` imports this module, so it imports the app's config only where it is used: the config pulls in torch.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
 from ..profiles import ACCURATE_ADAPTER, ALL_LINEAR
 
 # --- Methods and splits -------------------------------------------------------------------------
@@ -82,7 +85,7 @@ FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
                        "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",
                        "sa-fp16-rmin6")
-#: Methods repeated over every seed and split; the others run on the preset's ablation seeds and splits.
+#: Methods repeated over every seed (on the headline splits); the others run on the ablation seeds and splits.
 HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
 #: Methods that ``--lr-search`` searches for themselves (the others take their family's rate, :func:`lr_source`).
 OWN_LR_SEARCH = HEADLINE + ("sa-all-r16", "fedit-all-r16", "sa-paper-init")
@@ -182,6 +185,70 @@ class CompareError(ValueError):
     """A bad command-line value; the message names the value and what is allowed."""
 
 
+@dataclass(frozen=True)
+class CompareOptions:
+    """One comparison, resolved from the command line (``cli.resolve_options``) and checked.
+
+    Attributes
+    ----------
+    preset : str
+        Name of the preset in ``PRESETS`` that filled in what the command line left out.
+    root : Path
+        ``<out>/<name>``, absolute: where the runs, tables and plots go.
+    seeds : tuple of int
+        Every seed of the comparison (``FIRST_SEED`` on); the headline methods run all of them on the headline
+        splits.
+    splits, methods : tuple of str
+        Keys of ``SPLITS`` and ``METHODS``, in the order of the tables.
+    target : float
+        Accuracy (a fraction) for the rounds- and MB-to-target columns.
+    settings : mapping
+        The run-config shared by every run (kebab-case keys), before the split's and method's overrides.
+    lr_search : bool
+        Search each method's learning-rate multiplier on the first split and seed first.
+    fixed_lrs : mapping
+        ``{method: multiplier}`` fixed by ``--lr-multipliers``: those methods, and the methods that take their
+        rate, are not searched.
+    ablation_seeds : int
+        Seeds (the first ones) for the methods outside ``HEADLINE``, and for the headline methods outside
+        ``headline_splits``.
+    ablation_splits : tuple of str, optional
+        Splits on which the methods outside ``HEADLINE`` run (``None``: every split).
+    headline_splits : tuple of str, optional
+        Splits on which the headline methods run every seed (``None``: every split).
+    dry_run : bool
+        Print the plan and run nothing.
+    report_only : bool
+        Write the tables from the runs finished so far and run nothing.
+    reuse : Path, optional
+        Stored runs to copy in instead of running them again (``None``: run everything).
+    store : Path, optional
+        Where every run finished here is stored (``None``: nowhere).
+    """
+
+    preset: str
+    root: Path
+    seeds: tuple[int, ...]
+    splits: tuple[str, ...]
+    methods: tuple[str, ...]
+    target: float
+    settings: Mapping[str, Any] = field(hash=False)
+    lr_search: bool = False
+    fixed_lrs: Mapping[str, float] = field(default_factory=dict, hash=False)
+    ablation_seeds: int = 1
+    ablation_splits: tuple[str, ...] | None = None
+    headline_splits: tuple[str, ...] | None = None
+    dry_run: bool = False
+    report_only: bool = False
+    reuse: Path | None = None
+    store: Path | None = None
+
+    def plan(self, lr_multipliers: Mapping[str, float] | None = None) -> list[RunSpec]:
+        """The comparison's runs at ``lr_multipliers`` (see :func:`plan_runs`)."""
+        return plan_runs(self.settings, self.methods, self.splits, self.seeds, lr_multipliers, self.ablation_seeds,
+                         self.ablation_splits, self.headline_splits)
+
+
 # --- Planning (pure) -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
@@ -270,6 +337,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         On an item without ``=`` or a key that is not a run-config key.
     """
 
+    from ..config import RunConfig
+
     known = set(RunConfig().to_dict())
     fixed = {"out-dir", "run-name", "seed", "num-server-rounds", "method"}
     out: dict[str, Any] = {}
@@ -307,9 +376,12 @@ def stage_rounds(rounds: int) -> dict[str, int]:
     return {"init-rounds": init, "heat-rounds": 0, "cool-rounds": math.ceil(annealing / 2)}
 
 
-def seeds_for(method: str, seeds: Sequence[int], ablation_seeds: int = 1) -> list[int]:
-    """Every seed for a headline method, the first ``ablation_seeds`` for the others."""
-    return list(seeds) if method in HEADLINE else list(seeds[:ablation_seeds])
+def seeds_for(method: str, split: str, seeds: Sequence[int], ablation_seeds: int = 1,
+              headline_splits: Sequence[str] | None = None) -> list[int]:
+    """Every seed for a headline method on a headline split (``None``: every split); the first
+    ``ablation_seeds`` for the others."""
+    headline = method in HEADLINE and (headline_splits is None or split in headline_splits)
+    return list(seeds) if headline else list(seeds[:ablation_seeds])
 
 
 def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr_multiplier: float = 1.0
@@ -337,8 +409,10 @@ def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr
 
 def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[str], seeds: Sequence[int],
               lr_multipliers: Mapping[str, float] | None = None, ablation_seeds: int = 1,
-              ablation_splits: Sequence[str] | None = None) -> list[RunSpec]:
-    """The comparison's runs, split by split, headline methods over every seed, the rest on the first few.
+              ablation_splits: Sequence[str] | None = None, headline_splits: Sequence[str] | None = None
+              ) -> list[RunSpec]:
+    """The comparison's runs, split by split: headline methods over every seed (on the headline splits), the rest
+    on the first few.
 
     Parameters
     ----------
@@ -351,9 +425,12 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
     lr_multipliers : mapping, optional
         ``{method: multiplier}`` chosen by the lr search (default 1 for every method).
     ablation_seeds : int
-        Seeds (the first ones) for the methods outside ``HEADLINE``.
+        Seeds (the first ones) for the methods outside ``HEADLINE``, and for the headline methods outside
+        ``headline_splits``.
     ablation_splits : sequence of str, optional
         Splits on which the methods outside ``HEADLINE`` run (default: every split).
+    headline_splits : sequence of str, optional
+        Splits on which the headline methods run every seed (default: every split).
 
     Returns
     -------
@@ -367,7 +444,7 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
             for method in methods:
                 if method not in HEADLINE and ablation_splits is not None and split not in ablation_splits:
                     continue
-                if seed in seeds_for(method, seeds, ablation_seeds):
+                if seed in seeds_for(method, split, seeds, ablation_seeds, headline_splits):
                     m = float(lr_multipliers.get(method, 1.0))
                     plan.append(RunSpec(split, method, seed, m, run_settings(base, split, method, seed, m),
                                         SPLITS[split][1]))
@@ -462,6 +539,8 @@ def run_config_string(settings: Mapping[str, Any]) -> str:
 
 def clients_per_round(settings: Mapping[str, Any], num_supernodes: int) -> int:
     """Nodes sampled per round, as the strategy samples them."""
+    from ..config import RunConfig
+
     config = RunConfig(fraction_train=float(settings.get("fraction-train", RunConfig.fraction_train)),
                        min_nodes=int(settings.get("min-nodes", RunConfig.min_nodes)))
     return config.clients_per_round(num_supernodes)
@@ -474,6 +553,8 @@ def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float
     with ``ceil(clients / parallel-clients)`` waves per round; full rounds also pay the transfer
     of the whole model to and from every client.
     """
+    from ..config import RunConfig
+
     s = spec.settings
     rounds = int(s["num-server-rounds"])
     if spec.method in FULL_METHODS:

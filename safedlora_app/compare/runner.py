@@ -1,7 +1,7 @@
 """The thin runner: every planned run through ``flwr run`` (:class:`~safedlora_app.simulation.LocalFlower`).
 
-Also the checks around it: whether a finished run was made with the planned settings, whether results
-would be packed into the app bundle, and where the comparison ran.
+Also the checks around it: whether a finished run was made with the planned settings, and where the comparison
+ran. Only a comparison that runs imports this module (and with it flwr, pandas, tqdm and the app's training code).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .store import RunStore, local_dtype
 from .tables import MB, read_records, read_summary, run_dir
 
 
-# --- Checks: resuming, the app bundle, the machine -------------------------------------------------
+# --- Checks: resuming, the machine -----------------------------------------------------------------
 def config_mismatch(planned: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
     """Keys whose value in a finished run's ``config.json`` (``given``) differs from the plan."""
     ignore = {"out-dir", "run-name", "cache-dir"}
@@ -42,28 +42,6 @@ def _same(a: Any, b: Any) -> bool:
     old name counts as made with its new name."""
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
     return float(a) == float(b) if numbers else a == b
-
-
-def packaged_with_app(root: Path, app_root: Path) -> bool:
-    """Whether ``flwr run <app_root>`` would pack files under ``root`` into the app bundle (FAB).
-
-    Flower packs every ``*.json``/``*.jsonl``/``*.md`` under the app directory that ``.gitignore``
-    does not exclude, and refuses bundles over 10 MB or paths nested too deep: results written
-    there would break every later run. Uses Flower's own filter.
-    """
-    from flwr.cli.utils import filter_paths_for_publish
-
-    try:
-        relative = root.resolve().relative_to(app_root.resolve())
-    except ValueError:
-        return False
-    gitignore = app_root / ".gitignore"
-    probe = (relative / "table.md").as_posix()
-    files = {probe: b"", ".gitignore": gitignore.read_bytes() if gitignore.exists() else b""}
-    try:
-        return probe in filter_paths_for_publish(files)
-    except Exception:  # e.g. the path is nested too deep for Flower: it would break runs too
-        return True
 
 
 def machine_info() -> dict[str, Any]:

@@ -14,9 +14,12 @@ from typing import Any
 import pandas as pd
 
 from ..outputs import run_totals
-from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, RunSpec, clients_per_round
+from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, CompareOptions, RunSpec, clients_per_round
 
 MB = 1e6
+#: Fewest paired seeds with a confidence interval. Two differences that happen to be equal have sd 0 and would
+#: give a zero-width interval ("[-0.3, -0.3]"): two pairs say nothing about the spread.
+MIN_INTERVAL_PAIRS = 3
 
 
 # --- Aggregation (pure) ----------------------------------------------------------------------------
@@ -35,7 +38,8 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
-    """Mean of paired differences and its Student-t confidence interval; ``None`` for fewer than 2 pairs.
+    """Mean of paired differences and its Student-t confidence interval; ``None`` for fewer than
+    ``MIN_INTERVAL_PAIRS`` pairs.
 
     Examples
     --------
@@ -45,7 +49,7 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     from scipy import stats
 
     values = [float(v) for v in differences]
-    if len(values) < 2:
+    if len(values) < MIN_INTERVAL_PAIRS:
         return None
     mean = statistics.fmean(values)
     half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
@@ -92,7 +96,7 @@ def paired_rows(root: Path, plan: Sequence[RunSpec], method: str = "sa-fedlora",
     """``method`` minus each reference, paired by seed on each split: final and last-3 accuracy (points).
 
     Only seeds where both runs finished are paired. ``low``/``high`` bound the 95% t-interval of the mean
-    paired difference (``None`` with fewer than 2 pairs).
+    paired difference (``None`` with fewer than ``MIN_INTERVAL_PAIRS`` pairs).
     """
     finished: dict[tuple[str, str, int], list[dict]] = {}
     for spec in plan:
@@ -118,10 +122,13 @@ def paired_rows(root: Path, plan: Sequence[RunSpec], method: str = "sa-fedlora",
 
 
 def format_paired_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paired differences as a Markdown table (points; 95% t-interval)."""
+    """The paired differences as a Markdown table (points; 95% t-interval from ``MIN_INTERVAL_PAIRS`` pairs)."""
     def cell(row, column):
         low, high = row[f"{column}_low"], row[f"{column}_high"]
-        interval = "" if low is None else f" [{low:+.1f}, {high:+.1f}]"
+        if low is None:
+            interval = f" (n={row['pairs']}: no interval below {MIN_INTERVAL_PAIRS} seeds)"
+        else:
+            interval = f" [{low:+.1f}, {high:+.1f}]"
         return f"{row[f'{column}_mean']:+.1f}{interval}"
 
     lines = ["| split | difference | seeds | final acc, points [95% CI] | last-3 acc, points [95% CI] "
@@ -365,11 +372,11 @@ def write_paired_plots(root: Path, rows: Sequence[Mapping[str, Any]], paired: Se
     return paths
 
 
-def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
+def table_notes(options: CompareOptions) -> list[str]:
     """The lines under the Markdown table."""
-    s = options["settings"]
+    s, seeds = options.settings, options.seeds
     nodes = ", ".join(f"{split} {clients_per_round(s, SPLITS[split][1])} of {SPLITS[split][1]}"
-                      for split in options["splits"])
+                      for split in options.splits)
     notes = [
         f"Same for every method: seeds {', '.join(map(str, seeds))}; {s['num-server-rounds']} rounds; clients per "
         f"round: {nodes}; {s['local-samples']} samples x {s['local-epochs']} epoch(s) per client and round; "
@@ -385,15 +392,17 @@ def table_notes(options: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
         "wall s = the ServerApp's time from round 0's evaluation to the end (summary.json), without `flwr run` "
         "startup. Plots show each method's first seed.",
     ]
-    own = [f"{m} {METHODS[m]['num-server-rounds']}" for m in options.get("methods", ())
-           if "num-server-rounds" in METHODS.get(m, {})]
+    own = [f"{m} {METHODS[m]['num-server-rounds']}" for m in options.methods if "num-server-rounds" in METHODS[m]]
     if own:
         notes.append("Rounds of the methods that set their own: " + ", ".join(own) + ".")
-    ablation = options.get("ablation", {})
-    ablation_seeds = seeds[:ablation.get("ablation_seeds", 1)]
-    others = [m for m in options.get("methods", ()) if m not in HEADLINE]
+    ablation_seeds = ", ".join(map(str, seeds[:options.ablation_seeds]))
+    others = [m for m in options.methods if m not in HEADLINE]
     if len(seeds) > 1 and others:
-        where = ablation.get("ablation_splits")
-        notes.append(f"* methods other than {', '.join(HEADLINE)}: seed(s) {', '.join(map(str, ablation_seeds))}"
+        where = options.ablation_splits
+        notes.append(f"* methods other than {', '.join(HEADLINE)}: seed(s) {ablation_seeds}"
                      + (f", split(s) {', '.join(where)}" if where else "") + ".")
+    headline = [m for m in HEADLINE if m in options.methods]
+    outside = [split for split in options.splits if split not in (options.headline_splits or options.splits)]
+    if headline and outside and options.ablation_seeds < len(seeds):
+        notes.append(f"* {', '.join(headline)} on split(s) {', '.join(outside)}: seed(s) {ablation_seeds}.")
     return notes
