@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .config import FACTOR_FORMS
+
 Tensor = torch.Tensor
 
 
@@ -46,9 +48,6 @@ def product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[f
     q_a, r_a = torch.linalg.qr(a_stack.T)
     u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
     return q_b @ u_core, s, vh_core @ q_a.T
-
-
-FACTOR_FORMS = ("balanced", "orthonormal-a")
 
 
 def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int, form: str = "balanced") -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import payload as pl
-from .config import RunConfig, node_max_rank
+from .config import RunConfig, node_max_rank, node_name
 from .data import DataError
 from .model import (
     build_lora_model,
@@ -145,6 +145,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def limits_handler(msg: Message, context: Context) -> Message:
-    """The node's declared limits (``max-rank``, 0 = none; see :func:`node_max_rank`), asked once by the server."""
+    """The node's declared limits (``max-rank``, 0 = none; see :func:`node_max_rank`) and its stable ``name``
+    (:func:`node_name`), asked once by the server."""
     max_rank = node_max_rank(context.node_config, RunConfig.from_mapping(context.run_config))
-    return Message(content=RecordDict({LIMITS: ConfigRecord({"max-rank": max_rank})}), reply_to=msg)
+    limits = ConfigRecord({"max-rank": max_rank, "name": node_name(context.node_config)})
+    return Message(content=RecordDict({LIMITS: limits}), reply_to=msg)

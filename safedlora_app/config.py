@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .adapter_math import FACTOR_FORMS
 from .profiles import PROFILES
 from .schedule import LR_DECAYS, SHRINK_CURVES
+
+# How the server splits an aggregated update into B and A (adapter_math.split_factors). Defined here, in a
+# module without torch, so that planning and validating a run (``safedlora compare --dry-run``) loads none.
+FACTOR_FORMS = ("balanced", "orthonormal-a")
 
 METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
 SCHEDULES = tuple(SHRINK_CURVES)
@@ -41,7 +44,7 @@ EVAL_LAST_ROUNDS = 3
 
 def option(default: Any, help: str) -> Any:
     """A run-config field: its default and its one help text (kept in the field's metadata, as peft's
-    ``LoraConfig`` does; the README's run-config table is generated from it)."""
+    ``LoraConfig`` does; the run-config table in docs/configuration.md is generated from it)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -62,8 +65,8 @@ class RunConfig:
         "",
         "A named set of values for other keys (``RunConfig.from_mapping`` applies it): ``\"\"`` (none: the "
         "defaults, the lean point) or ``accurate`` (LoRA on every Linear layer, rank 16 annealed to 8, lr 1.5e-3, "
-        "24 rounds: full fine-tuning's accuracy at a few percent of its parameters; README). The profile replaces "
-        "defaults only: a key given another value keeps it.")
+        "24 rounds: full fine-tuning's accuracy at a few percent of its parameters; docs/comparison.md). The "
+        "profile replaces defaults only: a key given another value keeps it.")
     num_server_rounds: int = option(12, "Total federated rounds T.")
     fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.")
     min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).")
@@ -125,7 +128,9 @@ class RunConfig:
     target_modules: str = option("query,value", "Comma-separated module-name suffixes that get LoRA adapters.")
     head_modules: str = option(
         "classifier",
-        "Comma-separated module names of the task head (trained and averaged in every stage).")
+        "Comma-separated module names of the task head (trained and averaged in every stage). As in peft's "
+        "``modules_to_save``, every module whose name ends with one of them (on DistilBERT, 'classifier' also "
+        "takes 'pre_classifier').")
 
     # --- Task, model and data ------------------------------------------------------------
     task: str = option("text-classification", "``text-classification`` or ``image-classification``.")
@@ -195,9 +200,9 @@ class RunConfig:
     wire_dtype: str = option(
         "float16",
         "Float type of the LoRA factors and the head in every message down and up: ``float16`` (half the "
-        "bytes; no measurable accuracy cost in the comparison, README) or ``float32``; ArrayRecord takes no "
-        "bfloat16. Training and aggregation stay float32/float64; the global model and full fine-tuning rounds "
-        "stay float32.")
+        "bytes; no measurable accuracy cost in the comparison, docs/comparison.md) or ``float32``; ArrayRecord "
+        "takes no bfloat16. Training and aggregation stay float32/float64; the global model and full fine-tuning "
+        "rounds stay float32.")
     partition_max_rank: str = option(
         "",
         "Simulation stand-in for node-config ``max-rank`` (simulated nodes get no node-config of their own): "
@@ -466,6 +471,16 @@ def node_max_rank(node_config: Mapping[str, Any], config: RunConfig | None = Non
         raise ConfigError(f"node-config max-rank = {value!r} is not allowed; it must be a whole number >= 1 (the "
                           "largest LoRA rank per module this node trains), or left out for no cap")
     return int(value)
+
+
+def node_name(node_config: Mapping[str, Any]) -> str:
+    """A name for the node that stays the same across processes and runs (node ids do not): node-config
+    ``node-name``, else ``partition-<partition-id>``, else '' (the server then falls back to the node id).
+    The server samples by it, so that a run's seed picks the same nodes' data every time."""
+    if (name := node_config.get("node-name")) not in (None, ""):
+        return str(name)
+    partition_id = node_config.get("partition-id")
+    return f"partition-{partition_id}" if partition_id is not None else ""
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -74,22 +75,32 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
     return Dispatch(plan, messages, plans, backbone_hash)
 
 
-def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: float) -> dict[int, int]:
-    """``{node id: max-rank}`` (0 = none) of the nodes that answer a query message soundly; the others are
-    logged and left out, so that they count as uncapped and are asked again next time."""
+class NodeLimits(NamedTuple):
+    """What a node reports once, when the server first asks (its reply to a query message)."""
+
+    max_rank: int
+    """The largest LoRA rank per module it trains; 0 = no cap."""
+    name: str
+    """A name that stays the same across processes and runs ('' = none): the server samples by it."""
+
+
+def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: float) -> dict[int, NodeLimits]:
+    """``{node id: NodeLimits}`` of the nodes that answer a query message soundly; the others are logged and left
+    out, so that they count as uncapped and unnamed, and are asked again next time."""
     queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
                        message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
-    caps = {}
+    limits = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        limits = None if reply.has_error() else reply.content.get(pl.LIMITS)
-        cap = limits.get("max-rank") if isinstance(limits, ConfigRecord) else None
+        record = None if reply.has_error() else reply.content.get(pl.LIMITS)
+        cap = record.get("max-rank") if isinstance(record, ConfigRecord) else None
         if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
-            caps[node_id] = cap
+            name = record.get("name", "")
+            limits[node_id] = NodeLimits(cap, name if isinstance(name, str) else "")
         else:
             log(WARNING, "round %d: node %d did not report its limits (%s); sent uncapped ranks", server_round,
-                node_id, reply.error.reason if reply.has_error() else f"limits {limits!r}")
-    if capped := {n: c for n, c in caps.items() if c}:
+                node_id, reply.error.reason if reply.has_error() else f"limits {record!r}")
+    if capped := {n: lim.max_rank for n, lim in limits.items() if lim.max_rank}:
         log(INFO, "round %d: node max-rank caps %s", server_round, capped)
-    return caps
+    return limits

@@ -88,13 +88,25 @@ def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed
     return model
 
 
+def head_module_names(model: nn.Module, head_modules: Sequence[str]) -> list[str]:
+    """The modules peft trains as ``modules_to_save``: by peft's own rule, every module whose name ends with an entry,
+    with no dot boundary (on DistilBERT, 'classifier' also takes 'pre_classifier'). The head is exactly these, so
+    that everything a node trains is sent and aggregated."""
+    return [name for name, _ in model.named_modules() if name and any(name.endswith(h) for h in head_modules)]
+
+
+def _in_head(name: str, heads: Sequence[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
 def adapted_modules(model: nn.Module, target_modules: Sequence[str], head_modules: Sequence[str]) -> list[str]:
-    """Full names of the Linear layers that get LoRA (name ends with a target suffix)."""
+    """Full names of the Linear layers that get LoRA (name ends with a target suffix), outside the head."""
+    heads = head_module_names(model, head_modules)
     names = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and any(name == t or name.endswith("." + t) for t in target_modules)
-        and not any(name == h or name.startswith(h + ".") for h in head_modules)
+        and not _in_head(name, heads)
     ]
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -104,8 +116,9 @@ def adapted_modules(model: nn.Module, target_modules: Sequence[str], head_module
 
 
 def head_parameters(model: nn.Module, head_modules: Sequence[str]) -> list[str]:
-    """Names of the task head's parameters."""
-    names = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in head_modules)]
+    """Names of the task head's parameters: those of :func:`head_module_names`."""
+    heads = head_module_names(model, head_modules)
+    names = [n for n, _ in model.named_parameters() if _in_head(n, heads)]
     if not names:
         top = sorted({n.split(".", 1)[0] for n, _ in model.named_parameters()})
         raise ModelError(f"head-modules = {','.join(head_modules)!r} matches no parameters; "

@@ -51,7 +51,7 @@ def plot_runs(runs: Mapping[str, Records], out_dir: Path) -> list[Path]:
 def plot_paired(points: Sequence[tuple[str, float, float, float | None, float | None]], reference: str,
                 path: Path) -> Path:
     """Each method's paired difference to ``reference`` in final accuracy (points; the 95% interval as a bar,
-    none from one pair) against the MB it sent, log scale; the reference at 0 and -1 point dashed.
+    none from fewer than 3 pairs) against the MB it sent, log scale; the reference at 0 and -1 point dashed.
 
     ``points``: ``(method, MB sent, mean difference, interval low, interval high)``.
     """

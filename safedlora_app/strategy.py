@@ -1,4 +1,4 @@
-"""SA-FedLoRA strategy: Flower's FedAvg with the round plan, per-node payloads and validated replies.
+"""SA-FedLoRA strategy: a Flower Strategy with the round plan, per-node payloads and validated replies.
 
 The global ``ArrayRecord`` that Flower passes between rounds holds ``head::*`` always,
 ``backbone::*`` once the backbone is trained (full fine-tuning rounds), and ``lora_A::m`` /
@@ -18,13 +18,13 @@ from logging import INFO, WARNING
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from . import payload as pl
 from .aggregation import aggregate_round, reply_metrics
 from .config import RunConfig
-from .dispatch import Dispatch, ask_limits, dispatch
+from .dispatch import Dispatch, NodeLimits, ask_limits, dispatch
 from .outputs import RoundLog, RoundStats
 from .replies import Screened, evaluation_problem, reply_problem, screen
 from .round_plan import FULL, RoundPlan, model_plan, plan_round
@@ -35,8 +35,12 @@ class NotEnoughNodes(RuntimeError):
     """Fewer than ``min-nodes`` nodes stayed connected for ``node-wait-timeout`` seconds."""
 
 
-class SAFedLoRA(FedAvg):
-    """Staged, budgeted federated LoRA (and the full fine-tuning baselines) on Flower's FedAvg.
+class SAFedLoRA(Strategy):
+    """Staged, budgeted federated LoRA (and the full fine-tuning baselines) on Flower's ``Strategy``.
+
+    Flower's round loop (``Strategy.start``) calls the hooks below; sampling, payloads and aggregation are all
+    the app's own, so nothing of ``FedAvg`` is inherited (its constructor would warn about
+    ``fraction-evaluate = 0``, which the app chooses on purpose when the server evaluates centrally).
 
     Parameters
     ----------
@@ -57,13 +61,11 @@ class SAFedLoRA(FedAvg):
     def __init__(self, config: RunConfig, module_shapes: Mapping[str, tuple[int, int]],
                  expected_full: Mapping[str, tuple[int, ...]], rounds: RoundLog | None = None,
                  first_round: int = 1, node_backbone: Mapping[int, str] | None = None):
-        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
-                         min_train_nodes=config.min_nodes, min_available_nodes=config.min_nodes)
         self.config, self.module_shapes, self.expected_full = config, dict(module_shapes), dict(expected_full)
         self.rounds = rounds if rounds is not None else RoundLog()
         self.offset = first_round - 1
         self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
-        self.node_caps: dict[int, int] = {}  # node id -> declared max-rank (0 = none), asked once per node
+        self.node_limits: dict[int, NodeLimits] = {}  # node id -> its declared max-rank and name, asked once
         self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
         self._evaluation: Dispatch | None = None  # the federated evaluation in flight
 
@@ -167,11 +169,17 @@ class SAFedLoRA(FedAvg):
     def _dispatch(self, plan: RoundPlan, tensors: dict[str, torch.Tensor], arrays: ArrayRecord,
                   config: ConfigRecord, node_ids: list[int], message_type: str, grid: Grid) -> Dispatch:
         """The plan's messages to ``node_ids``, each cut to the node's ``max-rank`` (asked once per node)."""
-        if plan.kind != FULL and (unknown := [n for n in node_ids if n not in self.node_caps]):
-            self.node_caps.update(ask_limits(grid, unknown, plan.server_round, self.config.round_timeout))
-        return dispatch(plan, tensors, arrays, config, node_ids, message_type, caps=self.node_caps,
+        if plan.kind != FULL:
+            self._ask_limits(grid, node_ids, plan.server_round)
+        caps = {n: limits.max_rank for n, limits in self.node_limits.items()}
+        return dispatch(plan, tensors, arrays, config, node_ids, message_type, caps=caps,
                         node_backbone=self.node_backbone, expected_full=self.expected_full,
                         lora_scale=self.config.lora_scale, wire_dtype=self.config.wire_dtype)
+
+    def _ask_limits(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
+        """Ask the nodes not asked yet (or that did not answer soundly) for their limits."""
+        if unknown := [n for n in node_ids if n not in self.node_limits]:
+            self.node_limits.update(ask_limits(grid, unknown, server_round, self.config.round_timeout))
 
     def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str
                  ) -> list[tuple[int, RecordDict]]:
@@ -200,5 +208,14 @@ class SAFedLoRA(FedAvg):
                 self.config.min_nodes)
             time.sleep(1.0)
         size = how_many(len(node_ids))
+        if size < len(node_ids):
+            # Node ids differ between processes and runs; the names nodes report do not. Drawing from the nodes
+            # ordered by name makes the same seed pick the same nodes' data every time (unnamed: by node id).
+            self._ask_limits(grid, node_ids, server_round)
+            node_ids.sort(key=lambda n: (not self._name(n), self._name(n), n))
         return sorted(random.Random(mix_seed(self.config.seed, server_round, purpose)).sample(node_ids, size))
+
+    def _name(self, node_id: int) -> str:
+        limits = self.node_limits.get(node_id)
+        return limits.name if limits else ""
 

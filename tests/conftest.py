@@ -1,7 +1,12 @@
 """Shared test setup: offline Hugging Face, a temporary Flower home, no telemetry."""
 
+import json
 import os
 import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
 
 _scratch = tempfile.mkdtemp(prefix="safedlora-tests-")
 for name, value in {
@@ -17,15 +22,47 @@ for name, value in {
     os.environ.setdefault(name, value)
 
 
+# The slow tiers: they start real processes and wait on them. `pytest` alone runs the fast tier (unit, in-process and
+# lint tests, a few minutes); `pytest --all -n 4` runs these too, on parallel workers; `-m TIER` runs one of them.
+SLOW_TIERS = {
+    "e2e": "runs real Flower simulations through `flwr run` (slow, minutes)",
+    "deployment": "starts real SuperLink/SuperNode processes on loopback",
+    "compose": "runs docker/compose.yml on a real Docker engine",
+    "arm64": "an emulated arm64 SuperNode (opt-in, SAFEDLORA_ARM64_ROOTFS)",
+}
+
+
+DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", dest="all_tiers",
+                     help=f"also run the slow tiers ({', '.join(SLOW_TIERS)}); best with -n 4")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: runs real Flower simulations (slow, minutes)")
-    config.addinivalue_line("markers", "deployment: starts real SuperLink/SuperNode processes on loopback")
-    config.addinivalue_line("markers", "compose: runs docker/compose.yml on a real Docker engine")
-    config.addinivalue_line("markers", "arm64: an emulated arm64 SuperNode (opt-in, SAFEDLORA_ARM64_ROOTFS)")
+    for name, text in SLOW_TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the slow tiers unless --all or a marker expression (-m) asks for them."""
+    if config.getoption("all_tiers") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if any(item.get_closest_marker(tier) for tier in SLOW_TIERS)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in set(slow)]
+        config.stash[DESELECTED] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if slow := config.stash.get(DESELECTED, 0):
+        terminalreporter.write_line(f"fast tier: {slow} slow-tier tests deselected ({', '.join(SLOW_TIERS)}); "
+                                    "`pytest --all -n 4` runs every tier")
 
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +94,92 @@ def tiny_vit_dir(tmp_path_factory):
     ViTForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+# --- In-process Flower: the real ServerApp and the ClientApp's handlers in one process, no transport ---------------
+# (test_in_process.py, test_resume.py). Flower's modules load on first use, so that tests without them start fast.
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+LABELS = ["negative", "neutral", "positive"]  # the embedded tweets' classes
+TINY = {"local-samples": 16, "test-size": 40, "batch-size": 8, "eval-batch-size": 40, "min-nodes": 2,
+        "precision": "fp32"}
+
+
+def tiny_run_config(out_dir, cache_dir, **overrides) -> dict:
+    """The app's run-config defaults (pyproject.toml), shrunk to seconds, with ``overrides`` (snake_case keys)."""
+    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    return {**defaults, **TINY, "out-dir": str(out_dir), "cache-dir": str(cache_dir),
+            **{k.replace("_", "-"): v for k, v in overrides.items()}}
+
+
+class InProcessGrid:
+    """Nodes that are ClientApp handler calls in this process; a handler's exception becomes an error reply."""
+
+    def __init__(self, config: dict, num_nodes: int = 2, node_configs: list[dict] | None = None):
+        from flwr.app import Context, RecordDict
+
+        node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=config,
+                                          node_config=node_config) for i, node_config in enumerate(node_configs)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message, MessageType
+
+        from safedlora_app import client_app
+
+        handlers = {MessageType.TRAIN: client_app.train_handler, MessageType.QUERY: client_app.limits_handler,
+                    MessageType.EVALUATE: client_app.evaluate_handler}
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
+            try:
+                handler = handlers[message.metadata.message_type]
+                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
+                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
+        return replies
+
+
+def run_server(config: dict, node_configs: list[dict] | None = None, grid=None) -> tuple[Path, list[dict], dict]:
+    """``server_app.main`` on ``grid`` (default: an InProcessGrid); the run's directory, metrics rows and summary."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from safedlora_app import server_app
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what Flower sets in a ServerApp
+    server_app.main(grid or InProcessGrid(config, node_configs=node_configs),
+                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    run_dir = Path(config["out-dir"]) / config["run-name"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, rows, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One node cache for the session: the tokenized partitions are made once."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture
+def run_config(tmp_path, cache_dir):
+    """``run_config(**overrides)``: a tiny run's config writing into this test's tmp_path."""
+    return lambda **overrides: tiny_run_config(tmp_path, cache_dir, **overrides)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, cache_dir):
+    """``finished_run(**overrides)``: the tiny in-process run with these overrides, run once per session and
+    shared by every test that asks for the same one (treat its files as read-only). Returns (config, run_dir,
+    metrics rows, summary)."""
+    runs = {}
+
+    def run(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in runs:
+            config = tiny_run_config(tmp_path_factory.mktemp("run"), cache_dir, run_name="run", **overrides)
+            runs[key] = (config, *run_server(config))
+        return runs[key]
+    return run

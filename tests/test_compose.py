@@ -48,7 +48,9 @@ def engine_problem():
     return None
 
 
-pytestmark = [pytest.mark.compose, pytest.mark.skipif(bool(engine_problem()), reason=str(engine_problem()))]
+# One worker runs both (pytest-xdist --dist loadgroup): they share the module's image builds.
+pytestmark = [pytest.mark.compose, pytest.mark.xdist_group("docker"),
+              pytest.mark.skipif(bool(engine_problem()), reason=str(engine_problem()))]
 
 
 def image_exists(name):

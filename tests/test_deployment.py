@@ -1,6 +1,7 @@
 """Real Flower deployments on 127.0.0.1 running the app for 2 tiny rounds (1-3 min each).
 
-(a) plain HTTP: one SuperLink, two SuperNodes, `flwr run` -- the commands of docs/deployment.md.
+(a) plain HTTP: one SuperLink, two SuperNodes, `flwr run` -- the commands of docs/deployment.md (the first
+    part of the SuperLink-restart test).
 (b) TLS + SuperNode authentication: the registered nodes train, an unregistered key is refused.
 (c) a server without data, node-local files, federated evaluation and a broken node; a node killed
     mid-round; a SuperLink restarted mid-run.
@@ -218,22 +219,6 @@ def supernode_cmd(link_port, port, partition, *tls):
             "--node-config", f"partition-id={partition} num-partitions=2"]
 
 
-def test_loopback_insecure(deployment):
-    d = deployment
-    link, *node_ports = free_ports(3)
-    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
-                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
-    for i, port in enumerate(node_ports):
-        d.start(f"supernode-{i}", supernode_cmd(link, port, i, "--insecure"))
-    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
-    names = list(d.procs)
-    nodes = d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2 and ids,
-                       "2 SuperNodes online", alive=names)
-
-    d.run_app("loopback", "loopback", alive=names)
-    assert d.online_nodes("loopback") == nodes  # the same two nodes served the whole run
-
-
 def test_loopback_tls_with_supernode_auth(deployment):
     d = deployment
     certs = d.tmp / "certs"
@@ -367,8 +352,9 @@ def test_a_node_killed_mid_round_is_dropped_and_its_restart_gets_the_backbone_ag
 
 
 def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
-    """The SuperLink (and the ServerApp it runs) dies mid-run; restarted on the same --database, the
-    SuperNodes reconnect, and `resume = true` continues the run from the last checkpoint."""
+    """Plain HTTP on loopback (docs/deployment.md's commands) until round 1 ends; then the SuperLink (and the
+    ServerApp it runs) dies; restarted on the same --database, the SuperNodes reconnect, and `resume = true`
+    continues the run from the last checkpoint to the end."""
     d = deployment
     link, *node_ports = free_ports(3)
     superlink = ["flower-superlink", "--insecure", "--port", link, "--database", d.tmp / "state.db",
@@ -377,17 +363,19 @@ def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
     for i, port in enumerate(node_ports):
         d.start(f"supernode-{i}", supernode_cmd(link, port, i, "--insecure"))
     d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
-    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "2 SuperNodes online",
-               alive=list(d.procs))
+    nodes = d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2 and ids,
+                       "2 SuperNodes online", alive=list(d.procs))
     cli, log, outputs = d.launch("loopback", "link-restart", "num-server-rounds=3")
     d.wait_rounds(outputs, 1, cli, log, alive=list(d.procs))
+    # Until the restart this is the plain loopback deployment of docs/deployment.md: the same two nodes serve it.
+    assert all(r["replies"] == 2 for r in metrics_rows(outputs)[1:]) and d.online_nodes("loopback") == nodes
     power_loss(d.procs["superlink"].pid)  # the server machine: the SuperLink and the ServerApp it runs
     cli.wait(timeout=60)
     d.start("superlink", superlink)  # same port, same database
     d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "the 2 SuperNodes back online",
                alive=list(d.procs))
     assert not (outputs / "summary.json").exists()
-    # What the restarted SuperLink says of the interrupted run (docs: README, "Resume and failures").
+    # What the restarted SuperLink says of the interrupted run (docs/reliability.md).
     before = {r["run-id"]: r["status"] for r in d.flwr_json("ls", "loopback").get("runs", [])}
     print(f"after the SuperLink restart, the interrupted run's status: {before}")
     assert len(before) == 1 and not str(next(iter(before.values()))).startswith("finished:completed")

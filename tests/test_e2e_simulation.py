@@ -15,7 +15,9 @@ from safedlora_app.model import load_preprocessor
 from safedlora_app.simulation import APP_ROOT, BIN, LocalFlower
 from safedlora_app.training import Encoded, evaluate
 
-pytestmark = pytest.mark.e2e
+# One worker runs every simulation (pytest-xdist --dist loadgroup): they share the module's SuperLink, and each
+# keeps both cores busy training, so that running two at once only makes both slower.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("flower-simulation")]
 
 # fp32: the saved output, reloaded in fp32, must reproduce the logged accuracy exactly (bf16 has its
 # own tests in test_training.py).

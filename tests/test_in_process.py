@@ -6,15 +6,15 @@ are checked without starting Flower's processes (the ``flwr run`` tests cover th
 """
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from conftest import LABELS, run_server
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from safedlora_app import client_app, server_app
+from safedlora_app import client_app
 from safedlora_app import payload as pl
 from safedlora_app.config import ConfigError, RunConfig
 from safedlora_app.data import DataError
@@ -23,68 +23,15 @@ from safedlora_app.node_resources import node_resources
 from safedlora_app.replies import evaluation_problem
 from safedlora_app.round_plan import plan_round
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-LABELS = ["negative", "neutral", "positive"]  # the embedded tweets' classes
-TINY = {"local-samples": 16, "test-size": 40, "batch-size": 8, "eval-batch-size": 40, "min-nodes": 2,
-        "precision": "fp32"}
-
 
 @pytest.fixture(autouse=True)
 def _task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One node cache for the module: the tokenized partitions are made once."""
-    return tmp_path_factory.mktemp("node-cache")
-
-
-@pytest.fixture
-def run_config(tmp_path, cache_dir):
-    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-
-    def make(**overrides):
-        return {**defaults, **TINY, "out-dir": str(tmp_path), "cache-dir": str(cache_dir),
-                **{k.replace("_", "-"): v for k, v in overrides.items()}}
-    return make
-
-
-class InProcessGrid:
-    """Nodes that are ClientApp handler calls in this process; a handler's exception becomes an error reply."""
-
-    def __init__(self, config: dict, num_nodes: int = 2, node_configs: list[dict] | None = None):
-        node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=config,
-                                          node_config=node_config) for i, node_config in enumerate(node_configs)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
-            try:
-                handler = {MessageType.TRAIN: client_app.train_handler, MessageType.QUERY: client_app.limits_handler,
-                           MessageType.EVALUATE: client_app.evaluate_handler}[message.metadata.message_type]
-                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
-            except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
-                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
-        return replies
-
-
-def run_server(config: dict, node_configs: list[dict] | None = None) -> tuple[Path, list[dict], dict]:
-    server_app.main(InProcessGrid(config, node_configs=node_configs),
-                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    run_dir = Path(config["out-dir"]) / config["run-name"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return run_dir, rows, json.loads((run_dir / "summary.json").read_text())
-
-
 @pytest.mark.parametrize("rounds", [1, 2, 3])
-def test_num_server_rounds_alone_runs_end_to_end(run_config, rounds):
-    run_dir, rows, summary = run_server(run_config(num_server_rounds=rounds, run_name=f"t{rounds}"))
+def test_num_server_rounds_alone_runs_end_to_end(finished_run, rounds):
+    _, run_dir, rows, summary = finished_run(num_server_rounds=rounds)
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     assert rows[1]["stage"] == "initiating" and all(r["stage"] == "annealing" for r in rows[2:])
     assert all(r["replies"] == 2 and r["dropped"] == 0 for r in rows[1:])
@@ -114,9 +61,10 @@ def test_the_accurate_profile_trains_every_linear_layer(run_config):
     assert len(summary["final-ranks"]) == 37 and summary["best-model-dir"]
 
 
-def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(run_config):
-    _, wide, _ = run_server(run_config(num_server_rounds=2, run_name="wide", wire_dtype="float32"))
-    _, half, _ = run_server(run_config(num_server_rounds=2, run_name="half", wire_dtype="float16"))
+def test_float16_on_the_wire_runs_end_to_end_at_half_the_factor_bytes(finished_run):
+    _, _, wide, _ = finished_run(num_server_rounds=2, wire_dtype="float32")
+    config, _, half, _ = finished_run(num_server_rounds=2)  # the default wire is float16
+    assert config["wire-dtype"] == "float16"
     assert all(r["replies"] == 2 for r in half[1:])
     for w, h in zip(wide[1:], half[1:]):
         assert 0.49 < h["bytes-down"] / w["bytes-down"] < 0.52 and 0.49 < h["bytes-up"] / w["bytes-up"] < 0.52
@@ -222,14 +170,14 @@ def test_a_node_too_small_to_hold_rows_out_says_so(run_config, tmp_path):
         client_app.evaluate_handler(message, context)
 
 
-def test_a_node_capped_at_rank_2_trains_at_rank_2_while_the_global_adapter_keeps_rank_8(run_config):
+def test_a_node_capped_at_rank_2_trains_at_rank_2_while_the_global_adapter_keeps_rank_8(run_config, finished_run):
     """Node 101 declares max-rank = 2 (node-config): every LoRA message to it carries at most rank 2, and the
     global adapter still holds rank-8 modules from the uncapped node."""
     nodes = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2, "max-rank": 2}]
     _, rows, summary = run_server(run_config(num_server_rounds=2, run_name="capped"), node_configs=nodes)
     assert all(r["replies"] == 2 and r["capped"] == 1 for r in rows[1:])
     assert max(rows[1]["model-ranks"].values()) == 8 and max(rows[2]["model-ranks"].values()) > 2
-    _, uncapped, _ = run_server(run_config(num_server_rounds=2, run_name="uncapped"))
+    _, _, uncapped, _ = finished_run(num_server_rounds=2)
     assert rows[1]["bytes-down"] < uncapped[1]["bytes-down"] and rows[1]["bytes-up"] < uncapped[1]["bytes-up"]
 
 
@@ -242,7 +190,10 @@ def test_a_capped_node_refuses_ranks_above_its_cap_and_reports_its_limits(run_co
         client_app.train_handler(message, context)
     query = Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=100)
     query.metadata.__dict__["_message_id"] = query.object_id
-    assert client_app.limits_handler(query, context).content["limits"]["max-rank"] == 2
+    limits = client_app.limits_handler(query, context).content["limits"]
+    assert limits["max-rank"] == 2 and limits["name"] == "partition-0"  # the server samples by the name
+    context.node_config["node-name"] = "clinic-a"
+    assert client_app.limits_handler(query, context).content["limits"]["name"] == "clinic-a"
     context.node_config["max-rank"] = "two"
     with pytest.raises(ConfigError, match="node-config max-rank = 'two' is not allowed"):
         client_app.limits_handler(query, context)

@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
 
 from safedlora_app import adapter_math as am
 from safedlora_app.model import (
@@ -67,6 +72,23 @@ def test_unknown_target_or_head_module_names_what_exists(tiny_bert):
         adapted_modules(tiny_bert, ["qkv"], ["classifier"])
     with pytest.raises(ModelError, match="head-modules = 'score' matches no parameters.*classifier"):
         head_parameters(tiny_bert, ["score"])
+
+
+def test_every_head_parameter_a_node_trains_travels_on_distilbert():
+    """peft matches modules_to_save by plain suffix: on DistilBERT 'classifier' also wraps 'pre_classifier', so
+    that layer trains on every node and must be sent and aggregated with the head."""
+    torch.manual_seed(0)
+    base = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16, num_labels=3)).eval()
+    heads = head_parameters(base, ["classifier"])
+    assert set(heads) == {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
+    modules = adapted_modules(base, ["q_lin", "v_lin"], ["classifier"])
+    model = build_lora_model(base, dict.fromkeys(modules, 2), 2.0, 0.0, ["classifier"])
+    trained = {n.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+               for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == set(heads)
+    _, sent = get_lora_weights(model, modules, heads)
+    assert set(sent) == trained
 
 
 def test_proximal_term_value_and_gradient():

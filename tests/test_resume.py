@@ -2,14 +2,13 @@
 
 import json
 import shutil
-import tomllib
 
 import pytest
 import torch
+from conftest import InProcessGrid, run_server
 from flwr.app import Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
-from test_in_process import PYPROJECT, TINY, InProcessGrid, cache_dir, run_server  # noqa: F401 (cache_dir: fixture)
 
 from safedlora_app import checkpoint, server_app
 from safedlora_app.checkpoint import CheckpointError
@@ -52,14 +51,11 @@ def adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir):  # noqa: F811
-    """A 3-round run start to finish, the reference for every resume here."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what Flower sets in a ServerApp
-    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**defaults, **TINY, "out-dir": str(tmp_path_factory.mktemp("runs")), "cache-dir": str(cache_dir),
-              "num-server-rounds": 3, "run-name": "whole"}
-    return config, *run_server(config)
+@pytest.fixture
+def uninterrupted(finished_run):
+    """A 3-round run start to finish, the reference for every resume here (the session's shared run: the tests
+    write their own runs next to it, never into it)."""
+    return finished_run(num_server_rounds=3)
 
 
 def test_a_run_killed_after_round_1_resumes_to_the_same_adapter_and_metrics(uninterrupted):

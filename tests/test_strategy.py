@@ -1,5 +1,6 @@
 """SAFedLoRA strategy on tiny shapes with hand-made replies (no model, no Flower runtime)."""
 
+import logging
 
 import pytest
 import torch
@@ -23,10 +24,11 @@ def _task_identity():
 
 
 class FakeGrid:
-    """Connected nodes that answer the server's query for their limits with ``caps`` (node -> max-rank)."""
+    """Connected nodes that answer the server's query for their limits with ``caps`` (node -> max-rank) and
+    ``names`` (node -> the name it reports; none by default)."""
 
-    def __init__(self, nodes, caps=None):
-        self.nodes, self.caps, self.queries = nodes, dict(caps or {}), 0
+    def __init__(self, nodes, caps=None, names=None):
+        self.nodes, self.caps, self.names, self.queries = nodes, dict(caps or {}), dict(names or {}), 0
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -37,7 +39,9 @@ class FakeGrid:
             assert message.metadata.message_type == "query"
             message.metadata.__dict__["_message_id"] = message.object_id
             self.queries += 1
-            limits = ConfigRecord({"max-rank": self.caps.get(message.metadata.dst_node_id, 0)})
+            node = message.metadata.dst_node_id
+            limits = ConfigRecord({"max-rank": self.caps.get(node, 0), **({"name": self.names[node]}
+                                                                           if node in self.names else {})})
             replies.append(Message(RecordDict({"limits": limits}), reply_to=message))
         return replies
 
@@ -253,6 +257,33 @@ def test_fraction_train_samples_reproducibly():
     first = [m.metadata.dst_node_id for m in send(strategy, 1, initial(strategy), nodes)]
     again = [m.metadata.dst_node_id for m in send(make_strategy(fraction_train=0.5), 1, initial(strategy), nodes)]
     assert len(first) == 5 and first == again
+
+
+def test_fraction_train_samples_the_same_partitions_whatever_the_node_ids():
+    """Node ids differ between processes and runs; the partition a node reports does not. The same seed trains
+    the same partitions."""
+    def sampled(node_ids):
+        names = {n: f"partition-{i}" for i, n in enumerate(node_ids)}
+        strategy = make_strategy(fraction_train=0.5)
+        return {names[m.metadata.dst_node_id] for m in send(strategy, 1, initial(strategy),
+                                                            grid=FakeGrid(node_ids, names=names))}
+    first = sampled(list(range(100, 110)))
+    assert len(first) == 5 and sampled([9_000 - 7 * i for i in range(10)]) == first
+    assert sampled([5, 3, 8, 1, 9, 7, 2, 6, 4, 10]) == first
+
+
+def test_no_flower_warning_for_the_fraction_evaluate_the_app_chooses():
+    """fraction-evaluate = 0 (the default: the server evaluates centrally) is a choice, not a mistake."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flower = logging.getLogger("flwr")
+    flower.addHandler(handler)
+    try:
+        make_strategy(fraction_evaluate=0.0)
+    finally:
+        flower.removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
 
 
 def test_cosine_lr_decay_reaches_the_clients_round_by_round():
