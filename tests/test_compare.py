@@ -749,3 +749,19 @@ def test_each_ablation_is_paired_against_sa_fedlora_and_fedit_rmax(tmp_path):
         ("sa-fedlora", "fedit-rmax", 1), ("sa-no-init", "sa-fedlora", 1), ("sa-no-init", "fedit-rmax", 1),
         ("sa-fp16", "sa-fedlora", 1), ("sa-fp16", "fedit-rmax", 1)]
     assert paired[1]["final_mean"] == 0.0 and paired[1]["final_low"] is None  # one pair: no interval
+
+
+def test_a_finished_run_counts_by_its_arithmetic_not_the_precision_key_that_chose_it(tmp_path):
+    # A float32 run made with precision 'auto' (on a CPU without bf16) is the run planned with 'fp32'
+    # (as the store already treats it); a bfloat16 run is not.
+    settings = {"method": "fedit", "seed": 42, "partitioner": "natural"}
+    compare_runner = runner.Comparison(tmp_path)
+    spec = plan.RunSpec("natural", "fedit-rmax", 42, 1.0, {**settings, "precision": "fp32"}, 7)
+    run_dir = compare_runner.run_dir(spec)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"given": {**settings, "precision": "auto"}}))
+    (run_dir / "summary.json").write_text(json.dumps({"compute-dtype": "float32"}))
+    assert compare_runner.finished(spec)
+    (run_dir / "summary.json").write_text(json.dumps({"compute-dtype": "bfloat16"}))
+    with pytest.raises(plan.CompareError, match="computed in bfloat16, planned float32"):
+        compare_runner.finished(spec)

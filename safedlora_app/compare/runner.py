@@ -31,8 +31,9 @@ from .tables import MB, read_records, read_summary, run_dir
 
 # --- Checks: resuming, the machine -----------------------------------------------------------------
 def config_mismatch(planned: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
-    """Keys whose value in a finished run's ``config.json`` (``given``) differs from the plan."""
-    ignore = {"out-dir", "run-name", "cache-dir"}
+    """Keys whose value in a finished run's ``config.json`` (``given``) differs from the plan. ``precision``
+    is left out: the arithmetic it chose counts instead, as in the run store (:func:`Comparison.finished`)."""
+    ignore = {"out-dir", "run-name", "cache-dir", "precision"}
     return [f"{k}: planned {v!r}, found {given.get(k)!r}" for k, v in planned.items()
             if k not in ignore and not _same(v, DEPRECATED_VALUES.get(k, {}).get(given.get(k), given.get(k)))]
 
@@ -117,6 +118,13 @@ class Comparison:
         config = run_dir / "config.json"
         given = json.loads(config.read_text()).get("given", {}) if config.exists() else {}
         problems = config_mismatch(spec.settings, given) if given else []
+        made_with = given.get("precision", "auto")
+        if given and made_with != spec.settings.get("precision", "auto"):
+            from .store import local_dtype
+
+            computed = json.loads((run_dir / "summary.json").read_text()).get("compute-dtype")
+            if computed != (planned := local_dtype(spec.settings)):
+                problems.append(f"computed in {computed}, planned {planned}")
         if problems:
             raise CompareError(f"{run_dir} was made with other settings ({'; '.join(problems[:4])}); "
                                "choose another --name (or --out) for these settings")
