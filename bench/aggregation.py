@@ -19,7 +19,7 @@ import statistics
 import torch
 from common import describe, timed
 
-from safedlora_app import adapter_math as am
+from safedlora_app.core import adapter_math as am
 
 
 def dense(bs, as_, weights, rank):

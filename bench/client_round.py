@@ -31,12 +31,12 @@ def build_message(workdir: Path, run_config: dict) -> None:
     from flwr.supercore.task_identity import TaskIdentity
     from safetensors.torch import save_file
 
-    from safedlora_app import payload as pl
-    from safedlora_app.config import RunConfig
-    from safedlora_app.data import SENTIMENTS
-    from safedlora_app.model import adapted_modules, full_state, head_parameters, load_base_model, module_shapes
-    from safedlora_app.round_plan import initial_tensors
-    from safedlora_app.strategy import SAFedLoRA
+    from safedlora_app.core import payload as pl
+    from safedlora_app.core.config import RunConfig
+    from safedlora_app.core.data import SENTIMENTS
+    from safedlora_app.core.model import adapted_modules, full_state, head_parameters, load_base_model, module_shapes
+    from safedlora_app.core.round_plan import initial_tensors
+    from safedlora_app.server.strategy import SAFedLoRA
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     config = RunConfig.from_mapping(run_config)
@@ -65,8 +65,8 @@ def child(workdir: Path, run_config: dict, node_config: dict) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
     from safetensors.torch import load_file
 
-    from safedlora_app import payload as pl
     from safedlora_app.client_app import train_handler
+    from safedlora_app.core import payload as pl
     imported = time.perf_counter()
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     content = RecordDict({"arrays": pl.pack(load_file(str(workdir / "arrays.st"))),

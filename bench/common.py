@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import torch
 
-from safedlora_app.config import RunConfig
-from safedlora_app.data import load_task_data
-from safedlora_app.model import adapted_modules, load_base_model, load_preprocessor, pick_device
-from safedlora_app.node_resources import node_resources
-from safedlora_app.training import Encoded, compute_dtype
+from safedlora_app.client.node_resources import node_resources
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.data import load_task_data
+from safedlora_app.core.model import adapted_modules, load_base_model, load_preprocessor, pick_device
+from safedlora_app.core.training import Encoded, compute_dtype
 
 
 def setup(precision: str = "auto", threads: int = 0):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from safedlora_app.config import RunConfig
-from safedlora_app.data import SENTIMENTS
-from safedlora_app.model import adapted_modules, head_parameters, load_base_model, module_shapes
-from safedlora_app.simulation import LocalFlower
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.data import SENTIMENTS
+from safedlora_app.core.model import adapted_modules, head_parameters, load_base_model, module_shapes
+from safedlora_app.tools.simulation import LocalFlower
 
 
 def floors(config: RunConfig) -> tuple[dict[str, int], int]:

@@ -18,8 +18,8 @@ import copy
 import torch
 from common import alternate, describe, header, ratio_line, setup, timed
 
-from safedlora_app.model import build_lora_model
-from safedlora_app.training import autocast, evaluate
+from safedlora_app.core.model import build_lora_model
+from safedlora_app.core.training import autocast, evaluate
 
 
 def main() -> None:

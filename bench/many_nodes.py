@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from safedlora_app.simulation import LocalFlower
+from safedlora_app.tools.simulation import LocalFlower
 
 MB = 2**20
 

@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from safedlora_app.simulation import LocalFlower
+from safedlora_app.tools.simulation import LocalFlower
 
 SETTINGS = {
     "default": ("", ""),

@@ -22,8 +22,8 @@ import torch
 from common import alternate, describe, header, ratio_line, setup, timed
 from peft import LoraConfig, get_peft_model
 
-from safedlora_app.model import build_lora_model
-from safedlora_app.training import autocast, train
+from safedlora_app.core.model import build_lora_model
+from safedlora_app.core.training import autocast, train
 
 
 def main() -> None:

@@ -15,10 +15,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import payload as pl
-from .config import RunConfig, node_max_rank, node_name
-from .data import DataError
-from .model import (
+from safedlora_app.client.node_resources import base_with_backbone, node_resources
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import RunConfig, node_max_rank, node_name
+from safedlora_app.core.data import DataError
+from safedlora_app.core.model import (
     build_lora_model,
     full_state,
     get_lora_weights,
@@ -28,11 +29,10 @@ from .model import (
     pick_device,
     set_lora_weights,
 )
-from .node_resources import base_with_backbone, node_resources
-from .payload import ARRAYS, LIMITS, METRICS, NODE
-from .round_plan import FULL
-from .seeds import holdout_split, mix_seed, sample_indices
-from .training import compute_dtype, evaluate, train
+from safedlora_app.core.payload import ARRAYS, LIMITS, METRICS, NODE
+from safedlora_app.core.round_plan import FULL
+from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
+from safedlora_app.core.training import compute_dtype, evaluate, train
 
 app = ClientApp()
 
@@ -54,7 +54,7 @@ def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[i
     of the rows are held out by a fixed seed in every round, so they are never trained on."""
     fraction = config.eval_fraction if config.fraction_evaluate > 0 else 0.0
     try:
-        return holdout_split(size, fraction, mix_seed(config.seed, partition_id, 3))
+        return holdout_split(size, fraction, mix_seed(config.seed, partition_id, Stream.HOLDOUT))
     except ValueError as error:
         raise DataError(f"eval-fraction = {config.eval_fraction}: {error} (this node's data is too small)") from error
 
@@ -95,13 +95,14 @@ def train_handler(msg: Message, context: Context) -> Message:
     indices = [rows[i] for i in sample_indices(len(rows), config.local_samples, sample_seed)]
     hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
                  lr=float(round_config["lr"]), weight_decay=config.weight_decay,
-                 prox_mu=float(round_config["prox-mu"]), seed=mix_seed(config.seed, server_round, partition_id, 1),
+                 prox_mu=float(round_config["prox-mu"]),
+                 seed=mix_seed(config.seed, server_round, partition_id, Stream.TRAINING),
                  device=device, dtype=compute_dtype(config.precision, device), warmup_steps=config.warmup_steps,
                  optimizer_name=config.optimizer, momentum=config.momentum)
 
     # Dropout draws from torch's global generator: seed it per (run, round, node), so that a round gives the
     # same update whatever this process ran before (a resumed run repeats an uninterrupted one exactly).
-    torch.manual_seed(mix_seed(config.seed, server_round, partition_id, 2))
+    torch.manual_seed(mix_seed(config.seed, server_round, partition_id, Stream.INITIALISATION))
     received = pl.unpack(msg.content[ARRAYS])
     model, ranks = _received_model(received, round_config, config, resources, max_rank)
     if round_config["kind"] == FULL:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -13,12 +15,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from . import checkpoint
-from . import payload as pl
-from .config import ConfigError, RunConfig
-from .data import DataError, load_task_data
-from .global_model import GlobalModel
-from .model import (
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.data import DataError, TaskData, load_task_data
+from safedlora_app.core.model import (
     ModelError,
     adapted_modules,
     full_state,
@@ -29,11 +29,13 @@ from .model import (
     module_shapes,
     pick_device,
 )
-from .outputs import BestRound, RunRecorder, run_directory, write_json
-from .round_deadline import DeadlineGrid
-from .round_plan import initial_tensors
-from .strategy import NotEnoughNodes, SAFedLoRA
-from .training import Encoded, compute_dtype, evaluate
+from safedlora_app.core.round_plan import initial_tensors
+from safedlora_app.core.training import Encoded, compute_dtype, evaluate
+from safedlora_app.server import checkpoint
+from safedlora_app.server.global_model import GlobalModel
+from safedlora_app.server.outputs import BestRound, RunRecorder, run_directory, write_json
+from safedlora_app.server.round_deadline import DeadlineGrid
+from safedlora_app.server.strategy import NotEnoughNodes, SAFedLoRA
 
 app = ServerApp()
 #: ``best-round-<t>/``: the model of the round with the lowest held-out loss, next to the last round's.
@@ -98,24 +100,98 @@ def resume_point(config: RunConfig, run_dir: Path) -> checkpoint.Checkpoint:
     return point
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Everything a run checks before round 1: config values, data columns, model, target modules."""
+
+    config: RunConfig
+    task_data: TaskData | None  # None without central evaluation
+    label_names: tuple[str, ...]
+    base: torch.nn.Module
+    preprocessor: Any
+    head_modules: list[str]
+    modules: list[str]
+    heads: list[str]
+
+    @classmethod
+    def check(cls, context: Context) -> Setup:
+        """Raises ConfigError, DataError or ModelError (logged) on the first problem."""
+        try:
+            config = RunConfig.from_mapping(context.run_config)
+            task_data, label_names = server_data(config)
+            base = load_base_model(config.model_name, config.task, label_names, seed=config.seed)
+            preprocessor = load_preprocessor(config.model_name, config.task)
+            head_modules = config.module_names(config.head_modules)
+            modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
+            return cls(config, task_data, label_names, base, preprocessor, head_modules, modules,
+                       head_parameters(base, head_modules))
+        except (ConfigError, DataError, ModelError) as error:
+            log(ERROR, "invalid run config: %s", error)
+            raise
+
+
+class RoundEnd:
+    """Flower's ``evaluate_fn``: after each round, evaluate the model it ended with (every ``eval-every``
+    rounds), write the round's line, keep the best round's model, and write the checkpoint.
+
+    Flower counts rounds from 1 in every invocation; a resumed run continues its own count from ``first_round``.
+    """
+
+    def __init__(self, setup: Setup, run_dir: Path, recorder: RunRecorder, global_model: GlobalModel,
+                 parts: tuple[checkpoint.Stateful, ...], first_round: int):
+        config = setup.config
+        self.setup, self.run_dir, self.recorder, self.global_model = setup, run_dir, recorder, global_model
+        self.parts, self.first_round = parts, first_round
+        self.best = BestRound.of(recorder.records)  # its model was saved before an interruption
+        self.test = (Encoded.from_dataset(setup.task_data.test, setup.preprocessor, setup.task_data.input_column,
+                                          config.max_seq_len) if setup.task_data is not None else None)
+        self.device = pick_device()
+        self.dtype = compute_dtype(config.precision, self.device)
+
+    def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if self.first_round > 1 and flower_round == 0:
+            return None  # the initial model of a resumed run was evaluated before the interruption
+        config, server_round = self.setup.config, flower_round + self.first_round - 1 if flower_round else 0
+        result, ranks = None, None
+        if config.evaluates(server_round) and self.test is not None:
+            started = time.perf_counter()
+            model, ranks = self.global_model.build(server_round, arrays, merged=True)
+            result = evaluate(model, self.test, batch_size=config.eval_batch_size,
+                              num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
+            result["eval-seconds"] = time.perf_counter() - started
+        elif config.evaluates(server_round) and server_round > 0:
+            ranks = self.global_model.ranks(server_round, arrays)
+        if self.best.offer(self.recorder.record(server_round, result, ranks)):
+            self.save_model(server_round, arrays, self.run_dir / f"{BEST_PREFIX}{server_round}")
+        checkpoint.save(self.run_dir, server_round, pl.unpack(arrays),
+                        {"given": config.to_dict(), **checkpoint.collect(self.parts)})
+        self.prune_best()
+        return MetricRecord(result) if result else None
+
+    def save_model(self, server_round: int, arrays: ArrayRecord, folder: Path) -> Path:
+        return self.global_model.save(server_round, arrays, folder, self.setup.preprocessor,
+                                      model_source(self.setup.config.model_name))
+
+    def prune_best(self) -> None:
+        """Delete every ``best-round-*`` folder but the best round's. Called once the checkpoint names that
+        round, so that a crash in between leaves the folder a resumed run's records point to."""
+        for old in self.run_dir.glob(f"{BEST_PREFIX}*"):
+            if old.name != f"{BEST_PREFIX}{self.best.round}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    def describe(self) -> str:
+        if self.test is None:
+            return "no central evaluation (central-eval = false)"
+        return f"{len(self.test)} held-out rows evaluated in {str(self.dtype).removeprefix('torch.')} on " \
+               f"{self.device.type}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Everything is checked before round 1: config values, data columns, model, target modules."""
-    try:
-        config = RunConfig.from_mapping(context.run_config)
-        effective = config.effective
-        task_data, label_names = server_data(config)
-        base = load_base_model(config.model_name, config.task, label_names, seed=config.seed)
-        preprocessor = load_preprocessor(config.model_name, config.task)
-        head_modules = config.module_names(config.head_modules)
-        modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
-        heads = head_parameters(base, head_modules)
-    except (ConfigError, DataError, ModelError) as error:
-        log(ERROR, "invalid run config: %s", error)
-        raise
+    setup = Setup.check(context)
+    config, effective = setup.config, setup.config.effective
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-
     try:
         run_dir = run_directory(config)
         resumed = resume_point(config, run_dir) if config.resume else None
@@ -123,76 +199,31 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "cannot start the run: %s", error)
         raise
     write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
-                                         "label-names": list(label_names)})
-    state = full_state(base, heads)
-    shapes = module_shapes(base, modules)
-    recorder = RunRecorder(run_dir, config.num_server_rounds)
+                                         "label-names": list(setup.label_names)})
+    state = full_state(setup.base, setup.heads)
+    shapes = module_shapes(setup.base, setup.modules)
     first_round = resumed.server_round + 1 if resumed else 1
+    recorder = RunRecorder(run_dir, config.num_server_rounds)
+    strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
+                         rounds=recorder, first_round=first_round)
+    deadlines = DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor)
+    parts = (recorder, strategy, deadlines)
     if resumed:
-        recorder.restore(resumed.state["records"])
-        checkpoint.restore_rng(resumed.state["rng"])
+        checkpoint.restore(resumed, parts)
         log(INFO, "resuming run %s at round %d of %d from %s", run_dir.name, first_round, config.num_server_rounds,
             run_dir / checkpoint.DIRECTORY)
-    best = BestRound.of(recorder.records)  # its model was saved before an interruption
-    strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
-                         rounds=recorder, first_round=first_round,
-                         node_backbone={int(k): v for k, v in resumed.state["node-backbone"].items()} if resumed
-                         else None)
-    global_model = GlobalModel(base, effective, shapes, head_modules)
-    test = (Encoded.from_dataset(task_data.test, preprocessor, task_data.input_column, config.max_seq_len)
-            if config.central_eval else None)
-    device = pick_device()
-    dtype = compute_dtype(config.precision, device)
-    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %s; outputs in %s", run_dir.name, config.method, len(modules),
-        f"{len(test)} held-out rows evaluated in {str(dtype).removeprefix('torch.')} on {device.type}" if test
-        else "no central evaluation (central-eval = false)", run_dir)
-
-    def prune_best() -> None:
-        """Delete every ``best-round-*`` folder but the best round's. Called once the checkpoint names that
-        round, so that a crash in between leaves the folder a resumed run's records point to."""
-        for old in run_dir.glob(f"{BEST_PREFIX}*"):
-            if old.name != f"{BEST_PREFIX}{best.round}":
-                shutil.rmtree(old, ignore_errors=True)
-
-    def central_evaluation(flower_round: int, arrays) -> MetricRecord | None:
-        """Evaluate the model the round ended with (every ``eval-every`` rounds), write the round's line and
-        the checkpoint. Flower counts rounds from 1 in every invocation; a resumed run continues its own count."""
-        if resumed and flower_round == 0:
-            return None  # the initial model of a resumed run was evaluated before the interruption
-        server_round = flower_round + first_round - 1 if flower_round else 0
-        result, ranks = None, None
-        if config.evaluates(server_round) and test is not None:
-            started = time.perf_counter()
-            model, ranks = global_model.build(server_round, arrays, merged=True)
-            result = evaluate(model, test, batch_size=config.eval_batch_size,
-                              num_classes=len(label_names), device=device, dtype=dtype)
-            result["eval-seconds"] = time.perf_counter() - started
-        elif config.evaluates(server_round) and server_round > 0:
-            ranks = global_model.ranks(server_round, arrays)
-        line = recorder.record(server_round, result, ranks)
-        if best.offer(line):
-            global_model.save(server_round, arrays, run_dir / f"{BEST_PREFIX}{server_round}", preprocessor,
-                              model_source(config.model_name))
-        checkpoint.save(run_dir, server_round, pl.unpack(arrays), {
-            "given": config.to_dict(), "records": recorder.records, "longest-round-seconds": deadlines.longest,
-            "node-backbone": {str(k): v for k, v in strategy.node_backbone.items()}})
-        prune_best()
-        return MetricRecord(result) if result else None
+    round_end = RoundEnd(setup, run_dir, recorder, GlobalModel(setup.base, effective, shapes, setup.head_modules),
+                         parts, first_round)
+    log(INFO, "SA-FedLoRA run %s: %s, %d LoRA modules, %s; outputs in %s", run_dir.name, config.method,
+        len(setup.modules), round_end.describe(), run_dir)
 
     start = time.perf_counter()
     initial = pl.pack(resumed.tensors if resumed else initial_tensors(effective, state))
-    deadlines = DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor,
-                             longest=resumed.state.get("longest-round-seconds") if resumed else None)
+    labels = ConfigRecord({"label-names": list(setup.label_names)})
     try:
-        result = strategy.start(
-            grid=deadlines,
-            initial_arrays=initial,
-            num_rounds=config.num_server_rounds - first_round + 1,
-            timeout=config.round_timeout,
-            train_config=ConfigRecord({"label-names": list(label_names)}),
-            evaluate_config=ConfigRecord({"label-names": list(label_names)}),
-            evaluate_fn=central_evaluation,
-        )
+        result = strategy.start(grid=deadlines, initial_arrays=initial, timeout=config.round_timeout,
+                                num_rounds=config.num_server_rounds - first_round + 1, train_config=labels,
+                                evaluate_config=labels, evaluate_fn=round_end)
     except NotEnoughNodes as error:
         log(ERROR, "%s. The checkpoint after round %d is in %s: once nodes are back, run again with "
             "resume = true and run-name = %r to continue", error, recorder.records[-1]["round"],
@@ -201,16 +232,20 @@ def main(grid: Grid, context: Context) -> None:
     # A resumed run that aggregated nothing new still ends with the checkpoint's trained arrays.
     final_arrays = initial if resumed and len(result.arrays) == 0 else trained_arrays(
         result, run_dir.name, config.num_server_rounds)
-    model_dir = global_model.save(config.num_server_rounds, final_arrays, run_dir, preprocessor,
-                                  model_source(config.model_name))
+    finish(round_end, round_end.save_model(config.num_server_rounds, final_arrays, run_dir),
+           time.perf_counter() - start)
+
+
+def finish(round_end: RoundEnd, model_dir: Path, wall_seconds: float) -> None:
+    """Write summary.json and the plots, and log the run's last line."""
+    config, run_dir, best = round_end.setup.config, round_end.run_dir, round_end.best
     best_dir = run_dir / f"{BEST_PREFIX}{best.round}"
     best_model = next((d for d in (best_dir / "adapter", best_dir / "model") if d.is_dir()), None)
-    summary = {**recorder.summary(config, time.perf_counter() - start, model_dir, best, best_model),
-               "device": device.type, "compute-dtype": str(dtype).removeprefix("torch.")}
+    summary = {**round_end.recorder.summary(config, wall_seconds, model_dir, best, best_model),
+               "device": round_end.device.type, "compute-dtype": str(round_end.dtype).removeprefix("torch.")}
     write_json(run_dir / "summary.json", summary)
-    recorder.plot(run_dir)
-    accuracy = summary["final-accuracy"]
-    federated = summary["final-fed-accuracy"]
+    round_end.recorder.plot(run_dir)
+    accuracy, federated = summary["final-accuracy"], summary["final-fed-accuracy"]
     log(INFO, "SA-FedLoRA run %s finished: %s%s, %.2f MB sent in total; outputs in %s", run_dir.name,
         "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%",
         "" if federated is None else f", federated accuracy {100 * federated:.1f}%", summary["total-mb"], run_dir)

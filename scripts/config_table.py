@@ -1,5 +1,5 @@
-"""The run-config table of docs/configuration.md, generated from ``RunConfig`` (each key's default and help, said
-once).
+"""The run-config table of docs/configuration.md, generated from ``RunConfig`` (each key's default, allowed
+values and help, said once).
 
     python scripts/config_table.py          # print the table
     python scripts/config_table.py --write  # replace the table in docs/configuration.md
@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from safedlora_app.config import RunConfig
+from safedlora_app.core.config import RunConfig, allowed
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-HEADER = "| key | default | meaning |\n|---|---|---|\n"
+HEADER = "| key | default | allowed | meaning |\n|---|---|---|---|\n"
 
 
 def cell(text: str) -> str:
@@ -30,7 +30,8 @@ def table() -> str:
     rows = []
     for f in dataclasses.fields(RunConfig):
         default = json.dumps(f.default) if isinstance(f.default, (str, bool)) else repr(f.default)  # as in TOML
-        rows.append(f"| `{f.name.replace('_', '-')}` | `{default}` | {cell(f.metadata['help'])} |\n")
+        key = f.name.replace("_", "-")
+        rows.append(f"| `{key}` | `{default}` | {cell(allowed(f))} | {cell(f.metadata['help'])} |\n")
     return HEADER + "".join(rows)
 
 

@@ -19,16 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safedlora_app import training  # noqa: E402  (torch and safetensors only)
+from safedlora_app.core import training  # noqa: E402  (torch and safetensors only)
 
 
 def device() -> tuple[torch.device, str]:
     """The app's own ``pick_device`` when it imports (it needs flwr), else the same rule."""
     try:
-        from safedlora_app.model import pick_device
+        from safedlora_app.core.model import pick_device
     except ImportError as error:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu"), f"restated ({error.name} missing)"
-    return pick_device(), "safedlora_app.model.pick_device"
+    return pick_device(), "safedlora_app.core.model.pick_device"
 
 
 def main() -> int:

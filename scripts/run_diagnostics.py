@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from safedlora_app.compare.plan import RunSpec
+from safedlora_app.tools.compare.plan import RunSpec
 
 SERIES = {
     "test loss (evaluated rounds)": "loss",

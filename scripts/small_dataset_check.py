@@ -20,8 +20,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from safedlora_app.data import SENTIMENTS, load_default_tweets
-from safedlora_app.simulation import LocalFlower
+from safedlora_app.core.data import SENTIMENTS, load_default_tweets
+from safedlora_app.tools.simulation import LocalFlower
 
 ROWS, TEST_SIZE, ROUNDS, SEEDS, METHODS = 1000, 200, 10, (42, 43, 44), ("fedit", "sa-fedlora")
 

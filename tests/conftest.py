@@ -1,9 +1,13 @@
 """Shared test setup: offline Hugging Face, a temporary Flower home, no telemetry."""
 
+import contextlib
+import io
 import json
+import logging
 import os
 import tempfile
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,13 +177,45 @@ def run_config(tmp_path, cache_dir):
 def finished_run(tmp_path_factory, cache_dir):
     """``finished_run(**overrides)``: the tiny in-process run with these overrides, run once per session and
     shared by every test that asks for the same one (treat its files as read-only). Returns (config, run_dir,
-    metrics rows, summary)."""
+    metrics rows, summary); ``finished_run.output[run_dir]`` is what the run printed: Flower's log lines, then
+    stderr (progress bars), then the warnings it raised, one per line."""
     runs = {}
 
     def run(**overrides):
         key = tuple(sorted(overrides.items()))
         if key not in runs:
             config = tiny_run_config(tmp_path_factory.mktemp("run"), cache_dir, run_name="run", **overrides)
-            runs[key] = (config, *run_server(config))
+            with captured_output() as output:
+                runs[key] = (config, *run_server(config))
+            run.output[runs[key][1]] = output.text()
         return runs[key]
+    run.output = {}
     return run
+
+
+class _Output:
+    def __init__(self):
+        self.lines, self.stderr, self.warnings = [], io.StringIO(), []
+
+    def text(self) -> str:
+        return "\n".join([*self.lines, self.stderr.getvalue(), *self.warnings])
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Flower's log records (as formatted messages), stderr and every warning raised inside the block."""
+    output, flower = _Output(), logging.getLogger("flwr")
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            output.lines.append(record.getMessage())
+
+    handler = Collect()
+    flower.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(output.stderr):
+            warnings.simplefilter("always")
+            yield output
+        output.warnings = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+    finally:
+        flower.removeHandler(handler)

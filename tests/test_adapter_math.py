@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from safedlora_app import adapter_math as am
+from safedlora_app.core import adapter_math as am
 
 
 def _factors(d_out, d_in, rank, seed):
@@ -132,7 +132,7 @@ def test_dead_component_gets_no_gradient_until_revived():
 
 
 def test_wire_packing_round_trips_and_rejects_another_layout():
-    from safedlora_app import payload as pl
+    from safedlora_app.core import payload as pl
 
     shapes = {"m0": (6, 4), "m1": (5, 3)}
     ranks = {"m1": 2, "m0": 3}  # the round's order, not the shapes' order

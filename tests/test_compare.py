@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from safedlora_app.compare import cli, plan, runner, tables
-from safedlora_app.compare.store import RunStore, local_dtype
-from safedlora_app.config import RunConfig
-from safedlora_app.schedule import round_budget
-from safedlora_app.simulation import APP_ROOT
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.schedule import round_budget
+from safedlora_app.tools.compare import cli, plan, runner, tables
+from safedlora_app.tools.compare.store import RunStore, local_dtype
+from safedlora_app.tools.simulation import APP_ROOT
 
 BASE = {**plan.PRESETS["full"].settings, "num-server-rounds": 8, **plan.stage_rounds(8), "lr": 0.002, "full-lr": 5e-05}
 
@@ -442,7 +442,7 @@ def heavy_modules_after(code: str) -> set[str]:
 
 def heavy_modules_imported_by(*argv: str) -> set[str]:
     """The ``HEAVY_MODULES`` that ``safedlora *argv`` imports."""
-    return heavy_modules_after(f"from safedlora_app.compare import cli\ntry:\n    cli.main({list(argv)!r})\n"
+    return heavy_modules_after(f"from safedlora_app.tools.compare import cli\ntry:\n    cli.main({list(argv)!r})\n"
                                "except SystemExit:\n    pass")
 
 

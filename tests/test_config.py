@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from safedlora_app.config import ConfigError, RunConfig
+from safedlora_app.core.config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -30,7 +30,6 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"heat-fraction": 1.5}, "heat-fraction = 1.5 is not allowed; it must be in [0, 1]"),
     ({"aggregation": "mean"}, "aggregation = 'mean' is not allowed; choose one of: product, factors"),
     ({"central-eval": False}, "central-eval = false is not allowed with label-names = ''"),
-    ({"label-names": "pos,pos"}, "label-names = 'pos,pos' is not allowed; give at least 2 distinct class names"),
     ({"wire-dtype": "bfloat16"}, "wire-dtype = 'bfloat16' is not allowed; choose one of: float32, float16"),
     ({"resume": True, "run-name": ""}, "resume = true is not allowed with run-name = ''"),
     ({"round-deadline-factor": -1.0}, "round-deadline-factor = -1.0 is not allowed; it must be >= 0"),
@@ -54,6 +53,38 @@ def test_bad_values_are_rejected_with_a_clear_message(overrides, message):
 
 def test_toml_integers_become_floats_where_floats_are_expected():
     assert RunConfig.from_mapping({"lr": 1, "rank-max": 4.0}).lr == 1.0
+    assert RunConfig(lr=1, rank_max=4.0) == RunConfig(lr=1.0, rank_max=4)  # however the config is made
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RunConfig(lr=0.0),
+    lambda: dataclasses.replace(RunConfig(), rank_min=9),
+    lambda: dataclasses.replace(RunConfig(), method="fedsgd"),
+    lambda: RunConfig(batch_size=True),
+])
+def test_no_way_of_making_a_config_skips_validation(make):
+    with pytest.raises(ConfigError, match="is not allowed"):
+        make()
+
+
+def test_choices_are_the_literal_types_and_match_what_uses_them():
+    from safedlora_app.core import config
+    from safedlora_app.core.schedule import LR_DECAYS, SHRINK_CURVES
+
+    assert config.SCHEDULES == tuple(SHRINK_CURVES) and set(config.LrDecay.__args__) == set(LR_DECAYS)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert config.allowed(fields["method"]) == "one of: sa-fedlora, fedavg, fedprox, fedit"
+    assert config.allowed(fields["fraction_train"]) == "in (0, 1]" and config.allowed(fields["lr"]) == "> 0"
+    assert config.allowed(fields["model_name"]) == ""
+
+
+def test_validation_reads_no_file_and_the_label_list_checks_the_names(tmp_path, monkeypatch):
+    config = RunConfig(label_names=str(tmp_path / "labels.txt"), central_eval=False)
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("validation opened a file"))
+    config.validate()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="label-names = 'pos,pos' is not allowed; give at least 2 distinct class"):
+        RunConfig(label_names="pos,pos").label_list()
 
 
 def test_method_presets_override_stage_keys():
@@ -68,7 +99,7 @@ def test_method_presets_override_stage_keys():
     RunConfig.from_mapping({"method": "fedit", "init-rounds": 11, "num-server-rounds": 3})
     fedit = RunConfig.from_mapping({"method": "fedit", "num-server-rounds": 2, "heat-rounds": 2, "cool-rounds": 1})
     assert (fedit.effective.heat_rounds, fedit.effective.cool_rounds) == (0, 0)
-    from safedlora_app.round_plan import budget
+    from safedlora_app.core.round_plan import budget
     assert [budget(fedit.effective, r, 12) for r in (1, 2)] == [96, 96]
 
 
@@ -134,8 +165,8 @@ def test_a_profile_replaces_defaults_only():
 
 
 def test_the_accurate_profile_is_what_the_comparison_measured():
-    from safedlora_app.compare.plan import LONG_RUN, METHODS, PRESETS
-    from safedlora_app.profiles import ACCURATE_ADAPTER, PROFILES
+    from safedlora_app.core.profiles import ACCURATE_ADAPTER, PROFILES
+    from safedlora_app.tools.compare.plan import LONG_RUN, METHODS, PRESETS
 
     assert METHODS["sa-all-r16"] == {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER}
     assert METHODS["sa-all-r16-32r"] == {**METHODS["sa-all-r16"], **LONG_RUN}

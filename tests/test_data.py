@@ -1,4 +1,4 @@
-"""Tests for safedlora_app.data (offline, real data only)."""
+"""Tests for safedlora_app.core.data (offline, real data only)."""
 
 import os
 import tempfile
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from safedlora_app import data as D  # noqa: E402
+from safedlora_app.core import data as D  # noqa: E402
 
 TOPIC_COUNTS = {"airline": 14657, "deflategate": 9303, "driverless": 4157, "coachella": 3748,
                 "apple": 3598, "claritin": 1695, "other": 1000}
@@ -286,3 +286,12 @@ def test_imagefolder_real_digits(tmp_path):
         assert isinstance(row["image"], PILImage.Image) and row["image"].size == (32, 32)
         assert isinstance(row["label"], int)
         assert td.label_names[row["label"]] == truth[np.asarray(row["image"].convert("L")).tobytes()]
+
+
+def test_loading_prints_no_progress_bar_and_leaves_the_setting_alone(tmp_path, capfd):
+    # The held-out split copies rows; its "Flattening the indices" bar repeated in every node's log, every round.
+    datasets.enable_progress_bars()
+    D.load_task_data(str(_write_csv(tmp_path / "fresh.csv")), text_column="sentence", label_column="sentiment",
+                     test_size=4)
+    assert "Flattening" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()  # a user's own datasets calls keep their bars

@@ -10,7 +10,7 @@ docker/compose.yml itself runs on a real Docker engine in tests/test_compose.py.
 Processes start in their own sessions and are stopped in the fixture teardown: each started process
 and every descendant (the SuperLink detaches its SuperExec), never by name. The process helpers
 (environment, free ports, run status, stopping) are the ones ``safedlora compare`` uses
-(``safedlora_app.simulation``).
+(``safedlora_app.tools.simulation``).
 SAFEDLORA_DEPLOY_APP_DIR points the tests at another Flower app with the same run-config keys.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from safedlora_app.simulation import flower_env, free_port, run_status, stop_processes
+from safedlora_app.tools.simulation import flower_env, free_port, run_status, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = Path(os.environ.get("SAFEDLORA_DEPLOY_APP_DIR", ROOT)).resolve()
@@ -260,7 +260,7 @@ def test_a_server_without_data_node_local_files_federated_evaluation_and_a_broke
     """The server loads no dataset (central-eval = false, label-names; its dataset-name does not exist). Two
     nodes train and evaluate on their own CSVs (one with a node-local model path); a node whose data-path is
     missing fails with a clear error that the server logs with its node id, and the run goes on."""
-    from safedlora_app.model import default_model_dir
+    from safedlora_app.core.model import default_model_dir
 
     d = deployment
     local_csv, other_csv = tmp_path / "local.csv", tmp_path / "other.csv"

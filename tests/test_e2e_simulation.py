@@ -10,10 +10,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from safedlora_app.data import load_task_data
-from safedlora_app.model import load_preprocessor
-from safedlora_app.simulation import APP_ROOT, BIN, LocalFlower
-from safedlora_app.training import Encoded, evaluate
+from safedlora_app.core.data import load_task_data
+from safedlora_app.core.model import load_preprocessor
+from safedlora_app.core.training import Encoded, evaluate
+from safedlora_app.tools.simulation import APP_ROOT, BIN, LocalFlower
 
 # One worker runs every simulation (pytest-xdist --dist loadgroup): they share the module's SuperLink, and each
 # keeps both cores busy training, so that running two at once only makes both slower.
@@ -70,6 +70,12 @@ def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accurac
     saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     assert saved == rows[-1]["model-ranks"] and sum(saved.values()) == 12
     assert "[round 4/4] annealing | budget 12" in output  # the readable per-round line
+    # The user's log: one line per round, no progress bars, no deprecation warnings (issue #23 §4).
+    assert [line.split("[round ")[1][:3] for line in output.splitlines() if "[round " in line] == \
+        ["0/4", "1/4", "2/4", "3/4", "4/4"]
+    for noise in ("[ROUND", "MetricRecord", "Final results", "Flattening the indices", "Loading weights",
+                  "FutureWarning", "DeprecationWarning"):
+        assert noise not in output, (noise, output[-4000:])
     # eval-every=2: round 1 is not evaluated; round 0, 2 and the last three are.
     assert [r["accuracy"] is None for r in rows] == [False, True, False, False, False]
     assert "[round 1/4] initiating | budget 48 (ranks 4-4) |" in output and "| not evaluated |" in output

@@ -8,11 +8,11 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_strategy import FakeGrid, initial, make_strategy, reply, send, trained
 
-from safedlora_app import payload as pl
-from safedlora_app.config import ConfigError, RunConfig
-from safedlora_app.outputs import RoundLog
-from safedlora_app.replies import evaluation_problem
-from safedlora_app.seeds import holdout_split
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.seeds import holdout_split
+from safedlora_app.server.outputs import RoundLog
+from safedlora_app.server.replies import evaluation_problem
 
 
 @pytest.fixture(autouse=True)

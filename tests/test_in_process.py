@@ -15,13 +15,13 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from safedlora_app import client_app
-from safedlora_app import payload as pl
-from safedlora_app.config import ConfigError, RunConfig
-from safedlora_app.data import DataError
-from safedlora_app.model import module_shapes
-from safedlora_app.node_resources import node_resources
-from safedlora_app.replies import evaluation_problem
-from safedlora_app.round_plan import plan_round
+from safedlora_app.client.node_resources import node_resources
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.data import DataError
+from safedlora_app.core.model import module_shapes
+from safedlora_app.core.round_plan import plan_round
+from safedlora_app.server.replies import evaluation_problem
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,16 @@ def test_num_server_rounds_alone_runs_end_to_end(finished_run, rounds):
     assert [p.name for p in run_dir.glob("best-round-*")] == [f"best-round-{best['round']}"]
     saved_best = json.loads((Path(summary["best-model-dir"]) / "adapter_config.json").read_text())["rank_pattern"]
     assert saved_best == best["model-ranks"]
+
+
+def test_the_log_has_one_line_per_round_and_no_deprecation_warning(finished_run):
+    _, run_dir, _, _ = finished_run(num_server_rounds=3)
+    output = finished_run.output[run_dir]
+    assert [line[:11] for line in output.splitlines() if line.startswith("[round ")] == \
+        ["[round 0/3]", "[round 1/3]", "[round 2/3]", "[round 3/3]"]
+    for noise in ("[ROUND", "MetricRecord", "Global evaluation", "Final results", "FutureWarning",
+                  "DeprecationWarning"):
+        assert noise not in output, (noise, output)
 
 
 def test_the_accurate_profile_trains_every_linear_layer(run_config):

@@ -1,20 +1,24 @@
-"""Layering: the ClientApp loads no server-side module of the app."""
+"""Layering: core imports no side, the device side loads nothing of the server's, and the server nothing of the
+device's; checked by package prefix, so a new module is covered where it is put."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import safedlora_app
 
 APP = Path(safedlora_app.__path__[0])
-SERVER_SIDE = {"strategy", "server_app", "aggregation", "global_model", "outputs", "plots", "compare", "simulation"}
+PACKAGES = {"core", "server", "client", "tools"}
 
 
 def loaded_app_modules(entry: str) -> set[str]:
+    """Dotted names (below ``safedlora_app.``) of the app's modules that importing ``entry`` loads."""
     code = f"import sys, {entry}; print(' '.join(m for m in sys.modules if m.startswith('safedlora_app.')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return {name.split(".")[1] for name in result.stdout.split()}
+    return {name.removeprefix("safedlora_app.") for name in result.stdout.split()}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -27,15 +31,32 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_the_client_app_loads_no_server_module():
+def packages(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def test_every_module_lives_in_a_package_but_the_two_entry_points():
+    top = {p.name for p in APP.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
+    assert top == PACKAGES | {"client_app.py", "server_app.py"}
+
+
+def test_the_client_app_loads_core_and_client_only():
     client = loaded_app_modules("safedlora_app.client_app")
-    assert "round_plan" in client and "payload" in client  # the check sees what the client really loads
-    assert not client & SERVER_SIDE, client & SERVER_SIDE
+    assert {"core.round_plan", "core.payload", "client.node_resources"} <= client  # the check sees real loads
+    assert packages(client) <= {"core", "client", "client_app"}, client
     # Flower 1.42's own `import flwr` loads flwr.serverapp in every process; none of our client modules asks for it.
     for name in client:
-        imports = imported_modules(APP / f"{name}.py")
-        assert not any(i.startswith("flwr.serverapp") for i in imports), (name, imports)
+        path = APP.joinpath(*name.split(".")).with_suffix(".py")
+        if path.exists():
+            assert not any(i.startswith("flwr.serverapp") for i in imported_modules(path)), name
 
 
-def test_the_server_app_imports_nothing_from_the_client_app():
-    assert "client_app" not in loaded_app_modules("safedlora_app.server_app")
+def test_the_server_app_loads_core_and_server_only():
+    server = loaded_app_modules("safedlora_app.server_app")
+    assert {"server.strategy", "core.round_plan"} <= server
+    assert packages(server) <= {"core", "server", "server_app"}, server
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (APP / "core").glob("*.py") if p.stem != "__init__"))
+def test_core_imports_neither_side(module):
+    assert packages(loaded_app_modules(f"safedlora_app.core.{module}")) <= {"core"}

@@ -9,8 +9,8 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from safedlora_app import adapter_math as am
-from safedlora_app.model import (
+from safedlora_app.core import adapter_math as am
+from safedlora_app.core.model import (
     ModelError,
     adapted_modules,
     build_lora_model,
@@ -18,7 +18,7 @@ from safedlora_app.model import (
     head_parameters,
     set_lora_weights,
 )
-from safedlora_app.training import macro_f1, proximal_term
+from safedlora_app.core.training import macro_f1, proximal_term
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
 
-from safedlora_app import payload as pl
-from safedlora_app.config import ConfigError, RunConfig, node_max_rank
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import ConfigError, RunConfig, node_max_rank
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """The run's outputs: which round's model is kept as the best one (hand-made metrics rows)."""
 
-from safedlora_app.outputs import BestRound, selection_loss
+from safedlora_app.server.outputs import BestRound, selection_loss
 
 
 def row(server_round, loss=None, fed_loss=None):

@@ -10,9 +10,13 @@ from flwr.app import Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from safedlora_app import checkpoint, server_app
-from safedlora_app.checkpoint import CheckpointError
-from safedlora_app.config import RunConfig
+from safedlora_app import server_app
+from safedlora_app.core.config import RunConfig
+from safedlora_app.server import checkpoint
+from safedlora_app.server.checkpoint import CheckpointError
+from safedlora_app.server.outputs import RunRecorder
+from safedlora_app.server.round_deadline import DeadlineGrid
+from safedlora_app.server.strategy import SAFedLoRA
 
 WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "aggregate-seconds", "peak-memory-mb")
 
@@ -126,6 +130,27 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     checkpoint.save(tmp_path, 7, tensors, {"given": {}, "records": []})  # a state without the node map
     with pytest.raises(CheckpointError, match=r"state.json is corrupt or truncated: it lacks node-backbone"):
         checkpoint.load(tmp_path)
+
+
+def test_the_checkpoint_collects_each_parts_state_and_gives_it_back(tmp_path):
+    # The server's stateful parts as the ServerApp builds them; state.json keeps its flat keys.
+    recorder = RunRecorder(tmp_path, 3)
+    recorder.record(0, {"accuracy": 0.5, "macro-f1": 0.4, "loss": 1.0})
+    strategy = SAFedLoRA(RunConfig.from_mapping({"method": "sa-fedlora"}), {"m": (4, 4)}, {})
+    strategy.node_backbone = {7: "ab"}
+    deadlines = DeadlineGrid(grid=None, cap=60.0, factor=3.0)
+    deadlines.longest = 2.5
+    checkpoint.save(tmp_path, 1, {"x": torch.zeros(1)},
+                    {"given": {}, **checkpoint.collect((recorder, strategy, deadlines))})
+    point = checkpoint.load(tmp_path)
+    assert point.state["node-backbone"] == {"7": "ab"} and point.state["longest-round-seconds"] == 2.5
+    fresh = (RunRecorder(tmp_path, 3), SAFedLoRA(strategy.config, {"m": (4, 4)}, {}),
+             DeadlineGrid(grid=None, cap=60.0, factor=3.0))
+    checkpoint.restore(point, fresh)
+    assert fresh[0].records == recorder.records and fresh[1].node_backbone == {7: "ab"} and fresh[2].longest == 2.5
+    # Two parts that claim one key would overwrite each other on resume: refused, naming the part.
+    with pytest.raises(ValueError, match=r"RunRecorder.state_dict\(\) returns \['records'\]"):
+        checkpoint.collect((recorder, recorder))
 
 
 class ShrinkingGrid(InProcessGrid):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from safedlora_app.round_deadline import DeadlineGrid
+from safedlora_app.server.round_deadline import DeadlineGrid
 
 
 class Note:
@@ -63,7 +63,10 @@ def test_the_first_round_gets_round_timeout_and_later_ones_a_multiple_of_the_lon
     grid.send_and_receive([A, B], timeout=3600.0)
     assert inner.timeouts[5] == inner.timeouts[1]
     # A resumed run starts from the checkpointed longest round instead of round-timeout.
-    assert DeadlineGrid(inner, cap=3600.0, factor=3.0, floor=0.01, longest=0.05).deadline() == pytest.approx(0.15)
+    resumed = DeadlineGrid(inner, cap=3600.0, factor=3.0, floor=0.01)
+    resumed.load_state_dict({"longest-round-seconds": 0.05})
+    assert resumed.deadline() == pytest.approx(0.15)
+    assert resumed.state_dict() == {"longest-round-seconds": 0.05}
     assert grid.send_and_receive([], timeout=3600.0) == [] and inner.timeouts[-1] == 3600.0  # empty: untouched
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from safedlora_app.schedule import annealing_budget, round_budget
+from safedlora_app.core.schedule import annealing_budget, round_budget
 
 B_MAX, B_MIN = 96, 24
 
@@ -55,7 +55,7 @@ def test_invalid_inputs():
 
 
 def test_round_lr_factor_cosine_runs_from_one_to_the_final_ratio():
-    from safedlora_app.schedule import round_lr_factor
+    from safedlora_app.core.schedule import round_lr_factor
 
     factors = [round_lr_factor(r, 12, "cosine", 0.1) for r in range(1, 13)]
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1)

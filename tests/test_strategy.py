@@ -7,11 +7,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from safedlora_app import payload as pl
-from safedlora_app.config import RunConfig
-from safedlora_app.round_plan import initial_tensors
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.round_plan import initial_tensors
+from safedlora_app.server.strategy import SAFedLoRA
 from safedlora_app.server_app import trained_arrays
-from safedlora_app.strategy import SAFedLoRA
 
 MODULES = {"m0": (6, 4), "m1": (5, 3)}
 HEAD = {"head.w": (2, 3)}

@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from safedlora_app import adapter_math as am
-from safedlora_app import payload as pl
-from safedlora_app.config import RunConfig
-from safedlora_app.global_model import GlobalModel
-from safedlora_app.model import adapted_modules, build_lora_model, full_state, head_parameters, module_shapes
-from safedlora_app.training import Encoded, compute_dtype, evaluate, macro_f1, train
+from safedlora_app.core import adapter_math as am
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.model import adapted_modules, build_lora_model, full_state, head_parameters, module_shapes
+from safedlora_app.core.training import Encoded, compute_dtype, evaluate, macro_f1, train
+from safedlora_app.server.global_model import GlobalModel
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)]
 

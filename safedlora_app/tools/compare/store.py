@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig
+from safedlora_app.core.config import ConfigError, RunConfig
 
 #: What a stored run holds of the app's outputs: enough for every table, plot and paired difference.
 SMALL_FILES = ("config.json", "summary.json", "metrics.jsonl")
@@ -49,8 +49,8 @@ def run_key(settings: Mapping[str, Any], num_supernodes: int) -> str:
 
 def local_dtype(settings: Mapping[str, Any]) -> str:
     """The compute dtype a run with these settings would use on this machine (``"float32"``, ``"bfloat16"``)."""
-    from ..model import pick_device
-    from ..training import compute_dtype
+    from safedlora_app.core.model import pick_device
+    from safedlora_app.core.training import compute_dtype
 
     return str(compute_dtype(full_config(settings)["precision"], pick_device())).removeprefix("torch.")
 

@@ -3,17 +3,19 @@
 The global ``ArrayRecord`` that Flower passes between rounds holds ``head::*`` always,
 ``backbone::*`` once the backbone is trained (full fine-tuning rounds), and ``lora_A::m`` /
 ``lora_B::m`` once a LoRA round has been aggregated. What each round sends is the round plan
-(:mod:`~safedlora_app.round_plan`); what each node gets of it is :mod:`~safedlora_app.dispatch`; how
-replies combine is :mod:`~safedlora_app.aggregation`. The hooks here only sample nodes, check replies and
+(:mod:`~safedlora_app.core.round_plan`); what each node gets of it is :mod:`~safedlora_app.server.dispatch`; how
+replies combine is :mod:`~safedlora_app.server.aggregation`. The hooks here only sample nodes, check replies and
 count bytes.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,18 +23,32 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from . import payload as pl
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
+from safedlora_app.core.seeds import Draw, mix_seed
+
 from .aggregation import aggregate_round, reply_metrics
-from .config import RunConfig
-from .dispatch import Dispatch, NodeLimits, ask_limits, dispatch
+from .dispatch import Dispatch, NodeLimits, Recipients, Wire, ask_limits, dispatch
 from .outputs import RoundLog, RoundStats
 from .replies import Screened, evaluation_problem, reply_problem, screen
-from .round_plan import FULL, RoundPlan, model_plan, plan_round
-from .seeds import mix_seed
 
 
 class NotEnoughNodes(RuntimeError):
     """Fewer than ``min-nodes`` nodes stayed connected for ``node-wait-timeout`` seconds."""
+
+
+class RepeatedRoundLines(logging.Filter):
+    """Drops the lines of Flower 1.42's ``Strategy.start`` loop that repeat what the recorder's round line says
+    (matched by their exact format strings, so no other record is touched): the round header, the metric dicts
+    after training and evaluation, and the final dump of every round's metrics."""
+
+    FORMATS = frozenset({"", "[ROUND %s/%s]", "\t└──> Aggregated MetricRecord: %s", "Global evaluation",
+                         "\t└──> MetricRecord: %s", "Initial global evaluation results: %s", "Final results:",
+                         "\t%s"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.FORMATS
 
 
 class SAFedLoRA(Strategy):
@@ -54,20 +70,26 @@ class SAFedLoRA(Strategy):
         Where each round's figures go (the ServerApp passes its ``RunRecorder``).
     first_round : int
         The run's round that Flower's round 1 is (> 1 when a run resumes from a checkpoint).
-    node_backbone : mapping, optional
-        Node id -> the trained backbone's hash the node holds (from a checkpoint).
     """
 
     def __init__(self, config: RunConfig, module_shapes: Mapping[str, tuple[int, int]],
                  expected_full: Mapping[str, tuple[int, ...]], rounds: RoundLog | None = None,
-                 first_round: int = 1, node_backbone: Mapping[int, str] | None = None):
+                 first_round: int = 1):
         self.config, self.module_shapes, self.expected_full = config, dict(module_shapes), dict(expected_full)
         self.rounds = rounds if rounds is not None else RoundLog()
         self.offset = first_round - 1
-        self.node_backbone: dict[int, str] = dict(node_backbone or {})  # checkpointed by the ServerApp
+        self.node_backbone: dict[int, str] = {}  # node id -> hash of the trained backbone it holds
         self.node_limits: dict[int, NodeLimits] = {}  # node id -> its declared max-rank and name, asked once
         self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
         self._evaluation: Dispatch | None = None  # the federated evaluation in flight
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: which trained backbone each node holds (see
+        :mod:`~safedlora_app.server.checkpoint`). A node's limits are asked again."""
+        return {"node-backbone": {str(node_id): digest for node_id, digest in self.node_backbone.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.node_backbone = {int(node_id): digest for node_id, digest in state["node-backbone"].items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -88,12 +110,12 @@ class SAFedLoRA(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Federated evaluation after the rounds central evaluation scores: the round's global model
-        (:func:`~safedlora_app.round_plan.model_plan`) to ``fraction-evaluate`` of the nodes."""
+        (:func:`~safedlora_app.core.round_plan.model_plan`) to ``fraction-evaluate`` of the nodes."""
         server_round += self.offset
         if not self.config.fraction_evaluate or not self.config.evaluates(server_round):
             self._evaluation = None
             return []
-        node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, purpose=1)
+        node_ids = self._sample_nodes(server_round, grid, self.config.evaluators_per_round, Draw.EVALUATE)
         tensors = pl.unpack(arrays)
         plan = model_plan(self.config, server_round, tensors, self.module_shapes)
         sent = self._dispatch(plan, tensors, arrays, config, node_ids, MessageType.EVALUATE, grid)
@@ -113,12 +135,12 @@ class SAFedLoRA(Strategy):
         """
         server_round += self.offset
         sent, previous = self._round
-        plan, plans = sent.plan, sent.plans
+        plan, to_node = sent.plan, sent.sent
         stats, start = self.rounds.current, time.perf_counter()
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
         screened = screen(sent.messages, list(replies), lambda node_id, content: reply_problem(
-            content, plans[node_id][1], max_num_examples=self.config.max_num_examples,
-            backbone_hash=sent.backbone_hash or None) if node_id in plans else "answers no message of this round")
+            content, to_node[node_id].reply_shapes, max_num_examples=self.config.max_num_examples,
+            backbone_hash=sent.backbone_hash or None) if node_id in to_node else "answers no message of this round")
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
         valid = self._account(server_round, "training", screened, sent.backbone_hash)
         good = [content for _, content in valid]
@@ -127,7 +149,7 @@ class SAFedLoRA(Strategy):
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
         weights = [float(content[pl.METRICS]["num-examples"]) for content in good]
-        received = [plan.padded(pl.from_wire(pl.unpack(c[pl.ARRAYS]), plans[n][0].ranks, self.module_shapes))
+        received = [plan.padded(pl.from_wire(pl.unpack(c[pl.ARRAYS]), to_node[n].plan.ranks, self.module_shapes))
                     for n, c in valid]
         new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
         metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
@@ -160,6 +182,16 @@ class SAFedLoRA(Strategy):
         return MetricRecord({"fed-accuracy": stats.fed_accuracy, "fed-macro-f1": stats.fed_macro_f1,
                              "fed-loss": stats.fed_loss, "eval-rows": stats.eval_rows})
 
+    def start(self, *args: Any, **kwargs: Any):
+        """Flower's round loop, with its own per-round lines left out: each round's line is the recorder's
+        (``[round t/T] ...``, with the metrics Flower would print as dicts), so a run logs one line per round."""
+        quiet = RepeatedRoundLines()
+        logging.getLogger("flwr").addFilter(quiet)
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            logging.getLogger("flwr").removeFilter(quiet)
+
     def summary(self) -> None:
         c = self.config
         log(INFO, "\t└──> SA-FedLoRA: method=%s, %d modules, ranks %d..%d (%s), init-rounds=%d (%s), %s, %s",
@@ -172,9 +204,8 @@ class SAFedLoRA(Strategy):
         if plan.kind != FULL:
             self._ask_limits(grid, node_ids, plan.server_round)
         caps = {n: limits.max_rank for n, limits in self.node_limits.items()}
-        return dispatch(plan, tensors, arrays, config, node_ids, message_type, caps=caps,
-                        node_backbone=self.node_backbone, expected_full=self.expected_full,
-                        lora_scale=self.config.lora_scale, wire_dtype=self.config.wire_dtype)
+        return dispatch(plan, tensors, arrays, config, message_type, Recipients(node_ids, caps, self.node_backbone),
+                        Wire(self.expected_full, self.config.lora_scale, self.config.wire_dtype))
 
     def _ask_limits(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
         """Ask the nodes not asked yet (or that did not answer soundly) for their limits."""
@@ -195,9 +226,9 @@ class SAFedLoRA(Strategy):
         return screened.valid
 
     def _sample_nodes(self, server_round: int, grid: Grid, how_many: Callable[[int], int],
-                      purpose: int = 0) -> list[int]:
+                      draw: Draw = Draw.TRAIN) -> list[int]:
         """Wait (bounded) for ``min-nodes`` nodes, then sample ``how_many(connected)`` reproducibly for the round
-        (``purpose`` 0 for training, 1 for evaluation: independent draws)."""
+        (``draw``: training and evaluation draw independently)."""
         deadline = time.monotonic() + self.config.node_wait_timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.config.min_nodes:
             if time.monotonic() > deadline:
@@ -213,7 +244,7 @@ class SAFedLoRA(Strategy):
             # ordered by name makes the same seed pick the same nodes' data every time (unnamed: by node id).
             self._ask_limits(grid, node_ids, server_round)
             node_ids.sort(key=lambda n: (not self._name(n), self._name(n), n))
-        return sorted(random.Random(mix_seed(self.config.seed, server_round, purpose)).sample(node_ids, size))
+        return sorted(random.Random(mix_seed(self.config.seed, server_round, draw)).sample(node_ids, size))
 
     def _name(self, node_id: int) -> str:
         limits = self.node_limits.get(node_id)

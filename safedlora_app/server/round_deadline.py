@@ -10,7 +10,8 @@ replied (at least ``MIN_DEADLINE`` seconds, at most ``round-timeout``); the firs
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -33,11 +34,17 @@ class DeadlineGrid:
         The smallest deadline after the first round.
     """
 
-    def __init__(self, grid: Grid, cap: float, factor: float, floor: float = MIN_DEADLINE,
-                 longest: float | None = None):
+    def __init__(self, grid: Grid, cap: float, factor: float, floor: float = MIN_DEADLINE):
         self.grid, self.cap, self.factor, self.floor = grid, cap, factor, floor
-        self.longest = longest  # seconds of the longest round in which every node replied (checkpointed)
+        self.longest: float | None = None  # seconds of the longest round in which every node replied
         self.deadlines: list[float] = []
+
+    def state_dict(self) -> dict[str, float | None]:
+        """What a resumed run needs to keep the same deadlines (see :mod:`~safedlora_app.server.checkpoint`)."""
+        return {"longest-round-seconds": self.longest}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.longest = state.get("longest-round-seconds")  # absent in checkpoints written before it was kept
 
     def __getattr__(self, name):
         return getattr(self.grid, name)

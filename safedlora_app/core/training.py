@@ -8,7 +8,6 @@ partition never sits in memory as pixel tensors. Evaluation batches rows of simi
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections.abc import Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from safedlora_app.core.files import atomic_write
 
 PAD_MULTIPLE = 8
 
@@ -73,9 +74,8 @@ class Encoded:
         """Token ids as flat safetensors (ragged rows via offsets); written atomically."""
         lengths = torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
         flat = torch.tensor([i for t in self.tokens for i in t], dtype=torch.long)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        save_file({"labels": self.labels, "lengths": lengths, "flat": flat}, str(partial))
-        partial.replace(path)
+        atomic_write(path, lambda partial: save_file({"labels": self.labels, "lengths": lengths, "flat": flat},
+                                                     str(partial)))
 
     @classmethod
     def load(cls, path: Path, preprocessor) -> Encoded:

@@ -9,43 +9,68 @@ error that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from .profiles import PROFILES
-from .schedule import LR_DECAYS, SHRINK_CURVES
+from .checks import is_integer, is_number
+from .profiles import METHOD_PRESETS, PROFILES
 
+Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit"]
+Schedule = Literal["cubic", "linear", "cosine", "exponential", "constant"]  # schedule.SHRINK_CURVES (a test checks)
+Allocation = Literal["global", "uniform"]
+Aggregation = Literal["product", "factors"]
 # How the server splits an aggregated update into B and A (adapter_math.split_factors). Defined here, in a
 # module without torch, so that planning and validating a run (``safedlora compare --dry-run``) loads none.
-FACTOR_FORMS = ("balanced", "orthonormal-a")
+FactorForm = Literal["balanced", "orthonormal-a"]
+Optimizer = Literal["adamw", "sgd"]
+LrDecay = Literal["constant", "cosine"]  # schedule.LR_DECAYS (a test checks)
+InitTrainable = Literal["lora", "full"]
+TEXT_TASK, IMAGE_TASK = "text-classification", "image-classification"
+Task = Literal["text-classification", "image-classification"]
+Partitioner = Literal["natural", "dirichlet", "iid"]
+Precision = Literal["auto", "bf16", "fp32"]
+WireDtype = Literal["float32", "float16"]
 
-METHODS = ("sa-fedlora", "fedavg", "fedprox", "fedit")
-SCHEDULES = tuple(SHRINK_CURVES)
-ALLOCATIONS = ("global", "uniform")
-AGGREGATIONS = ("product", "factors")
+METHODS, SCHEDULES, ALLOCATIONS = typing.get_args(Method), typing.get_args(Schedule), typing.get_args(Allocation)
+AGGREGATIONS, FACTOR_FORMS = typing.get_args(Aggregation), typing.get_args(FactorForm)
+OPTIMIZERS, INIT_TRAINABLE, TASKS = typing.get_args(Optimizer), typing.get_args(InitTrainable), typing.get_args(Task)
+PARTITIONERS, PRECISIONS = typing.get_args(Partitioner), typing.get_args(Precision)
+WIRE_DTYPES = typing.get_args(WireDtype)
 # Old values still accepted, with a warning: {key: {old value: new value}}.
 DEPRECATED_VALUES = {"aggregation": {"fedavg": "factors"}}
-OPTIMIZERS = ("adamw", "sgd")
-INIT_TRAINABLE = ("lora", "full")
-TEXT_TASK, IMAGE_TASK = "text-classification", "image-classification"
-TASKS = (TEXT_TASK, IMAGE_TASK)
-PARTITIONERS = ("natural", "dirichlet", "iid")
-PRECISIONS = ("auto", "bf16", "fp32")
-WIRE_DTYPES = ("float32", "float16")
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
 
 
-def option(default: Any, help: str) -> Any:
-    """A run-config field: its default and its one help text (kept in the field's metadata, as peft's
-    ``LoraConfig`` does; the run-config table in docs/configuration.md is generated from it)."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
+           high: float | None = None, below: float | None = None) -> Any:
+    """A run-config field: its default, its one help text and its bounds, kept in the field's metadata (as peft's
+    ``LoraConfig`` does; the run-config table in docs/configuration.md is generated from it). ``low``/``high``
+    are inclusive bounds, ``above``/``below`` exclusive ones; a ``Literal`` type gives a key's choices."""
+    bounds = {"low": low, "above": above, "high": high, "below": below}
+    return field(default=default, metadata={"help": help, **{k: v for k, v in bounds.items() if v is not None}})
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """What a field allows, in words: its choices, or its range ("" for any value of its type)."""
+    if choices := _choices(f.name):
+        return "one of: " + ", ".join(repr(c) if c == "" else c for c in choices)
+    meta = f.metadata
+    low = f"[{meta['low']:g}" if "low" in meta else f"({meta['above']:g}" if "above" in meta else None
+    high = f"{meta['high']:g}]" if "high" in meta else f"{meta['below']:g})" if "below" in meta else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f">= {low[1:]}" if low[0] == "[" else f"> {low[1:]}"
+    return ""
 
 
 class ConfigError(ValueError):
@@ -57,7 +82,7 @@ class RunConfig:
     """Every run-config key of the app (``pyproject.toml`` holds the same keys and defaults)."""
 
     # --- Method and rounds ---------------------------------------------------------------
-    method: str = option(
+    method: Method = option(
         "sa-fedlora",
         "``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or ``fedit`` "
         "(LoRA at fixed ``rank-max``, A and B averaged separately).")
@@ -67,64 +92,72 @@ class RunConfig:
         "defaults, the lean point) or ``accurate`` (LoRA on every Linear layer, rank 16 annealed to 8, lr 1.5e-3, "
         "24 rounds: full fine-tuning's accuracy at a few percent of its parameters; docs/comparison.md). The "
         "profile replaces defaults only: a key given another value keeps it.")
-    num_server_rounds: int = option(12, "Total federated rounds T.")
-    fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.")
-    min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).")
+    num_server_rounds: int = option(12, "Total federated rounds T.", low=1)
+    fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.", above=0.0, high=1.0)
+    min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).", low=1)
     node_wait_timeout: float = option(
         300.0,
-        "Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after.")
+        "Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after.", above=0.0)
     round_timeout: float = option(
         3600.0,
-        "Most seconds to wait for replies in one round (and the first round's deadline); late replies are dropped.")
+        "Most seconds to wait for replies in one round (and the first round's deadline); late replies are dropped.",
+        above=0.0)
     round_deadline_factor: float = option(
         3.0,
         "After the first round, a round waits at most this many times the longest earlier round in which every "
         "node replied (at least 60 s, at most round-timeout), so that a hung node cannot hold each round for the "
-        "whole round-timeout; 0 = always round-timeout.")
+        "whole round-timeout; 0 = always round-timeout.", low=0.0)
 
     # --- Initiating stage ----------------------------------------------------------------
-    init_rounds: int = option(1, "Rounds 1..init-rounds use the proximal term (0 disables the stage).")
-    init_trainable: str = option(
+    init_rounds: int = option(1, "Rounds 1..init-rounds use the proximal term (0 disables the stage).", low=0)
+    init_trainable: InitTrainable = option(
         "lora",
         "What clients train while initiating: ``lora`` (adapters at rank-max + head) or ``full`` "
         "(backbone + head; the trained backbone becomes the frozen base of the annealing stage).")
     prox_mu: float = option(
         0.01,
-        "mu of the proximal term (mu/2)||w - w_global||^2 in the initiating stage (and fedprox).")
-    prox_mu_anneal: float = option(0.0, "mu of the proximal term during the annealing stage.")
+        "mu of the proximal term (mu/2)||w - w_global||^2 in the initiating stage (and fedprox).", low=0.0)
+    prox_mu_anneal: float = option(0.0, "mu of the proximal term during the annealing stage.", low=0.0)
 
     # --- Annealing stage -----------------------------------------------------------------
-    rank_max: int = option(8, "Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank.")
-    rank_min: int = option(4, "Bottom rank per module; b_min = rank-min x modules.")
-    rank_floor: int = option(1, "Fewest components any module keeps under global allocation.")
+    rank_max: int = option(8, "Top rank per module; b_max = rank-max x modules. Also fedit's fixed rank.", low=1)
+    rank_min: int = option(4, "Bottom rank per module; b_min = rank-min x modules.", low=1)
+    rank_floor: int = option(1, "Fewest components any module keeps under global allocation.", low=1)
     heat_rounds: int = option(
         -1,
-        "Annealing rounds at b_max before the budget shrinks; -1 = ``heat-fraction`` of the annealing rounds.")
-    cool_rounds: int = option(-1, "Final annealing rounds at b_min; -1 = ``cool-fraction`` of the annealing rounds.")
+        "Annealing rounds at b_max before the budget shrinks; -1 = ``heat-fraction`` of the annealing rounds.", low=-1)
+    cool_rounds: int = option(
+        -1,
+        "Final annealing rounds at b_min; -1 = ``cool-fraction`` of the annealing rounds.",
+        low=-1)
     heat_fraction: float = option(
         0.1,
         "Share of the annealing rounds (num-server-rounds - init-rounds) at b_max when ``heat-rounds = -1``, "
-        "rounded to the nearest round.")
+        "rounded to the nearest round.", low=0.0, high=1.0)
     cool_fraction: float = option(
         0.2,
-        "Share of the annealing rounds at b_min when ``cool-rounds = -1``, rounded to the nearest round.")
-    schedule: str = option(
+        "Share of the annealing rounds at b_min when ``cool-rounds = -1``, rounded to the nearest round.",
+        low=0.0, high=1.0)
+    schedule: Schedule = option(
         "cubic",
         "Budget shrink: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``.")
-    allocation: str = option(
+    allocation: Allocation = option(
         "global",
         "``global`` (keep the largest singular values across all modules) or ``uniform``.")
-    aggregation: str = option(
+    aggregation: Aggregation = option(
         "product",
         "``product`` (exact weighted mean of B·A, QR + small SVD) or ``factors`` (A and B averaged "
         "separately, as FedIT does; ``fedavg`` is its deprecated old name).")
-    factor_form: str = option(
+    factor_form: FactorForm = option(
         "balanced",
         "How the server splits each aggregated product into factors: ``balanced`` (B = U·sqrt(S), A = "
         "sqrt(S)·V^T) or ``orthonormal-a`` (B = U·S, A = V^T, FlexLoRA's split). Same product, same "
         "truncation.")
-    lora_scale: float = option(2.0, "Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r).")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    lora_scale: float = option(
+        2.0,
+        "Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r).",
+        above=0.0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.", low=0.0, below=1.0)
     target_modules: str = option("query,value", "Comma-separated module-name suffixes that get LoRA adapters.")
     head_modules: str = option(
         "classifier",
@@ -133,7 +166,7 @@ class RunConfig:
         "takes 'pre_classifier').")
 
     # --- Task, model and data ------------------------------------------------------------
-    task: str = option("text-classification", "``text-classification`` or ``image-classification``.")
+    task: Task = option("text-classification", "``text-classification`` or ``image-classification``.")
     model_name: str = option("", "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2.")
     dataset_name: str = option(
         "",
@@ -150,54 +183,58 @@ class RunConfig:
     image_column: str = option("image", "Column with the input image (image tasks).")
     label_column: str = option("label", "Column with the class label.")
     natural_column: str = option("topic", "Column whose values define the ``natural`` partitions.")
-    max_seq_len: int = option(64, "Token limit per text (MiniLM's tweets: p99 50, max 62).")
-    test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.")
-    partitioner: str = option(
+    max_seq_len: int = option(64, "Token limit per text (MiniLM's tweets: p99 50, max 62).", low=8)
+    test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.", low=1)
+    partitioner: Partitioner = option(
         "dirichlet",
         "``natural`` (one partition per value of natural-column), ``dirichlet`` or ``iid``.")
-    dirichlet_alpha: float = option(0.5, "Concentration of the Dirichlet split over labels.")
+    dirichlet_alpha: float = option(0.5, "Concentration of the Dirichlet split over labels.", above=0.0)
     seed: int = option(42, "Seed of partitions, client sampling of local data, and initialisation.")
 
     # --- Local training ------------------------------------------------------------------
     local_samples: int = option(
         320,
-        "Samples each client draws from its partition per round (0 = the whole partition).")
-    local_epochs: int = option(1, "Passes over those samples per round.")
-    batch_size: int = option(16, "Training batch size.")
-    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimiser step (low-memory clients).")
-    lr: float = option(3e-3, "AdamW learning rate for LoRA rounds (adapters + head).")
+        "Samples each client draws from its partition per round (0 = the whole partition).", low=0)
+    local_epochs: int = option(1, "Passes over those samples per round.", low=1)
+    batch_size: int = option(16, "Training batch size.", low=1)
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimiser step (low-memory clients).", low=1)
+    lr: float = option(3e-3, "AdamW learning rate for LoRA rounds (adapters + head).", above=0.0)
     full_lr: float = option(
         5e-5,
-        "AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    optimizer: str = option(
+        "AdamW learning rate for full fine-tuning rounds (fedavg, fedprox, init-trainable=full).", above=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", low=0.0)
+    optimizer: Optimizer = option(
         "adamw",
         "Client optimizer, fresh every round: ``adamw``, or ``sgd`` (with ``momentum``), whose steps "
         "scale with the gradient instead of moving every entry by about ``lr`` at the start of each "
         "round.")
-    momentum: float = option(0.9, "Momentum of ``optimizer = \"sgd\"``.")
-    lr_decay: str = option(
+    momentum: float = option(0.9, "Momentum of ``optimizer = \"sgd\"``.", low=0.0, below=1.0)
+    lr_decay: LrDecay = option(
         "cosine",
         "Learning rate across rounds: ``constant``, or ``cosine`` from ``lr`` (``full-lr``) in round 1 "
         "down to ``lr-final-ratio`` times it in the last round.")
-    lr_final_ratio: float = option(0.1, "The last round's share of the learning rate under ``lr-decay = \"cosine\"``.")
+    lr_final_ratio: float = option(
+        0.1,
+        "The last round's share of the learning rate under ``lr-decay = \"cosine\"``.",
+        above=0.0, high=1.0)
     warmup_steps: int = option(
         0,
         "Optimizer steps over which each client round ramps its learning rate linearly up to ``lr`` (each"
-        " round starts a fresh AdamW, whose first steps are the largest).")
-    eval_batch_size: int = option(64, "Batch size of central and federated evaluation.")
+        " round starts a fresh AdamW, whose first steps are the largest).", low=0)
+    eval_batch_size: int = option(64, "Batch size of central and federated evaluation.", low=1)
     eval_every: int = option(
         1,
-        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.")
+        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.", low=1)
     fraction_evaluate: float = option(
         0.0,
         "Federated evaluation: fraction of connected nodes (at least 1) that evaluate the global model on their "
-        "held-out eval-fraction share after each evaluated round (eval-every, the last 3); 0 = none.")
+        "held-out eval-fraction share after each evaluated round (eval-every, the last 3); 0 = none.",
+        low=0.0, high=1.0)
     eval_fraction: float = option(
         0.2,
         "With fraction-evaluate > 0: share of each node's rows held out (fixed seed) for federated evaluation "
-        "and never trained on, in every round.")
-    wire_dtype: str = option(
+        "and never trained on, in every round.", above=0.0, below=1.0)
+    wire_dtype: WireDtype = option(
         "float16",
         "Float type of the LoRA factors and the head in every message down and up: ``float16`` (half the "
         "bytes; no measurable accuracy cost in the comparison, docs/comparison.md) or ``float32``; ArrayRecord "
@@ -208,15 +245,15 @@ class RunConfig:
         "Simulation stand-in for node-config ``max-rank`` (simulated nodes get no node-config of their own): "
         "comma-separated caps by partition-id, e.g. ``\"2,0,2\"`` caps partitions 0 and 2 at rank 2; 0 or no "
         "entry = no cap. A node's own node-config ``max-rank`` wins.")
-    precision: str = option(
+    precision: Precision = option(
         "auto",
         "Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and "
         "aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively: "
         "CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere).")
-    torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default).")
+    torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default).", low=0)
     max_num_examples: int = option(
         1_000_000,
-        "Replies claiming more training examples than this are dropped as absurd.")
+        "Replies claiming more training examples than this are dropped as absurd.", low=1)
 
     # --- Outputs -------------------------------------------------------------------------
     out_dir: str = option("~/safedlora-runs", "Absolute directory (or starting with ~) for run outputs.")
@@ -228,10 +265,18 @@ class RunConfig:
     run_name: str = option("", "Sub-directory of out-dir; empty = ``<method>-<date>-<time>``.")
     cache_dir: str = option("~/.cache/safedlora", "Node-local directory caching trained backbones by content hash.")
 
-    # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Every way of making a config (from_mapping, RunConfig(...), dataclasses.replace) comes through here:
+        # values are typed as their fields (TOML gives int for 1 and float for 1.0), then checked.
+        for f in dataclasses.fields(self):
+            key = f.name.replace("_", "-")
+            object.__setattr__(self, f.name, _coerce(key, getattr(self, f.name), _field_types()[f.name]))
+        self.validate()
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's ``run_config`` (kebab-case keys), then validate.
+        """Build from Flower's ``run_config`` (kebab-case keys), with deprecated values renamed and the
+        ``profile``'s values applied, then validated.
 
         Raises
         ------
@@ -252,70 +297,23 @@ class RunConfig:
                 warnings.warn(f"{key} = {value!r} is deprecated; use {key} = {old[value]!r} (same behaviour)",
                               FutureWarning, stacklevel=2)
                 value = old[value]
-            values[name] = _coerce(key, value, known[name].type)
+            values[name] = value
         _apply_profile(values, known)
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
     def validate(self) -> None:
-        """Check every value; raise one ``ConfigError`` for the first bad one."""
-        _choice("profile", self.profile, ("", *PROFILES))
-        _choice("method", self.method, METHODS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("factor-form", self.factor_form, FACTOR_FORMS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("lr-decay", self.lr_decay, LR_DECAYS)
-        _choice("init-trainable", self.init_trainable, INIT_TRAINABLE)
-        _choice("task", self.task, TASKS)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
-        _at_least("num-server-rounds", self.num_server_rounds, 1)
-        _at_least("min-nodes", self.min_nodes, 1)
-        _at_least("init-rounds", self.init_rounds, 0)
-        _at_least("heat-rounds", self.heat_rounds, -1)
-        _at_least("cool-rounds", self.cool_rounds, -1)
-        _at_least("rank-floor", self.rank_floor, 1)
-        _at_least("rank-min", self.rank_min, 1)
-        _at_least("rank-max", self.rank_max, 1)
-        _at_least("max-seq-len", self.max_seq_len, 8)
-        _at_least("test-size", self.test_size, 1)
-        _at_least("local-samples", self.local_samples, 0)
-        _at_least("local-epochs", self.local_epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _at_least("grad-accum-steps", self.grad_accum_steps, 1)
-        _at_least("eval-batch-size", self.eval_batch_size, 1)
-        _at_least("eval-every", self.eval_every, 1)
-        _at_least("warmup-steps", self.warmup_steps, 0)
-        _at_least("torch-threads", self.torch_threads, 0)
-        _at_least("max-num-examples", self.max_num_examples, 1)
-        for key, value in (("prox-mu", self.prox_mu), ("prox-mu-anneal", self.prox_mu_anneal),
-                           ("weight-decay", self.weight_decay), ("round-deadline-factor", self.round_deadline_factor)):
-            _at_least(key, value, 0.0)
-        for key, value in (("lr", self.lr), ("full-lr", self.full_lr), ("lora-scale", self.lora_scale),
-                           ("dirichlet-alpha", self.dirichlet_alpha), ("node-wait-timeout", self.node_wait_timeout),
-                           ("round-timeout", self.round_timeout)):
-            if not value > 0:
-                raise ConfigError(f"{key} = {value!r} is not allowed; it must be > 0")
-        for key, value in (("heat-fraction", self.heat_fraction), ("cool-fraction", self.cool_fraction)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{key} = {value!r} is not allowed; it must be in [0, 1]")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(f"fraction-train = {self.fraction_train!r} is not allowed; it must be in (0, 1]")
+        """Check every value against its field's choices and bounds, then the keys that depend on each other;
+        raise one ``ConfigError`` for the first bad one. Reads no file (``label_list`` checks a label file)."""
+        for f in dataclasses.fields(self):
+            key, value = f.name.replace("_", "-"), getattr(self, f.name)
+            if (choices := _choices(f.name)) and value not in choices:
+                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: "
+                                  f"{', '.join(item or repr(item) for item in choices)}")
+            meta = f.metadata
+            if (("low" in meta and value < meta["low"]) or ("above" in meta and not value > meta["above"])
+                    or ("high" in meta and value > meta["high"]) or ("below" in meta and not value < meta["below"])):
+                raise ConfigError(f"{key} = {value!r} is not allowed; it must be {allowed(f)}")
         self.partition_caps()
-        if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise ConfigError(f"fraction-evaluate = {self.fraction_evaluate!r} is not allowed; it must be in [0, 1]")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"eval-fraction = {self.eval_fraction!r} is not allowed; it must be in (0, 1)")
-        if not 0.0 < self.lr_final_ratio <= 1.0:
-            raise ConfigError(f"lr-final-ratio = {self.lr_final_ratio!r} is not allowed; it must be in (0, 1]")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum = {self.momentum!r} is not allowed; it must be in [0, 1)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora-dropout = {self.lora_dropout!r} is not allowed; it must be in [0, 1)")
         if self.rank_min > self.rank_max:
             raise ConfigError(f"rank-min = {self.rank_min} is not allowed; it must be <= rank-max = {self.rank_max}")
         if self.rank_floor > self.rank_min:
@@ -346,10 +344,6 @@ class RunConfig:
         if not self.central_eval and not self.label_names.strip():
             raise ConfigError("central-eval = false is not allowed with label-names = ''; a server without data "
                               "learns the class names from label-names, e.g. label-names = 'negative,neutral,positive'")
-        names = self.label_list()
-        if self.label_names.strip() and (len(names) < 2 or len(set(names)) != len(names)):
-            raise ConfigError(f"label-names = {self.label_names!r} is not allowed; give at least 2 distinct class "
-                              "names, comma-separated or one per line in a file")
         if self.resume and not self.run_name:
             raise ConfigError("resume = true is not allowed with run-name = ''; "
                               "give the run-name of the run to continue")
@@ -368,29 +362,18 @@ class RunConfig:
                 name = key.replace("-", "_")
                 field_type = next(f.type for f in dataclasses.fields(self) if f.name == name)
                 values[name] = _coerce(f"node-config {key}", node_config[key], field_type)
-        if not values:
-            return self
-        config = dataclasses.replace(self, **values)
-        config.validate()
-        return config
+        return dataclasses.replace(self, **values) if values else self  # validated by __post_init__
 
     # --- Derived views -------------------------------------------------------------------
     @property
     def effective(self) -> RunConfig:
-        """The config with the method's fixed choices applied (what actually runs).
+        """The config with the method's fixed choices applied (what actually runs; ``profiles.METHOD_PRESETS``).
 
-        ``fedit`` is LoRA at a fixed rank with separate A/B averaging; ``fedavg``/``fedprox``
-        fine-tune the full model every round. Their stage keys are overridden, not rejected,
-        so one pyproject serves every method.
+        Their stage keys are overridden, not rejected, so one pyproject serves every method. ``-1`` heat and
+        cool rounds are resolved.
         """
-        if self.method == "fedit":  # a constant budget: no heating or cooling to fit
-            config = dataclasses.replace(self, init_rounds=0, schedule="constant", allocation="uniform",
-                                         aggregation="factors", prox_mu_anneal=0.0, heat_rounds=0, cool_rounds=0)
-        elif self.method in ("fedavg", "fedprox"):
-            config = dataclasses.replace(self, init_rounds=self.num_server_rounds, init_trainable="full",
-                                         prox_mu=self.prox_mu if self.method == "fedprox" else 0.0)
-        else:
-            config = self
+        fixed = {key.replace("-", "_"): value for key, value in METHOD_PRESETS[self.method](self).items()}
+        config = dataclasses.replace(self, **fixed) if fixed else self
         heat, cool = config.phase_rounds()
         return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
 
@@ -426,12 +409,23 @@ class RunConfig:
                 or server_round > self.num_server_rounds - EVAL_LAST_ROUNDS)
 
     def label_list(self) -> tuple[str, ...]:
-        """``label-names`` as a tuple: a file's non-empty lines, or the comma-separated names (empty: none)."""
+        """``label-names`` as a tuple: a file's non-empty lines, or the comma-separated names (empty: none).
+
+        Raises
+        ------
+        ConfigError
+            When it gives fewer than 2 names, or one twice.
+        """
         path = os.path.expanduser(self.label_names.strip())
         if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
-                return tuple(line.strip() for line in handle if line.strip())
-        return tuple(name.strip() for name in self.label_names.split(",") if name.strip())
+                names = tuple(line.strip() for line in handle if line.strip())
+        else:
+            names = tuple(name.strip() for name in self.label_names.split(",") if name.strip())
+        if self.label_names.strip() and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ConfigError(f"label-names = {self.label_names!r} is not allowed; give at least 2 distinct class "
+                              "names, comma-separated or one per line in a file")
+        return names
 
     def partition_caps(self) -> tuple[int, ...]:
         """``partition-max-rank`` as a tuple of caps by partition-id (0 = no cap)."""
@@ -467,7 +461,7 @@ def node_max_rank(node_config: Mapping[str, Any], config: RunConfig | None = Non
         partition_id = node_config.get("partition-id")
         return caps[partition_id] if isinstance(partition_id, int) and 0 <= partition_id < len(caps) else 0
     value = node_config["max-rank"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if not is_number(value) or value != int(value) or value < 1:
         raise ConfigError(f"node-config max-rank = {value!r} is not allowed; it must be a whole number >= 1 (the "
                           "largest LoRA rank per module this node trains), or left out for no cap")
     return int(value)
@@ -483,24 +477,44 @@ def node_name(node_config: Mapping[str, Any]) -> str:
     return f"partition-{partition_id}" if partition_id is not None else ""
 
 
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Convert a run-config value to the field's type; TOML gives int for 1 and float for 1.0."""
-    type_name = getattr(type_name, "__name__", type_name)
-    if type_name == "bool":
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each field's type, resolved (``from __future__ import annotations`` leaves them as strings)."""
+    return typing.get_type_hints(RunConfig)
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """A field's allowed values: its ``Literal``'s, the profiles' names for ``profile``; () for any."""
+    if name == "profile":
+        return ("", *PROFILES)
+    kind = _field_types()[name]
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """``value`` as a ``kind`` (int, float, bool, str or a Literal of str); TOML gives int for 1 and float for 1.0.
+
+    Raises
+    ------
+    ConfigError
+        When ``value`` is not of that type (a bool is no number, and 1.5 no int).
+    """
+    name = "str" if typing.get_origin(kind) is Literal else getattr(kind, "__name__", kind)
+    if name == "bool":
         if isinstance(value, bool):
             return value
-    elif type_name == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif name == "int":
+        if is_integer(value):
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-    elif type_name == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif name == "float":
+        if is_number(value):
             return float(value)
-    elif type_name == "str":
+    elif name == "str":
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {type_name}")
+    raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {name}")
 
 
 def _apply_profile(values: dict[str, Any], fields: Mapping[str, dataclasses.Field]) -> None:
@@ -510,14 +524,3 @@ def _apply_profile(values: dict[str, Any], fields: Mapping[str, dataclasses.Fiel
         field_name = key.replace("-", "_")
         if values.get(field_name, fields[field_name].default) == fields[field_name].default:
             values[field_name] = value
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: "
-                          f"{', '.join(item or repr(item) for item in allowed)}")
-
-
-def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(f"{key} = {value!r} is not allowed; it must be >= {low}")

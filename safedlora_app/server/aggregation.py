@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import adapter_math as am
-from . import payload as pl
-from .config import RunConfig
-from .round_plan import FULL, RoundPlan
+from safedlora_app.core import adapter_math as am
+from safedlora_app.core import payload as pl
+from safedlora_app.core.checks import is_number
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.round_plan import FULL, RoundPlan
 
 Tensors = Mapping[str, torch.Tensor]
 REPLY_MEANS = ("train-loss", "train-time", "first-step-a-ratio")
@@ -82,14 +83,10 @@ def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[
     """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory."""
     out: dict[str, float | int] = {"num-examples": int(sum(weights))}
     for name in REPLY_MEANS:
-        values = [(w, float(r[name])) for w, r in zip(weights, records) if _number(r.get(name))]
+        values = [(w, float(r[name])) for w, r in zip(weights, records) if is_number(r.get(name))]
         if values:
             out[name] = sum(w * v for w, v in values) / sum(w for w, _ in values)
-    peaks = [float(r["peak-memory-mb"]) for r in records if _number(r.get("peak-memory-mb"))]
+    peaks = [float(r["peak-memory-mb"]) for r in records if is_number(r.get("peak-memory-mb"))]
     if peaks:
         out["peak-memory-mb"] = max(peaks)
     return out
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,7 +1,7 @@
 """``safedlora compare``: every method side by side on the same seeds, partitions, rounds and evaluation.
 
 One invocation plans a set of runs (split x method x seed [x learning rate]), runs each one through
-the real ``flwr run`` CLI on a private local SuperLink (:class:`~safedlora_app.simulation.LocalFlower`,
+the real ``flwr run`` CLI on a private local SuperLink (:class:`~safedlora_app.tools.simulation.LocalFlower`,
 Flower's own simulation: no second implementation of anything), and aggregates what the app wrote
 (``metrics.jsonl``, ``summary.json``) into tables, plots and ``comparison.json``::
 

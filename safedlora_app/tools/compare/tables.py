@@ -13,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..outputs import run_totals
+from safedlora_app.server.outputs import run_totals
+
 from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, CompareOptions, RunSpec, clients_per_round
 
 MB = 1e6
@@ -334,7 +335,7 @@ def build_rows(root: Path, plan: Sequence[RunSpec], target: float) -> list[dict[
 
 def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
     """Per split: all methods' first seed on one chart (accuracy vs round / vs MB, budget), sa-fedlora's ranks."""
-    from ..plots import plot_ranks, plot_runs
+    from safedlora_app.server.plots import plot_ranks, plot_runs
 
     paths = []
     for split in dict.fromkeys(s.split for s in plan):
@@ -355,7 +356,7 @@ def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
 def write_paired_plots(root: Path, rows: Sequence[Mapping[str, Any]], paired: Sequence[Mapping[str, Any]],
                        reference: str = "fedavg") -> list[Path]:
     """Per split with ``reference`` runs: every method paired against it, against the MB it sent."""
-    from ..plots import plot_paired
+    from safedlora_app.server.plots import plot_paired
 
     mb = {(r["split"], r["method"]): (r["bytes_down"] + r["bytes_up"]) / MB for r in rows
           if r["bytes_down"] is not None}

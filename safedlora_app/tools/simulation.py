@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-APP_ROOT = Path(__file__).resolve().parents[1]  # the directory holding pyproject.toml
+APP_ROOT = Path(__file__).resolve().parents[2]  # the directory holding pyproject.toml
 BIN = Path(sys.executable).parent
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from safedlora_app.core.checks import is_integer
+
 # Record names in messages: the tensors, the metrics, what a node says about itself, its declared limits.
 ARRAYS, METRICS, NODE, LIMITS = "arrays", "metrics", "node", "limits"
 LORA_A, LORA_B, HEAD, BACKBONE = "lora_A", "lora_B", "head", "backbone"
@@ -88,7 +90,7 @@ def announced_ranks(modules: Sequence[str], ranks: Sequence[int]) -> dict[str, i
         raise PayloadError(f"the round announces {len(modules)} LoRA modules but {len(ranks)} ranks")
     if len(set(modules)) != len(modules):
         raise PayloadError(f"the round announces a LoRA module twice: {modules}")
-    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    bad = [r for r in ranks if not is_integer(r) or r < 1]
     if bad:
         raise PayloadError(f"LoRA ranks must be whole numbers >= 1; the round announces {bad}")
     return dict(zip(modules, ranks))

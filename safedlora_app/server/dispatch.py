@@ -16,8 +16,40 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from . import payload as pl
-from .round_plan import FULL, RoundPlan
+from safedlora_app.core import payload as pl
+from safedlora_app.core.checks import is_integer
+from safedlora_app.core.round_plan import FULL, RoundPlan
+
+
+class Sent(NamedTuple):
+    """What one node was sent."""
+
+    plan: RoundPlan
+    """The round's plan, cut to the node's ``max-rank``."""
+    reply_shapes: dict[str, tuple[int, ...]]
+    """``{wire key: shape}`` that the node's reply must have."""
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """The nodes a round's messages go to, and what the server knows of them."""
+
+    node_ids: list[int]
+    caps: Mapping[int, int]
+    """Node id -> its ``max-rank`` (0 or absent: no cap)."""
+    backbones: Mapping[int, str]
+    """Node id -> the hash of the trained backbone it holds."""
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How a run encodes its messages (the same in every round)."""
+
+    expected_full: Mapping[str, tuple[int, ...]]
+    """``{wire key: shape}`` of a full fine-tuning reply."""
+    lora_scale: float
+    dtype: str
+    """``wire-dtype``: the float type of the LoRA factors and the head."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +58,8 @@ class Dispatch:
 
     plan: RoundPlan
     messages: list[Message]
-    plans: dict[int, tuple[RoundPlan, dict[str, tuple[int, ...]]]]
-    """Node id -> (the plan it was sent, ``{wire key: shape}`` of its reply)."""
+    sent: dict[int, Sent]
+    """Node id -> what it was sent."""
     backbone_hash: str
     """The trained backbone's hash the nodes must confirm; '' for the pre-trained one."""
 
@@ -40,39 +72,38 @@ class Dispatch:
     @property
     def capped(self) -> int:
         """Nodes sent lower ranks than the round's plan, because of their ``max-rank``."""
-        return sum(1 for node_plan, _ in self.plans.values() if node_plan is not self.plan)
+        return sum(1 for node in self.sent.values() if node.plan is not self.plan)
 
 
 def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: ArrayRecord, config: ConfigRecord,
-             node_ids: list[int], message_type: str, *, caps: Mapping[int, int], node_backbone: Mapping[int, str],
-             expected_full: Mapping[str, tuple[int, ...]], lora_scale: float, wire_dtype: str) -> Dispatch:
-    """The plan's payload to every node in ``node_ids``, cut to its cap in ``caps`` (0 = none), with the
-    trained backbone for the nodes whose ``node_backbone`` hash differs (once per node)."""
+             message_type: str, to: Recipients, wire: Wire) -> Dispatch:
+    """The plan's payload to every node of ``to``, cut to its cap, with the trained backbone for the nodes
+    whose backbone hash differs (once per node)."""
     if plan.kind == FULL:
-        round_config = {**dict(config), **plan.train_config(lora_scale)}
+        round_config = {**dict(config), **plan.train_config(wire.lora_scale)}
         messages = [Message(content=RecordDict({pl.ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
-                            message_type=message_type, dst_node_id=n) for n in node_ids]
-        return Dispatch(plan, messages, {n: (plan, dict(expected_full)) for n in node_ids}, "")
+                            message_type=message_type, dst_node_id=n) for n in to.node_ids]
+        return Dispatch(plan, messages, {n: Sent(plan, dict(wire.expected_full)) for n in to.node_ids}, "")
     backbone = pl.only(tensors, pl.BACKBONE)
     # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
     backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
     payloads: dict[tuple, tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (ranks, with backbone)
-    messages, plans = [], {}
-    for node_id in node_ids:
-        node_plan = plan.capped(caps.get(node_id, 0))
-        send_backbone = bool(backbone) and node_backbone.get(node_id) != backbone_hash
+    messages, sent = [], {}
+    for node_id in to.node_ids:
+        node_plan = plan.capped(to.caps.get(node_id, 0))
+        send_backbone = bool(backbone) and to.backbones.get(node_id) != backbone_hash
         key = (tuple(node_plan.ranks.values()), send_backbone)
         if key not in payloads:
-            wire = node_plan.lora_payload(tensors)
-            record = ArrayRecord({**pl.pack(wire, wire_dtype), **(pl.pack(backbone) if send_backbone else {})})
-            payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in wire.items()})
+            factors = node_plan.lora_payload(tensors)
+            record = ArrayRecord({**pl.pack(factors, wire.dtype), **(pl.pack(backbone) if send_backbone else {})})
+            payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in factors.items()})
         node_plan, record, expected = payloads[key]
-        round_config = ConfigRecord({**dict(config), **node_plan.train_config(lora_scale, wire_dtype),
+        round_config = ConfigRecord({**dict(config), **node_plan.train_config(wire.lora_scale, wire.dtype),
                                      "backbone-hash": backbone_hash})
         content = RecordDict({pl.ARRAYS: record, "config": round_config})
         messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
-        plans[node_id] = (node_plan, expected)
-    return Dispatch(plan, messages, plans, backbone_hash)
+        sent[node_id] = Sent(node_plan, expected)
+    return Dispatch(plan, messages, sent, backbone_hash)
 
 
 class NodeLimits(NamedTuple):
@@ -95,7 +126,7 @@ def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: floa
         node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         record = None if reply.has_error() else reply.content.get(pl.LIMITS)
         cap = record.get("max-rank") if isinstance(record, ConfigRecord) else None
-        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+        if is_integer(cap) and cap >= 0:
             name = record.get("name", "")
             limits[node_id] = NodeLimits(cap, name if isinstance(name, str) else "")
         else:

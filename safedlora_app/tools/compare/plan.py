@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..profiles import ACCURATE_ADAPTER, ALL_LINEAR
+from safedlora_app.core.profiles import ACCURATE_ADAPTER, ALL_LINEAR
 
 # --- Methods and splits -------------------------------------------------------------------------
 #: 32 rounds with the preset's stage shape (1 initiating round, the second half cooling): twice the full
@@ -337,7 +337,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         On an item without ``=`` or a key that is not a run-config key.
     """
 
-    from ..config import RunConfig
+    from safedlora_app.core.config import RunConfig
 
     known = set(RunConfig().to_dict())
     fixed = {"out-dir", "run-name", "seed", "num-server-rounds", "method"}
@@ -539,7 +539,7 @@ def run_config_string(settings: Mapping[str, Any]) -> str:
 
 def clients_per_round(settings: Mapping[str, Any], num_supernodes: int) -> int:
     """Nodes sampled per round, as the strategy samples them."""
-    from ..config import RunConfig
+    from safedlora_app.core.config import RunConfig
 
     config = RunConfig(fraction_train=float(settings.get("fraction-train", RunConfig.fraction_train)),
                        min_nodes=int(settings.get("min-nodes", RunConfig.min_nodes)))
@@ -553,7 +553,7 @@ def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float
     with ``ceil(clients / parallel-clients)`` waves per round; full rounds also pay the transfer
     of the whole model to and from every client.
     """
-    from ..config import RunConfig
+    from safedlora_app.core.config import RunConfig
 
     s = spec.settings
     rounds = int(s["num-server-rounds"])

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.supercore import log
 
-from .config import RunConfig
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.files import atomic_write_json, atomic_write_text, sync_file
 
 MB = 1e6
 EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "eval-seconds")
@@ -147,10 +149,8 @@ def run_directory(config: RunConfig) -> Path:
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    partial.replace(path)
+    """Write JSON atomically (see :func:`~safedlora_app.core.files.atomic_write`)."""
+    atomic_write_json(path, data, indent=2)
 
 
 def run_totals(records: Sequence[Mapping]) -> dict:
@@ -200,15 +200,17 @@ class RunRecorder(RoundLog):
         self._last = time.perf_counter()
         self._cum_down = self._cum_up = 0
 
-    def restore(self, records: Sequence[Mapping]) -> None:
-        """Continue after the checkpointed ``records``: metrics.jsonl is rewritten to exactly those lines
+    def state_dict(self) -> dict[str, list[dict]]:
+        """Every round's line so far (see :mod:`~safedlora_app.server.checkpoint`)."""
+        return {"records": self.records}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue after the checkpointed records: metrics.jsonl is rewritten to exactly those lines
         (dropping any line of a round that ended after the checkpoint) and the byte counts go on from them."""
-        self.records = [dict(r) for r in records]
+        self.records = [dict(r) for r in state["records"]]
         last = self.records[-1] if self.records else {}
         self._cum_down, self._cum_up = last.get("cumulative-bytes-down", 0), last.get("cumulative-bytes-up", 0)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        partial.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def record(self, server_round: int, evaluation: dict[str, float] | None,
                model_ranks: Mapping[str, int] | None = None) -> dict:
@@ -236,8 +238,7 @@ class RunRecorder(RoundLog):
         self._last = now
         with self.path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+            sync_file(handle)
         self.records.append(line)
         log(INFO, "%s", self.describe(line))
         return line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +72,7 @@ def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    hf_logging.disable_progress_bar()  # "Loading weights" of a local copy, in every node's log
     auto = AutoModelForImageClassification if task == "image-classification" else AutoModelForSequenceClassification
     source = model_source(model_name)
     torch.manual_seed(seed)
@@ -172,7 +174,11 @@ def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dr
         lora_dropout=dropout,
         modules_to_save=list(head_modules),
     )
-    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with warnings.catch_warnings():
+        # peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model (no
+        # newer peft exists); only that warning is ignored, and only here.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(base), config)
     for name, r in ranks.items():
         layer = peft_model.base_model.model.get_submodule(name)
         if layer.r["default"] != r or abs(layer.scaling["default"] - scale) > 1e-9:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .payload import ARRAYS, METRICS, NODE, num_parameters
+from safedlora_app.core.checks import is_number
+from safedlora_app.core.payload import ARRAYS, METRICS, NODE, num_parameters
 
 
 @dataclass
@@ -106,16 +107,14 @@ def evaluation_problem(content: RecordDict, *, max_num_examples: int, backbone_h
         return problem
     for name, high in (("accuracy", 1.0), ("macro-f1", 1.0), ("loss", math.inf)):
         value = metrics.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high \
-                or not math.isfinite(value):
+        if not is_number(value) or not 0.0 <= value <= high or not math.isfinite(value):
             return f"{name} = {value!r} is not a number in [0, {high}]"
     return _backbone_problem(content, backbone_hash)
 
 
 def _examples_problem(metrics: MetricRecord, max_num_examples: int) -> str | None:
     num_examples = metrics.get("num-examples")
-    if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, float))
-            or not math.isfinite(num_examples) or num_examples != int(num_examples)):
+    if not is_number(num_examples) or not math.isfinite(num_examples) or num_examples != int(num_examples):
         return f"num-examples = {num_examples!r} is not a whole number"
     if not 0 < num_examples <= max_num_examples:
         return f"num-examples = {num_examples!r} is outside 1..{max_num_examples}"

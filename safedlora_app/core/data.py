@@ -8,6 +8,7 @@ local csv/json/jsonl/parquet file, a saved dataset directory or an imagefolder.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import importlib.util
@@ -22,6 +23,7 @@ import numpy as np
 from datasets import ClassLabel, Image, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
+from .checks import is_integer
 from .config import IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
 
 DEFAULT_DATASET = ""
@@ -234,8 +236,22 @@ def _normalise(
 
 def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
     """Rows ``indices`` of ``ds`` as their own table, so later column reads need no index mapping."""
-    # Flattening in arrow format skips the Python conversion of every row.
-    return ds.select(indices).with_format("arrow").flatten_indices().with_format(None)
+    # Flattening in arrow format skips the Python conversion of every row. It is an internal copy, not a step a
+    # user waits for: its "Flattening the indices" bar would repeat in every node's log, every round.
+    with _no_progress_bars():
+        return ds.select(indices).with_format("arrow").flatten_indices().with_format(None)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """``datasets``' progress bars off inside the block (on again after, if they were on)."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -310,17 +326,19 @@ def load_task_data(
         or an invalid ``test_size``.
     """
     # Cached per process (clients call this every round); a changed local file is re-read.
-    return _load_task_data(dataset_name, _file_stamp(dataset_name), task=task, text_column=text_column,
+    return _load_task_data(dataset_name, source_stamp(dataset_name), task=task, text_column=text_column,
                            label_column=label_column, image_column=image_column, natural_column=natural_column,
                            test_size=test_size, split_seed=split_seed)
 
 
-def _file_stamp(dataset_name: str) -> tuple | None:
-    path = Path(os.path.expanduser(dataset_name)) if dataset_name else None
+def source_stamp(name: str) -> tuple[str, int, int] | None:
+    """What tells a local file's or directory's content apart, for cache keys: its resolved path, size and
+    modification time (ns); None for a name that is no local path (the default dataset, a Hub id)."""
+    path = Path(os.path.expanduser(name)) if name else None
     if path is None or not path.exists():
         return None
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)
@@ -332,7 +350,7 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
         raise DataError(
             f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
         )
-    if not isinstance(test_size, (int, np.integer)) or test_size < 0:
+    if not is_integer(test_size) or test_size < 0:
         raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
 
     source = _load_source(dataset_name)
@@ -405,7 +423,7 @@ def partition_dataset(
     """
     if partitioner not in PARTITIONERS:
         raise DataError(f"Unknown partitioner {partitioner!r}; allowed: {list(PARTITIONERS)}.")
-    if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
+    if not is_integer(num_partitions) or num_partitions < 1:
         raise DataError(f"num-partitions must be a positive integer, got {num_partitions!r}.")
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} must be in [0, {num_partitions}).")

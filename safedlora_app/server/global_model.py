@@ -1,6 +1,6 @@
 """Turn the global ArrayRecord into a real model: for central evaluation and for the saved output.
 
-The model after round t is the round plan's :func:`~safedlora_app.round_plan.adapter_at` of round t:
+The model after round t is the round plan's :func:`~safedlora_app.core.round_plan.adapter_at` of round t:
 the aggregated adapter at round t's budget.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from torch import nn
 
-from . import payload as pl
-from .config import RunConfig
-from .model import build_lora_model, load_parameters, set_lora_weights
-from .round_plan import adapter_at
+from safedlora_app.core import payload as pl
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.model import build_lora_model, load_parameters, set_lora_weights
+from safedlora_app.core.round_plan import adapter_at
 
 
 class GlobalModel:

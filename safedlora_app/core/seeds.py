@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
+
+
+class Stream(IntEnum):
+    """A node's independent random streams in one round: the last value given to :func:`mix_seed` after the run
+    seed, the round and the partition (the rows a node draws use no stream value). The values are part of every
+    stored run's result: never renumber them."""
+
+    TRAINING = 1
+    """The training loop (batch order)."""
+    INITIALISATION = 2
+    """torch's global RNG before training (LoRA dropout)."""
+    HOLDOUT = 3
+    """The rows held out for federated evaluation (mixed with the partition only, not the round)."""
+
+
+class Draw(IntEnum):
+    """The server's independent draws of nodes in one round (the last value given to :func:`mix_seed`)."""
+
+    TRAIN = 0
+    EVALUATE = 1
 
 
 def mix_seed(*values: int) -> int:

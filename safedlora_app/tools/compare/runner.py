@@ -1,4 +1,4 @@
-"""The thin runner: every planned run through ``flwr run`` (:class:`~safedlora_app.simulation.LocalFlower`).
+"""The thin runner: every planned run through ``flwr run`` (:class:`~safedlora_app.tools.simulation.LocalFlower`).
 
 Also the checks around it: whether a finished run was made with the planned settings, and where the comparison
 ran. Only a comparison that runs imports this module (and with it flwr, pandas, tqdm and the app's training code).
@@ -22,8 +22,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..config import DEPRECATED_VALUES
-from ..outputs import run_totals
+from safedlora_app.core.checks import is_number
+from safedlora_app.core.config import DEPRECATED_VALUES
+from safedlora_app.server.outputs import run_totals
+
 from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
 from .store import RunStore, local_dtype
 from .tables import MB, read_records, read_summary, run_dir
@@ -41,7 +43,7 @@ def config_mismatch(planned: Mapping[str, Any], given: Mapping[str, Any]) -> lis
 def _same(a: Any, b: Any) -> bool:
     """Equal, counting 8 and 8.0 as the same (TOML may give either); a run made under a deprecated value's
     old name counts as made with its new name."""
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    numbers = is_number(a) and is_number(b)
     return float(a) == float(b) if numbers else a == b
 
 
@@ -89,7 +91,7 @@ class Comparison:
         self.say = say
         self.reuse, self.store = reuse, store
         if flower_factory is None:
-            from ..simulation import LocalFlower
+            from safedlora_app.tools.simulation import LocalFlower
             flower_factory = LocalFlower
         self.flower_factory = flower_factory
         self._flower = None
@@ -105,7 +107,7 @@ class Comparison:
 
     def command(self, spec: RunSpec) -> list[str]:
         """The ``flwr run`` command line of a run (as LocalFlower runs it)."""
-        from ..simulation import APP_ROOT, BIN
+        from safedlora_app.tools.simulation import APP_ROOT, BIN
 
         return [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config",
                 run_config_string(self.settings_with_output(spec)), "--federation-config", spec.federation]

@@ -1,4 +1,5 @@
-"""Named profiles: a set of run-config values a user picks with one key (``profile = "accurate"``).
+"""Named sets of run-config values: the profiles a user picks with one key (``profile = "accurate"``), and
+the choices each method fixes (``RunConfig.effective``).
 
 The app's defaults are the lean point (at least fixed-rank LoRA's accuracy at under half its bytes). A profile
 trades bytes for accuracy; its measured cost and accuracy are in the README. A profile's values replace the
@@ -7,6 +8,7 @@ defaults only: a key given any other value keeps it (``profile = "accurate" num-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 #: Every Linear layer of a BERT-style encoder (MiniLM): attention query/key/value, and ``dense`` for the
@@ -22,4 +24,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     # comparison's search chose for it (x0.5 of 3e-3), over twice the default's rounds (the comparison's
     # sa-all-r16-32r: 32 rounds against fedavg's 16).
     "accurate": {**ACCURATE_ADAPTER, "lr": 1.5e-3, "num-server-rounds": 24},
+}
+
+#: method -> the run-config values it fixes, over the user's (a function of the config: ``RunConfig``).
+#: ``fedit`` is LoRA at a fixed rank with A and B averaged separately; ``fedavg``/``fedprox`` fine-tune the
+#: full model every round (fedavg without the proximal term).
+METHOD_PRESETS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "sa-fedlora": lambda config: {},
+    "fedit": lambda config: {"init-rounds": 0, "schedule": "constant", "allocation": "uniform",
+                             "aggregation": "factors", "prox-mu-anneal": 0.0, "heat-rounds": 0, "cool-rounds": 0},
+    "fedavg": lambda config: {"init-rounds": config.num_server_rounds, "init-trainable": "full", "prox-mu": 0.0},
+    "fedprox": lambda config: {"init-rounds": config.num_server_rounds, "init-trainable": "full"},
 }

@@ -1,10 +1,12 @@
 """Checkpoints: the global arrays and the run's state after every round, for an exact resume.
 
 ``<run dir>/checkpoint/`` holds ``round-<k>.safetensors`` (the global arrays after round k) and
-``state.json`` (the round, the run config, the per-round metrics lines, node -> backbone hash, the RNG
-states, and the SHA-256 of the arrays file). Each file is written to a temporary name and renamed:
-``state.json`` is replaced last and names its arrays file, so a crash at any moment leaves the previous
-checkpoint or the new one, whole. Older arrays files are removed after the new state is in place.
+``state.json``: the round, the run config, the RNG states, the SHA-256 of the arrays file, and what each
+stateful part of the server returns from ``state_dict()``, as torch's modules do (the recorder's per-round
+metrics lines, the strategy's node -> backbone hash, the deadline grid's longest round). Each file is
+written to a temporary name and renamed: ``state.json`` is replaced last and names its arrays file, so a
+crash at any moment leaves the previous checkpoint or the new one, whole. Older arrays files are removed
+after the new state is in place.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from safedlora_app.core.files import atomic_write, atomic_write_json
 
 FORMAT = 1
 DIRECTORY, STATE = "checkpoint", "state.json"
@@ -44,22 +47,50 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+class Stateful(Protocol):
+    """A part of the server whose state a checkpoint keeps: torch's ``state_dict``/``load_state_dict`` pair,
+    with JSON values under keys of its own (they become ``state.json``'s top-level keys)."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def collect(parts: Iterable[Stateful]) -> dict[str, Any]:
+    """The parts' states merged into one document for :func:`save`.
+
+    Raises
+    ------
+    ValueError
+        When two parts return the same key (one would silently overwrite the other on resume).
+    """
+    state: dict[str, Any] = {}
+    for part in parts:
+        own = part.state_dict()
+        if clash := state.keys() & own.keys():
+            raise ValueError(f"{type(part).__name__}.state_dict() returns {sorted(clash)}, already another part's")
+        state.update(own)
+    return state
+
+
+def restore(point: Checkpoint, parts: Iterable[Stateful]) -> None:
+    """Give each part its state from ``point``, and the process its RNG states."""
+    for part in parts:
+        part.load_state_dict(point.state)
+    restore_rng(point.state["rng"])
+
+
 def save(run_dir: Path, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> Path:
     """Write the checkpoint after ``server_round`` (see the module docstring); returns the state file."""
     folder = run_dir / DIRECTORY
     folder.mkdir(parents=True, exist_ok=True)
     arrays = folder / f"round-{server_round:05d}.safetensors"
-    partial = arrays.with_suffix(".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(partial))
-    _sync(partial)
-    partial.replace(arrays)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(arrays, lambda partial: save_file(cpu, str(partial)))
     document = {"format": FORMAT, "round": server_round, "arrays": arrays.name, "arrays-sha256": _sha256(arrays),
                 "rng": rng_states(), **state}
     path = folder / STATE
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(document, indent=1) + "\n")
-    _sync(partial)
-    partial.replace(path)
+    atomic_write_json(path, document, indent=1)
     for old in folder.glob("round-*.safetensors"):
         if old != arrays:
             old.unlink(missing_ok=True)
@@ -126,6 +157,3 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sync(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())

@@ -204,7 +204,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> Compar
     What the command line leaves out comes from the preset (``--quick`` or the full one), and every planned
     run-config passes the app's own validation before anything starts.
     """
-    from ..config import ConfigError, RunConfig
+    from safedlora_app.core.config import ConfigError, RunConfig
 
     preset = PRESETS["quick" if args.quick else "full"]
     name = args.name if args.name is not None else preset.name
@@ -221,7 +221,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> Compar
     splits = args.splits or preset.splits
     check_within_splits("--ablation-splits", args.ablation_splits, splits)
     check_within_splits("--headline-splits", args.headline_splits, splits)
-    from ..simulation import APP_ROOT
+    from safedlora_app.tools.simulation import APP_ROOT
 
     if packaged_with_app(root, APP_ROOT):
         raise CompareError(

@@ -1,0 +1,1 @@
+"""Tools around the app: the local Flower runner (simulation) and ``safedlora compare``."""
