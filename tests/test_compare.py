@@ -478,7 +478,7 @@ class FakeFlower:
     def __init__(self, home):
         self.home = home
 
-    def run(self, run_config, timeout=600, federation=""):
+    def run(self, run_config, timeout=600, federation="", progress=None):
         settings = dict(item.split("=", 1) for item in run_config.split())
         run_dir = Path(settings["out-dir"].strip("'")) / settings["run-name"].strip("'")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -654,8 +654,8 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
                 "fedit-rmax-lrx4-s42": 0.52}
     real_run = FakeFlower.run
 
-    def run(self, run_config, timeout=600, federation=""):
-        result = real_run(self, run_config, timeout, federation)
+    def run(self, run_config, timeout=600, federation="", progress=None):
+        result = real_run(self, run_config, timeout, federation, progress)
         name = FakeFlower.runs[-1]
         run_dir = next(tmp_path.glob(f"s/runs/*/{name}"))
         (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": accuracy[name], "wall-seconds": 1.0}))
@@ -765,3 +765,19 @@ def test_a_finished_run_counts_by_its_arithmetic_not_the_precision_key_that_chos
     (run_dir / "summary.json").write_text(json.dumps({"compute-dtype": "bfloat16"}))
     with pytest.raises(plan.CompareError, match="computed in bfloat16, planned float32"):
         compare_runner.finished(spec)
+
+
+def test_a_run_is_stopped_for_making_no_progress_not_for_being_slow(tmp_path):
+    from safedlora_app.tools.simulation import run_watched
+
+    progress = tmp_path / "metrics.jsonl"
+    # 2 s of work, with a line every 0.2 s: slower than the 1-s limit in all, but never stalled.
+    slow = [sys.executable, "-c", "import time\nfor i in range(10):\n"
+            f"    open({str(progress)!r}, 'a').write(str(i) * (i + 1) + '\\n'); time.sleep(0.2)\nprint('done')"]
+    result = run_watched(slow, dict(os.environ), tmp_path, timeout=1.0, progress=progress, poll=0.1)
+    assert result.returncode == 0 and result.stdout.strip() == "done"
+    stuck = [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"]
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as error:
+        run_watched(stuck, dict(os.environ), tmp_path, timeout=1.0, progress=tmp_path / "never", poll=0.1)
+    assert time.monotonic() - started < 10 and "started" in error.value.stdout

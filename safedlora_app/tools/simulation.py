@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -84,11 +85,13 @@ class LocalFlower:
         self.env = flower_env(home, FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
                               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http_port))
 
-    def run(self, run_config: str, timeout: float = 600, federation: str = "") -> subprocess.CompletedProcess:
+    def run(self, run_config: str, timeout: float = 600, federation: str = "",
+            progress: Path | None = None) -> subprocess.CompletedProcess:
+        """``flwr run`` of this app; see :func:`run_watched` for ``timeout`` and ``progress``."""
         command = [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config", run_config]
         if federation:
             command += ["--federation-config", federation]
-        return subprocess.run(command, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
+        return run_watched(command, self.env, self.home, timeout, progress)
 
     def run_status(self, output: str) -> str:
         """The run's final status (`flwr run` exits 0 even on failure)."""
@@ -106,6 +109,37 @@ class LocalFlower:
     def stop(self) -> None:
         """Stop the SuperLink started for this object and its descendants."""
         stop_processes(self.processes(), timeout=15)
+
+
+def run_watched(command: list[str], env: dict[str, str], cwd: Path, timeout: float,
+                progress: Path | None = None, poll: float = 5.0) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end, capturing its output, unless it makes no progress for ``timeout`` seconds.
+
+    Without ``progress``, ``timeout`` counts from the start. With it, it counts from the last change of that
+    file (a run's ``metrics.jsonl`` grows every round), so that a run slowed down by a busy machine goes on and
+    only a stuck one is stopped.
+
+    Raises
+    ------
+    subprocess.TimeoutExpired
+        After killing the process, with the output it had written.
+    """
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    changed, seen = time.monotonic(), None
+    while True:
+        try:
+            stdout, stderr = process.communicate(timeout=poll)  # retrying after a timeout loses no output
+            return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            pass
+        if progress is not None and progress.exists():
+            stat = progress.stat()
+            if (stamp := (stat.st_mtime_ns, stat.st_size)) != seen:
+                changed, seen = time.monotonic(), stamp
+        if time.monotonic() - changed > timeout:
+            process.kill()
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
 
 
 def run_id(output: str) -> int:

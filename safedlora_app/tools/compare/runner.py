@@ -180,7 +180,8 @@ class Comparison:
                 estimate = estimate_seconds(spec)
                 self.say(f"{tag}: started ({spec.lr_key} {spec.settings[spec.lr_key]:g}, "
                          f"{spec.settings['num-server-rounds']} rounds, ~{estimate:.0f} s)")
-                outcome = self.run_one(spec, timeout=max(600.0, 6 * estimate))
+                # A stall limit, not a wall-clock one: a busy machine may slow every round down many times over.
+                outcome = self.run_one(spec, timeout=max(900.0, 2 * estimate))
                 bar.update(round(estimate))
                 eta = _eta_seconds(bar)
                 if outcome.status == "finished" and self.store is not None:
@@ -219,14 +220,14 @@ class Comparison:
         command = self.command(spec)
         try:
             result = flower.run(run_config_string(self.settings_with_output(spec)), timeout=timeout,
-                                federation=spec.federation)
+                                federation=spec.federation, progress=run_dir / "metrics.jsonl")
             output = result.stdout + result.stderr
         except subprocess.TimeoutExpired as error:
             output = _text(error.stdout) + _text(error.stderr)
             log.write_text(output)
             self.close()  # the ServerApp may still be running: stop that SuperLink (restarted on the next run)
-            return Outcome(spec, "failed", time.perf_counter() - start, f"timed out after {timeout:.0f} s; log {log}",
-                           command)
+            return Outcome(spec, "failed", time.perf_counter() - start,
+                           f"stopped: no round ended in {timeout:.0f} s; log {log}", command)
         log.write_text(output)
         try:
             status = flower.run_status(output)
