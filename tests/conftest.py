@@ -1,10 +1,17 @@
 """Shared test setup: offline Hugging Face, a temporary Flower home, no telemetry."""
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one torch thread per process (inherited by the Flower processes a test starts).
+    # Two threads per process on busy cores wait for each other at every operation, about tenfold slower
+    # (docs/testing.md#times-of-the-tiers). Set before any test module imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import contextlib
 import io
 import json
 import logging
-import os
 import tempfile
 import tomllib
 import warnings
