@@ -5,7 +5,6 @@ import json
 from collections import Counter
 
 import pytest
-
 import small_dataset_check as check  # scripts/small_dataset_check.py (pytest's pythonpath)
 
 
