@@ -15,8 +15,9 @@ Two datasets, both drawn (seeded) from the embedded tweets and written as ``text
 training rows. Each variant is a run-config fragment (``VARIANTS``) added to the dataset's settings; each run is
 ``flwr run`` with 2 simulated SuperNodes. Prints the class counts and, per run, the final, best and last-3
 accuracy, the final macro-F1 and the round of the lowest held-out loss; ``results.json`` keeps every run's
-accuracy, macro-F1 and loss by round. Finished runs are kept and skipped when the command is run again, and an
-interrupted one resumes from its checkpoint.
+accuracy, macro-F1 and loss by round, of this invocation and of earlier ones into the same ``--out``.
+Finished runs are kept and skipped when the command is run again, and an interrupted one resumes from its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -147,10 +148,18 @@ def main() -> int:
                           f"{run['lowest-loss-round']}", flush=True)
     finally:
         flower.stop()
-    label_names = json.loads((out / "runs" / name / "config.json").read_text())["label-names"]
-    (out / "results.json").write_text(json.dumps({"data": args.data, "label-names": label_names, "runs": results},
-                                                 indent=2) + "\n")
+    write_results(out / "results.json", args.data, results,
+                  json.loads((out / "runs" / name / "config.json").read_text())["label-names"])
     return 0
+
+
+def write_results(path: Path, data: str, runs: list[dict], label_names: list[str]) -> None:
+    """Write ``results.json``, keeping the runs an earlier invocation recorded there and this one did not run."""
+    key = lambda run: (run["method"], run["variant"], run["seed"])  # noqa: E731
+    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    ran = {key(run) for run in runs}
+    kept = [run for run in earlier if "variant" in run and key(run) not in ran]
+    path.write_text(json.dumps({"data": data, "label-names": label_names, "runs": kept + runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,14 @@ def test_an_unknown_variant_is_named_with_the_allowed_ones(tmp_path, capsys, mon
         check.main()
     err = capsys.readouterr().err
     assert "more-epochs" in err and "whole-share-prox" in err
+
+
+def test_results_keep_the_runs_of_an_earlier_invocation(tmp_path):
+    path = tmp_path / "results.json"
+    first = [{"method": "sa-fedlora", "variant": "whole-share", "seed": 42, "final": 0.7}]
+    check.write_results(path, "skewed", first, ["negative", "neutral", "positive"])
+    second = [{"method": "fedit", "variant": "whole-share", "seed": 42, "final": 0.6},
+              {"method": "sa-fedlora", "variant": "whole-share", "seed": 42, "final": 0.75}]  # ran again: replaces
+    check.write_results(path, "skewed", second, ["negative", "neutral", "positive"])
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["method"], r["final"]) for r in runs] == [("fedit", 0.6), ("sa-fedlora", 0.75)]
