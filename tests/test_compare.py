@@ -318,6 +318,11 @@ def test_the_paired_plot_draws_every_method_paired_against_fedavg(tmp_path):
     paths = tables.write_paired_plots(tmp_path, rows, paired)
     assert paths == [tmp_path / "plots" / "natural" / "paired_vs_fedavg_vs_mb.png"] and paths[0].stat().st_size > 0
     assert tables.write_paired_plots(tmp_path, rows[1:], paired) == []  # no fedavg runs: nothing to draw
+    points = tables.paired_points(rows, paired, "natural", "fedavg")
+    assert [p[0] for p in points] == ["fedavg: full fine-tuning", "sa-fedlora (4 seeds)",
+                                      "sa-all-r16-32r: profile 'accurate' (1 seed)"]
+    assert points[0][1:] == (2e9 / tables.MB, 0.0, None, None) and points[1][2:] == (-2.0, -3.0, -1.0)
+    assert tables.paired_points(rows, paired, "dirichlet", "fedavg") == []  # no runs on that split
 
 
 def test_rounds_to_target_column_when_only_some_seeds_reach_it():

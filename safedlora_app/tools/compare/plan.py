@@ -81,6 +81,9 @@ METHOD_DESCRIPTIONS = {
     "sa-paper-init": "SA-FedLoRA whose initiating round trains the whole model (init-trainable='full'), then the "
                      "defaults (float16 LoRA rounds, floor rank 4); the lr search scales lr and full-lr together",
 }
+#: What a user knows a method as, where it is one of the app's two points or a baseline (plot legends).
+USER_NAMES = {"fedavg": "full fine-tuning", "fedit-rmax": "fixed-rank LoRA", "sa-fp16-rmin4": "the defaults",
+              "sa-all-r16-32r": "profile 'accurate'"}
 FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
                        "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from safedlora_app.server.outputs import run_totals
 
-from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, CompareOptions, RunSpec, clients_per_round
+from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, USER_NAMES, CompareOptions, RunSpec, clients_per_round
 
 MB = 1e6
 #: Fewest paired seeds with a confidence interval. Two differences that happen to be equal have sd 0 and would
@@ -358,19 +358,30 @@ def write_paired_plots(root: Path, rows: Sequence[Mapping[str, Any]], paired: Se
     """Per split with ``reference`` runs: every method paired against it, against the MB it sent."""
     from safedlora_app.server.plots import plot_paired
 
-    mb = {(r["split"], r["method"]): (r["bytes_down"] + r["bytes_up"]) / MB for r in rows
-          if r["bytes_down"] is not None}
     paths = []
     for split in dict.fromkeys(r["split"] for r in rows):
-        if (split, reference) not in mb:
-            continue
-        points = [(reference, mb[(split, reference)], 0.0, None, None)] + [
-            (f"{r['method']} ({r['pairs']} seed{'s' if r['pairs'] > 1 else ''})", mb[(split, r["method"])],
-             r["final_mean"], r["final_low"], r["final_high"])
-            for r in paired if r["split"] == split and r["reference"] == reference and (split, r["method"]) in mb]
+        points = paired_points(rows, paired, split, reference)
         if len(points) > 1:
             paths.append(plot_paired(points, reference, root / "plots" / split / f"paired_vs_{reference}_vs_mb.png"))
     return paths
+
+
+def paired_points(rows: Sequence[Mapping[str, Any]], paired: Sequence[Mapping[str, Any]], split: str,
+                  reference: str) -> list[tuple[str, float, float, float | None, float | None]]:
+    """The paired plot's points on one split: ``(label, MB sent, mean difference, low, high)``, the reference
+    first at 0; empty without the reference's runs. Labels add the name a user knows a method by."""
+    mb = {r["method"]: (r["bytes_down"] + r["bytes_up"]) / MB for r in rows
+          if r["split"] == split and r["bytes_down"] is not None}
+    if reference not in mb:
+        return []
+
+    def label(method: str, suffix: str = "") -> str:
+        return method + (f": {USER_NAMES[method]}" if method in USER_NAMES else "") + suffix
+
+    return [(label(reference), mb[reference], 0.0, None, None)] + [
+        (label(r["method"], f" ({r['pairs']} seed{'s' if r['pairs'] > 1 else ''})"), mb[r["method"]],
+         r["final_mean"], r["final_low"], r["final_high"])
+        for r in paired if r["split"] == split and r["reference"] == reference and r["method"] in mb]
 
 
 def table_notes(options: CompareOptions) -> list[str]:
