@@ -12,6 +12,7 @@ volumes and network. Traffic stays on this machine: the compose network and the 
 saying why, where no engine answers.
 """
 
+import contextlib
 import functools
 import glob
 import http.server
@@ -67,6 +68,27 @@ def local_torch_wheel():
     return None
 
 
+@contextlib.contextmanager
+def loopback_index(folder: Path, wheel: Path | None):
+    """A package index on loopback serving ``folder`` (``{index}/torch/`` lists ``wheel``, if any); yields its URL."""
+    (folder / "torch").mkdir(parents=True, exist_ok=True)
+    if wheel:
+        os.symlink(wheel, folder / "torch" / wheel.name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+
+
+def build_app_image(torch_index: str | None, tag: str = APP_IMAGE) -> subprocess.CompletedProcess:
+    args = ["--build-arg", f"TORCH_INDEX={torch_index}"] if torch_index else []
+    return subprocess.run(["docker", "build", "--network", "host", "-f", DOCKER / "Dockerfile", *args, "-t", tag,
+                           ROOT], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """Flower images (real or stand-in) and the app image, built once per session (Docker caches layers)."""
@@ -76,23 +98,24 @@ def images(tmp_path_factory):
             pytest.skip(f"flwr/{missing[0]}:{FLWR_VERSION} is not on this engine and debootstrap is missing to "
                         "build a stand-in")
         subprocess.run(["bash", DOCKER / "standin" / "build.sh"], check=True, timeout=BUILD_TIMEOUT)
-    args, server = [], None
     wheel = local_torch_wheel()
-    if wheel:  # a one-file index on loopback: {index}/torch/ lists the wheel
-        index = tmp_path_factory.mktemp("torch-index")
-        (index / "torch").mkdir()
-        os.symlink(wheel, index / "torch" / wheel.name)
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(index))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        args = ["--build-arg", f"TORCH_INDEX=http://127.0.0.1:{server.server_address[1]}/"]
-    try:
-        build = subprocess.run(["docker", "build", "--network", "host", "-f", DOCKER / "Dockerfile", *args,
-                                "-t", APP_IMAGE, ROOT], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    finally:
-        if server:
-            server.shutdown()
+    if wheel:
+        with loopback_index(tmp_path_factory.mktemp("torch-index"), wheel) as index:
+            build = build_app_image(index)
+    else:
+        build = build_app_image(None)
     assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
+
+
+def test_the_app_image_fails_clearly_without_a_cpu_torch_and_never_falls_back_to_cuda(images, tmp_path):
+    # An index that is reachable but has no torch: pip must not take PyPI's CUDA build of the same version.
+    with loopback_index(tmp_path / "index", None) as index:
+        build = build_app_image(index, tag="safedlora-app:no-cpu-torch")
+    output = build.stdout + build.stderr
+    assert build.returncode != 0, output[-4000:]
+    assert f"no CPU build torch=={TORCH_VERSION}+cpu at TORCH_INDEX={index}" in output, output[-4000:]
+    assert "nvidia" not in output.lower()  # nothing of the CUDA build was downloaded
+    assert not image_exists("safedlora-app:no-cpu-torch")
 
 
 class Compose(Deployment):

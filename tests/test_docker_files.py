@@ -222,9 +222,14 @@ def test_dockerfile():
     assert 'grep -qx "flwr==${FLWR_VERSION}" constraints.txt' in text
     installs = re.findall(r"pip install [^\n]*", text)
     assert [i for i in installs if "--no-deps" not in i and "-c constraints.txt" not in i] == []
-    # CPU torch is installed before the app's requirements (which would pull CUDA torch).
+    # CPU torch, asked for as "+cpu" (no silent fallback to PyPI's CUDA build), is installed before the app's
+    # requirements (which would pull CUDA torch), and the build checks what it got.
     assert "download.pytorch.org/whl/cpu" in text
-    assert text.index("-c constraints.txt torch") < text.index("-r /tmp/requirements.txt")
+    assert "pin=\"$(grep '^torch==' constraints.txt)+cpu\"" in text
+    assert text.index('-c constraints.txt "${pin}"') < text.index("-r /tmp/requirements.txt")
+    assert "torch.version.cuda" in text
+    # compose passes TORCH_INDEX through; empty keeps the Dockerfile's default.
+    assert plain()["superexec-serverapp"]["build"]["args"]["TORCH_INDEX"] == "${TORCH_INDEX:-}"
     assert re.findall(r"^USER\s+(\S+)", text, re.M) == ["app"]
     assert dockerfile_entrypoint() == "flower-superexec"
     # /app/runs exists in the image, so the named volume mounted there is owned by `app`.
