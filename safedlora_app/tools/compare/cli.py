@@ -394,10 +394,12 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
     markdown = format_markdown(rows, options.target, notes)
     # sa-fedlora against the baselines, then each of its variants against sa-fedlora itself, the app's defaults,
     # fedit-rmax (the byte goal's reference: a variant may meet the goal where the default does not) and fedavg
-    # (issue #22's accuracy goal). Only references that ran are paired.
+    # (issue #22's accuracy goal); last, the fixed-rank baseline against fedavg, so that both baselines are on the
+    # paired plot. Only references that ran are paired.
     ablations = [m for m in methods if METHODS[m].get("method") == "sa-fedlora" and m != "sa-fedlora"]
     paired = paired_rows(root, plan) + [row for m in ablations for row in paired_rows(
         root, plan, method=m, references=("sa-fedlora", "sa-fp16-rmin4", "fedit-rmax", "fedavg"))]
+    paired += paired_rows(root, plan, method="fedit-rmax", references=("fedavg",))
     if paired:
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "
                      f"t-interval of the mean difference (from {MIN_INTERVAL_PAIRS} paired seeds):\n\n"
