@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import operator
 import random
 import tempfile
 from collections import Counter
@@ -155,10 +156,10 @@ def main() -> int:
 
 def write_results(path: Path, data: str, runs: list[dict], label_names: list[str]) -> None:
     """Write ``results.json``, keeping the runs an earlier invocation recorded there and this one did not run."""
-    key = lambda run: (run["method"], run["variant"], run["seed"])  # noqa: E731
+    key = operator.itemgetter("method", "variant", "seed")
     earlier = json.loads(path.read_text())["runs"] if path.exists() else []
     ran = {key(run) for run in runs}
-    kept = [run for run in earlier if "variant" in run and key(run) not in ran]
+    kept = [run for run in earlier if "variant" in run and key(run) not in ran]  # results.json before variants: dropped
     path.write_text(json.dumps({"data": data, "label-names": label_names, "runs": kept + runs}, indent=2) + "\n")
 
 
