@@ -10,10 +10,12 @@ scores the global model it is sent on them.
 from __future__ import annotations
 
 import copy
+from logging import INFO
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from safedlora_app.client.node_resources import base_with_backbone, node_resources
 from safedlora_app.core import payload as pl
@@ -123,6 +125,10 @@ def train_handler(msg: Message, context: Context) -> Message:
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})
     if result.first_step_a_ratio is not None:
         metrics["first-step-a-ratio"] = result.first_step_a_ratio
+    # The node's own record of its round (its log is all a device owner sees of it).
+    log(INFO, "round %d: trained %d samples in %.1f s (%.3f s per sample, %s), peak memory %.0f MB", server_round,
+        result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
+        str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
     content = RecordDict({ARRAYS: pl.pack(reply, wire_dtype), METRICS: metrics,
                           NODE: _node_record(round_config, resources)})
     return Message(content=content, reply_to=msg)

@@ -6,14 +6,17 @@
 #   scripts/arm64-node.sh ROOTFS rootfs                          # debootstrap --arch arm64 (about 6 min)
 #   scripts/arm64-node.sh ROOTFS install                         # venv + aarch64 torch + the app (emulated pip)
 #   scripts/arm64-node.sh ROOTFS supernode ADDRESS "NODE-CONFIG" # flower-supernode --insecure in the rootfs
+#   scripts/arm64-node.sh ROOTFS run COMMAND...                  # e.g. python bench/client_round.py, on this tree
+#   scripts/arm64-node.sh ROOTFS umount                          # the mounts above (before rm -rf ROOTFS)
 #
 # The rootfs shares the host's network (a chroot, not a container): the SuperNode reaches a SuperLink
 # on the host's loopback. Emulated time is not board time: qemu-user runs arm64 code several times
 # slower than a Raspberry Pi 4 or 5 would.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-rootfs=${1:?usage: $0 ROOTFS rootfs|install|supernode ADDRESS NODE-CONFIG}
-action=${2:?usage: $0 ROOTFS rootfs|install|supernode ADDRESS NODE-CONFIG}
+usage="usage: $0 ROOTFS rootfs|install|supernode ADDRESS NODE-CONFIG|run COMMAND...|umount"
+rootfs=${1:?$usage}
+action=${2:?$usage}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 binfmt() {
@@ -22,12 +25,22 @@ binfmt() {
   [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || { echo "qemu-aarch64 is not registered with binfmt_misc"; exit 1; }
 }
 
-mounts() {  # /proc and /dev for Python and pip; the host's DNS and CA bundle for PyPI
+mounts() {  # /proc and /dev for Python and pip, /sys for torch's CPU detection; the host's DNS and CA bundle
   mountpoint -q "$rootfs/proc" || mount -t proc proc "$rootfs/proc"
   mountpoint -q "$rootfs/dev" || mount --rbind /dev "$rootfs/dev"
+  mountpoint -q "$rootfs/sys" || mount --rbind /sys "$rootfs/sys"
   cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 }
+
+copy_source() {  # this working tree's tracked files (as they are now) to /src in the rootfs
+  rm -rf "$rootfs/src" && mkdir -p "$rootfs/src"
+  git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$rootfs/src")
+}
+
+# What every emulated process gets: no host environment, the node's venv, offline hub, no telemetry.
+node_env=(/usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0
+          FLWR_DISABLE_UPDATE_CHECK=1 PYTHONUNBUFFERED=1)
 
 case $action in
   rootfs)
@@ -41,8 +54,7 @@ case $action in
     ;;
   install)
     binfmt; mounts
-    rm -rf "$rootfs/src" && mkdir -p "$rootfs/src"
-    git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$rootfs/src")
+    copy_source
     # Every version from constraints.txt but torch's: PyPI's aarch64 torch 2.13.0 is a CUDA build (it pulls
     # several GB of nvidia-*-cu13 wheels), and the PyTorch CPU index, which has 2.13.0+cpu for aarch64 (what
     # docs/edge-devices.md installs on a board), is not reachable from our CI. 2.9.1 is PyPI's last aarch64
@@ -58,9 +70,16 @@ print(platform.machine(), \"torch\", torch.__version__, \"flwr\", flwr.__version
   supernode)
     binfmt; mounts
     address=${3:?supernode needs the SuperLink address}
-    exec chroot "$rootfs" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root HF_HUB_OFFLINE=1 \
-      FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 PYTHONUNBUFFERED=1 \
+    exec chroot "$rootfs" "${node_env[@]}" \
       /opt/venv/bin/flower-supernode --insecure --superlink "$address" --node-config "${4:-}"
     ;;
-  *) echo "unknown action $action: rootfs, install or supernode"; exit 2 ;;
+  run)  # the installed dependencies, with this tree's code first on the path (PYTHONPATH=/src)
+    binfmt; mounts; copy_source
+    shift 2
+    exec chroot "$rootfs" "${node_env[@]}" PYTHONPATH=/src /bin/sh -c 'cd /src && exec "$@"' sh "$@"
+    ;;
+  umount)  # the host's /dev and /sys are bound inside: unmount before deleting the rootfs
+    for mount in dev sys proc; do mountpoint -q "$rootfs/$mount" && umount -R "$rootfs/$mount"; done; true
+    ;;
+  *) echo "unknown action $action: rootfs, install, supernode, run or umount"; exit 2 ;;
 esac

@@ -13,11 +13,13 @@ saying why, where no engine answers.
 """
 
 import contextlib
+import csv
 import functools
 import glob
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -90,7 +92,20 @@ def build_app_image(torch_index: str | None, tag: str = APP_IMAGE) -> subprocess
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory):
+def torch_index(tmp_path_factory):
+    """The TORCH_INDEX of this session's builds: a loopback index holding the local wheel of the pinned torch,
+    or '' (the Dockerfile's default, the PyTorch CPU index). One URL for the whole session, so that compose's
+    `up --build` finds the layers the ``images`` fixture built (the URL is a build argument)."""
+    wheel = local_torch_wheel()
+    if not wheel:
+        yield ""
+        return
+    with loopback_index(tmp_path_factory.mktemp("torch-index"), wheel) as index:
+        yield index
+
+
+@pytest.fixture(scope="session")
+def images(torch_index):
     """Flower images (real or stand-in) and the app image, built once per session (Docker caches layers)."""
     missing = [t for t in ("superlink", "supernode", "superexec") if not image_exists(f"flwr/{t}:{FLWR_VERSION}")]
     if missing:
@@ -98,13 +113,12 @@ def images(tmp_path_factory):
             pytest.skip(f"flwr/{missing[0]}:{FLWR_VERSION} is not on this engine and debootstrap is missing to "
                         "build a stand-in")
         subprocess.run(["bash", DOCKER / "standin" / "build.sh"], check=True, timeout=BUILD_TIMEOUT)
-    wheel = local_torch_wheel()
-    if wheel:
-        with loopback_index(tmp_path_factory.mktemp("torch-index"), wheel) as index:
-            build = build_app_image(index)
-    else:
-        build = build_app_image(None)
+    # As compose builds it (BuildKit, host network), so that `up --build` reuses these layers.
+    build = subprocess.run(["docker", "compose", "-f", DOCKER / "compose.yml", "build", "superexec-serverapp"],
+                           capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+                           env={**os.environ, "TORCH_INDEX": torch_index})
     assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
+    return torch_index
 
 
 def test_the_app_image_fails_clearly_without_a_cpu_torch_and_never_falls_back_to_cuda(images, tmp_path):
@@ -121,11 +135,13 @@ def test_the_app_image_fails_clearly_without_a_cpu_torch_and_never_falls_back_to
 class Compose(Deployment):
     """One compose project on a free port, driven with the `flwr` CLI of a Deployment (private FLWR_HOME)."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, torch_index=""):
         super().__init__(tmp)
         self.project = f"safedlora-test-{uuid.uuid4().hex[:8]}"
         self.port = free_ports(1)[0]
         self.files = ["compose.yml"]
+        self.boards = []
+        self.env["TORCH_INDEX"] = torch_index  # for `up --build`, as docs/deployment.md says to pass it
 
     def compose(self, *args, timeout=300, check=True):
         files = [a for f in self.files for a in ("-f", DOCKER / f)]
@@ -155,8 +171,13 @@ class Compose(Deployment):
         """The run's outputs, copied out of the volume of the ServerApp's container."""
         target = self.tmp / "outputs" / run_name
         target.parent.mkdir(exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # a fresh copy (cp into an existing folder would nest it)
         self.compose("cp", f"superexec-serverapp:/app/runs/{run_name}", target)
         return target
+
+    def metrics(self, run_name):
+        """The run's metrics.jsonl rows (round 0 first)."""
+        return [json.loads(line) for line in (self.outputs(run_name) / "metrics.jsonl").read_text().splitlines()]
 
     def down(self):
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
@@ -164,14 +185,17 @@ class Compose(Deployment):
 
 @pytest.fixture
 def project(tmp_path, images):
-    c = Compose(tmp_path)
+    c = Compose(tmp_path, torch_index=images)
     try:
         yield c
     finally:
         c.down()
-        left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={c.project}"],
-                              capture_output=True, text=True).stdout.split()
-        assert not left, f"containers left behind: {left}"
+        for board in c.boards:
+            board.down()
+        for name in [c.project] + [b.project for b in c.boards]:
+            left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={name}"],
+                                  capture_output=True, text=True).stdout.split()
+            assert not left, f"containers left behind: {left}"
 
 
 def run_and_check(c, conn, run_name):
@@ -187,7 +211,7 @@ def run_and_check(c, conn, run_name):
 
 def test_compose_runs_two_rounds(project):
     c = project
-    c.compose("up", "--detach", "--no-build")
+    c.compose("up", "--detach", "--build")  # as docs/deployment.md says (the image is cached by now)
     c.connection("compose", f"127.0.0.1:{c.port}", insecure=True)
     c.wait_for(lambda: (ids := c.online_nodes("compose")) and len(ids) == 2, "both SuperNodes online", timeout=120)
     run_and_check(c, "compose", "compose")
@@ -199,7 +223,7 @@ def test_compose_with_tls_and_node_auth_refuses_an_unregistered_node(project):
     subprocess.run(["bash", MAKE_CERTS, certs], check=True, capture_output=True, timeout=120,
                    env={**c.env, "NUM_NODES": "3", "CONTAINER_UID": "49999"})  # node-2 stays unregistered
     c.files.append("compose.tls.yml")
-    c.compose("up", "--detach", "--no-build")
+    c.compose("up", "--detach", "--build")
     c.connection("compose-tls", f"127.0.0.1:{c.port}", **{"root-certificates": str(certs / "ca.crt")})
     c.wait_for(lambda: c.online_nodes("compose-tls") is not None, "the TLS SuperLink", timeout=120)
     registered = set()
@@ -221,3 +245,132 @@ def test_compose_with_tls_and_node_auth_refuses_an_unregistered_node(project):
     assert c.online_nodes("compose-tls") == registered
 
     run_and_check(c, "compose-tls", "compose-tls")
+
+
+class Board(Compose):
+    """A board's SuperNode from docker/compose.node.yml, as its owner starts it (``up -d --build``), joined to the
+    SuperLink that ``server`` publishes on this host's loopback. Its data: a CSV of the embedded tweets."""
+
+    def __init__(self, server, name, memory, node_config="", rows=200):
+        Deployment.__init__(self, server.tmp / name)
+        self.project, self.files, self.boards = f"{server.project}-{name}", ["compose.node.yml"], []
+        self.name, self.memory = name, memory
+        data = self.tmp / "data"
+        data.mkdir()
+        write_tweets_csv(data / "train.csv", rows, seed=len(server.boards))
+        for path in (self.tmp, data, data / "train.csv"):  # readable by the container's uid 49999
+            path.chmod(0o755)
+        self.env.update(SUPERLINK=f"127.0.0.1:{server.port}", NODE_DATA=str(data), NODE_MEMORY=memory,
+                        NODE_CPUS="1", NODE_PORT=str(free_ports(1)[0]), NODE_CONFIG=node_config,
+                        TORCH_INDEX=server.env["TORCH_INDEX"])
+        server.boards.append(self)
+        self.compose("up", "--detach", "--build")
+
+    def container(self, service="clientapp"):
+        return self.compose("ps", "--all", "--quiet", service).stdout.strip()
+
+    def rounds(self):
+        """The node's own lines about each round it trained (the ClientApp logs them)."""
+        text = self.compose("logs", "--no-color", "clientapp", check=False).stdout
+        return [dict(zip(("round", "samples", "seconds", "precision", "peak"), (int(m[0]), int(m[1]), float(m[2]),
+                                                                               m[3], float(m[4]))))
+                for m in re.findall(r"round (\d+): trained (\d+) samples in ([\d.]+) s \([\d.]+ s per sample, "
+                                    r"(\w+)\), peak memory (\d+) MB", text)]
+
+
+def write_tweets_csv(path, rows, seed):
+    """``rows`` tweets of the embedded dataset (the app's default data) as a node's own `text,label` CSV."""
+    from safedlora_app.core.data import SENTIMENTS, load_default_tweets
+
+    tweets = load_default_tweets().shuffle(seed=seed).select(range(rows))
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(tweets["text"], (SENTIMENTS[i] for i in tweets["label"])))
+
+
+def cgroup_memory(container):
+    """``(peak MB, OOM kills)`` of a container's memory cgroup (v1 or v2), read on this host; None where absent."""
+    for root, peak, events in (("/sys/fs/cgroup/memory/docker", "memory.max_usage_in_bytes", "memory.oom_control"),
+                               ("/sys/fs/cgroup/system.slice/docker-{}.scope", "memory.peak", "memory.events"),
+                               ("/sys/fs/cgroup/docker", "memory.peak", "memory.events")):
+        folder = Path(root.format(container)) if "{}" in root else Path(root) / container
+        if (folder / peak).exists():
+            kills = re.search(r"^oom_kill (\d+)", (folder / events).read_text(), re.M)
+            return int((folder / peak).read_text()) / 2**20, int(kills.group(1)) if kills else 0
+    return None
+
+
+BOARD_RUN = "rank-max=8 rank-min=4"  # the default ranks (TINY's are 2..1), so that a board's max-rank=4 caps them
+#: The boards' memory limits, largest first; the last has max-rank=4. SAFEDLORA_BOARDS="768m,512m" tries others
+#: (docs/edge-devices.md: how the smallest limit that trains was found).
+BOARD_LIMITS = os.environ.get("SAFEDLORA_BOARDS", "2g,1g").split(",")
+
+
+def board_table(boards, rows):
+    """Each board's measured figures, printed (docs/edge-devices.md quotes them)."""
+    lines = ["board | limit | ClientApp container peak (cgroup) | ClientApp process peak | s per round (training) "
+             "| rounds trained"]
+    for b in boards:
+        peak, kills = cgroup_memory(b.container()) or (float("nan"), 0)
+        mine = b.rounds()
+        seconds = ", ".join(f"{r['seconds']:.1f}" for r in mine)
+        process = max((r["peak"] for r in mine), default=float("nan"))
+        lines.append(f"{b.name} | {b.memory} | {peak:.0f} MB ({kills} OOM kills) | {process:.0f} MB | {seconds} "
+                     f"| {len(mine)}")
+    lines += [f"round {r['round']}: {r['round-seconds']:.1f} s, {r['bytes-down'] + r['bytes-up']:,} bytes "
+              f"({r['capped']} node capped)" for r in rows[1:]]
+    print("\n".join(lines))
+
+
+def test_board_sized_nodes_train_with_their_limits_and_report_memory_and_time(project):
+    """Boards as their owners start them (docker/compose.node.yml, one command each) with their own CSVs:
+    2 GB and 1 CPU, and 1 GB and 1 CPU with max-rank=4, both with the low-memory profile. Both train both
+    rounds of the default model; the 1 GB board gets rank-4 factors; each reports its peak memory and time."""
+    c = project
+    c.compose("up", "--detach", "--build", "superexec-serverapp")  # the SuperLink and the ServerApp only
+    c.connection("compose", f"127.0.0.1:{c.port}", insecure=True)
+    boards = [Board(c, f"board-{limit}", limit, "max-rank=4" if limit == BOARD_LIMITS[-1] else "")
+              for limit in BOARD_LIMITS]
+    c.wait_for(lambda: (ids := c.online_nodes("compose")) and len(ids) == len(boards), "the boards online",
+               timeout=120)
+    cli, log, _ = c.launch("compose", "boards", f"{BOARD_RUN} min-nodes={len(boards)} round-timeout=300")
+    try:
+        c.complete("compose", cli, log)
+    finally:  # the figures, also when a board did not make it
+        with contextlib.suppress(AssertionError, OSError):
+            board_table(boards, c.metrics("boards"))
+    rows = c.metrics("boards")
+    assert all(r["replies"] == len(boards) and r["capped"] == 1 for r in rows[1:]), rows
+    for b in boards:
+        mine = b.rounds()
+        assert [r["round"] for r in mine] == [1, 2] and all(r["samples"] == 16 for r in mine), (b.name, mine)
+        assert cgroup_memory(b.container()) is None or cgroup_memory(b.container())[1] == 0
+
+
+def test_a_node_killed_for_memory_is_dropped_and_trains_once_it_has_the_memory(project):
+    """A board whose limit is too small to train: the kernel kills its ClientApp (an OOM kill in its container),
+    the server drops that round's reply at the deadline and the run goes on with the other node. The SuperNode
+    stays online; given the memory (``docker update``), the node trains in a later round."""
+    c = project
+    c.compose("up", "--detach", "--build", "superexec-serverapp")
+    c.connection("compose", f"127.0.0.1:{c.port}", insecure=True)
+    small, board = Board(c, "board-small", "300m"), Board(c, "board-2g", "2g")
+    c.wait_for(lambda: (ids := c.online_nodes("compose")) and len(ids) == 2, "both boards online", timeout=120)
+    nodes = c.online_nodes("compose")
+    cli, log, _ = c.launch("compose", "oom", "num-server-rounds=4 round-timeout=150 round-deadline-factor=2")
+    c.wait_for(lambda: (m := cgroup_memory(small.container())) and m[1] > 0, "an OOM kill in the small board",
+               timeout=300)
+    # Round 1 ends without it; then the owner gives the node the memory it needs.
+    c.wait_for(lambda: "[round 1/4]" in log.read_text(errors="replace"), "round 1 to end", timeout=300)
+    subprocess.run(["docker", "update", "--memory", "2g", "--memory-swap", "2g", small.container()], check=True,
+                   capture_output=True)
+    c.complete("compose", cli, log)
+    rows = c.metrics("oom")
+    board_table([small, board], rows)
+    text = log.read_text(errors="replace")
+    assert rows[1]["replies"] == 1 and rows[1]["dropped"] == 1, rows[1]
+    assert re.search(r"round 1: (no training reply from node|dropped the training reply of node)", text), text[-3000:]
+    assert c.online_nodes("compose") == nodes  # the SuperNode itself was never killed
+    trained = [r["round"] for r in small.rounds()]
+    assert trained and min(trained) >= 2 and rows[trained[-1]]["replies"] == 2, (trained, rows)

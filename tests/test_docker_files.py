@@ -317,3 +317,47 @@ def test_the_app_image_is_built_once_and_never_pulled():
         assert sorted(name for name, svc in app.items() if "build" in svc) == ["superexec-serverapp"]
         assert all(svc.get("pull_policy") == "never" for svc in app.values() if "build" not in svc)
         assert len({svc["image"] for svc in app.values()}) == 1 and len(app) == 3
+
+
+def board_services(**env):
+    """docker/compose.node.yml's services with compose's ${VAR:-default} / ${VAR:?error} filled from ``env``."""
+    def fill(match):
+        name, op, value = match.group(1), match.group(2), match.group(3)
+        if name in env:
+            return env[name]
+        assert op == ":-", f"${{{name}}} is required and has no default"
+        return value
+
+    text = re.sub(r"\$\{(\w+)(:-|:\?)([^}]*)\}", fill, (DOCKER / "compose.node.yml").read_text())
+    return yaml.safe_load(text)["services"]
+
+
+def test_a_board_node_runs_the_low_memory_profile_within_its_limits():
+    from flwr.common.config import parse_config_args
+
+    from safedlora_app.core.profiles import LOW_MEMORY_NODE
+
+    services = board_services(SUPERLINK="server.example:8000", NODE_DATA="/home/pi/data", NODE_CONFIG="max-rank=4")
+    node, clientapp = services["supernode"], services["clientapp"]
+    assert node["image"] == f"flwr/supernode:{FLWR_VERSION}" and clientapp["image"] == f"{APP_REPO}:latest"
+    supernode = parse("flower-supernode", node["command"])
+    executor = parse(program(clientapp), clientapp["command"])
+    assert supernode.isolation == "process" and supernode.superlink == "server.example:8000"
+    # The SuperExec reaches the SuperNode's Runtime API on the board's loopback, and nothing else does.
+    assert node["network_mode"] == clientapp["network_mode"] == "host"
+    assert supernode.host == "127.0.0.1" and executor.runtime_api_address == f"127.0.0.1:{supernode.port}"
+    # The profile, the node's data and its own extra keys, as the ClientApp reads them.
+    config = parse_config_args([supernode.node_config])
+    assert {k: config[k] for k in LOW_MEMORY_NODE} == LOW_MEMORY_NODE
+    assert config["data-path"] == "/app/data/train.csv" and config["max-rank"] == 4
+    assert "/home/pi/data:/app/data:ro" in clientapp["volumes"]
+    # Limits on the ClientApps' container, no swap beyond them, and restarts after a crash.
+    assert clientapp["mem_limit"] == clientapp["memswap_limit"] == "1g" and str(clientapp["cpus"]) == "1"
+    assert clientapp["restart"] == node["restart"] == "on-failure"
+    # Built from docker/Dockerfile with the pinned flwr; TORCH_INDEX passes through (empty: the CPU index).
+    args = clientapp["build"]["args"]
+    assert args["FLWR_VERSION"] == FLWR_VERSION and not args["TORCH_INDEX"] and clientapp["build"]["network"] == "host"
+    assert board_services(SUPERLINK="s:1", NODE_DATA="/d", TORCH_INDEX="http://mirror/")["clientapp"]["build"][
+        "args"]["TORCH_INDEX"] == "http://mirror/"
+    with pytest.raises(AssertionError, match="SUPERLINK"):
+        board_services(NODE_DATA="/data")

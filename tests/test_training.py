@@ -9,7 +9,7 @@ from safedlora_app.core import adapter_math as am
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.model import adapted_modules, build_lora_model, full_state, head_parameters, module_shapes
-from safedlora_app.core.training import Encoded, compute_dtype, evaluate, macro_f1, train
+from safedlora_app.core.training import Encoded, compute_dtype, evaluate, macro_f1, native_bf16, train
 from safedlora_app.server.global_model import GlobalModel
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)]
@@ -122,6 +122,23 @@ def test_compute_dtype():
     assert compute_dtype("fp32", cpu) == torch.float32
     assert compute_dtype("bf16", cpu) == torch.bfloat16
     assert compute_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+
+
+X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
+PI5 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16 svebf16\n"
+
+
+@pytest.mark.parametrize("machine, cpuinfo, native", [
+    ("x86_64", X86_BF16, True),
+    ("x86_64", X86_BF16.replace(" avx512_bf16", ""), False),
+    ("aarch64", PI5, False),
+    ("aarch64", GRAVITON3, True),
+    ("aarch64", X86_BF16, False),  # qemu-user: an emulated aarch64 process reads the x86 host's cpuinfo
+    ("riscv64", X86_BF16, False),
+])
+def test_native_bf16_reads_the_features_of_the_machine_torch_runs_on(machine, cpuinfo, native):
+    assert native_bf16(machine, cpuinfo) is native
 
 
 def lora_copy(tiny_bert):

@@ -249,7 +249,7 @@ class RunConfig:
         "auto",
         "Compute precision of training and evaluation: ``bf16`` (autocast; weights, optimizer and "
         "aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively: "
-        "CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp32 elsewhere).")
+        "CUDA with bf16, or a CPU with AVX512-BF16/AMX or Arm BF16; fp32 elsewhere, emulated CPUs included).")
     torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default).", low=0)
     max_num_examples: int = option(
         1_000_000,

@@ -26,6 +26,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "accurate": {**ACCURATE_ADAPTER, "lr": 1.5e-3, "num-server-rounds": 24},
 }
 
+#: The low-memory node profile: the ``--node-config`` of a SuperNode on a small board (docs/edge-devices.md).
+#: Optimiser steps on 16 samples as by default (4 x 4 accumulated) with a quarter of the activations, one
+#: thread, and 48 tokens (most tweets: p99 is 50). docker/compose.node.yml sets it (tests/test_docker_files.py).
+LOW_MEMORY_NODE = {"batch-size": 4, "grad-accum-steps": 4, "torch-threads": 1, "max-seq-len": 48}
+
+
+def node_config_text(values: dict[str, Any]) -> str:
+    """``values`` as ``--node-config`` text (``key=value`` pairs; strings quoted)."""
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+
+
 #: method -> the run-config values it fixes, over the user's (a function of the config: ``RunConfig``).
 #: ``fedit`` is LoRA at a fixed rank with A and B averaged separately; ``fedavg``/``fedprox`` fine-tune the
 #: full model every round (fedavg without the proximal term).

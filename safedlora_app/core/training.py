@@ -8,6 +8,7 @@ partition never sits in memory as pixel tensors. Evaluation batches rows of simi
 
 from __future__ import annotations
 
+import platform
 import resource
 import time
 from collections.abc import Sequence
@@ -24,15 +25,35 @@ from safedlora_app.core.files import atomic_write
 PAD_MULTIPLE = 8
 
 
+#: ``platform.machine()`` → (the /proc/cpuinfo line that lists CPU features, the features that mean native bf16).
+BF16_FEATURES = {
+    "x86_64": ("flags", {"avx512_bf16", "amx_bf16"}),
+    "aarch64": ("Features", {"bf16"}),
+}
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX, or Arm's BF16 extension."""
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
+            return native_bf16(platform.machine(), handle.read())
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(machine: str, cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo`` text lists native bf16 for ``machine`` (``platform.machine()``).
+
+    Only the features of the machine's own architecture count: under qemu-user emulation an aarch64
+    process reads the x86 host's cpuinfo, whose ``avx512_bf16`` says nothing about the emulated CPU.
+    """
+    if machine not in BF16_FEATURES:
+        return False
+    key, wanted = BF16_FEATURES[machine]
+    lines = (line.partition(":") for line in cpuinfo.splitlines())
+    features = next((value.split() for name, _, value in lines if name.strip() == key), [])
+    return not wanted.isdisjoint(features)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
