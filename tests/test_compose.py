@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_deployment import MAKE_CERTS, ROOT, TINY, Deployment, free_ports
+from test_deployment import MAKE_CERTS, ROOT, TINY, Deployment, free_ports, metrics_rows
 
 import pins  # scripts/pins.py (pytest's pythonpath)
 
@@ -143,12 +143,13 @@ class Compose(Deployment):
         self.boards = []
         self.env["TORCH_INDEX"] = torch_index  # for `up --build`, as docs/deployment.md says to pass it
 
-    def compose(self, *args, timeout=300, check=True):
+    def compose(self, *args, timeout=BUILD_TIMEOUT, check=True):
         files = [a for f in self.files for a in ("-f", DOCKER / f)]
-        # The project directory holds the overlay's ./certs; the compose files stay where they are.
-        result = subprocess.run(["docker", "compose", "--project-directory", self.tmp, "-p", self.project, *files,
-                                 *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                                env={**self.env, "SAFEDLORA_PORT": str(self.port)})
+        # As docs/deployment.md runs it (relative paths from docker/), with this test's certificates and port.
+        result = subprocess.run(["docker", "compose", "-p", self.project, *files, *map(str, args)],
+                                capture_output=True, text=True, timeout=timeout,
+                                env={**self.env, "SAFEDLORA_PORT": str(self.port),
+                                     "SAFEDLORA_CERTS": str(self.tmp / "certs")})
         if check:
             assert result.returncode == 0, f"docker compose {args}: {result.stdout}\n{result.stderr}"
         return result
@@ -175,10 +176,6 @@ class Compose(Deployment):
         self.compose("cp", f"superexec-serverapp:/app/runs/{run_name}", target)
         return target
 
-    def metrics(self, run_name):
-        """The run's metrics.jsonl rows (round 0 first)."""
-        return [json.loads(line) for line in (self.outputs(run_name) / "metrics.jsonl").read_text().splitlines()]
-
     def down(self):
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
 
@@ -192,6 +189,7 @@ def project(tmp_path, images):
         c.down()
         for board in c.boards:
             board.down()
+        c.stop()  # native processes (a board test's SuperLink)
         for name in [c.project] + [b.project for b in c.boards]:
             left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={name}"],
                                   capture_output=True, text=True).stdout.split()
@@ -247,18 +245,106 @@ def test_compose_with_tls_and_node_auth_refuses_an_unregistered_node(project):
     run_and_check(c, "compose-tls", "compose-tls")
 
 
+BOARD_RUN = "rank-max=8 rank-min=4"  # the default ranks (TINY's are 2..1), so that a board's max-rank=4 caps them
+#: The boards' memory limits, largest first; the last has max-rank=4. SAFEDLORA_BOARDS="640m" runs others
+#: (docs/edge-devices.md: how the smallest limit that trains was found).
+BOARD_LIMITS = os.environ.get("SAFEDLORA_BOARDS", "2g,1g").split(",")
+
+
+def native_superlink(c):
+    """A SuperLink on this host's loopback (its ServerApp runs natively too): the boards' containers are then
+    the only ones that read the app image's files, so each is charged for the pages it reads (a cgroup is
+    charged for a shared file page only when it reads it first)."""
+    c.start("superlink", ["flower-superlink", "--insecure", "--port", c.port, "--database", c.tmp / "state.db",
+                          "--disable-runtime-dependency-installation"])
+    c.connection("boards", f"127.0.0.1:{c.port}", insecure=True)
+
+
+def wait_for_boards(c, boards):
+    c.wait_for(lambda: (ids := c.online_nodes("boards")) and len(ids) == len(boards), f"{len(boards)} boards online",
+               timeout=180, alive=["superlink"])
+    return c.online_nodes("boards")
+
+
+def board_table(boards, rows):
+    """Each board's measured figures, printed (docs/edge-devices.md quotes them)."""
+    lines = ["board | limit | ClientApp container peak (cgroup) | ClientApp process peak (RSS) | training s per round "
+             "| rounds trained"]
+    for b in boards:
+        peak, kills = cgroup_memory(b.container()) or (float("nan"), 0)
+        mine = b.rounds()
+        seconds = ", ".join(f"{r['seconds']:.1f}" for r in mine)
+        process = max((r["peak"] for r in mine), default=float("nan"))
+        lines.append(f"{b.name} | {b.memory} | {peak:.0f} MB ({kills} OOM kills) | {process:.0f} MB | {seconds} "
+                     f"| {[r['round'] for r in mine]}")
+    lines += [f"round {r['round']}: {r['round-seconds']:.1f} s, {r['bytes-down'] + r['bytes-up']:,} bytes, "
+              f"{r['replies']} replies ({r['capped']} capped)" for r in rows[1:]]
+    print("\n".join(lines))
+
+
+def test_board_sized_nodes_train_with_their_limits_and_report_memory_and_time(project):
+    """Boards as their owners start them (docker/compose.node.yml, one command each) with their own CSVs:
+    2 GB and 1 CPU, and 1 GB and 1 CPU with max-rank=4, both with the low-memory profile. Both train both
+    rounds of the default model; the 1 GB board gets rank-4 factors; each reports its peak memory and time."""
+    c = project
+    native_superlink(c)
+    boards = [Board(c, f"board-{limit}", limit, "max-rank=4" if limit == BOARD_LIMITS[-1] else "")
+              for limit in BOARD_LIMITS]
+    wait_for_boards(c, boards)
+    cli, log, outputs = Deployment.launch(c, "boards", "boards",
+                                          f"{BOARD_RUN} min-nodes={len(boards)} round-timeout=300")
+    try:
+        c.complete("boards", cli, log, alive=["superlink"])
+    finally:  # the figures, also when a board did not make it
+        with contextlib.suppress(OSError):
+            board_table(boards, metrics_rows(outputs))
+    rows = metrics_rows(outputs)
+    assert all(r["replies"] == len(boards) for r in rows[1:]), rows
+    assert rows[1]["capped"] == 1, rows[1]  # round 1 sends rank 8: the max-rank=4 board gets rank-4 factors
+    for b in boards:
+        mine = b.rounds()
+        assert [r["round"] for r in mine] == [1, 2] and all(r["samples"] == 16 for r in mine), (b.name, mine)
+        assert (cgroup_memory(b.container()) or (0, 0))[1] == 0  # no OOM kill
+
+
+def test_a_node_killed_for_memory_is_dropped_and_trains_once_it_has_the_memory(project):
+    """A board whose limit is too small to train: the kernel kills its ClientApp (an OOM kill in its container),
+    the server drops that round's reply and the run goes on with the other node. The SuperNode stays online;
+    given the memory (``docker update``), the node trains in a later round."""
+    c = project
+    native_superlink(c)
+    small, board = Board(c, "board-300m", "300m"), Board(c, "board-2g", "2g")
+    nodes = wait_for_boards(c, [small, board])
+    cli, log, outputs = Deployment.launch(c, "boards", "oom", "num-server-rounds=4 round-timeout=150")
+    c.wait_for(lambda: (cgroup_memory(small.container()) or (0, 0))[1] > 0, "an OOM kill in the small board",
+               timeout=300, alive=["superlink"])
+    c.wait_rounds(outputs, 1, cli, log, alive=["superlink"])  # round 1 ends without it
+    subprocess.run(["docker", "update", "--memory", "2g", "--memory-swap", "2g", small.container()], check=True,
+                   capture_output=True)  # its owner gives it the memory it needs
+    text = c.complete("boards", cli, log, alive=["superlink"])
+    rows = metrics_rows(outputs)
+    board_table([small, board], rows)
+    assert rows[1]["replies"] == 1 and rows[1]["dropped"] == 1, rows[1]
+    assert re.search(r"round 1: (no training reply from node|dropped the training reply of node)", text), text[-3000:]
+    assert c.online_nodes("boards") == nodes  # the SuperNode itself was never killed
+    trained = [r["round"] for r in small.rounds()]
+    assert trained and min(trained) >= 2 and all(rows[k]["replies"] == 2 for k in trained), (trained, rows)
+
+
 class Board(Compose):
     """A board's SuperNode from docker/compose.node.yml, as its owner starts it (``up -d --build``), joined to the
-    SuperLink that ``server`` publishes on this host's loopback. Its data: a CSV of the embedded tweets."""
+    SuperLink on this host's loopback port ``server.port``. Its data: a CSV of the embedded tweets."""
 
     def __init__(self, server, name, memory, node_config="", rows=200):
+        (server.tmp / name).mkdir()
         Deployment.__init__(self, server.tmp / name)
         self.project, self.files, self.boards = f"{server.project}-{name}", ["compose.node.yml"], []
+        self.port = server.port
         self.name, self.memory = name, memory
         data = self.tmp / "data"
         data.mkdir()
         write_tweets_csv(data / "train.csv", rows, seed=len(server.boards))
-        for path in (self.tmp, data, data / "train.csv"):  # readable by the container's uid 49999
+        for path in (data, data / "train.csv"):  # readable by the container's uid 49999
             path.chmod(0o755)
         self.env.update(SUPERLINK=f"127.0.0.1:{server.port}", NODE_DATA=str(data), NODE_MEMORY=memory,
                         NODE_CPUS="1", NODE_PORT=str(free_ports(1)[0]), NODE_CONFIG=node_config,
@@ -299,78 +385,3 @@ def cgroup_memory(container):
             kills = re.search(r"^oom_kill (\d+)", (folder / events).read_text(), re.M)
             return int((folder / peak).read_text()) / 2**20, int(kills.group(1)) if kills else 0
     return None
-
-
-BOARD_RUN = "rank-max=8 rank-min=4"  # the default ranks (TINY's are 2..1), so that a board's max-rank=4 caps them
-#: The boards' memory limits, largest first; the last has max-rank=4. SAFEDLORA_BOARDS="768m,512m" tries others
-#: (docs/edge-devices.md: how the smallest limit that trains was found).
-BOARD_LIMITS = os.environ.get("SAFEDLORA_BOARDS", "2g,1g").split(",")
-
-
-def board_table(boards, rows):
-    """Each board's measured figures, printed (docs/edge-devices.md quotes them)."""
-    lines = ["board | limit | ClientApp container peak (cgroup) | ClientApp process peak | s per round (training) "
-             "| rounds trained"]
-    for b in boards:
-        peak, kills = cgroup_memory(b.container()) or (float("nan"), 0)
-        mine = b.rounds()
-        seconds = ", ".join(f"{r['seconds']:.1f}" for r in mine)
-        process = max((r["peak"] for r in mine), default=float("nan"))
-        lines.append(f"{b.name} | {b.memory} | {peak:.0f} MB ({kills} OOM kills) | {process:.0f} MB | {seconds} "
-                     f"| {len(mine)}")
-    lines += [f"round {r['round']}: {r['round-seconds']:.1f} s, {r['bytes-down'] + r['bytes-up']:,} bytes "
-              f"({r['capped']} node capped)" for r in rows[1:]]
-    print("\n".join(lines))
-
-
-def test_board_sized_nodes_train_with_their_limits_and_report_memory_and_time(project):
-    """Boards as their owners start them (docker/compose.node.yml, one command each) with their own CSVs:
-    2 GB and 1 CPU, and 1 GB and 1 CPU with max-rank=4, both with the low-memory profile. Both train both
-    rounds of the default model; the 1 GB board gets rank-4 factors; each reports its peak memory and time."""
-    c = project
-    c.compose("up", "--detach", "--build", "superexec-serverapp")  # the SuperLink and the ServerApp only
-    c.connection("compose", f"127.0.0.1:{c.port}", insecure=True)
-    boards = [Board(c, f"board-{limit}", limit, "max-rank=4" if limit == BOARD_LIMITS[-1] else "")
-              for limit in BOARD_LIMITS]
-    c.wait_for(lambda: (ids := c.online_nodes("compose")) and len(ids) == len(boards), "the boards online",
-               timeout=120)
-    cli, log, _ = c.launch("compose", "boards", f"{BOARD_RUN} min-nodes={len(boards)} round-timeout=300")
-    try:
-        c.complete("compose", cli, log)
-    finally:  # the figures, also when a board did not make it
-        with contextlib.suppress(AssertionError, OSError):
-            board_table(boards, c.metrics("boards"))
-    rows = c.metrics("boards")
-    assert all(r["replies"] == len(boards) and r["capped"] == 1 for r in rows[1:]), rows
-    for b in boards:
-        mine = b.rounds()
-        assert [r["round"] for r in mine] == [1, 2] and all(r["samples"] == 16 for r in mine), (b.name, mine)
-        assert cgroup_memory(b.container()) is None or cgroup_memory(b.container())[1] == 0
-
-
-def test_a_node_killed_for_memory_is_dropped_and_trains_once_it_has_the_memory(project):
-    """A board whose limit is too small to train: the kernel kills its ClientApp (an OOM kill in its container),
-    the server drops that round's reply at the deadline and the run goes on with the other node. The SuperNode
-    stays online; given the memory (``docker update``), the node trains in a later round."""
-    c = project
-    c.compose("up", "--detach", "--build", "superexec-serverapp")
-    c.connection("compose", f"127.0.0.1:{c.port}", insecure=True)
-    small, board = Board(c, "board-small", "300m"), Board(c, "board-2g", "2g")
-    c.wait_for(lambda: (ids := c.online_nodes("compose")) and len(ids) == 2, "both boards online", timeout=120)
-    nodes = c.online_nodes("compose")
-    cli, log, _ = c.launch("compose", "oom", "num-server-rounds=4 round-timeout=150 round-deadline-factor=2")
-    c.wait_for(lambda: (m := cgroup_memory(small.container())) and m[1] > 0, "an OOM kill in the small board",
-               timeout=300)
-    # Round 1 ends without it; then the owner gives the node the memory it needs.
-    c.wait_for(lambda: "[round 1/4]" in log.read_text(errors="replace"), "round 1 to end", timeout=300)
-    subprocess.run(["docker", "update", "--memory", "2g", "--memory-swap", "2g", small.container()], check=True,
-                   capture_output=True)
-    c.complete("compose", cli, log)
-    rows = c.metrics("oom")
-    board_table([small, board], rows)
-    text = log.read_text(errors="replace")
-    assert rows[1]["replies"] == 1 and rows[1]["dropped"] == 1, rows[1]
-    assert re.search(r"round 1: (no training reply from node|dropped the training reply of node)", text), text[-3000:]
-    assert c.online_nodes("compose") == nodes  # the SuperNode itself was never killed
-    trained = [r["round"] for r in small.rounds()]
-    assert trained and min(trained) >= 2 and rows[trained[-1]]["replies"] == 2, (trained, rows)

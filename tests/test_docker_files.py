@@ -47,6 +47,7 @@ IMAGE_PROGRAM = {
     "flwr/superexec": "flower-superexec",
 }
 APP_REPO = "safedlora-app"  # the image docker/Dockerfile builds
+CERTS = "${SAFEDLORA_CERTS:-./certs}"  # the TLS overlay's certificate folder (next to it by default)
 DEFAULT_PORT = {"flower-superlink": 8000, "flower-supernode": 9094}
 # Accepted by the parsers but deprecated/ignored (they only log a warning): keep them out.
 DEPRECATED = {
@@ -60,6 +61,12 @@ def load(name):
     return yaml.safe_load((DOCKER / name).read_text())
 
 
+def volume(spec):
+    """``(source, target)`` of a compose volume ``source:target[:ro]`` (a source may hold ``${VAR:-default}``)."""
+    source, target = spec.removesuffix(":ro").rsplit(":", 1)
+    return source, target
+
+
 def merge(base, overlay):
     """Compose's merge for the keys we use: command replaced, volumes merged by target."""
     out = {name: dict(svc) for name, svc in base["services"].items()}
@@ -67,8 +74,8 @@ def merge(base, overlay):
         assert name in out, f"overlay service {name!r} does not exist in compose.yml"
         for key, value in svc.items():
             if key == "volumes":
-                vols = {v.split(":")[1]: v for v in out[name].get("volumes", [])}
-                vols.update({v.split(":")[1]: v for v in value})
+                vols = {volume(v)[1]: v for v in out[name].get("volumes", [])}
+                vols.update({volume(v)[1]: v for v in value})
                 out[name]["volumes"] = list(vols.values())
             else:
                 out[name][key] = value
@@ -190,15 +197,15 @@ def test_tls_overlay_is_tls_everywhere(tmp_path):
             files = [args.root_certificates, args.auth_supernode_private_key]
         else:
             files = [args.root_certificates]  # ServerApp SuperExec -> TLS SuperLink
-        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        mounts = {target: source for source, target in map(volume, services[name]["volumes"])}
         for path in files:
             assert path in mounts, f"{name} uses {path} but does not mount it"
-            assert mounts[path].startswith("./certs/")
+            assert mounts[path].startswith(CERTS + "/")
             # Mounted from a file that scripts/make-certs.sh really produces.
             assert (tmp_path / Path(mounts[path]).name).is_file(), mounts[path]
     # supernode-K mounts node-K: keys match partition ids and are not shared.
     for k in (0, 1):
-        assert f"./certs/node-{k}:/app/certs/node.key:ro" in services[f"supernode-{k}"]["volumes"]
+        assert f"{CERTS}/node-{k}:/app/certs/node.key:ro" in services[f"supernode-{k}"]["volumes"]
 
 
 def test_image_tags_match_pinned_flwr():
@@ -350,6 +357,7 @@ def test_a_board_node_runs_the_low_memory_profile_within_its_limits():
     config = parse_config_args([supernode.node_config])
     assert {k: config[k] for k in LOW_MEMORY_NODE} == LOW_MEMORY_NODE
     assert config["data-path"] == "/app/data/train.csv" and config["max-rank"] == 4
+    assert config["cache-dir"].startswith("/app/.cache/")  # the node-cache volume, whatever the run's cache-dir
     assert "/home/pi/data:/app/data:ro" in clientapp["volumes"]
     # Limits on the ClientApps' container, no swap beyond them, and restarts after a crash.
     assert clientapp["mem_limit"] == clientapp["memswap_limit"] == "1g" and str(clientapp["cpus"]) == "1"
