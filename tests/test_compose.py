@@ -314,6 +314,8 @@ def test_a_node_killed_for_memory_is_dropped_and_trains_once_it_has_the_memory(p
     c = project
     native_superlink(c)
     small, board = Board(c, "board-300m", "300m"), Board(c, "board-2g", "2g")
+    if cgroup_memory(small.container()) is None:
+        pytest.skip("this host's memory cgroups are not readable under /sys/fs/cgroup: no OOM kills to count")
     nodes = wait_for_boards(c, [small, board])
     cli, log, outputs = Deployment.launch(c, "boards", "oom", "num-server-rounds=4 round-timeout=150")
     c.wait_for(lambda: (cgroup_memory(small.container()) or (0, 0))[1] > 0, "an OOM kill in the small board",
