@@ -82,6 +82,9 @@ def child(workdir: Path, run_config: dict, node_config: dict, op_profile: int = 
     # The handler loads model and data itself (node_resources, cached per process): load them first, one
     # after the other, to time each; the handler then finds both cached, as in a later round of one process.
     config = RunConfig.from_mapping(run_config).with_node_config(node_config).effective
+    if config.torch_threads:  # as the handler sets them, so that every step runs on the node's threads
+        import torch
+        torch.set_num_threads(config.torch_threads)
     labels = tuple(round_config["label-names"])
     MODELS.get_or_load((config.model_name, config.task, labels, config.seed),
                        lambda: load_base_model(config.model_name, config.task, labels, seed=config.seed))
@@ -92,7 +95,7 @@ def child(workdir: Path, run_config: dict, node_config: dict, op_profile: int = 
                           "config": ConfigRecord(round_config)})
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
-    if op_profile:  # torch's own profile of the round: the ops that took the most time, to stderr
+    if op_profile:  # torch's own profile of the round (its overhead inflates setup-seconds), to stderr
         import torch.profiler
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             reply = train_handler(message, context)
@@ -104,7 +107,7 @@ def child(workdir: Path, run_config: dict, node_config: dict, op_profile: int = 
     return {"import-seconds": imported - start, "model-seconds": model_loaded - imported,
             "data-seconds": data_loaded - model_loaded, "setup-seconds": done - data_loaded - metrics["train-time"],
             "train-seconds": metrics["train-time"], "num-examples": metrics["num-examples"],
-            "seconds-per-sample": metrics["train-time"] / metrics["num-examples"],
+            "seconds-per-sample": metrics["train-time"] / max(metrics["num-examples"], 1),
             "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -119,6 +122,8 @@ def main() -> None:
                         help="print the N torch ops with the most self CPU time in each round (to stderr)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.op_profile < 0:
+        parser.error(f"--op-profile {args.op_profile}: give a number of ops >= 1, or 0 for none")
 
     import tomllib
     defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
@@ -152,8 +157,8 @@ def main() -> None:
             out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
-            if args.op_profile:
-                print(out.stderr[out.stderr.find("-----"):], file=sys.stderr)
+            if args.op_profile and "-----" in out.stderr:
+                print(out.stderr[out.stderr.index("-----"):], file=sys.stderr)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["process-wall-seconds"] = time.perf_counter() - wall
             rounded = {k: round(v, 4 if k == "seconds-per-sample" else 2) for k, v in result.items()}

@@ -3,7 +3,7 @@
 # Raspberry Pi (64-bit Raspberry Pi OS is Debian arm64) that such a machine can run. Needs root,
 # debootstrap, qemu-user-static and binfmt-support (docs/edge-devices.md has the whole recipe).
 #
-#   scripts/arm64-node.sh ROOTFS rootfs                          # debootstrap --arch arm64 (about 6 min)
+#   scripts/arm64-node.sh ROOTFS rootfs                          # debootstrap --arch arm64 (3.5 min measured)
 #   scripts/arm64-node.sh ROOTFS install                         # venv + aarch64 torch + the app (emulated pip)
 #   scripts/arm64-node.sh ROOTFS supernode ADDRESS "NODE-CONFIG" # flower-supernode --insecure in the rootfs
 #   scripts/arm64-node.sh ROOTFS run COMMAND...                  # e.g. python bench/client_round.py, on this tree
@@ -27,8 +27,9 @@ binfmt() {
 
 mounts() {  # /proc and /dev for Python and pip, /sys for torch's CPU detection; the host's DNS and CA bundle
   mountpoint -q "$rootfs/proc" || mount -t proc proc "$rootfs/proc"
-  mountpoint -q "$rootfs/dev" || mount --rbind /dev "$rootfs/dev"
-  mountpoint -q "$rootfs/sys" || mount --rbind /sys "$rootfs/sys"
+  # rslave: unmounting them later never propagates back to the host's own /dev and /sys mounts
+  mountpoint -q "$rootfs/dev" || { mount --rbind /dev "$rootfs/dev" && mount --make-rslave "$rootfs/dev"; }
+  mountpoint -q "$rootfs/sys" || { mount --rbind /sys "$rootfs/sys" && mount --make-rslave "$rootfs/sys"; }
   cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 }
@@ -79,7 +80,9 @@ print(platform.machine(), \"torch\", torch.__version__, \"flwr\", flwr.__version
     exec chroot "$rootfs" "${node_env[@]}" PYTHONPATH=/src /bin/sh -c 'cd /src && exec "$@"' sh "$@"
     ;;
   umount)  # the host's /dev and /sys are bound inside: unmount before deleting the rootfs
-    for mount in dev sys proc; do mountpoint -q "$rootfs/$mount" && umount -R "$rootfs/$mount"; done; true
+    for mount in dev sys proc; do
+      if mountpoint -q "$rootfs/$mount"; then umount -R "$rootfs/$mount"; fi  # a failure stops here (set -e)
+    done
     ;;
   *) echo "unknown action $action: rootfs, install, supernode, run or umount"; exit 2 ;;
 esac

@@ -15,15 +15,16 @@ def client_round(*args, timeout=300):
 
 
 @pytest.mark.e2e
-def test_one_round_in_a_fresh_process_reports_each_step():
+def test_one_round_in_a_fresh_process_reports_each_step(tmp_path):
     out = client_round("--profile", "low-memory", "--rounds", "1", "--set", "local-samples=4",
+                       "--set", f"cache-dir='{tmp_path}'",
                        "--set", "precision='fp32'", "--set", "torch-threads=2", "--op-profile", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["num-examples"] == 4 and result["peak-rss-mb"] > 100
     steps = ("import-seconds", "model-seconds", "data-seconds", "setup-seconds", "train-seconds")
     assert all(result[step] > 0 for step in steps), result
-    assert result["seconds-per-sample"] == pytest.approx(result["train-seconds"] / 4, abs=1e-3)
+    assert result["seconds-per-sample"] == pytest.approx(result["train-seconds"] / 4, abs=2e-3)  # both rounded
     assert "aten::" in out.stderr  # the op profile
 
 

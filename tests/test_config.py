@@ -174,3 +174,15 @@ def test_the_accurate_profile_is_what_the_comparison_measured():
     accurate = PROFILES["accurate"]
     assert accurate["lr"] == 0.5 * PRESETS["full"].settings["lr"]
     assert accurate["num-server-rounds"] / RunConfig().num_server_rounds == LONG_RUN["num-server-rounds"] / 16
+
+
+def test_node_config_text_writes_what_the_node_config_reads_back():
+    from flwr.common.config import parse_config_args
+
+    from safedlora_app.core.profiles import LOW_MEMORY_NODE, node_config_text
+
+    values = {**LOW_MEMORY_NODE, "data-path": "/data/local file.csv", "lr": 0.5}
+    assert parse_config_args([node_config_text(values)]) == values
+    for bad in (True, "it's", None):
+        with pytest.raises(TypeError, match="node-config key"):
+            node_config_text({"key": bad})

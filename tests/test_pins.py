@@ -1,5 +1,8 @@
 """One set of tested versions: constraints.txt against pyproject.toml, this environment and a drift."""
 
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -75,3 +78,17 @@ def test_check_exits_nonzero_with_the_package_named(monkeypatch, capsys):
     monkeypatch.setattr(pins, "installed", lambda: drifted)
     assert pins.main(["check"]) == 1
     assert "flwr: pinned" in capsys.readouterr().err
+
+
+def test_pytest_xdist_keeps_a_group_on_one_worker(tmp_path):
+    """The slow tiers rely on `--dist loadgroup` (one Docker build, one Flower simulation at a time). pytest 9.2
+    keeps node ids where pytest-xdist 3.8 cannot rename them, and the groups were then ignored in silence."""
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n"
+        "pytestmark = pytest.mark.xdist_group('probe')\n"
+        + "".join(f"def test_{k}():\n    pass\n" for k in range(4)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v",
+                          "-p", "no:cacheprovider", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    workers = set(re.findall(r"\[(gw\d+)\] .*PASSED", out.stdout))
+    assert out.returncode == 0 and len(workers) == 1, out.stdout[-2000:]

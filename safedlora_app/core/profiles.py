@@ -33,8 +33,21 @@ LOW_MEMORY_NODE = {"batch-size": 4, "grad-accum-steps": 4, "torch-threads": 1, "
 
 
 def node_config_text(values: dict[str, Any]) -> str:
-    """``values`` as ``--node-config`` text (``key=value`` pairs; strings quoted)."""
-    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+    """``values`` as ``--node-config`` text: ``key=value`` pairs, strings in single quotes.
+
+    Raises
+    ------
+    TypeError
+        For a value that text would not read back as written (a bool, a string with a quote, another type).
+    """
+    def text(key: str, value: Any) -> str:
+        if isinstance(value, str) and "'" not in value:
+            return f"{key}='{value}'"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{key}={value}"
+        raise TypeError(f"node-config {key} = {value!r}: only numbers and strings without single quotes")
+
+    return " ".join(text(k, v) for k, v in values.items())
 
 
 #: method -> the run-config values it fixes, over the user's (a function of the config: ``RunConfig``).
