@@ -23,6 +23,7 @@ from safedlora_app.core.config import RunConfig, node_max_rank, node_name
 from safedlora_app.core.data import DataError
 from safedlora_app.core.model import (
     build_lora_model,
+    checkpoint_activations,
     full_state,
     get_lora_weights,
     head_parameters,
@@ -34,7 +35,7 @@ from safedlora_app.core.model import (
 from safedlora_app.core.payload import ARRAYS, LIMITS, METRICS, NODE
 from safedlora_app.core.round_plan import FULL
 from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
-from safedlora_app.core.training import compute_dtype, evaluate, train
+from safedlora_app.core.training import compute_dtype, evaluate_held_out, train
 
 app = ClientApp()
 
@@ -107,6 +108,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     torch.manual_seed(mix_seed(config.seed, server_round, partition_id, Stream.INITIALISATION))
     received = pl.unpack(msg.content[ARRAYS])
     model, ranks = _received_model(received, round_config, config, resources, max_rank)
+    if config.gradient_checkpointing:
+        checkpoint_activations(model)
     if round_config["kind"] == FULL:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
@@ -142,9 +145,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources, max_rank)
     if ranks:  # the LoRA update folded into the weights: the same logits, no adapter branch to compute
         model = model.merge_and_unload()
-    result = evaluate(model, resources.data.subset(held_out), batch_size=config.eval_batch_size,
-                      num_classes=len(round_config["label-names"]), device=device,
-                      dtype=compute_dtype(config.precision, device))
+    result = evaluate_held_out(model, resources.data.subset(held_out), task=config.task,
+                               batch_size=config.eval_batch_size, num_classes=len(round_config["label-names"]),
+                               device=device, dtype=compute_dtype(config.precision, device))
     metrics = MetricRecord({"num-examples": len(held_out), **result})
     return Message(content=RecordDict({METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)

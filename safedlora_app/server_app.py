@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.config import CAUSAL_LM_TASK, ConfigError, RunConfig
 from safedlora_app.core.data import DataError, TaskData, load_task_data
+from safedlora_app.core.files import atomic_write_text
 from safedlora_app.core.model import (
     ModelError,
     adapted_modules,
@@ -28,9 +30,10 @@ from safedlora_app.core.model import (
     model_source,
     module_shapes,
     pick_device,
+    resolve_model_name,
 )
 from safedlora_app.core.round_plan import initial_tensors
-from safedlora_app.core.training import Encoded, compute_dtype, evaluate
+from safedlora_app.core.training import Encoded, compute_dtype, evaluate_held_out
 from safedlora_app.server import checkpoint
 from safedlora_app.server.global_model import GlobalModel
 from safedlora_app.server.outputs import BestRound, RunRecorder, run_directory, write_json
@@ -70,7 +73,9 @@ def server_data(config: RunConfig):
         return None, names
     data = load_task_data(config.dataset_name, task=config.task, text_column=config.text_column,
                           label_column=config.label_column, image_column=config.image_column,
-                          natural_column=config.natural_column, test_size=config.test_size)
+                          natural_column=config.natural_column, prompt_column=config.prompt_column,
+                          response_column=config.response_column, messages_column=config.messages_column,
+                          test_size=config.test_size)
     if names and names != tuple(data.label_names):
         raise ConfigError(f"label-names = {config.label_names!r} is not allowed: dataset-name's classes are "
                           f"{list(data.label_names)} (in that order); give those, or set central-eval = false")
@@ -105,6 +110,7 @@ class Setup:
     """Everything a run checks before round 1: config values, data columns, model, target modules."""
 
     config: RunConfig
+    model_name: str  # model-name as loaded: causal-lm's default resolved to its converted directory
     task_data: TaskData | None  # None without central evaluation
     label_names: tuple[str, ...]
     base: torch.nn.Module
@@ -119,15 +125,28 @@ class Setup:
         try:
             config = RunConfig.from_mapping(context.run_config)
             task_data, label_names = server_data(config)
-            base = load_base_model(config.model_name, config.task, label_names, seed=config.seed)
-            preprocessor = load_preprocessor(config.model_name, config.task)
+            model_name = resolve_model_name(config.model_name, config.task, config.cache_dir)
+            base = load_base_model(model_name, config.task, label_names, seed=config.seed)
+            preprocessor = load_preprocessor(model_name, config.task)
             head_modules = config.module_names(config.head_modules)
             modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
-            return cls(config, task_data, label_names, base, preprocessor, head_modules, modules,
+            return cls(config, model_name, task_data, label_names, base, preprocessor, head_modules, modules,
                        head_parameters(base, head_modules))
         except (ConfigError, DataError, ModelError) as error:
             log(ERROR, "invalid run config: %s", error)
             raise
+
+
+def held_out_rows(setup: Setup):
+    """The central test rows, ready for evaluation (None without central evaluation)."""
+    if setup.task_data is None:
+        return None
+    if setup.config.task == CAUSAL_LM_TASK:
+        from safedlora_app.core.chat import ChatRows
+
+        return ChatRows.from_dataset(setup.task_data.test, setup.preprocessor, setup.config.max_seq_len)
+    return Encoded.from_dataset(setup.task_data.test, setup.preprocessor, setup.task_data.input_column,
+                                setup.config.max_seq_len)
 
 
 class RoundEnd:
@@ -143,8 +162,7 @@ class RoundEnd:
         self.setup, self.run_dir, self.recorder, self.global_model = setup, run_dir, recorder, global_model
         self.parts, self.first_round = parts, first_round
         self.best = BestRound.of(recorder.records)  # its model was saved before an interruption
-        self.test = (Encoded.from_dataset(setup.task_data.test, setup.preprocessor, setup.task_data.input_column,
-                                          config.max_seq_len) if setup.task_data is not None else None)
+        self.test = held_out_rows(setup)
         self.device = pick_device()
         self.dtype = compute_dtype(config.precision, self.device)
 
@@ -156,8 +174,8 @@ class RoundEnd:
         if config.evaluates(server_round) and self.test is not None:
             started = time.perf_counter()
             model, ranks = self.global_model.build(server_round, arrays, merged=True)
-            result = evaluate(model, self.test, batch_size=config.eval_batch_size,
-                              num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
+            result = evaluate_held_out(model, self.test, task=config.task, batch_size=config.eval_batch_size,
+                                       num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
             result["eval-seconds"] = time.perf_counter() - started
         elif config.evaluates(server_round) and server_round > 0:
             ranks = self.global_model.ranks(server_round, arrays)
@@ -170,7 +188,7 @@ class RoundEnd:
 
     def save_model(self, server_round: int, arrays: ArrayRecord, folder: Path) -> Path:
         return self.global_model.save(server_round, arrays, folder, self.setup.preprocessor,
-                                      model_source(self.setup.config.model_name))
+                                      model_source(self.setup.model_name))
 
     def prune_best(self) -> None:
         """Delete every ``best-round-*`` folder but the best round's. Called once the checkpoint names that
@@ -232,8 +250,10 @@ def main(grid: Grid, context: Context) -> None:
     # A resumed run that aggregated nothing new still ends with the checkpoint's trained arrays.
     final_arrays = initial if resumed and len(result.arrays) == 0 else trained_arrays(
         result, run_dir.name, config.num_server_rounds)
-    finish(round_end, round_end.save_model(config.num_server_rounds, final_arrays, run_dir),
-           time.perf_counter() - start)
+    model_dir = round_end.save_model(config.num_server_rounds, final_arrays, run_dir)
+    if config.task == CAUSAL_LM_TASK and config.generation_rows and setup.task_data is not None:
+        write_generations(setup, round_end, config.num_server_rounds, final_arrays, run_dir / "generations.jsonl")
+    finish(round_end, model_dir, time.perf_counter() - start)
 
 
 def finish(round_end: RoundEnd, model_dir: Path, wall_seconds: float) -> None:
@@ -246,6 +266,30 @@ def finish(round_end: RoundEnd, model_dir: Path, wall_seconds: float) -> None:
     write_json(run_dir / "summary.json", summary)
     round_end.recorder.plot(run_dir)
     accuracy, federated = summary["final-accuracy"], summary["final-fed-accuracy"]
-    log(INFO, "SA-FedLoRA run %s finished: %s%s, %.2f MB sent in total; outputs in %s", run_dir.name,
-        "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%",
+    if summary.get("final-perplexity") is not None:
+        result = f"final held-out loss {summary['final-loss']:.3f} (perplexity {summary['final-perplexity']:.2f})"
+    else:
+        result = "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%"
+    log(INFO, "SA-FedLoRA run %s finished: %s%s, %.2f MB sent in total; outputs in %s", run_dir.name, result,
         "" if federated is None else f", federated accuracy {100 * federated:.1f}%", summary["total-mb"], run_dir)
+
+
+def write_generations(setup: Setup, round_end: RoundEnd, server_round: int, arrays: ArrayRecord, path: Path) -> None:
+    """causal-lm: the first ``generation-rows`` held-out prompts with their reference reply and the greedy replies
+    of the base model and of the tuned one, one JSON object per line, so that a user sees what training changed."""
+    from safedlora_app.core.chat import generate_replies
+
+    config, test = setup.config, setup.task_data.test
+    rows = test.select(range(min(config.generation_rows, len(test))))
+    prompts = list(rows["prompt"])
+    started = time.perf_counter()
+    replies = {}
+    for name, model in (("base", setup.base), ("tuned", round_end.global_model.build(server_round, arrays,
+                                                                                      merged=True)[0])):
+        replies[name] = generate_replies(model, setup.preprocessor, prompts, max_new_tokens=config.max_new_tokens,
+                                         max_len=config.max_seq_len, device=round_end.device)
+    lines = [{"prompt": json.loads(p)[-1]["content"], "reference": ref, "base": base, "tuned": tuned}
+             for p, ref, base, tuned in zip(prompts, rows["response"], replies["base"], replies["tuned"])]
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+    log(INFO, "%d generations of the base and the tuned model (%.1f s) in %s", len(lines),
+        time.perf_counter() - started, path)

@@ -226,3 +226,45 @@ def captured_output():
         output.warnings = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
     finally:
         flower.removeHandler(handler)
+
+
+# A few lines of chat for the causal-LM tests: (topic, prompt, response), 2 conversations per topic.
+CHAT = [(topic, f"do you like {thing} {k}", f"yes i like {thing} a lot {k}")
+        for topic, things in (("food", ("pizza", "soup")), ("sport", ("tennis", "golf")))
+        for thing in things for k in range(12)]
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    """A JSONL file of prompt/response rows with a topic and a conversation id (every 6 rows one conversation)."""
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r, "topic": t, "conversation": f"c{i // 6}"}) + "\n"
+                            for i, (t, p, r) in enumerate(CHAT)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A small random LLaMA with a word-level tokenizer and a chat template, saved like a hub checkpoint (hub
+    LLaMA-, Qwen- and SmolLM-style models load through the same code). Its embeddings are tied, as SmolLM2's."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    words = sorted({w for _, p, r in CHAT for w in f"{p} {r} user assistant system".split()})
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
+                                        bos_token="<|im_start|>", additional_special_tokens=specials[1:])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

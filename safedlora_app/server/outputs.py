@@ -26,7 +26,7 @@ from safedlora_app.core.config import RunConfig
 from safedlora_app.core.files import atomic_write_json, atomic_write_text, sync_file
 
 MB = 1e6
-EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "eval-seconds")
+EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "perplexity", "eval-seconds")
 
 
 @dataclass
@@ -73,6 +73,8 @@ class RoundStats:
     fed_macro_f1: float | None = None
     """Row-weighted mean of the nodes' own macro-F1s (not the macro-F1 of the pooled rows)."""
     fed_loss: float | None = None
+    fed_perplexity: float | None = None
+    """causal-lm: the perplexity of ``fed_loss`` (the nodes' row-weighted mean loss per response token)."""
 
 
 def selection_loss(line: Mapping) -> float | None:
@@ -172,6 +174,7 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         "final-accuracy": final.get("accuracy"),
         "final-macro-f1": final.get("macro-f1"),
         "final-loss": final.get("loss"),
+        "final-perplexity": final.get("perplexity"),
         "best-accuracy": best.get("accuracy"),
         "best-round": best.get("round"),
         "last3-accuracy": sum(last3) / len(last3) if last3 else None,
@@ -187,6 +190,15 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         "final-fed-macro-f1": final.get("fed-macro-f1"),
         "eval-mb": sum(r.get("eval-bytes-down", 0) + r.get("eval-bytes-up", 0) for r in rows) / MB,
     }
+
+
+def _scores(line: Mapping, prefix: str) -> str:
+    """A metrics line's held-out scores in words (``prefix`` "fed-": the federated ones); "" where none."""
+    if line.get(prefix + "accuracy") is not None:
+        return f"acc {line[prefix + 'accuracy']:.1%} f1 {line[prefix + 'macro-f1']:.3f}"
+    if line.get(prefix + "perplexity") is not None:
+        return f"loss {line[prefix + 'loss']:.3f} perplexity {line[prefix + 'perplexity']:.2f}"
+    return ""
 
 
 class RunRecorder(RoundLog):
@@ -232,7 +244,7 @@ class RunRecorder(RoundLog):
             "cumulative-bytes-up": self._cum_up,
             "cumulative-bytes": self._cum_down + self._cum_up,
             "cumulative-mb": (self._cum_down + self._cum_up) / MB,
-            **(evaluation or dict.fromkeys(EVALUATION_KEYS)),
+            **dict.fromkeys(EVALUATION_KEYS), **(evaluation or {}),
             "round-seconds": now - self._last,
         })
         self._last = now
@@ -245,17 +257,15 @@ class RunRecorder(RoundLog):
 
     def describe(self, line: dict) -> str:
         """The round's one readable log line."""
-        evaluation = ("not evaluated" if line["accuracy"] is None
-                      else f"acc {line['accuracy']:.1%} f1 {line['macro-f1']:.3f}")
+        evaluation = _scores(line, "") or "not evaluated"
         if line["round"] == 0:
             return f"[round 0/{self.num_rounds}] initial model | {evaluation}"
         ranks = line.get("ranks") or {}
         budget = (f"budget {line['budget']} (ranks {min(ranks.values())}-{max(ranks.values())})"
                   if line.get("budget") is not None else "full model")
         dropped = f" | dropped {line['dropped']}" if line.get("dropped") else ""
-        if line.get("fed-accuracy") is not None:
-            evaluation += (f" | federated acc {line['fed-accuracy']:.1%} f1 {line['fed-macro-f1']:.3f} "
-                           f"({line['eval-rows']} rows, {line['eval-replies']} nodes)")
+        if federated := _scores(line, "fed-"):
+            evaluation += f" | federated {federated} ({line['eval-rows']} rows, {line['eval-replies']} nodes)"
         return (f"[round {line['round']}/{self.num_rounds}] {line['stage']} | {budget} | "
                 f"down {line['bytes-down'] / MB:.2f} MB up {line['bytes-up'] / MB:.2f} MB | "
                 f"{evaluation} | {line['round-seconds']:.1f} s{dropped}")

@@ -15,13 +15,16 @@ Records = Sequence[Mapping]
 
 def plot_runs(runs: Mapping[str, Records], out_dir: Path) -> list[Path]:
     """Accuracy vs round, accuracy vs cumulative MB and budget vs round; one line per run, and a dashed one
-    for a run's federated accuracy (``fed-accuracy``) where it has one."""
+    for a run's federated accuracy (``fed-accuracy``) where it has one. Language-model runs (causal-lm)
+    plot their held-out loss instead (``loss_vs_round.png``, ``loss_vs_mb.png``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    language = any(r.get("perplexity") is not None or r.get("fed-perplexity") is not None
+                   for records in runs.values() for r in records)
+    metric, metric_label = ("loss", "held-out loss per response token") if language else ("accuracy", "accuracy")
     for name, x_key, x_label, y_key, y_label in (
-        ("accuracy_vs_round.png", "round", "round", "accuracy", "accuracy"),
-        ("accuracy_vs_mb.png", "cumulative-mb", "cumulative MB sent (down + up, all nodes)", "accuracy",
-         "accuracy"),
+        (f"{metric}_vs_round.png", "round", "round", metric, metric_label),
+        (f"{metric}_vs_mb.png", "cumulative-mb", "cumulative MB sent (down + up, all nodes)", metric, metric_label),
         ("budget_vs_round.png", "round", "round", "budget", "total LoRA rank (budget)"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -96,19 +96,25 @@ def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, 
     return _backbone_problem(content, backbone_hash)
 
 
-def evaluation_problem(content: RecordDict, *, max_num_examples: int, backbone_hash: str | None = None
-                       ) -> str | None:
-    """Why an evaluation reply cannot be counted, or ``None``: it must report its rows (``num-examples``),
-    ``accuracy`` and ``macro-f1`` in [0, 1] and a finite ``loss`` >= 0 in a MetricRecord under ``metrics``."""
+#: The range of each held-out metric an evaluation reply may report.
+METRIC_RANGES = {"accuracy": (0.0, 1.0), "macro-f1": (0.0, 1.0), "loss": (0.0, math.inf), "perplexity": (1.0, math.inf)}
+
+
+def evaluation_problem(content: RecordDict, *, max_num_examples: int, backbone_hash: str | None = None,
+                       metrics_needed: Sequence[str] = ("accuracy", "macro-f1", "loss")) -> str | None:
+    """Why an evaluation reply cannot be counted, or ``None``: it must report its rows (``num-examples``) and each
+    of ``metrics_needed`` (the task's ``config.EVAL_METRICS``), finite and in its :data:`METRIC_RANGES`, in a
+    MetricRecord under ``metrics``."""
     metrics = content.get(METRICS)
     if not isinstance(metrics, MetricRecord):
         return f"no MetricRecord under {METRICS!r}"
     if problem := _examples_problem(metrics, max_num_examples):
         return problem
-    for name, high in (("accuracy", 1.0), ("macro-f1", 1.0), ("loss", math.inf)):
+    for name in metrics_needed:
+        low, high = METRIC_RANGES[name]
         value = metrics.get(name)
-        if not is_number(value) or not 0.0 <= value <= high or not math.isfinite(value):
-            return f"{name} = {value!r} is not a number in [0, {high}]"
+        if not is_number(value) or not low <= value <= high or not math.isfinite(value):
+            return f"{name} = {value!r} is not a number in [{low:g}, {high:g}]"
     return _backbone_problem(content, backbone_hash)
 
 

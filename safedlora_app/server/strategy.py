@@ -11,6 +11,7 @@ count bytes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import RunConfig
+from safedlora_app.core.config import EVAL_METRICS, RunConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
@@ -167,7 +168,8 @@ class SAFedLoRA(Strategy):
         sent = self._evaluation
         stats = self.rounds.current
         screened = screen(sent.messages, list(replies), lambda _, content: evaluation_problem(
-            content, max_num_examples=self.config.max_num_examples, backbone_hash=sent.backbone_hash or None))
+            content, max_num_examples=self.config.max_num_examples, backbone_hash=sent.backbone_hash or None,
+            metrics_needed=EVAL_METRICS[self.config.task]))
         good = [content for _, content in self._account(server_round, "evaluation", screened, sent.backbone_hash)]
         stats.eval_bytes_up = screened.bytes_up
         stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
@@ -177,10 +179,13 @@ class SAFedLoRA(Strategy):
         metrics = [content[pl.METRICS] for content in good]
         rows = [float(m["num-examples"]) for m in metrics]
         stats.eval_rows = int(sum(rows))
-        stats.fed_accuracy, stats.fed_macro_f1, stats.fed_loss = (
-            sum(w * float(m[k]) for w, m in zip(rows, metrics)) / sum(rows) for k in ("accuracy", "macro-f1", "loss"))
-        return MetricRecord({"fed-accuracy": stats.fed_accuracy, "fed-macro-f1": stats.fed_macro_f1,
-                             "fed-loss": stats.fed_loss, "eval-rows": stats.eval_rows})
+        means = {k: sum(w * float(m[k]) for w, m in zip(rows, metrics)) / sum(rows)
+                 for k in EVAL_METRICS[self.config.task] if k != "perplexity"}
+        if "perplexity" in EVAL_METRICS[self.config.task]:  # of the mean loss, as central evaluation's
+            means["perplexity"] = math.exp(min(means["loss"], 50.0))
+        for name, value in means.items():
+            setattr(stats, "fed_" + name.replace("-", "_"), value)
+        return MetricRecord({**{f"fed-{k}": v for k, v in means.items()}, "eval-rows": stats.eval_rows})
 
     def start(self, *args: Any, **kwargs: Any):
         """Flower's round loop, with its own per-round lines left out: each round's line is the recorder's
