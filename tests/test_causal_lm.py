@@ -133,6 +133,10 @@ def test_prompt_response_columns_or_a_chat_column(chat_file, tmp_path):
     with pytest.raises(DataError, match="prompt-column = 'question' and response-column = 'response', or a chat "
                                         "column messages-column = 'messages'"):
         load_task_data(str(chat_file), task="causal-lm", prompt_column="question", test_size=4)
+    holes = tmp_path / "holes.csv"
+    holes.write_text("prompt,response\nhi,hello\nhow are you,\n")
+    with pytest.raises(DataError, match="a row has no 'prompt' or no 'response'"):
+        load_task_data(str(holes), task="causal-lm", test_size=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="must end with an assistant message"):

@@ -77,8 +77,12 @@ def normalise(ds: datasets.Dataset, prompt_column: str, response_column: str, me
     extra = [c for c in dict.fromkeys(keep) if c in names]
     if prompt_column in names and response_column in names:
         def rows(batch):
-            return {"prompt": [json.dumps([{"role": "user", "content": str(p)}]) for p in batch[prompt_column]],
-                    "response": [str(r) for r in batch[response_column]]}
+            pairs = list(zip(batch[prompt_column], batch[response_column]))
+            if any(p is None or r is None for p, r in pairs):
+                raise ChatDataError(f"a row has no {prompt_column!r} or no {response_column!r}: "
+                                    f"{next(pair for pair in pairs if None in pair)}")
+            return {"prompt": [json.dumps([{"role": "user", "content": str(p)}]) for p, _ in pairs],
+                    "response": [str(r) for _, r in pairs]}
     elif messages_column in names:
         def rows(batch):
             prompts, responses = [], []
@@ -219,12 +223,12 @@ def evaluate_lm(model: nn.Module, data: ChatRows, *, batch_size: int, device: to
     total, tokens = 0.0, 0
     for first in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(order[first:first + batch_size]).items()}
+        # The model's own loss (float32 cross-entropy on the shifted labels, as in training) is the batch's mean
+        # over its reply tokens: times their count, the batch's sum. No float32 copy of the vocabulary-wide logits.
+        count = int((batch["labels"][:, 1:] != IGNORE).sum())
         with autocast(device, dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                   ignore_index=IGNORE, reduction="sum"))
-        tokens += int((labels != IGNORE).sum())
+            loss = model(**batch).loss
+        total, tokens = total + float(loss) * count, tokens + count
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
