@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,11 @@ def main(grid: Grid, context: Context) -> None:
         result, run_dir.name, config.num_server_rounds)
     model_dir = round_end.save_model(config.num_server_rounds, final_arrays, run_dir)
     if config.task == CAUSAL_LM_TASK and config.generation_rows and setup.task_data is not None:
-        write_generations(setup, round_end, config.num_server_rounds, final_arrays, run_dir / "generations.jsonl")
+        try:  # a finished run's outputs never depend on this illustration
+            write_generations(setup, round_end, config.num_server_rounds, final_arrays,
+                              run_dir / "generations.jsonl")
+        except Exception as error:  # noqa: BLE001
+            log(WARNING, "no generations.jsonl: %s: %s", type(error).__name__, error)
     finish(round_end, model_dir, time.perf_counter() - start)
 
 

@@ -13,7 +13,7 @@ from conftest import CHAT, run_server
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from safedlora_app.core.chat import IGNORE, ChatRows, encode_row, evaluate_lm, normalise
+from safedlora_app.core.chat import IGNORE, ChatRows, encode_row, evaluate_lm
 from safedlora_app.core.config import ConfigError, RunConfig
 from safedlora_app.core.data import DataError, load_task_data, partition_dataset
 from safedlora_app.core.model import (
@@ -56,7 +56,7 @@ def test_the_task_brings_its_own_defaults_and_keeps_the_keys_a_run_gives():
     assert config.target_modules == LLAMA_LINEAR and config.head_modules == "" and config.max_seq_len == 128
     assert RunConfig.from_mapping({**LM, "target-modules": "q_proj,v_proj", "rank-min": 4}).target_modules == \
         "q_proj,v_proj"
-    assert RunConfig.from_mapping({**LM, "rank-min": 3}).rank_min == 3  # a key at its default takes the task's
+    assert RunConfig.from_mapping({**LM, "rank-min": 3}).rank_min == 3  # a value other than the app's default is kept
     assert RunConfig.from_mapping({}).target_modules == "query,value"  # classification keeps its own
     with pytest.raises(ConfigError, match="head-modules = '' is not allowed"):
         RunConfig.from_mapping({"head-modules": ""})
@@ -139,10 +139,12 @@ def test_prompt_response_columns_or_a_chat_column(chat_file, tmp_path):
         load_task_data(str(holes), task="causal-lm", test_size=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(DataError, match="must end with an assistant message"):
+    with pytest.raises(DataError, match="must hold a prompt and end with an assistant message"):
         load_task_data(str(bad), task="causal-lm", test_size=0)
-    with pytest.raises(Exception, match="must end with an assistant message"):
-        normalise(load_task_data(str(bad), task="causal-lm", test_size=0).train, "p", "r", "messages", ())
+    alone = tmp_path / "alone.jsonl"  # a reply without a prompt
+    alone.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="must hold a prompt"):
+        load_task_data(str(alone), task="causal-lm", test_size=0)
 
 
 def test_held_out_rows_are_whole_conversations_and_partitions_skew_by_topic(chat_file):

@@ -149,8 +149,15 @@ def test_causal_lm_tunes_smollm2_offline_and_its_adapter_generates(flower, tmp_p
     cache-dir; the chitchat conversations), shrunk to 2 rounds of one step per node."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir, rows, output = run_app(flower, tmp_path, "lm", "task='causal-lm' num-server-rounds=2 local-samples=4 "
-                                    "batch-size=4 test-size=8 eval-batch-size=8 generation-rows=2 max-new-tokens=8")
+    # Its own settings, not TINY's (a key given twice is refused by `flwr run`).
+    settings = ("task='causal-lm' num-server-rounds=2 local-samples=4 batch-size=4 test-size=8 eval-batch-size=8 "
+                f"generation-rows=2 max-new-tokens=8 min-nodes=2 out-dir='{tmp_path}' run-name='lm' "
+                f"cache-dir='{tmp_path / 'cache'}'")
+    result = flower.run(settings)
+    output = result.stdout + result.stderr
+    assert flower.run_status(output) == "finished:completed", output[-4000:]
+    run_dir = tmp_path / "lm"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 and not r["dropped"] for r in rows[1:])
     assert len(rows[1]["ranks"]) == 30 * 7  # every projection of SmolLM2's 30 layers
     assert all(r["perplexity"] > 1 and r["accuracy"] is None for r in rows)

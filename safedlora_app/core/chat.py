@@ -87,9 +87,9 @@ def normalise(ds: datasets.Dataset, prompt_column: str, response_column: str, me
         def rows(batch):
             prompts, responses = [], []
             for chat in batch[messages_column]:
-                if not chat or not isinstance(chat[-1], dict) or chat[-1].get("role") != "assistant":
-                    raise ChatDataError(f"a {messages_column!r} row must end with an assistant message, got "
-                                        f"{str(chat)[:200]}")
+                if len(chat or []) < 2 or not isinstance(chat[-1], dict) or chat[-1].get("role") != "assistant":
+                    raise ChatDataError(f"a {messages_column!r} row must hold a prompt and end with an assistant "
+                                        f"message, got {str(chat)[:200]}")
                 prompts.append(json.dumps([{"role": m["role"], "content": m["content"]} for m in chat[:-1]]))
                 responses.append(str(chat[-1]["content"]))
             return {"prompt": prompts, "response": responses}
