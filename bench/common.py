@@ -12,7 +12,7 @@ from safedlora_app.client.node_resources import node_resources
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.data import load_task_data
 from safedlora_app.core.model import adapted_modules, load_base_model, load_preprocessor, pick_device
-from safedlora_app.core.training import Encoded, compute_dtype
+from safedlora_app.core.training import Encoded, autocast, compute_dtype
 
 
 def setup(precision: str = "auto", threads: int = 0):
@@ -28,6 +28,24 @@ def setup(precision: str = "auto", threads: int = 0):
     test = Encoded.from_dataset(task.test, load_preprocessor(config.model_name, config.task), "text",
                                 config.max_seq_len)
     return config, device, compute_dtype(precision, device), base, modules, node.data, test
+
+
+def bare_round(model, batches, lr: float, device: torch.device, dtype: torch.dtype) -> Callable[[], float]:
+    """A bare torch + peft training pass over pre-built ``batches`` (fresh AdamW each pass), returning its seconds:
+    the reference the app's ``training.train`` is timed against."""
+    def one_pass() -> float:
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+        def loop():
+            for batch in batches:
+                with autocast(device, dtype):
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return timed(loop)
+    return one_pass
 
 
 def alternate(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:

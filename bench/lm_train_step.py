@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 import torch
-from common import alternate, describe, header, ratio_line, timed
+from common import alternate, bare_round, describe, header, ratio_line
 from peft import LoraConfig, get_peft_model
 
 from safedlora_app.core.chat import ChatRows
@@ -36,7 +36,7 @@ from safedlora_app.core.model import (
     pick_device,
     resolve_model_name,
 )
-from safedlora_app.core.training import autocast, compute_dtype, peak_memory_mb, train
+from safedlora_app.core.training import compute_dtype, peak_memory_mb, train
 
 SEED = 7
 
@@ -97,21 +97,9 @@ def main() -> None:
         r=config.rank_max, lora_alpha=config.lora_scale * config.rank_max,
         target_modules=config.module_names(config.target_modules))).to(device)
 
-    def bare_round() -> float:
-        bare_model.train()
-        optimizer = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad], lr=config.lr)
-
-        def loop():
-            for batch in batches:
-                with autocast(device, dtype):
-                    loss = bare_model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return timed(loop)
-
-    app_round(), bare_round()  # warm-up: every sequence length once
-    app, bare = alternate(app_round, bare_round, args.repeats)
+    bare_pass = bare_round(bare_model, batches, config.lr, device, dtype)
+    app_round(), bare_pass()  # warm-up: every sequence length once
+    app, bare = alternate(app_round, bare_pass, args.repeats)
     steps = len(batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(header(device, dtype))

@@ -19,11 +19,11 @@ import argparse
 import copy
 
 import torch
-from common import alternate, describe, header, ratio_line, setup, timed
+from common import alternate, bare_round, describe, header, ratio_line, setup
 from peft import LoraConfig, get_peft_model
 
 from safedlora_app.core.model import build_lora_model
-from safedlora_app.core.training import autocast, train
+from safedlora_app.core.training import train
 
 
 def main() -> None:
@@ -51,21 +51,9 @@ def main() -> None:
         return train(app_model, data, indices, epochs=1, batch_size=batch_size, grad_accum_steps=1, lr=config.lr,
                      weight_decay=0.0, prox_mu=0.0, seed=seed, device=device, dtype=dtype).seconds
 
-    def bare_round() -> float:
-        bare_model.train()
-        optimizer = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad], lr=config.lr)
-
-        def loop():
-            for batch in batches:
-                with autocast(device, dtype):
-                    loss = bare_model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return timed(loop)
-
-    app_round(), bare_round()  # warm-up: every sequence length once
-    app, bare = alternate(app_round, bare_round, args.repeats)
+    bare_pass = bare_round(bare_model, batches, config.lr, device, dtype)
+    app_round(), bare_pass()  # warm-up: every sequence length once
+    app, bare = alternate(app_round, bare_pass, args.repeats)
     steps = len(batches)
     print(header(device, dtype))
     print(f"{steps} steps of batch {batch_size} per pass, LoRA r={config.rank_max} on {len(modules)} modules + head")

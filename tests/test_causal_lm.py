@@ -154,6 +154,8 @@ def test_held_out_rows_are_whole_conversations_and_partitions_skew_by_topic(chat
     parts = [partition_dataset(data.train, partitioner="dirichlet", num_partitions=2, partition_id=i, alpha=0.5,
                                seed=1, partition_by="topic") for i in range(2)]
     assert sum(len(p) for p in parts) == len(data.train)
+    shares = [p["topic"].count("food") / len(p) for p in parts]  # skewed by topic: the nodes' mixes differ
+    assert abs(shares[0] - shares[1]) > 0.1, shares
     with pytest.raises(DataError, match="The dirichlet partitioner needs column 'label'.*partitioner = 'iid'"):
         partition_dataset(data.train, partitioner="dirichlet", num_partitions=2, partition_id=0)
 

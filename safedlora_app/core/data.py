@@ -363,8 +363,6 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
         raise DataError(
             f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
         )
-    if not is_integer(test_size) or test_size < 0:
-        raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
 
     source = _load_source(dataset_name)
     if isinstance(source, datasets.DatasetDict):

