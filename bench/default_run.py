@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
 
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.data import SENTIMENTS
@@ -35,6 +39,43 @@ def floors(config: RunConfig) -> tuple[dict[str, int], int]:
     params = dict(base.named_parameters())
     head = sum(params[n].numel() for n in head_parameters(base, config.module_names(config.head_modules)))
     return {m: d_out + d_in for m, (d_out, d_in) in shapes.items()}, head
+
+
+def concurrent_clients(federation: str) -> int:
+    """How many ClientApps Flower's Ray backend runs at once on this machine: its CPUs over
+    ``client-resources-num-cpus`` (Flower 1.42's default: 2 CPUs per client, so one at a time on 2 cores)."""
+    match = re.search(r"client-resources-num-cpus=([0-9.]+)", federation)
+    per_client = float(match.group(1)) if match else DEFAULT_SIMULATION_CONFIG.client_resources_num_cpus
+    return max(1, int((os.cpu_count() or 1) // per_client))
+
+
+def where_a_round_goes(rows: list[dict], concurrent: int) -> str:
+    """Medians over the rounds of each part of a round, and its fixed cost: what is neither the nodes' training
+    nor central evaluation (issue #26: at most 1 s). The nodes' work counts once per wave of ``concurrent`` nodes."""
+    def median(f) -> float:
+        values = [f(r) for r in rows if all(r.get(k) is not None for k in ("client-seconds", "exchange-seconds"))]
+        return statistics.median(values) if values else float("nan")
+
+    def waves(r) -> int:
+        return math.ceil(r["replies"] / concurrent)
+
+    def fixed(r) -> float:
+        return r["round-seconds"] - waves(r) * r["train-seconds"] - (r.get("eval-seconds") or 0.0)
+    parts = {
+        "training": median(lambda r: waves(r) * r["train-seconds"]),
+        "node set-up and reply": median(lambda r: waves(r) * (r["client-seconds"] - r["train-seconds"])),
+        "Flower messaging and scheduling": median(lambda r: r["exchange-seconds"] - waves(r) * r["client-seconds"]),
+        "aggregation": median(lambda r: r["aggregate-seconds"]),
+        "central evaluation": median(lambda r: r.get("eval-seconds") or 0.0),
+        "server's other work (sampling, payloads, records, checkpoint)": median(lambda r: r["round-seconds"] - (
+            r["exchange-seconds"] + r["aggregate-seconds"] + (r.get("eval-seconds") or 0.0))),
+    }
+    lines = [f"  {name}: {seconds:.2f} s" for name, seconds in parts.items()]
+    return "\n".join([f"where a round goes (medians; {concurrent} node(s) at once, so the nodes' work counts once "
+                       f"per {concurrent} node(s)):", *lines,
+                       f"fixed cost of a round (neither training nor central evaluation): {median(fixed):.2f} s "
+                       f"median, {100 * median(lambda r: fixed(r) / r['round-seconds']):.0f}% of a round "
+                       f"(goal <= 1 s)"])
 
 
 def main() -> None:
@@ -73,6 +114,7 @@ def main() -> None:
     aggregation = 100 * statistics.median(r["aggregate-seconds"] / r["round-seconds"] for r in trained)
     print(f"client training: {statistics.median(r['train-seconds'] for r in trained):.2f} s per client and round "
           f"(median); aggregation {aggregation:.2f}% of a round (median)")
+    print(where_a_round_goes(trained, concurrent_clients(args.federation_config)))
     factor_values, head_values = floors(config)
     ratios, ratios_factors = [], []
     value_bytes = np.dtype(config.wire_dtype).itemsize

@@ -10,6 +10,8 @@ scores the global model it is sent on them.
 from __future__ import annotations
 
 import copy
+import random
+import time
 from logging import INFO
 
 import torch
@@ -38,6 +40,10 @@ from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_ind
 from safedlora_app.core.training import compute_dtype, evaluate_held_out, train
 
 app = ClientApp()
+
+
+class SimulatedDropout(RuntimeError):
+    """The node fails its round on purpose (``sim-dropout``): Flower replies with an error, the server drops it."""
 
 
 def _setup(msg: Message, context: Context):
@@ -90,9 +96,14 @@ def _node_record(round_config, resources) -> ConfigRecord:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """One round of local training."""
+    started = time.perf_counter()
     config, round_config, resources, device, max_rank = _setup(msg, context)
     server_round = int(round_config["server-round"])
     partition_id = int(context.node_config.get("partition-id", 0))
+    if config.sim_dropout and random.Random(mix_seed(config.seed, server_round, partition_id, Stream.DROPOUT)
+                                            ).random() < config.sim_dropout:
+        raise SimulatedDropout(f"round {server_round}: partition {partition_id} drops out (sim-dropout = "
+                               f"{config.sim_dropout})")
     rows, _ = _local_rows(config, len(resources.data), partition_id)
     sample_seed = mix_seed(config.seed, server_round, partition_id)
     indices = [rows[i] for i in sample_indices(len(rows), config.local_samples, sample_seed)]
@@ -132,9 +143,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     log(INFO, "round %d: trained %d samples in %.1f s (%.3f s per sample, %s), peak memory %.0f MB", server_round,
         result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
         str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
-    content = RecordDict({ARRAYS: pl.pack(reply, wire_dtype), METRICS: metrics,
-                          NODE: _node_record(round_config, resources)})
-    return Message(content=content, reply_to=msg)
+    arrays = pl.pack(reply, wire_dtype)
+    metrics["client-time"] = time.perf_counter() - started  # the handler's whole time: what Flower waits for
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -122,6 +122,11 @@ def tiny_run_config(out_dir, cache_dir, **overrides) -> dict:
             **{k.replace("_", "-"): v for k, v in overrides.items()}}
 
 
+#: The metrics that measure time or memory: they differ between two runs that compute the same thing.
+WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "client-seconds", "exchange-seconds",
+              "aggregate-seconds", "peak-memory-mb")
+
+
 class InProcessGrid:
     """Nodes that are ClientApp handler calls in this process; a handler's exception becomes an error reply."""
 
@@ -131,26 +136,36 @@ class InProcessGrid:
         node_configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=config,
                                           node_config=node_config) for i, node_config in enumerate(node_configs)}
+        self._replies = {}  # message id -> its reply, until pulled
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        """Runs each message's handler at once; its reply waits for :meth:`pull_messages`."""
         from flwr.app import Error, Message, MessageType
 
         from safedlora_app import client_app
 
         handlers = {MessageType.TRAIN: client_app.train_handler, MessageType.QUERY: client_app.limits_handler,
                     MessageType.EVALUATE: client_app.evaluate_handler}
-        replies = []
+        ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does when it pushes
             try:
                 handler = handlers[message.metadata.message_type]
-                replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+                reply = handler(message, self.contexts[message.metadata.dst_node_id])
             except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
-                replies.append(Message(Error(code=0, reason=repr(error)), reply_to=message))
-        return replies
+                reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
+            self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_server(config: dict, node_configs: list[dict] | None = None, grid=None) -> tuple[Path, list[dict], dict]:

@@ -129,6 +129,21 @@ def test_partitions_disjoint_cover_deterministic(pool, partitioner):
                     "idx") != ids[0]
 
 
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_inner_dirichlet_gives_a_thousand_nodes_a_few_dozen_rows_each_with_their_own_label_mix(pool):
+    with pytest.raises(D.DataError, match="inner-dirichlet"):  # sizes vary: many of 1,000 get < 10 rows
+        D.partition_dataset(pool, partitioner="dirichlet", num_partitions=1000, partition_id=0)
+    parts = [D.partition_dataset(pool, partitioner="inner-dirichlet", num_partitions=1000, partition_id=i, alpha=0.5,
+                                 seed=42) for i in range(0, 1000, 50)]
+    assert {len(p) for p in parts} <= {len(pool) // 1000, len(pool) // 1000 + 1}
+    ids = [i for p in parts for i in _col(p, "idx")]
+    assert len(ids) == len(set(ids))
+    shares = [Counter(_col(p, "label"))[2] / len(p) for p in parts]
+    assert max(shares) - min(shares) > 0.3  # label skew, as with dirichlet
+    again = D.partition_dataset(pool, partitioner="inner-dirichlet", num_partitions=1000, partition_id=50, seed=42)
+    assert _col(again, "idx") == _col(parts[1], "idx")
+
+
 def test_natural_partitions_one_topic_each(task):
     topics = []
     for i in range(7):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import WALL_CLOCK
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
@@ -134,9 +135,8 @@ def test_a_run_killed_between_rounds_resumes_through_flwr_run_to_the_same_result
     assert not (tmp_path / "killed" / "summary.json").exists()
     killed_dir, rows, output = run_app(flower, tmp_path, "killed", f"{settings} resume=true")
     assert "resuming run killed at round" in output
-    drop = ("round-seconds", "eval-seconds", "train-seconds", "aggregate-seconds", "peak-memory-mb")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in whole_rows]
+    assert [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in whole_rows]
     want = load_file(str(whole_dir / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
     assert want.keys() == got.keys()

@@ -212,3 +212,21 @@ def test_a_capped_node_refuses_ranks_above_its_cap_and_reports_its_limits(run_co
     assert client_app.limits_handler(query, simulated).content["limits"]["max-rank"] == 2
     with pytest.raises(pl.PayloadError, match="above this node's max-rank = 2"):
         client_app.train_handler(message, simulated)
+
+
+def test_nodes_that_drop_out_are_dropped_and_the_round_aggregates_the_rest(run_config, caplog):
+    """sim-dropout = 0.5 over 3 nodes and 2 rounds: the seeded draw fails a node in round 2 (seed 42); that round
+    aggregates the nodes that replied."""
+    import random
+
+    from safedlora_app.core.seeds import Stream, mix_seed
+
+    config = run_config(num_server_rounds=2, run_name="dropout", sim_dropout=0.5, min_nodes=3)
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    _, rows, summary = run_server(config, node_configs=nodes)
+    fails = [sum(random.Random(mix_seed(config["seed"], r, p, Stream.DROPOUT)).random() < 0.5 for p in range(3))
+             for r in (1, 2)]
+    assert fails == [0, 1]
+    assert [(r["replies"], r["dropped"]) for r in rows[1:]] == [(3, 0), (2, 1)]
+    assert rows[2]["bytes-up"] < rows[2]["bytes-down"]  # the node that dropped out got the model, sent nothing
+    assert summary["rounds"] == 2 and "drops out (sim-dropout = 0.5)" in caplog.text

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import InProcessGrid, run_server
+from conftest import WALL_CLOCK, InProcessGrid, run_server
 from flwr.app import Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -17,8 +17,6 @@ from safedlora_app.server.checkpoint import CheckpointError
 from safedlora_app.server.outputs import RunRecorder
 from safedlora_app.server.round_deadline import DeadlineGrid
 from safedlora_app.server.strategy import SAFedLoRA
-
-WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "aggregate-seconds", "peak-memory-mb")
 
 
 @pytest.fixture(autouse=True)
@@ -37,14 +35,14 @@ class CrashingGrid(InProcessGrid):
         super().__init__(config)
         self.calls, self.crash_at = 0, crash_at
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         # Only training rounds count: the server also asks new nodes for their limits, and Flower sends each
         # round's (here empty) federated evaluation.
         self.calls += any(m.metadata.message_type == MessageType.TRAIN for m in messages)
         if self.calls == self.crash_at:
             raise Crash
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def comparable(rows):
@@ -163,11 +161,11 @@ class ShrinkingGrid(InProcessGrid):
     def get_node_ids(self):
         return list(self.contexts) if self.rounds < 1 else [100]
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
+        ids = super().push_messages(messages)
         self.rounds += bool(messages)
-        return replies
+        return ids
 
 
 def test_when_min_nodes_cannot_be_met_the_run_stops_and_resumes_once_nodes_return(uninterrupted, caplog):

@@ -37,11 +37,7 @@ def product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[f
     U, S, Vh : Tensor
         float64; ``U`` d_out x q', ``S`` descending, ``Vh`` q' x d_in.
     """
-    if not (len(bs) == len(as_) == len(weights)) or not bs:
-        raise ValueError("need one B, one A and one weight per client, and at least one client")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"weights must be >= 0, got {list(weights)}")
-    roots = [math.sqrt(w) for w in weights]
+    roots = [math.sqrt(w) for w in _checked(bs, as_, weights)]
     b_stack = torch.cat([r * b.double() for r, b in zip(roots, bs)], dim=1)
     a_stack = torch.cat([r * a.double() for r, a in zip(roots, as_)], dim=0)
     q_b, r_b = torch.linalg.qr(b_stack)
@@ -73,6 +69,88 @@ def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int, form: str = "bala
     return (u[:, :rank] * s).float(), a.float()
 
 
+#: Widest client stack (the replies' ranks summed) that :func:`top_product_svd` decomposes exactly with
+#: :func:`product_svd`, whose cost grows with the width squared. Wider stacks (more than 32 replies at rank 8)
+#: go through :func:`sketched_product_svd`, whose cost grows linearly in the number of replies.
+EXACT_STACK_MAX = 256
+#: Extra sketch columns beyond the rank kept: the range finder's error bound shrinks with them.
+SKETCH_OVERSAMPLE = 8
+#: Subspace iteration stops once every kept component's residual ``||M v_i - s_i u_i||`` is at most this share of
+#: the largest singular value (float32 arithmetic rounds at about 1e-6 of it), or after SKETCH_MAX_ITERS iterations.
+SKETCH_TOLERANCE, SKETCH_MAX_ITERS = 1e-5, 30
+
+
+def _checked(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float]) -> Sequence[float]:
+    if not (len(bs) == len(as_) == len(weights)) or not bs:
+        raise ValueError("need one B, one A and one weight per client, and at least one client")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0, got {list(weights)}")
+    return weights
+
+
+def _component_sums(stack: Tensor, ranks: Sequence[int]) -> Tensor:
+    """Column j summed over the replies stacked side by side in ``stack`` (reply k holds ``ranks[k]`` columns)."""
+    if len(set(ranks)) == 1:
+        return stack.view(stack.shape[0], len(ranks), ranks[0]).sum(dim=1)
+    total = stack.new_zeros(stack.shape[0], max(ranks))
+    for part in stack.split(list(ranks), dim=1):
+        total[:, :part.shape[1]] += part
+    return total
+
+
+def sketched_product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float], rank: int,
+                         seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``rank + SKETCH_OVERSAMPLE`` SVD components of ``M = sum_k w_k B_k A_k``, by randomized subspace
+    iteration on the stacked factors (Halko, Martinsson & Tropp 2011, algorithm 4.4).
+
+    Every product multiplies the stacks ``[w_k B_k]`` (d_out x q) and ``[A_k]`` (q x d_in) by a block of
+    l = rank + oversample columns, so one iteration costs O((d_in + d_out) q l) for q = sum of ranks: linear in the
+    number of replies, where :func:`product_svd` costs O((d_in + d_out) q^2 + q^3). The products run in float32
+    (the replies' own type: half the memory traffic of float64) and the small SVDs in float64. The iteration starts
+    from the weighted sum of the B factors plus random columns, and stops once the top ``rank`` components'
+    residuals fall under ``SKETCH_TOLERANCE`` (see there), after at most ``SKETCH_MAX_ITERS`` iterations, so the
+    start decides only how many iterations it takes. Seeded: the same replies give the same result.
+
+    Returns
+    -------
+    U, S, Vh : Tensor
+        float64, ``S`` descending; the components past ``rank`` are less accurate.
+    """
+    ranks = [b.shape[1] for b in bs]
+    columns = torch.tensor(_checked(bs, as_, weights), dtype=torch.float32).repeat_interleave(torch.tensor(ranks))
+    b_stack = torch.cat([b.float() for b in bs], dim=1).mul_(columns)
+    a_stack = torch.cat([a.float() for a in as_], dim=0)
+    width = min(rank + SKETCH_OVERSAMPLE, b_stack.shape[0], a_stack.shape[1], b_stack.shape[1])
+    # Start from the replies' weighted mean B (what FedIT sends) plus random directions: clients that trained from
+    # one global adapter share most of their column space, so one iteration from there usually converges.
+    generator = torch.Generator().manual_seed(seed)
+    mean_b = _component_sums(b_stack, ranks)  # sum_k w_k B_k, each B_k zero-padded to the largest rank
+    start = torch.cat([mean_b, torch.randn(b_stack.shape[0], width, generator=generator)], dim=1)[:, :width]
+    q = torch.linalg.qr(start)[0]
+    for _ in range(SKETCH_MAX_ITERS):
+        # Rayleigh-Ritz on range(Q): Q^T M = (M^T Q)^T = U_s S V^T, so M ~ (Q U_s) S V^T.
+        u_small, s, vh = torch.linalg.svd((a_stack.T @ (b_stack.T @ q)).double().T, full_matrices=False)
+        u = q.double() @ u_small
+        mv = (b_stack @ (a_stack @ vh.T.float())).double()  # M V: the residuals now, the next Q if needed
+        residual = float((mv[:, :rank] - u[:, :rank] * s[:rank]).norm(dim=0).max())
+        if not s[0] > 0 or residual <= SKETCH_TOLERANCE * float(s[0]):
+            break
+        q = torch.linalg.qr(mv.float())[0]
+    return u, s, vh
+
+
+def top_product_svd(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float],
+                    rank: int) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """``(U, S, Vh, complete)``: at least the top ``rank`` SVD components of ``sum_k w_k B_k A_k``.
+
+    Exact (:func:`product_svd`, every component, ``complete = True``) while the stack is at most
+    ``EXACT_STACK_MAX`` wide, else :func:`sketched_product_svd` (the top components only).
+    """
+    if sum(b.shape[1] for b in bs) <= EXACT_STACK_MAX:
+        return (*product_svd(bs, as_, weights), True)
+    return (*sketched_product_svd(bs, as_, weights, rank), False)
+
+
 def aggregate_products(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float],
                        max_rank: int, form: str = "balanced") -> tuple[Tensor, Tensor]:
     """Exact weighted mean of client products, re-factored in SVD form (see ``split_factors``).
@@ -80,26 +158,31 @@ def aggregate_products(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Seq
     The mean ``sum_k p_k B_k A_k`` (``p_k = w_k / sum w``) is truncated to ``max_rank``
     components, the best approximation at that rank.
     """
+    return aggregate_module(bs, as_, weights, None, max_rank, form)[:2]
+
+
+def aggregate_module(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float],
+                     sent: tuple[Tensor, Tensor] | None, max_rank: int,
+                     form: str = "balanced") -> tuple[Tensor, Tensor, float | None, float | None]:
+    """``(B, A, dropped, update)``: one module's aggregate (see ``aggregate_products``), and what truncating it
+    dropped, from the same decomposition.
+
+    ``dropped`` and ``update`` are the squared Frobenius norms of what truncation to ``max_rank`` drops and of
+    the round's mean update ``sum_k p_k B_k A_k - B_sent A_sent`` (the mean of K clients at rank r has rank
+    up to K r, so truncation can drop part of the new update; their ratio says how much). Both are ``None``
+    without ``sent`` or when the decomposition was sketched (its discarded tail is not computed).
+    """
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"total weight must be > 0, got {total}")
-    u, s, vh = product_svd(bs, as_, [w / total for w in weights])
-    return split_factors(u, s, vh, max_rank, form)
-
-
-def dropped_update(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float], sent_b: Tensor,
-                   sent_a: Tensor, max_rank: int) -> tuple[float, float]:
-    """``(dropped, update)``: squared Frobenius norms of what truncating the exact mean to ``max_rank``
-    drops, and of the round's mean update ``sum_k p_k B_k A_k - B_sent A_sent``.
-
-    The mean of K clients at rank r has rank up to K r, so truncation can drop part of the round's
-    new update; their ratio says how much.
-    """
-    total = float(sum(weights))
     p = [w / total for w in weights]
-    s = product_svd(bs, as_, p)[1]
-    update = product_svd([*bs, sent_b], [*as_, -sent_a], [*p, 1.0])[1]
-    return float((s[max_rank:] ** 2).sum()), float((update ** 2).sum())
+    u, s, vh, complete = top_product_svd(bs, as_, p, max_rank)
+    b, a = split_factors(u, s, vh, max_rank, form)
+    if sent is None or not complete:
+        return b, a, None, None
+    # From the update's own stack: expanding ||M - S||^2 would cancel, and a resumed run round differently.
+    update = float((product_svd([*bs, sent[0]], [*as_, -sent[1]], [*p, 1.0])[1] ** 2).sum())
+    return b, a, float((s[max_rank:] ** 2).sum()), update
 
 
 def aggregate_factors(bs: Sequence[Tensor], as_: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ LrDecay = Literal["constant", "cosine"]  # schedule.LR_DECAYS (a test checks)
 InitTrainable = Literal["lora", "full"]
 TEXT_TASK, IMAGE_TASK, CAUSAL_LM_TASK = "text-classification", "image-classification", "causal-lm"
 Task = Literal["text-classification", "image-classification", "causal-lm"]
-Partitioner = Literal["natural", "dirichlet", "iid"]
+Partitioner = Literal["natural", "dirichlet", "inner-dirichlet", "iid"]
 Precision = Literal["auto", "bf16", "fp32"]
 WireDtype = Literal["float32", "float16"]
 
@@ -103,6 +103,11 @@ class RunConfig:
     node_wait_timeout: float = option(
         300.0,
         "Seconds to wait for ``min-nodes`` nodes before a round; the run stops with an error after.", above=0.0)
+    sim_dropout: float = option(
+        0.0,
+        "Simulation of nodes that are not there: the probability that a sampled node fails its training round "
+        "(seeded by seed, round and partition) after receiving the model; the server drops it and aggregates the "
+        "rest.", low=0.0, below=1.0)
     round_timeout: float = option(
         3600.0,
         "Most seconds to wait for replies in one round (and the first round's deadline); late replies are dropped.",
@@ -212,8 +217,11 @@ class RunConfig:
     test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.", low=1)
     partitioner: Partitioner = option(
         "dirichlet",
-        "``natural`` (one partition per value of natural-column), ``dirichlet`` or ``iid``.")
-    dirichlet_alpha: float = option(0.5, "Concentration of the Dirichlet split over labels.", above=0.0)
+        "``natural`` (one partition per value of natural-column), ``dirichlet`` (label skew; partition sizes vary "
+        "and each needs 10 rows), ``inner-dirichlet`` (equal sizes, each node's label mix drawn from the Dirichlet: "
+        "for hundreds of nodes, where ``dirichlet`` leaves some nearly empty) or ``iid``.")
+    dirichlet_alpha: float = option(0.5, "Concentration of the Dirichlet split over labels (``dirichlet``, "
+                                    "``inner-dirichlet``).", above=0.0)
     seed: int = option(42, "Seed of partitions, client sampling of local data, and initialisation.")
 
     # --- Local training ------------------------------------------------------------------

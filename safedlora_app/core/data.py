@@ -21,7 +21,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import ClassLabel, Image, Value
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    InnerDirichletPartitioner,
+    NaturalIdPartitioner,
+)
 
 from .checks import is_integer
 from .config import CAUSAL_LM_TASK, IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
@@ -464,7 +469,7 @@ def partition_dataset(
     if not alpha > 0:
         raise DataError(f"dirichlet-alpha must be > 0, got {alpha!r}.")
 
-    needed = natural_column if partitioner == "natural" else partition_by if partitioner == "dirichlet" else None
+    needed = natural_column if partitioner == "natural" else None if partitioner == "iid" else partition_by
     if needed is not None and needed not in train.column_names:
         raise DataError(
             f"The {partitioner} partitioner needs column {needed!r}"
@@ -479,23 +484,36 @@ def partition_dataset(
                 f"values; the natural partitioner needs exactly one client per value: run with "
                 f'--federation-config "num-supernodes={distinct}".'
             )
-        part = NaturalIdPartitioner(partition_by=natural_column)
-    else:
-        if num_partitions > len(train):
-            raise DataError(f"num-partitions {num_partitions} exceeds the {len(train)} training rows.")
-        if partitioner == "iid":
-            part, train = IidPartitioner(num_partitions), train.shuffle(seed=seed, keep_in_memory=True)
-        else:
-            part = DirichletPartitioner(
-                num_partitions=num_partitions, partition_by=partition_by, alpha=alpha, seed=seed
-            )
-    # Arrow format: the partitioners read whole columns, which datasets 4 would otherwise
-    # convert row by row (~1 s per call on the tweets).
-    part.dataset = train.with_format("arrow")
+    elif num_partitions > len(train):
+        raise DataError(f"num-partitions {num_partitions} exceeds the {len(train)} training rows.")
     try:
+        part = _partitioner(train._fingerprint, train, partitioner, num_partitions, alpha, seed, natural_column,
+                            partition_by)
         return part.load_partition(partition_id).with_format(train.format["type"])
     except ValueError as exc:  # Dirichlet gives up when some client keeps getting too few rows
         raise DataError(
             f"Could not build {num_partitions} {partitioner} partitions with dirichlet-alpha={alpha} "
-            f"(each needs at least 10 rows): use a larger dirichlet-alpha or fewer partitions. ({exc})"
+            f"(each needs at least 10 rows): use a larger dirichlet-alpha, fewer partitions or "
+            f"partitioner = 'inner-dirichlet' (equal sizes). ({exc})"
         ) from exc
+
+
+@functools.lru_cache(maxsize=2)
+def _partitioner(fingerprint: str, train: datasets.Dataset, partitioner: str, num_partitions: int, alpha: float,
+                 seed: int, natural_column: str, partition_by: str):
+    """The partitioner of one pool (``fingerprint``: its content), cached: one process serves many nodes of a
+    federation, and drawing 1,000 Dirichlet partitions takes seconds."""
+    if partitioner == "natural":
+        part = NaturalIdPartitioner(partition_by=natural_column)
+    elif partitioner == "iid":
+        part, train = IidPartitioner(num_partitions), train.shuffle(seed=seed, keep_in_memory=True)
+    elif partitioner == "dirichlet":
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by, alpha=alpha, seed=seed)
+    else:
+        size, extra = divmod(len(train), num_partitions)
+        part = InnerDirichletPartitioner(partition_sizes=[size + (i < extra) for i in range(num_partitions)],
+                                         partition_by=partition_by, alpha=alpha, seed=seed)
+    # Arrow format: the partitioners read whole columns, which datasets 4 would otherwise
+    # convert row by row (~1 s per call on the tweets).
+    part.dataset = train.with_format("arrow")
+    return part

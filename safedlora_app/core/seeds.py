@@ -18,6 +18,8 @@ class Stream(IntEnum):
     """torch's global RNG before training (LoRA dropout)."""
     HOLDOUT = 3
     """The rows held out for federated evaluation (mixed with the partition only, not the round)."""
+    DROPOUT = 4
+    """Whether the node fails its round (``sim-dropout``)."""
 
 
 class Draw(IntEnum):

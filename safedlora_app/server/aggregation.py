@@ -19,7 +19,7 @@ from safedlora_app.core.config import RunConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan
 
 Tensors = Mapping[str, torch.Tensor]
-REPLY_MEANS = ("train-loss", "train-time", "first-step-a-ratio")
+REPLY_MEANS = ("train-loss", "train-time", "client-time", "first-step-a-ratio")
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -49,7 +49,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     -------
     new, diagnostics : dict, dict
         ``diagnostics`` holds ``dropped_update`` (share of the round's mean update, squared Frobenius
-        summed over modules, that truncation to rank-max dropped; ``None`` when nothing is truncated)
+        summed over modules, that truncation to rank-max dropped; ``None`` when nothing is truncated, or
+        when many replies made the aggregation sketch the top components only)
         and ``factor_norms`` (``||B||`` and ``||A||`` of the first module).
     """
     if plan.kind == FULL:
@@ -58,21 +59,28 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     new = pl.only(previous, pl.BACKBONE)  # frozen while LoRA trains
     new.update({k: weighted_mean([r[k] for r in received], weights) for k in pl.only(received[0], pl.HEAD)})
     dropped = update = 0.0
+    sketched = False
     for m, (sent_b, sent_a) in plan.factors.items():
         bs = [r[pl.key(pl.LORA_B, m)] for r in received]
         as_ = [r[pl.key(pl.LORA_A, m)] for r in received]
         if config.aggregation == "product":
-            b, a = am.aggregate_products(bs, as_, weights, max_rank=config.rank_max, form=config.factor_form)
-            module_dropped, module_update = am.dropped_update(bs, as_, weights, sent_b, sent_a,
-                                                              max_rank=config.rank_max)
-            dropped, update = dropped + module_dropped, update + module_update
+            b, a, module_dropped, module_update = am.aggregate_module(bs, as_, weights, (sent_b, sent_a),
+                                                                      config.rank_max, config.factor_form)
+            if module_dropped is None:  # sketched (many replies): the discarded tail is not computed
+                sketched = True
+            else:
+                dropped, update = dropped + module_dropped, update + module_update
         else:
             b, a = am.aggregate_factors(bs, as_, weights)
         new[pl.key(pl.LORA_B, m)], new[pl.key(pl.LORA_A, m)] = b, a
     first = next(iter(plan.factors))
+    share = None  # averaging factors never truncates an exact mean; a sketch does not compute the tail
+    if config.aggregation == "product" and not sketched:
+        # 9 significant digits: the tail of the singular values carries LAPACK's rounding, which differs with
+        # memory alignment between a run and its resumption in the 15th digit.
+        share = float(f"{dropped / update:.9g}") if update > 0 else 0.0
     diagnostics = {
-        # Averaging factors never truncates an exact mean.
-        "dropped_update": (dropped / update if update > 0 else 0.0) if config.aggregation == "product" else None,
+        "dropped_update": share,
         "factor_norms": {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
                          "A": float(new[pl.key(pl.LORA_A, first)].norm())},
     }

@@ -54,6 +54,11 @@ class RoundStats:
     revived: int = 0
     train_loss: float | None = None
     train_seconds: float | None = None
+    """Mean seconds a node spent training (its optimizer steps)."""
+    client_seconds: float | None = None
+    """Mean seconds a node's ClientApp spent on the round's message, training included (model set-up, reply)."""
+    exchange_seconds: float | None = None
+    """Seconds from handing the round's messages to Flower to holding every reply (or the deadline)."""
     peak_memory_mb: float | None = None
     aggregate_seconds: float = 0.0
     first_step_a_ratio: float | None = None

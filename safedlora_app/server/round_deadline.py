@@ -5,6 +5,10 @@ still sends heartbeats while its ClientApp is stuck is not reported lost, so wit
 every round would wait the whole ``round-timeout``. :class:`DeadlineGrid` wraps the Grid the strategy loop
 uses and gives each round ``round-deadline-factor`` times the longest earlier round in which every node
 replied (at least ``MIN_DEADLINE`` seconds, at most ``round-timeout``); the first round gets ``round-timeout``.
+
+It also collects the replies every ``POLL_SECONDS``: Flower's own ``send_and_receive`` pulls every 3 s, so a
+round whose replies are ready after 3.5 s waited until 6 s (issue #26 measured 3.9 s of a default 8.5 s round
+that was neither training nor evaluation).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 MIN_DEADLINE = 60.0
+#: Seconds between two pulls of the replies still missing: one small request to the SuperLink each.
+POLL_SECONDS = 0.1
 
 
 class DeadlineGrid:
@@ -57,12 +63,25 @@ class DeadlineGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         if not messages:  # e.g. a round without federated evaluation
-            return list(self.grid.send_and_receive(messages, timeout=timeout))
+            return []
         deadline = self.deadline()
         self.deadlines.append(deadline)
         start = time.monotonic()
-        replies = list(self.grid.send_and_receive(messages, timeout=deadline))
+        replies = self._exchange(messages, start + deadline)
         training = all(m.metadata.message_type == MessageType.TRAIN for m in messages)
         if training and sum(not r.has_error() for r in replies) == len(messages):  # error replies do not count
             self.longest = max(self.longest or 0.0, time.monotonic() - start)
         return replies
+
+    def _exchange(self, messages: list[Message], end: float) -> list[Message]:
+        """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``end`` passes), pulling
+        every ``POLL_SECONDS``."""
+        pending = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        while True:
+            arrived = list(self.grid.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if not pending or time.monotonic() >= end:
+                return replies
+            time.sleep(POLL_SECONDS)

@@ -83,6 +83,7 @@ class SAFedLoRA(Strategy):
         self.node_limits: dict[int, NodeLimits] = {}  # node id -> its declared max-rank and name, asked once
         self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
         self._evaluation: Dispatch | None = None  # the federated evaluation in flight
+        self._sent_at = 0.0  # when configure_train handed the round's messages to Flower
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: which trained backbone each node holds (see
@@ -106,6 +107,7 @@ class SAFedLoRA(Strategy):
         stats.bytes_down, stats.params_down, stats.backbone_sends = sent.traffic()
         stats.capped = sent.capped
         self._round = (sent, tensors)
+        self._sent_at = time.perf_counter()  # Flower pushes the messages and waits for the replies next
         return sent.messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -138,6 +140,7 @@ class SAFedLoRA(Strategy):
         sent, previous = self._round
         plan, to_node = sent.plan, sent.sent
         stats, start = self.rounds.current, time.perf_counter()
+        stats.exchange_seconds = start - self._sent_at
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
         screened = screen(sent.messages, list(replies), lambda node_id, content: reply_problem(
             content, to_node[node_id].reply_shapes, max_num_examples=self.config.max_num_examples,
@@ -154,8 +157,9 @@ class SAFedLoRA(Strategy):
                     for n, c in valid]
         new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
         metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
-        stats.train_loss, stats.train_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
-            metrics.get(k) for k in ("train-loss", "train-time", "peak-memory-mb", "first-step-a-ratio"))
+        stats.train_loss, stats.train_seconds, stats.client_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
+            metrics.get(k) for k in ("train-loss", "train-time", "client-time", "peak-memory-mb",
+                                     "first-step-a-ratio"))
         stats.dropped_update, stats.factor_norms = diagnostics["dropped_update"], diagnostics["factor_norms"]
         stats.aggregate_seconds = time.perf_counter() - start
         return pl.pack(new), MetricRecord(metrics)
