@@ -29,15 +29,16 @@ class SlowGrid:
     """A Grid whose nodes reply ``seconds`` after a push, leaving out the nodes in ``hung`` (they never answer)."""
 
     def __init__(self):
-        self.seconds, self.hung, self.failing, self.pulls = 0.05, set(), False, []
+        self.seconds, self.hung, self.failing, self.pulls, self.delays = 0.05, set(), False, [], {}
         self._pending = {}  # message id -> (message, when its reply is ready)
 
     def get_node_ids(self):
         return [1, 2, 3]
 
     def push_messages(self, messages):
-        ready = time.monotonic() + self.seconds
-        self._pending.update({m.metadata.message_id: (m, ready) for m in messages if m not in self.hung})
+        now = time.monotonic()
+        self._pending.update({m.metadata.message_id: (m, now + self.delays.get(m.name, self.seconds))
+                              for m in messages if m not in self.hung})
         return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids):
@@ -52,13 +53,14 @@ class SlowGrid:
 
 def test_the_first_round_gets_round_timeout_and_later_ones_a_multiple_of_the_longest_full_round():
     inner = SlowGrid()
+    inner.seconds = 0.15  # collected by the pull at about 0.2 s; the later rounds' replies by the one at 0.1 s
     grid = DeadlineGrid(inner, cap=3600.0, factor=3.0, floor=0.01)
     assert grid.get_node_ids() == [1, 2, 3]  # everything else is the Grid's own
     assert [r.name for r in grid.send_and_receive([A, B], timeout=3600.0)] == ["a", "b"]
     assert grid.deadlines == [3600.0]
     inner.seconds = 0.01
     grid.send_and_receive([A, B], timeout=3600.0)
-    assert 0.15 <= grid.deadlines[1] < 5.0  # 3 x the 0.05 s round (pulled every 0.1 s), far below the cap
+    assert 0.45 <= grid.deadlines[1] < 5.0  # 3 x the first round, far below the cap
     # A round in which node "b" hangs ends at its deadline, without "b", and does not stretch later deadlines.
     inner.hung = {B}
     assert [r.name for r in grid.send_and_receive([A, B], timeout=3600.0)] == ["a"]
@@ -104,12 +106,12 @@ def test_a_quick_query_or_evaluation_does_not_shorten_the_next_training_round():
     assert grid.longest == learned  # evaluation uses the deadline but does not set it
 
 
-def test_replies_are_collected_as_they_arrive_not_every_3_seconds():
+def test_replies_are_collected_as_they_arrive_not_every_3_seconds_and_kept_in_message_order():
     inner = SlowGrid()
-    inner.seconds = 0.35
+    inner.delays = {"a": 0.35, "b": 0.05}  # b replies first
     grid = DeadlineGrid(inner, cap=3600.0, factor=3.0, floor=0.01)
     started = time.monotonic()
-    assert [r.name for r in grid.send_and_receive([A, B], timeout=3600.0)] == ["a", "b"]
+    assert [r.name for r in grid.send_and_receive([A, B], timeout=3600.0)] == ["a", "b"]  # the messages' order
     # Flower's own loop pulls again after 3 s; here a pull follows every POLL_SECONDS.
     assert time.monotonic() - started < 2.0
     assert max(later - earlier for earlier, later in zip(inner.pulls, inner.pulls[1:])) < 1.0

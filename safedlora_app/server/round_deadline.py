@@ -75,13 +75,15 @@ class DeadlineGrid:
 
     def _exchange(self, messages: list[Message], end: float) -> list[Message]:
         """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``end`` passes), pulling
-        every ``POLL_SECONDS``."""
-        pending = set(self.grid.push_messages(messages))
+        every ``POLL_SECONDS``. The replies come in the order of the messages: arrival order would change the
+        order of the aggregation's sums, and the SVD's signs, from run to run."""
+        order = {message_id: i for i, message_id in enumerate(self.grid.push_messages(messages))}
+        pending = set(order)
         replies: list[Message] = []
         while True:
             arrived = list(self.grid.pull_messages(pending))
             replies.extend(arrived)
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
             if not pending or time.monotonic() >= end:
-                return replies
+                return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
             time.sleep(POLL_SECONDS)
