@@ -46,7 +46,9 @@ def concurrent_clients(federation: str) -> int:
     ``client-resources-num-cpus`` (Flower 1.42's default: 2 CPUs per client, so one at a time on 2 cores)."""
     match = re.search(r"client-resources-num-cpus=([0-9.]+)", federation)
     per_client = float(match.group(1)) if match else DEFAULT_SIMULATION_CONFIG.client_resources_num_cpus
-    return max(1, int((os.cpu_count() or 1) // per_client))
+    if not per_client > 0:
+        return 1
+    return max(1, int(len(os.sched_getaffinity(0)) // per_client))  # the CPUs this process may use, as Ray counts
 
 
 def where_a_round_goes(rows: list[dict], concurrent: int) -> str:

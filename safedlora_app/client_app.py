@@ -144,7 +144,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
         str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
     arrays = pl.pack(reply, wire_dtype)
-    metrics["client-time"] = time.perf_counter() - started  # the handler's whole time: what Flower waits for
+    metrics["client-time"] = time.perf_counter() - started  # the handler's whole time, training included
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)
 

@@ -39,7 +39,7 @@ class RayNode:
         try:
             root = psutil.Process(self.process.pid)
             return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             return []
 
     def hosts_client_actor(self) -> bool:
@@ -48,7 +48,7 @@ class RayNode:
             try:
                 if "ClientAppActor" in " ".join(process.cmdline()):
                     return True
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except psutil.Error:
                 continue
         return False
 
@@ -74,7 +74,8 @@ def ray_cluster():
     nodes = [RayNode(env, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={folder}")]
     try:
         deadline = time.monotonic() + 120
-        while alive_nodes(env, address) < 1 and time.monotonic() < deadline:
+        while alive_nodes(env, address) < 1:
+            assert time.monotonic() < deadline, "the head raylet did not start within 120 s"
             time.sleep(1)
         nodes.append(RayNode(env, f"--address={address}"))
         while alive_nodes(env, address) < 2:

@@ -60,7 +60,7 @@ def test_the_first_round_gets_round_timeout_and_later_ones_a_multiple_of_the_lon
     assert grid.deadlines == [3600.0]
     inner.seconds = 0.01
     grid.send_and_receive([A, B], timeout=3600.0)
-    assert 0.45 <= grid.deadlines[1] < 5.0  # 3 x the first round, far below the cap
+    assert 0.45 <= grid.deadlines[1] < 1.5  # 3 x the first round (about 0.2 s), far below the cap
     # A round in which node "b" hangs ends at its deadline, without "b", and does not stretch later deadlines.
     inner.hung = {B}
     assert [r.name for r in grid.send_and_receive([A, B], timeout=3600.0)] == ["a"]

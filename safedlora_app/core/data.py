@@ -435,6 +435,8 @@ def partition_dataset(
         ``"iid"``: the pool shuffled with ``seed``, then cut into equal contiguous shards
         (``IidPartitioner`` does not shuffle, and a pool may be sorted by label).
         ``"dirichlet"``: label skew with concentration ``alpha`` (``DirichletPartitioner``).
+        ``"inner-dirichlet"``: equal sizes, each partition's label mix drawn with ``alpha``
+        (``InnerDirichletPartitioner``).
         ``"natural"``: one partition per distinct value of ``natural_column``; partition ``i``
         is the ``i``-th value in sorted order, so the mapping is deterministic.
     num_partitions : int
@@ -444,7 +446,7 @@ def partition_dataset(
     alpha : float
         Dirichlet concentration, > 0 (smaller is more skewed).
     seed : int
-        Run seed for ``iid`` and ``dirichlet``; the same seed gives the same partitions.
+        Run seed for ``iid``, ``dirichlet`` and ``inner-dirichlet``; the same seed gives the same partitions.
     natural_column : str
         Column for the ``natural`` partitioner.
     partition_by : str
@@ -491,6 +493,8 @@ def partition_dataset(
                             partition_by)
         return part.load_partition(partition_id).with_format(train.format["type"])
     except ValueError as exc:  # Dirichlet gives up when some client keeps getting too few rows
+        if partitioner != "dirichlet":
+            raise DataError(f"Could not build {num_partitions} {partitioner} partitions: {exc}") from exc
         raise DataError(
             f"Could not build {num_partitions} {partitioner} partitions with dirichlet-alpha={alpha} "
             f"(each needs at least 10 rows): use a larger dirichlet-alpha, fewer partitions or "
@@ -501,8 +505,9 @@ def partition_dataset(
 @functools.lru_cache(maxsize=2)
 def _partitioner(fingerprint: str, train: datasets.Dataset, partitioner: str, num_partitions: int, alpha: float,
                  seed: int, natural_column: str, partition_by: str):
-    """The partitioner of one pool (``fingerprint``: its content), cached: one process serves many nodes of a
-    federation, and drawing 1,000 Dirichlet partitions takes seconds."""
+    """The partitioner of one pool, cached: one process serves many nodes of a federation, and drawing 1,000
+    Dirichlet partitions takes seconds. The key holds the pool object itself (``datasets`` compares them by identity)
+    and its content fingerprint; the cache keeps at most 2 pools alive."""
     if partitioner == "natural":
         part = NaturalIdPartitioner(partition_by=natural_column)
     elif partitioner == "iid":

@@ -54,9 +54,10 @@ class RoundStats:
     revived: int = 0
     train_loss: float | None = None
     train_seconds: float | None = None
-    """Mean seconds a node spent training (its optimizer steps)."""
+    """Seconds a node spent training (its optimizer steps); the nodes' mean weighted by their examples."""
     client_seconds: float | None = None
-    """Mean seconds a node's ClientApp spent on the round's message, training included (model set-up, reply)."""
+    """Seconds a node's ClientApp spent on the round's message, training included (model set-up, reply); the
+    nodes' mean weighted by their examples, like ``train_seconds``."""
     exchange_seconds: float | None = None
     """Seconds from handing the round's messages to Flower to holding every reply (or the deadline)."""
     peak_memory_mb: float | None = None

@@ -77,7 +77,8 @@ class DeadlineGrid:
         """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``end`` passes), pulling
         every ``POLL_SECONDS``. The replies come in the order of the messages: arrival order would change the
         order of the aggregation's sums, and the SVD's signs, from run to run."""
-        order = {message_id: i for i, message_id in enumerate(self.grid.push_messages(messages))}
+        # A message the SuperLink refused gets no id (Flower logs it): there is no reply to wait for.
+        order = {message_id: i for i, message_id in enumerate(self.grid.push_messages(messages)) if message_id}
         pending = set(order)
         replies: list[Message] = []
         while True:
