@@ -194,3 +194,15 @@ def test_a_sketched_module_reports_no_truncation_diagnostics():
     bs, as_ = _many_replies(40, 8, 160, 120, shared=3.0, seed=2)
     b, a, dropped, update = am.aggregate_module(bs, as_, [1.0] * 40, (bs[0], as_[0]), max_rank=8)
     assert b.shape == (160, 8) and dropped is None and update is None
+
+
+@pytest.mark.parametrize("form", am.FACTOR_FORMS)
+def test_the_aggregate_does_not_depend_on_the_order_of_the_replies(form):
+    """The SVD leaves each component's sign free; summing the replies in another order could flip it."""
+    clients = [_factors(30, 20, 4, seed) for seed in range(5)]
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    b, a = am.aggregate_products([c[0] for c in clients], [c[1] for c in clients], weights, max_rank=4, form=form)
+    order = [3, 0, 4, 2, 1]
+    b2, a2 = am.aggregate_products([clients[i][0] for i in order], [clients[i][1] for i in order],
+                                   [weights[i] for i in order], max_rank=4, form=form)
+    assert torch.allclose(b, b2, atol=1e-5) and torch.allclose(a, a2, atol=1e-5)

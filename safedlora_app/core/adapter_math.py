@@ -57,6 +57,12 @@ def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int, form: str = "bala
     if form not in FACTOR_FORMS:
         raise ValueError(f"factor form {form!r} is not one of {FACTOR_FORMS}")
     rank = min(rank, s.numel())
+    # An SVD fixes each component only up to the sign of (u_j, v_j); the summation order of the replies can flip it.
+    # One sign per component (u_j's largest entry positive) makes the factors depend on the mean alone.
+    u, vh = u[:, :rank], vh[:rank]
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).squeeze(0)
+    signs[signs == 0] = 1.0
+    u, vh = u * signs, vh * signs[:, None]
     s = s[:rank].clone()
     tolerance = (s[0] if rank else 0.0) * max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps
     dead = s <= tolerance
