@@ -489,8 +489,7 @@ def partition_dataset(
     elif num_partitions > len(train):
         raise DataError(f"num-partitions {num_partitions} exceeds the {len(train)} training rows.")
     try:
-        part = _partitioner(train._fingerprint, train, partitioner, num_partitions, alpha, seed, natural_column,
-                            partition_by)
+        part = _partitioner(train, partitioner, num_partitions, alpha, seed, natural_column, partition_by)
         return part.load_partition(partition_id).with_format(train.format["type"])
     except ValueError as exc:  # Dirichlet gives up when some client keeps getting too few rows
         if partitioner != "dirichlet":
@@ -503,11 +502,11 @@ def partition_dataset(
 
 
 @functools.lru_cache(maxsize=2)
-def _partitioner(fingerprint: str, train: datasets.Dataset, partitioner: str, num_partitions: int, alpha: float,
-                 seed: int, natural_column: str, partition_by: str):
+def _partitioner(train: datasets.Dataset, partitioner: str, num_partitions: int, alpha: float, seed: int,
+                 natural_column: str, partition_by: str):
     """The partitioner of one pool, cached: one process serves many nodes of a federation, and drawing 1,000
-    Dirichlet partitions takes seconds. The key holds the pool object itself (``datasets`` compares them by identity)
-    and its content fingerprint; the cache keeps at most 2 pools alive."""
+    Dirichlet partitions takes seconds. A pool counts by identity (``datasets`` defines no equality; the loaders
+    cache their pools, so every node of a process passes the same one); the cache keeps at most 2 pools alive."""
     if partitioner == "natural":
         part = NaturalIdPartitioner(partition_by=natural_column)
     elif partitioner == "iid":

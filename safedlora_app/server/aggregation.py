@@ -76,8 +76,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     first = next(iter(plan.factors))
     share = None  # averaging factors never truncates an exact mean; a sketch does not compute the tail
     if config.aggregation == "product" and not sketched:
-        # 9 significant digits: the tail of the singular values carries LAPACK's rounding, which differs with
-        # memory alignment between a run and its resumption in the 15th digit.
+        # 9 significant digits: the tail of the singular values carries LAPACK's rounding, which was seen to differ
+        # between a run and its resumption in the 15th digit; the share needs no more.
         share = float(f"{dropped / update:.9g}") if update > 0 else 0.0
     diagnostics = {
         "dropped_update": share,
