@@ -1,168 +1,34 @@
-"""ClientApp: fine-tune on the node's data as the server's round config says, reply with the update.
+"""ClientApp: fine-tune on the node's data as the server's round config says, reply with the update
+(:mod:`safedlora_app.client.rounds`), and tell the server the node's limits.
 
-``full`` rounds train every parameter (fedavg, fedprox, an ``init-trainable = full`` stage).
-``lora`` rounds build peft LoRA at the ranks the server sent (``alpha = lora-scale * r`` per
-module), train A, B and the head, and return them at exactly those ranks. With federated evaluation
-(``fraction-evaluate > 0``) a node holds ``eval-fraction`` of its rows out of training for good, and
-scores the global model it is sent on them.
+The training code (torch, transformers, peft: about 4 s and 460 MB to import) loads when a round needs it. The
+server asks every connected node for its limits once, and a node answers that in a process of about 70 MB: what
+decides how many SuperNodes one machine, or one small board, can host (docs/scale.md).
 """
 
 from __future__ import annotations
 
-import copy
-import random
-import time
-from logging import INFO
-
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
 
-from safedlora_app.client.node_resources import base_with_backbone, node_resources
-from safedlora_app.core import payload as pl
 from safedlora_app.core.config import RunConfig, node_max_rank, node_name
-from safedlora_app.core.data import DataError
-from safedlora_app.core.model import (
-    build_lora_model,
-    checkpoint_activations,
-    full_state,
-    get_lora_weights,
-    head_parameters,
-    load_parameters,
-    module_shapes,
-    pick_device,
-    set_lora_weights,
-)
-from safedlora_app.core.payload import ARRAYS, LIMITS, METRICS, NODE
-from safedlora_app.core.round_plan import FULL
-from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
-from safedlora_app.core.training import compute_dtype, evaluate_held_out, train
+from safedlora_app.core.records import LIMITS
 
 app = ClientApp()
-
-
-class SimulatedDropout(RuntimeError):
-    """The node fails its round on purpose (``sim-dropout``): Flower replies with an error, the server drops it."""
-
-
-def _setup(msg: Message, context: Context):
-    """``(config, round config, node resources, device, max-rank)`` of a message; resources are cached per
-    process. A bad node-config ``max-rank`` fails every reply, naming the key."""
-    config = RunConfig.from_mapping(context.run_config).with_node_config(context.node_config).effective
-    max_rank = node_max_rank(context.node_config, config)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    round_config = msg.content["config"]
-    resources = node_resources(config, dict(context.node_config), tuple(round_config["label-names"]))
-    return config, round_config, resources, pick_device(), max_rank
-
-
-def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[int], list[int]]:
-    """``(training rows, held-out rows)`` of the node's data: with federated evaluation on, ``eval-fraction``
-    of the rows are held out by a fixed seed in every round, so they are never trained on."""
-    fraction = config.eval_fraction if config.fraction_evaluate > 0 else 0.0
-    try:
-        return holdout_split(size, fraction, mix_seed(config.seed, partition_id, Stream.HOLDOUT))
-    except ValueError as error:
-        raise DataError(f"eval-fraction = {config.eval_fraction}: {error} (this node's data is too small)") from error
-
-
-def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources, max_rank: int):
-    """The model a message describes: a full model (full rounds), or peft LoRA at the announced ranks on
-    the right frozen base (the pre-trained one, or a trained backbone the node caches)."""
-    head_modules = config.module_names(config.head_modules)
-    if round_config["kind"] == FULL:
-        model = copy.deepcopy(resources.base_model)
-        load_parameters(model, {**pl.select(received, pl.BACKBONE), **pl.select(received, pl.HEAD)})
-        return model, {}
-    base = base_with_backbone(resources, str(round_config["backbone-hash"]), received, config.cache_dir)
-    ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
-    if max_rank and max(ranks.values(), default=0) > max_rank:
-        raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {max_rank}")
-    received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
-    model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
-    head = pl.select(received, pl.HEAD)
-    set_lora_weights(model, pl.lora_factors(received), head)
-    return model, ranks
-
-
-def _node_record(round_config, resources) -> ConfigRecord:
-    """What the node tells the server about itself: the backbone it used and where its data came from."""
-    backbone_hash = str(round_config["backbone-hash"]) if round_config["kind"] != FULL else ""
-    return ConfigRecord({"backbone-hash": backbone_hash, "data": resources.partition_label})
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """One round of local training."""
-    started = time.perf_counter()
-    config, round_config, resources, device, max_rank = _setup(msg, context)
-    server_round = int(round_config["server-round"])
-    partition_id = int(context.node_config.get("partition-id", 0))
-    if config.sim_dropout and random.Random(mix_seed(config.seed, server_round, partition_id, Stream.DROPOUT)
-                                            ).random() < config.sim_dropout:
-        raise SimulatedDropout(f"round {server_round}: partition {partition_id} drops out (sim-dropout = "
-                               f"{config.sim_dropout})")
-    rows, _ = _local_rows(config, len(resources.data), partition_id)
-    sample_seed = mix_seed(config.seed, server_round, partition_id)
-    indices = [rows[i] for i in sample_indices(len(rows), config.local_samples, sample_seed)]
-    hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
-                 lr=float(round_config["lr"]), weight_decay=config.weight_decay,
-                 prox_mu=float(round_config["prox-mu"]),
-                 seed=mix_seed(config.seed, server_round, partition_id, Stream.TRAINING),
-                 device=device, dtype=compute_dtype(config.precision, device), warmup_steps=config.warmup_steps,
-                 optimizer_name=config.optimizer, momentum=config.momentum)
-
-    # Dropout draws from torch's global generator: seed it per (run, round, node), so that a round gives the
-    # same update whatever this process ran before (a resumed run repeats an uninterrupted one exactly).
-    torch.manual_seed(mix_seed(config.seed, server_round, partition_id, Stream.INITIALISATION))
-    received = pl.unpack(msg.content[ARRAYS])
-    model, ranks = _received_model(received, round_config, config, resources, max_rank)
-    if config.gradient_checkpointing:
-        checkpoint_activations(model)
-    if round_config["kind"] == FULL:
-        model.requires_grad_(True)
-        result = train(model, resources.data, indices, **hyper)
-        reply = full_state(model, head_parameters(model, config.module_names(config.head_modules)))
-        wire_dtype = "float32"
-    else:
-        result = train(model, resources.data, indices, **hyper)
-        factors, new_head = get_lora_weights(model, list(ranks), list(pl.select(received, pl.HEAD)))
-        reply = {pl.key(pl.HEAD, n): v for n, v in new_head.items()}
-        for m, (b, a) in factors.items():
-            reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a
-        reply = pl.to_wire(reply, list(ranks))
-        wire_dtype = str(round_config.get("wire-dtype", "float32"))
-
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
-                            "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})
-    if result.first_step_a_ratio is not None:
-        metrics["first-step-a-ratio"] = result.first_step_a_ratio
-    # The node's own record of its round (its log is all a device owner sees of it).
-    log(INFO, "round %d: trained %d samples in %.1f s (%.3f s per sample, %s), peak memory %.0f MB", server_round,
-        result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
-        str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
-    arrays = pl.pack(reply, wire_dtype)
-    metrics["client-time"] = time.perf_counter() - started  # the handler's whole time, training included
-    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
-                   reply_to=msg)
+    from safedlora_app.client.rounds import train_reply  # the training code, loaded once per process
+    return train_reply(msg, context)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Federated evaluation: the round's global model on this node's held-out rows (never trained on)."""
-    config, round_config, resources, device, max_rank = _setup(msg, context)
-    _, held_out = _local_rows(config, len(resources.data), int(context.node_config.get("partition-id", 0)))
-    model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources, max_rank)
-    if ranks:  # the LoRA update folded into the weights: the same logits, no adapter branch to compute
-        model = model.merge_and_unload()
-    result = evaluate_held_out(model, resources.data.subset(held_out), task=config.task,
-                               batch_size=config.eval_batch_size, num_classes=len(round_config["label-names"]),
-                               device=device, dtype=compute_dtype(config.precision, device))
-    metrics = MetricRecord({"num-examples": len(held_out), **result})
-    return Message(content=RecordDict({METRICS: metrics, NODE: _node_record(round_config, resources)}),
-                   reply_to=msg)
+    from safedlora_app.client.rounds import evaluate_reply
+    return evaluate_reply(msg, context)
 
 
 @app.query()

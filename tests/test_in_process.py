@@ -20,6 +20,7 @@ from safedlora_app.core import payload as pl
 from safedlora_app.core.config import ConfigError, RunConfig
 from safedlora_app.core.data import DataError
 from safedlora_app.core.model import module_shapes
+from safedlora_app.core.records import ARRAYS, METRICS
 from safedlora_app.core.round_plan import plan_round
 from safedlora_app.server.replies import evaluation_problem
 
@@ -117,7 +118,7 @@ def lora_message(config: RunConfig, server_round: int = 1) -> Message:
     for m, (b, a) in plan.factors.items():
         tensors[pl.key(pl.LORA_B, m)], tensors[pl.key(pl.LORA_A, m)] = b, a
     round_config = {"label-names": LABELS, "backbone-hash": "", **plan.train_config(config.lora_scale)}
-    content = RecordDict({pl.ARRAYS: pl.pack(pl.to_wire(tensors, list(plan.ranks))),
+    content = RecordDict({ARRAYS: pl.pack(pl.to_wire(tensors, list(plan.ranks))),
                           "config": ConfigRecord(round_config)})
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=100)
     message.metadata.__dict__["_message_id"] = message.object_id
@@ -130,13 +131,13 @@ def test_train_handler_returns_factors_at_the_sent_ranks(run_config):
     context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=run_config(local_samples=8))
     reply = client_app.train_handler(message, context)
-    arrays = pl.unpack(reply.content[pl.ARRAYS])
+    arrays = pl.unpack(reply.content[ARRAYS])
     assert set(arrays) == {pl.PACKED, "head::classifier.weight", "head::classifier.bias"}
     assert arrays[pl.PACKED].numel() == pl.packed_size(plan.ranks, shapes)
     factors = pl.lora_factors(pl.from_wire(arrays, plan.ranks, shapes))
     module = next(iter(plan.factors))
     assert not torch.equal(factors[module][0], plan.factors[module][0])  # B left zero: it trained
-    metrics = reply.content[pl.METRICS]
+    metrics = reply.content[METRICS]
     assert metrics["num-examples"] == 8 and metrics["train-loss"] > 0
 
 

@@ -41,7 +41,7 @@ def test_every_module_lives_in_a_package_but_the_two_entry_points():
 
 
 def test_the_client_app_loads_core_and_client_only():
-    client = loaded_app_modules("safedlora_app.client_app")
+    client = loaded_app_modules("safedlora_app.client_app, safedlora_app.client.rounds")
     assert {"core.round_plan", "core.payload", "client.node_resources"} <= client  # the check sees real loads
     assert packages(client) <= {"core", "client", "client_app"}, client
     # Flower 1.42's own `import flwr` loads flwr.serverapp in every process; none of our client modules asks for it.
@@ -60,3 +60,12 @@ def test_the_server_app_loads_core_and_server_only():
 @pytest.mark.parametrize("module", sorted(p.stem for p in (APP / "core").glob("*.py") if p.stem != "__init__"))
 def test_core_imports_neither_side(module):
     assert packages(loaded_app_modules(f"safedlora_app.core.{module}")) <= {"core"}
+
+
+def test_the_client_app_answers_the_limits_query_without_torch():
+    """Every connected node answers the limits query, many at once on a machine hosting many SuperNodes
+    (docs/scale.md): importing the ClientApp must not load the training stack."""
+    code = ("import sys, safedlora_app.client_app; "
+            "print(' '.join(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == []

@@ -31,8 +31,6 @@ from flwr.app import ArrayRecord
 
 from safedlora_app.core.checks import is_integer
 
-# Record names in messages: the tensors, the metrics, what a node says about itself, its declared limits.
-ARRAYS, METRICS, NODE, LIMITS = "arrays", "metrics", "node", "limits"
 LORA_A, LORA_B, HEAD, BACKBONE = "lora_A", "lora_B", "head", "backbone"
 SEP = "::"
 PACKED = "lora::packed"

@@ -18,6 +18,7 @@ from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.checks import is_integer
+from safedlora_app.core.records import ARRAYS, LIMITS
 from safedlora_app.core.round_plan import FULL, RoundPlan
 
 
@@ -65,7 +66,7 @@ class Dispatch:
 
     def traffic(self) -> tuple[int, int, int]:
         """``(bytes, parameters, backbone sends)`` of the messages sent down."""
-        records = [m.content[pl.ARRAYS] for m in self.messages]
+        records = [m.content[ARRAYS] for m in self.messages]
         sends = sum(1 for r in records if self.backbone_hash and any(k.startswith(pl.BACKBONE + pl.SEP) for k in r))
         return sum(r.count_bytes() for r in records), sum(pl.num_parameters(r) for r in records), sends
 
@@ -81,7 +82,7 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
     whose backbone hash differs (once per node)."""
     if plan.kind == FULL:
         round_config = {**dict(config), **plan.train_config(wire.lora_scale)}
-        messages = [Message(content=RecordDict({pl.ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
+        messages = [Message(content=RecordDict({ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
                             message_type=message_type, dst_node_id=n) for n in to.node_ids]
         return Dispatch(plan, messages, {n: Sent(plan, dict(wire.expected_full)) for n in to.node_ids}, "")
     backbone = pl.only(tensors, pl.BACKBONE)
@@ -100,7 +101,7 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
         node_plan, record, expected = payloads[key]
         round_config = ConfigRecord({**dict(config), **node_plan.train_config(wire.lora_scale, wire.dtype),
                                      "backbone-hash": backbone_hash})
-        content = RecordDict({pl.ARRAYS: record, "config": round_config})
+        content = RecordDict({ARRAYS: record, "config": round_config})
         messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         sent[node_id] = Sent(node_plan, expected)
     return Dispatch(plan, messages, sent, backbone_hash)
@@ -124,7 +125,7 @@ def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: floa
     limits = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        record = None if reply.has_error() else reply.content.get(pl.LIMITS)
+        record = None if reply.has_error() else reply.content.get(LIMITS)
         cap = record.get("max-rank") if isinstance(record, ConfigRecord) else None
         if is_integer(cap) and cap >= 0:
             name = record.get("name", "")

@@ -16,7 +16,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from safedlora_app.core.checks import is_number
-from safedlora_app.core.payload import ARRAYS, METRICS, NODE, num_parameters
+from safedlora_app.core.payload import num_parameters
+from safedlora_app.core.records import ARRAYS, METRICS, NODE
 
 
 @dataclass

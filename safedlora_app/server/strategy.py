@@ -26,6 +26,7 @@ from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import EVAL_METRICS, RunConfig
+from safedlora_app.core.records import ARRAYS, METRICS
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
@@ -152,11 +153,11 @@ class SAFedLoRA(Strategy):
         if not good:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
-        weights = [float(content[pl.METRICS]["num-examples"]) for content in good]
-        received = [plan.padded(pl.from_wire(pl.unpack(c[pl.ARRAYS]), to_node[n].plan.ranks, self.module_shapes))
+        weights = [float(content[METRICS]["num-examples"]) for content in good]
+        received = [plan.padded(pl.from_wire(pl.unpack(c[ARRAYS]), to_node[n].plan.ranks, self.module_shapes))
                     for n, c in valid]
         new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
-        metrics = reply_metrics([c[pl.METRICS] for c in good], weights)
+        metrics = reply_metrics([c[METRICS] for c in good], weights)
         stats.train_loss, stats.train_seconds, stats.client_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
             metrics.get(k) for k in ("train-loss", "train-time", "client-time", "peak-memory-mb",
                                      "first-step-a-ratio"))
@@ -180,7 +181,7 @@ class SAFedLoRA(Strategy):
         if not good:
             log(WARNING, "round %d: no valid evaluation reply", server_round)
             return None
-        metrics = [content[pl.METRICS] for content in good]
+        metrics = [content[METRICS] for content in good]
         rows = [float(m["num-examples"]) for m in metrics]
         stats.eval_rows = int(sum(rows))
         means = {k: sum(w * float(m[k]) for w, m in zip(rows, metrics)) / sum(rows)
