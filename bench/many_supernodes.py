@@ -1,0 +1,205 @@
+"""(f) How many SuperNodes one SuperLink serves: a real deployment on loopback, N = 10, 25, 50 SuperNodes.
+
+    python bench/many_supernodes.py [--nodes 10 25 50] [--sampled 2] [--rounds 3] [--local-samples 16]
+
+For each N: one ``flower-superlink`` (plain HTTP on 127.0.0.1, free ports, a private FLWR_HOME) and N
+``flower-supernode`` processes, each with its partition of the embedded tweets (``inner-dirichlet``, N
+partitions) and Flower's default isolation (the SuperNode starts a ClientApp process for each message); then
+``flwr run`` of ``--rounds`` small rounds with ``--sampled`` nodes training per round. Round 1 also asks all N
+nodes for their limits at once: N ClientApp processes. A sampler reads the proportional set size (PSS: shared
+library pages split between the processes that map them, so the sum is what the processes really take) of every
+process each second: the SuperLink (with its ServerApp process), the SuperNodes (each is two processes: the node
+and its ClientApp launcher), and their ClientApp processes; and the machine's available memory, stopping the
+fleet if it falls below 1 GiB. Printed for each N: the seconds until all N were online, those peaks, round 1 and
+the median of the later rounds, the replies per round; then each N against the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from safedlora_app.tools.simulation import APP_ROOT, BIN, flower_env, free_port, run_status, stop_processes
+
+MB = 2**20
+ROLES = ("superlink", "serverapp", "supernodes", "clientapps")
+LOW_MEMORY_MB = 1024
+
+
+class Fleet:
+    """One SuperLink and its SuperNodes, their logs, and the peak RSS of each role."""
+
+    def __init__(self, work: Path, nodes: int):
+        self.work, self.nodes = work, nodes
+        (work / "home").mkdir(parents=True)
+        self.env = flower_env(work / "home", PYTHONUNBUFFERED="1")
+        self.link: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self.peak = dict.fromkeys((*ROLES, "total"), 0.0)
+        self.most_clientapps = 0
+        self.least_available = float("inf")  # MB
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> float:
+        """Start the SuperLink and the N SuperNodes; the seconds until ``flwr supernode ls`` lists all N online."""
+        link = free_port()
+        self.link = self._popen("superlink", [
+            "flower-superlink", "--insecure", "--port", str(link), "--database", str(self.work / "state.db"),
+            "--disable-runtime-dependency-installation"])
+        (self.work / "home" / "config.toml").write_text(
+            f'[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        started = time.perf_counter()
+        for i in range(self.nodes):
+            self.supernodes.append(self._popen(f"supernode-{i}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+                "--node-config", f"partition-id={i} num-partitions={self.nodes}"]))
+        self._sampler.start()
+        while (online := self._online()) < self.nodes:
+            if time.perf_counter() - started > 120 + 2 * self.nodes:
+                raise SystemExit(f"only {online} of {self.nodes} SuperNodes online after "
+                                 f"{time.perf_counter() - started:.0f} s (logs: {self.work})")
+            time.sleep(1.0)
+        return time.perf_counter() - started
+
+    def run(self, settings: str, timeout: float = 1800) -> str:
+        """``flwr run`` of the app on this fleet; its final status."""
+        result = subprocess.run([str(BIN / "flwr"), "run", str(APP_ROOT), "bench", "--stream", "--run-config",
+                                 settings], env=self.env, cwd=self.work, capture_output=True, text=True,
+                                timeout=timeout)
+        output = result.stdout + result.stderr
+        (self.work / "flwr-run.log").write_text(output)
+        started = re.search(r"Successfully started run (\d+)", output)
+        if not started:
+            raise SystemExit(f"flwr run did not start:\n{output[-3000:]}")
+        for _ in range(60):  # `flwr run --stream` may return a moment before the run's status is final
+            if (status := run_status(started.group(1), self.env, self.work, "bench")).startswith("finished"):
+                return status
+            time.sleep(1.0)
+        return status
+
+    def stop(self) -> None:
+        """Every process started here and its descendants (the SuperLink detaches its SuperExec), by PID."""
+        self._done.set()
+        if self._sampler.is_alive():
+            self._sampler.join()
+        stop_processes([p for root in (self.link, *self.supernodes) if root for p in _tree(root.pid)])
+
+    def _popen(self, name: str, argv: list[str]) -> subprocess.Popen:
+        with open(self.work / f"{name}.log", "wb") as log:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.work, env=self.env, start_new_session=True)
+
+    def _online(self) -> int:
+        listing = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
+                                 env=self.env, cwd=self.work, capture_output=True, text=True, timeout=120)
+        try:
+            return sum(n["status"] == "online" for n in json.loads(listing.stdout).get("nodes", []))
+        except json.JSONDecodeError:
+            return 0
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            rss = dict.fromkeys(ROLES, 0.0)
+            clientapps = 0
+            for root, kind in ((self.link, "superlink"), *((n, "supernodes") for n in self.supernodes)):
+                for process in _tree(root.pid):
+                    try:
+                        cmdline = " ".join(process.cmdline())
+                        value = process.memory_full_info().pss / MB
+                    except psutil.Error:
+                        continue
+                    if "flwr-serverapp" in cmdline:
+                        rss["serverapp"] += value
+                    elif "flwr-clientapp" in cmdline:
+                        rss["clientapps"] += value
+                        clientapps += 1
+                    else:
+                        rss[kind] += value
+            for role, value in rss.items():
+                self.peak[role] = max(self.peak[role], value)
+            self.peak["total"] = max(self.peak["total"], sum(rss.values()))
+            self.most_clientapps = max(self.most_clientapps, clientapps)
+            self.least_available = min(self.least_available, psutil.virtual_memory().available / MB)
+            if self.least_available < LOW_MEMORY_MB:  # the machine's limit: stop here rather than swap or OOM
+                stop_processes([p for root in (self.link, *self.supernodes) for p in _tree(root.pid)])
+                return
+            time.sleep(1.0)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> dict:
+    fleet = Fleet(work / f"nodes-{nodes}", nodes)
+    out = work / "runs"
+    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start).
+    settings = (f"num-server-rounds={rounds} init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1 "
+                f"fraction-train={sampled / nodes} min-nodes={sampled} partitioner='inner-dirichlet' "
+                f"local-samples={samples} test-size=64 node-wait-timeout=120 "
+                f"out-dir='{out}' run-name='nodes-{nodes}' cache-dir='{work / 'cache'}'")
+    try:
+        online = fleet.start()
+        start = time.perf_counter()
+        status = fleet.run(settings)
+        wall = time.perf_counter() - start
+    finally:
+        fleet.stop()
+    if fleet.least_available < LOW_MEMORY_MB:
+        raise SystemExit(f"{nodes} SuperNodes: stopped, the machine's available memory fell below {LOW_MEMORY_MB} MB "
+                         f"(peaks so far: {fleet.peak})")
+    if status != "finished:completed":
+        raise SystemExit(f"{nodes} SuperNodes: run {status} (logs: {fleet.work})")
+    rows = [json.loads(line) for line in (out / f"nodes-{nodes}" / "metrics.jsonl").read_text().splitlines()]
+    return {**fleet.peak, "online": online, "available": fleet.least_available, "wall": wall,
+            "most-clientapps": fleet.most_clientapps,
+            "first": rows[1]["round-seconds"], "later": statistics.median(r["round-seconds"] for r in rows[2:]),
+            "replies": [r["replies"] for r in rows[1:]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--sampled", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-samples", type=int, default=16)
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: need at least 2 (round 1 also asks every node for its limits)")
+    if any(n < args.sampled for n in args.nodes):
+        parser.error(f"--nodes {args.nodes}: each must be at least --sampled {args.sampled}")
+    work = Path(tempfile.mkdtemp(prefix="safedlora-supernodes-"))
+    results = {}
+    for nodes in args.nodes:
+        r = results[nodes] = measure(nodes, args.sampled, args.rounds, args.local_samples, work)
+        print(f"{nodes} SuperNodes, {args.sampled} training per round: all online after {r['online']:.0f} s; "
+              f"peak PSS SuperLink {r['superlink']:.0f} MB, ServerApp {r['serverapp']:.0f} MB, SuperNodes "
+              f"{r['supernodes']:.0f} MB ({r['supernodes'] / nodes:.0f} MB each), ClientApp processes "
+              f"{r['clientapps']:.0f} MB (at most {r['most-clientapps']} at once), all {r['total']:.0f} MB; round 1 "
+              f"{r['first']:.1f} s, later rounds {r['later']:.1f} s (median); replies per round {r['replies']}; "
+              f"run {r['wall']:.0f} s; least available memory {r['available']:.0f} MB", flush=True)
+    small = min(args.nodes)
+    for nodes, r in results.items():
+        if nodes != small:
+            s = results[small]
+            print(f"{nodes} / {small} SuperNodes: SuperLink memory {r['superlink'] / s['superlink']:.2f}x, all "
+                  f"{r['total'] / s['total']:.2f}x; round 1 {r['first'] / s['first']:.2f}x, later rounds "
+                  f"{r['later'] / s['later']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
