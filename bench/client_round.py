@@ -72,6 +72,7 @@ def child(workdir: Path, run_config: dict, node_config: dict, op_profile: int = 
     from safetensors.torch import load_file
 
     from safedlora_app.client.node_resources import MODELS, node_resources
+    from safedlora_app.client.rounds import train_reply  # noqa: F401  (imported here: counted as import time)
     from safedlora_app.client_app import train_handler
     from safedlora_app.core import payload as pl
     from safedlora_app.core.config import RunConfig

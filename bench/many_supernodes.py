@@ -1,4 +1,4 @@
-"""(f) How many SuperNodes one SuperLink serves: a real deployment on loopback, N = 10, 25, 50 SuperNodes.
+"""(i) How many SuperNodes one SuperLink serves: a real deployment on loopback, N = 10, 25, 50 SuperNodes.
 
     python bench/many_supernodes.py [--nodes 10 25 50] [--sampled 2] [--rounds 3] [--local-samples 16]
 
@@ -8,10 +8,10 @@ partitions) and Flower's default isolation (the SuperNode starts a ClientApp pro
 ``flwr run`` of ``--rounds`` small rounds with ``--sampled`` nodes training per round. Round 1 also asks all N
 nodes for their limits at once: N ClientApp processes. A sampler reads the proportional set size (PSS: shared
 library pages split between the processes that map them, so the sum is what the processes really take) of every
-process each second: the SuperLink (with its ServerApp process), the SuperNodes (each is two processes: the node
+process about once a second: the SuperLink (with its ServerApp process), the SuperNodes (each is two processes: the node
 and its ClientApp launcher), and their ClientApp processes; and the machine's available memory, stopping the
-fleet if it falls below 1 GiB. Printed for each N: the seconds until all N were online, those peaks, round 1 and
-the median of the later rounds, the replies per round; then each N against the smallest.
+fleet (and saying so) if it falls below 1 GiB. Printed for each N: the seconds until all N were online, those
+peaks (MiB), round 1 and the median of the later rounds, the replies per round; then each N against the smallest.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,13 +32,13 @@ import psutil
 
 from safedlora_app.tools.simulation import APP_ROOT, BIN, flower_env, free_port, run_status, stop_processes
 
-MB = 2**20
+MIB = 2**20
 ROLES = ("superlink", "serverapp", "supernodes", "clientapps")
-LOW_MEMORY_MB = 1024
+LOW_MEMORY_MIB = 1024
 
 
 class Fleet:
-    """One SuperLink and its SuperNodes, their logs, and the peak RSS of each role."""
+    """One SuperLink and its SuperNodes, their logs, and the peak PSS of each role."""
 
     def __init__(self, work: Path, nodes: int):
         self.work, self.nodes = work, nodes
@@ -46,7 +48,9 @@ class Fleet:
         self.supernodes: list[subprocess.Popen] = []
         self.peak = dict.fromkeys((*ROLES, "total"), 0.0)
         self.most_clientapps = 0
-        self.least_available = float("inf")  # MB
+        self.least_available = float("inf")  # MiB
+        self.low_memory = threading.Event()  # set when the sampler stopped the fleet
+        self._seen: dict[int, psutil.Process] = {}  # every process sampled: stop() also reaches orphans
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
 
@@ -59,12 +63,24 @@ class Fleet:
         (self.work / "home" / "config.toml").write_text(
             f'[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
         started = time.perf_counter()
+        ports = {link}  # free_port() does not hold its port: hand each one out once
         for i in range(self.nodes):
+            while (port := free_port()) in ports:
+                pass
+            ports.add(port)
             self.supernodes.append(self._popen(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
                 "--node-config", f"partition-id={i} num-partitions={self.nodes}"]))
         self._sampler.start()
         while (online := self._online()) < self.nodes:
+            if self.low_memory.is_set():
+                raise RuntimeError("stopped for low memory")
+            if dead := [i for i, p in enumerate(self.supernodes) if p.poll() is not None]:
+                raise SystemExit(f"SuperNode {dead[0]} exited with {self.supernodes[dead[0]].returncode} "
+                                 f"({len(dead)} exited in all); its log: {self.work / f'supernode-{dead[0]}.log'}")
+            if self.link.poll() is not None:
+                raise SystemExit(f"the SuperLink exited with {self.link.returncode}; its log: "
+                                 f"{self.work / 'superlink.log'}")
             if time.perf_counter() - started > 120 + 2 * self.nodes:
                 raise SystemExit(f"only {online} of {self.nodes} SuperNodes online after "
                                  f"{time.perf_counter() - started:.0f} s (logs: {self.work})")
@@ -82,17 +98,24 @@ class Fleet:
         if not started:
             raise SystemExit(f"flwr run did not start:\n{output[-3000:]}")
         for _ in range(60):  # `flwr run --stream` may return a moment before the run's status is final
+            if self.low_memory.is_set():
+                raise RuntimeError("stopped for low memory")
             if (status := run_status(started.group(1), self.env, self.work, "bench")).startswith("finished"):
                 return status
             time.sleep(1.0)
         return status
 
     def stop(self) -> None:
-        """Every process started here and its descendants (the SuperLink detaches its SuperExec), by PID."""
+        """Every process started here, its descendants (the SuperLink detaches its SuperExec), and every process
+        the sampler saw under them (a child whose parent died is no longer in the tree), by PID."""
         self._done.set()
         if self._sampler.is_alive():
             self._sampler.join()
-        stop_processes([p for root in (self.link, *self.supernodes) if root for p in _tree(root.pid)])
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        tree = {p.pid: p for root in (self.link, *self.supernodes) if root for p in _tree(root.pid)}
+        stop_processes(list({**self._seen, **tree}.values()))
 
     def _popen(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.work / f"{name}.log", "wb") as log:
@@ -109,29 +132,31 @@ class Fleet:
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            rss = dict.fromkeys(ROLES, 0.0)
+            pss = dict.fromkeys(ROLES, 0.0)
             clientapps = 0
             for root, kind in ((self.link, "superlink"), *((n, "supernodes") for n in self.supernodes)):
                 for process in _tree(root.pid):
+                    self._seen.setdefault(process.pid, process)
                     try:
                         cmdline = " ".join(process.cmdline())
-                        value = process.memory_full_info().pss / MB
+                        value = process.memory_full_info().pss / MIB
                     except psutil.Error:
                         continue
                     if "flwr-serverapp" in cmdline:
-                        rss["serverapp"] += value
+                        pss["serverapp"] += value
                     elif "flwr-clientapp" in cmdline:
-                        rss["clientapps"] += value
+                        pss["clientapps"] += value
                         clientapps += 1
                     else:
-                        rss[kind] += value
-            for role, value in rss.items():
+                        pss[kind] += value
+            for role, value in pss.items():
                 self.peak[role] = max(self.peak[role], value)
-            self.peak["total"] = max(self.peak["total"], sum(rss.values()))
+            self.peak["total"] = max(self.peak["total"], sum(pss.values()))
             self.most_clientapps = max(self.most_clientapps, clientapps)
-            self.least_available = min(self.least_available, psutil.virtual_memory().available / MB)
-            if self.least_available < LOW_MEMORY_MB:  # the machine's limit: stop here rather than swap or OOM
-                stop_processes([p for root in (self.link, *self.supernodes) for p in _tree(root.pid)])
+            self.least_available = min(self.least_available, psutil.virtual_memory().available / MIB)
+            if self.least_available < LOW_MEMORY_MIB:  # the machine's limit: stop here rather than swap or OOM
+                self.low_memory.set()
+                self._stop_all()
                 return
             time.sleep(1.0)
 
@@ -157,11 +182,14 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> 
         start = time.perf_counter()
         status = fleet.run(settings)
         wall = time.perf_counter() - start
+    except Exception:
+        if not fleet.low_memory.is_set():
+            raise
     finally:
         fleet.stop()
-    if fleet.least_available < LOW_MEMORY_MB:
-        raise SystemExit(f"{nodes} SuperNodes: stopped, the machine's available memory fell below {LOW_MEMORY_MB} MB "
-                         f"(peaks so far: {fleet.peak})")
+    if fleet.low_memory.is_set():  # whatever failed after the sampler stopped the fleet, this is why
+        raise SystemExit(f"{nodes} SuperNodes: stopped, the machine's available memory fell below "
+                         f"{LOW_MEMORY_MIB} MiB (peaks so far, MiB: {fleet.peak}; logs: {fleet.work})")
     if status != "finished:completed":
         raise SystemExit(f"{nodes} SuperNodes: run {status} (logs: {fleet.work})")
     rows = [json.loads(line) for line in (out / f"nodes-{nodes}" / "metrics.jsonl").read_text().splitlines()]
@@ -182,16 +210,17 @@ def main() -> None:
         parser.error(f"--rounds {args.rounds}: need at least 2 (round 1 also asks every node for its limits)")
     if any(n < args.sampled for n in args.nodes):
         parser.error(f"--nodes {args.nodes}: each must be at least --sampled {args.sampled}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the fleet's stop (start_new_session)
     work = Path(tempfile.mkdtemp(prefix="safedlora-supernodes-"))
     results = {}
-    for nodes in args.nodes:
+    for nodes in sorted(set(args.nodes)):
         r = results[nodes] = measure(nodes, args.sampled, args.rounds, args.local_samples, work)
         print(f"{nodes} SuperNodes, {args.sampled} training per round: all online after {r['online']:.0f} s; "
-              f"peak PSS SuperLink {r['superlink']:.0f} MB, ServerApp {r['serverapp']:.0f} MB, SuperNodes "
-              f"{r['supernodes']:.0f} MB ({r['supernodes'] / nodes:.0f} MB each), ClientApp processes "
-              f"{r['clientapps']:.0f} MB (at most {r['most-clientapps']} at once), all {r['total']:.0f} MB; round 1 "
+              f"peak PSS SuperLink {r['superlink']:.0f} MiB, ServerApp {r['serverapp']:.0f} MiB, SuperNodes "
+              f"{r['supernodes']:.0f} MiB ({r['supernodes'] / nodes:.0f} MiB each), ClientApp processes "
+              f"{r['clientapps']:.0f} MiB (at most {r['most-clientapps']} at once), all {r['total']:.0f} MiB; round 1 "
               f"{r['first']:.1f} s, later rounds {r['later']:.1f} s (median); replies per round {r['replies']}; "
-              f"run {r['wall']:.0f} s; least available memory {r['available']:.0f} MB", flush=True)
+              f"run {r['wall']:.0f} s; least available memory {r['available']:.0f} MiB", flush=True)
     small = min(args.nodes)
     for nodes, r in results.items():
         if nodes != small:

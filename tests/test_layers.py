@@ -65,7 +65,20 @@ def test_core_imports_neither_side(module):
 def test_the_client_app_answers_the_limits_query_without_torch():
     """Every connected node answers the limits query, many at once on a machine hosting many SuperNodes
     (docs/scale.md): importing the ClientApp must not load the training stack."""
-    code = ("import sys, safedlora_app.client_app; "
-            "print(' '.join(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")
+    code = """
+import sys
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safedlora_app import client_app
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 100  # what a ClientApp process has
+query = Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=100)
+query.metadata.__dict__["_message_id"] = query.object_id
+context = Context(run_id=1, node_id=100, node_config={"max-rank": 3}, state=RecordDict(), run_config={})
+print(client_app.limits_handler(query, context).content["limits"]["max-rank"])
+heavy = ("torch", "transformers", "peft", "datasets", "safedlora_app.client.rounds")
+print(" ".join(m for m in heavy if m in sys.modules))
+"""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == []
+    answer, *loaded = result.stdout.splitlines()
+    assert answer == "3"  # the query was answered, from the node's config
+    assert " ".join(loaded).split() == []

@@ -1,8 +1,9 @@
-"""The wire format: the records of a message, array key names, and tensor <-> record conversion.
+"""The wire format: array key names, and tensor <-> record conversion.
 
-A train message holds the ArrayRecord under ``ARRAYS`` and the round's config; a reply holds its
+A train message holds the ArrayRecord under ``records.ARRAYS`` and the round's config; a reply holds its
 ArrayRecord under ``ARRAYS``, its MetricRecord under ``METRICS`` and what the node reports about
-itself (the backbone it trained on, its data) under ``NODE``.
+itself (the backbone it trained on, its data) under ``NODE`` (the record names live in :mod:`records`,
+which imports no torch).
 
 Keys are ``<kind>::<name>``:
 - ``lora_A::<module>`` (r x d_in) and ``lora_B::<module>`` (d_out x r) for an adapted module,

@@ -130,7 +130,7 @@ class RoundPlan:
         return pl.to_wire(sent, list(self.ranks))
 
     def train_config(self, lora_scale: float, wire_dtype: str = "float32") -> dict:
-        """The round's keys of the message config that every node reads (see ``client_app``)."""
+        """The round's keys of the message config that every node reads (see ``client.rounds``)."""
         values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu}
         if self.kind == LORA:
             values.update({"lora-modules": list(self.ranks), "lora-ranks": list(self.ranks.values()),
