@@ -172,10 +172,12 @@ def _tree(pid: int) -> list[psutil.Process]:
 def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> dict:
     fleet = Fleet(work / f"nodes-{nodes}", nodes)
     out = work / "runs"
-    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start).
+    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start). A message the
+    # SuperLink loses (its SQLite state answered "database is locked" to 1 of 25 nodes here) costs a round its
+    # deadline: round-timeout bounds that at 120 s instead of an hour.
     settings = (f"num-server-rounds={rounds} init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1 "
                 f"fraction-train={sampled / nodes} min-nodes={sampled} partitioner='inner-dirichlet' "
-                f"local-samples={samples} test-size=64 node-wait-timeout=120 "
+                f"local-samples={samples} test-size=64 node-wait-timeout=120 round-timeout=120 "
                 f"out-dir='{out}' run-name='nodes-{nodes}' cache-dir='{work / 'cache'}'")
     try:
         online = fleet.start()
@@ -196,7 +198,11 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> 
     return {**fleet.peak, "online": online, "available": fleet.least_available, "wall": wall,
             "most-clientapps": fleet.most_clientapps,
             "first": rows[1]["round-seconds"], "later": statistics.median(r["round-seconds"] for r in rows[2:]),
-            "replies": [r["replies"] for r in rows[1:]]}
+            "replies": [r["replies"] for r in rows[1:]],
+            "lost": len(re.findall(r"did not report its limits|no \w+ reply from node",
+                                   (fleet.work / "flwr-run.log").read_text())),
+            "locked": sum(log.read_text(errors="replace").count("database is locked")
+                          for log in fleet.work.glob("*.log"))}
 
 
 def main() -> None:
@@ -220,6 +226,7 @@ def main() -> None:
               f"{r['supernodes']:.0f} MiB ({r['supernodes'] / nodes:.0f} MiB each), ClientApp processes "
               f"{r['clientapps']:.0f} MiB (at most {r['most-clientapps']} at once), all {r['total']:.0f} MiB; round 1 "
               f"{r['first']:.1f} s, later rounds {r['later']:.1f} s (median); replies per round {r['replies']}; "
+              f"warnings of lost replies {r['lost']} ('database is locked' in the logs: {r['locked']}); "
               f"run {r['wall']:.0f} s; least available memory {r['available']:.0f} MiB", flush=True)
     small = min(args.nodes)
     for nodes, r in results.items():

@@ -58,6 +58,8 @@ def test_the_task_brings_its_own_defaults_and_keeps_the_keys_a_run_gives():
         "q_proj,v_proj"
     assert RunConfig.from_mapping({**LM, "rank-min": 3}).rank_min == 3  # a value other than the app's default is kept
     assert RunConfig.from_mapping({}).target_modules == "query,value"  # classification keeps its own
+    # FlexLoRA's split for the language model only (the paired comparisons behind each: docs/causal-lm.md, design.md)
+    assert config.factor_form == "orthonormal-a" and RunConfig.from_mapping({}).factor_form == "balanced"
     with pytest.raises(ConfigError, match="head-modules = '' is not allowed"):
         RunConfig.from_mapping({"head-modules": ""})
     with pytest.raises(ConfigError, match="task = 'lm' is not allowed; choose one of: .*causal-lm"):

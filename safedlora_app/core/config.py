@@ -162,7 +162,8 @@ class RunConfig:
         "balanced",
         "How the server splits each aggregated product into factors: ``balanced`` (B = U·sqrt(S), A = "
         "sqrt(S)·V^T) or ``orthonormal-a`` (B = U·S, A = V^T, FlexLoRA's split). Same product, same "
-        "truncation.")
+        "truncation. It also sets the A rows of new components (B = 0), for every LoRA method, fedit included: "
+        "peft's kaiming-uniform rows (``balanced``) or those rows orthonormalised (``orthonormal-a``, norm 1).")
     lora_scale: float = option(
         2.0,
         "Fixed LoRA scale s: dW = s·B·A for every module and round (peft alpha = s·r).",
