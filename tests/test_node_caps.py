@@ -3,6 +3,7 @@ sent and may return, and that the global adapter still reaches the uncapped rank
 
 import pytest
 import torch
+from flwr.app import Error, Message
 from flwr.supercore.task_identity import TaskIdentity
 from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
 
@@ -108,3 +109,20 @@ def test_a_node_that_cannot_report_its_limits_is_treated_as_uncapped_and_asked_a
     assert [m.content["config"]["lora-ranks"] for m in messages] == [[4, 4], [4, 4]]
     send(strategy, 2, initial(strategy), grid=grid)
     assert grid.queries == 4
+
+
+def test_a_node_the_superlink_reports_unavailable_is_named_in_the_warning(caplog):
+    """Flower's error reply for a node that missed its heartbeats comes from the SuperLink (node 1), as seen with
+    50 SuperNodes on 2 cores (docs/scale.md): the warning must name the node the query went to."""
+    class OneUnavailable(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            lost = messages[1]
+            error = Message(Error(code=0, reason="Node Unavailable"), reply_to=lost)
+            error.metadata.__dict__["_src_node_id"] = 1  # what the SuperLink's error reply carries
+            return [replies[0], error]
+
+    strategy = make_strategy()
+    send(strategy, 1, initial(strategy), grid=OneUnavailable((11, 22)))
+    assert "node 22 did not report its limits (Node Unavailable)" in caplog.text
+    assert "node 1 did not" not in caplog.text

@@ -121,9 +121,12 @@ def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: floa
     out, so that they count as uncapped and unnamed, and are asked again next time."""
     queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
                        message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    replies = grid.send_and_receive(queries, timeout=timeout)
+    # After the exchange: message ids exist once the Grid has pushed the messages, and Flower's error reply for an
+    # unreachable node comes from the SuperLink (src_node_id 1), so only the id names the node (as in replies.screen).
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
     limits = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
+    for reply in replies:
         node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         record = None if reply.has_error() else reply.content.get(LIMITS)
         cap = record.get("max-rank") if isinstance(record, ConfigRecord) else None
