@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -75,7 +76,7 @@ def server_data(config: RunConfig):
                           label_column=config.label_column, image_column=config.image_column,
                           natural_column=config.natural_column, prompt_column=config.prompt_column,
                           response_column=config.response_column, messages_column=config.messages_column,
-                          test_size=config.test_size)
+                          test_size=config.test_size, val_size=config.val_size)
     if names and names != tuple(data.label_names):
         raise ConfigError(f"label-names = {config.label_names!r} is not allowed: dataset-name's classes are "
                           f"{list(data.label_names)} (in that order); give those, or set central-eval = false")
@@ -103,6 +104,20 @@ def resume_point(config: RunConfig, run_dir: Path) -> checkpoint.Checkpoint:
             f"resume: {state_file} already holds round {point.server_round} and num-server-rounds = "
             f"{config.num_server_rounds}; raise num-server-rounds to extend the run")
     return point
+
+
+def continued(config: RunConfig, saved: dict[str, Any]) -> RunConfig:
+    """The config a resumed run goes on with. A run extended beyond its checkpoint's ``num-server-rounds`` keeps
+    the checkpoint's planned rounds (``schedule-rounds``), so its lr decay and budget go on from where they were
+    (the added rounds at the last rate and budget) instead of being planned anew for the new length, which would
+    raise the rate and the budget again mid-run. A ``schedule-rounds`` the run gives itself wins."""
+    planned = saved.get("schedule-rounds") or saved["num-server-rounds"]
+    if config.schedule_rounds or planned == config.num_server_rounds:
+        return config
+    log(INFO, "extending the run to %d rounds: the lr decay and the budget keep their plan over %d rounds "
+        "(schedule-rounds = %d); the added rounds run at its last rate and budget", config.num_server_rounds,
+        planned, planned)
+    return dataclasses.replace(config, schedule_rounds=planned)
 
 
 @dataclass(frozen=True)
@@ -137,16 +152,16 @@ class Setup:
             raise
 
 
-def held_out_rows(setup: Setup):
-    """The central test rows, ready for evaluation (None without central evaluation)."""
-    if setup.task_data is None:
+def held_out_rows(setup: Setup, split: str = "test"):
+    """The central ``test`` or ``val`` rows, ready for evaluation (None without central evaluation or rows)."""
+    rows = getattr(setup.task_data, split, None)
+    if rows is None or len(rows) == 0:
         return None
     if setup.config.task == CAUSAL_LM_TASK:
         from safedlora_app.core.chat import ChatRows
 
-        return ChatRows.from_dataset(setup.task_data.test, setup.preprocessor, setup.config.max_seq_len)
-    return Encoded.from_dataset(setup.task_data.test, setup.preprocessor, setup.task_data.input_column,
-                                setup.config.max_seq_len)
+        return ChatRows.from_dataset(rows, setup.preprocessor, setup.config.max_seq_len)
+    return Encoded.from_dataset(rows, setup.preprocessor, setup.task_data.input_column, setup.config.max_seq_len)
 
 
 class RoundEnd:
@@ -162,7 +177,7 @@ class RoundEnd:
         self.setup, self.run_dir, self.recorder, self.global_model = setup, run_dir, recorder, global_model
         self.parts, self.first_round = parts, first_round
         self.best = BestRound.of(recorder.records)  # its model was saved before an interruption
-        self.test = held_out_rows(setup)
+        self.test, self.val = held_out_rows(setup), held_out_rows(setup, "val")
         self.device = pick_device()
         self.dtype = compute_dtype(config.precision, self.device)
 
@@ -174,8 +189,9 @@ class RoundEnd:
         if config.evaluates(server_round) and self.test is not None:
             started = time.perf_counter()
             model, ranks = self.global_model.build(server_round, arrays, merged=True)
-            result = evaluate_held_out(model, self.test, task=config.task, batch_size=config.eval_batch_size,
-                                       num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
+            result = self.evaluate(model, self.test)
+            if self.val is not None:
+                result.update({f"val-{k}": v for k, v in self.evaluate(model, self.val).items()})
             result["eval-seconds"] = time.perf_counter() - started
         elif config.evaluates(server_round) and server_round > 0:
             ranks = self.global_model.ranks(server_round, arrays)
@@ -185,6 +201,11 @@ class RoundEnd:
                         {"given": config.to_dict(), **checkpoint.collect(self.parts)})
         self.prune_best()
         return MetricRecord(result) if result else None
+
+    def evaluate(self, model: torch.nn.Module, rows) -> dict[str, float]:
+        config = self.setup.config
+        return evaluate_held_out(model, rows, task=config.task, batch_size=config.eval_batch_size,
+                                 num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
 
     def save_model(self, server_round: int, arrays: ArrayRecord, folder: Path) -> Path:
         return self.global_model.save(server_round, arrays, folder, self.setup.preprocessor,
@@ -200,14 +221,15 @@ class RoundEnd:
     def describe(self) -> str:
         if self.test is None:
             return "no central evaluation (central-eval = false)"
-        return f"{len(self.test)} held-out rows evaluated in {str(self.dtype).removeprefix('torch.')} on " \
-               f"{self.device.type}"
+        val = 0 if self.val is None else len(self.val)
+        return f"{len(self.test)} test and {val} validation rows evaluated in " \
+               f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}; {self.setup.task_data.describe()}"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup = Setup.check(context)
-    config, effective = setup.config, setup.config.effective
+    config = setup.config
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     try:
@@ -216,6 +238,9 @@ def main(grid: Grid, context: Context) -> None:
     except (OSError, checkpoint.CheckpointError) as error:
         log(ERROR, "cannot start the run: %s", error)
         raise
+    if resumed:
+        setup = dataclasses.replace(setup, config=continued(config, resumed.state["given"]))
+    config, effective = setup.config, setup.config.effective
     write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
                                          "label-names": list(setup.label_names)})
     state = full_state(setup.base, setup.heads)

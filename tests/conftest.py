@@ -111,7 +111,7 @@ def tiny_vit_dir(tmp_path_factory):
 # (test_in_process.py, test_resume.py). Flower's modules load on first use, so that tests without them start fast.
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 LABELS = ["negative", "neutral", "positive"]  # the embedded tweets' classes
-TINY = {"local-samples": 16, "test-size": 40, "batch-size": 8, "eval-batch-size": 40, "min-nodes": 2,
+TINY = {"local-samples": 16, "test-size": 40, "val-size": 40, "batch-size": 8, "eval-batch-size": 40, "min-nodes": 2,
         "precision": "fp32"}
 
 

@@ -218,7 +218,7 @@ def lm_run(tmp_path_factory, tiny_llama_dir, chat_file, cache_dir):
                              rank_max=4, rank_min=2, fraction_evaluate=1.0, eval_fraction=0.25, generation_rows=3,
                              max_new_tokens=5, lr=0.01)
     # The pyproject's classification defaults that the task replaces; a run given them explicitly would keep them.
-    for key in ("target-modules", "head-modules", "max-seq-len"):
+    for key in ("target-modules", "head-modules", "max-seq-len", "val-size"):
         config.pop(key)
     return (config, *run_server(config))
 
@@ -260,7 +260,7 @@ def test_fedit_runs_the_same_modules_at_a_fixed_rank(tmp_path, tiny_llama_dir, c
     config = tiny_run_config(tmp_path, cache_dir, run_name="fedit", task="causal-lm", method="fedit",
                              model_name=str(tiny_llama_dir), dataset_name=str(chat_file), test_size=12,
                              local_samples=8, batch_size=4, num_server_rounds=2, rank_max=4, generation_rows=0)
-    for key in ("target-modules", "head-modules", "max-seq-len"):
+    for key in ("target-modules", "head-modules", "max-seq-len", "val-size"):
         config.pop(key)
     run_dir, rows, _ = run_server(config)
     assert all(set(r["ranks"].values()) == {4} and len(r["ranks"]) == 14 for r in rows[1:])

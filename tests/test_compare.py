@@ -366,7 +366,7 @@ def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
 
 
 def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
-    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "3",
+    assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "3",
                      "--methods", "fedit-rmax,fedit-rmin", "--splits", "natural,dirichlet", "--rounds", "4"]) == 0
     out = capsys.readouterr().out
     assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s44" in out
@@ -386,7 +386,8 @@ def test_ablation_seeds_run_the_ablations_on_more_of_the_seeds(capsys, tmp_path)
 
 
 def test_ablation_splits_run_the_ablations_on_another_split(capsys, tmp_path):
-    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "2", "--ablation-splits", "dirichlet",
+    assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--seeds", "2",
+                     "--ablation-splits", "dirichlet",
                      "--methods", "fedit-rmax,sa-fp16", "--splits", "natural,dirichlet"]) == 0
     out = capsys.readouterr().out
     assert "dirichlet/sa-fp16-s43" in out and "natural/sa-fp16" not in out and "natural/fedit-rmax-s43" in out
@@ -398,8 +399,8 @@ def planned_keys(out: str) -> set[str]:
 
 
 def test_headline_splits_add_seeds_on_those_splits_only(capsys, tmp_path):
-    assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "5", "--ablation-seeds", "3",
-                     "--headline-splits", "natural", "--methods", "fedavg,sa-fedlora,sa-fp16",
+    assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--seeds", "5",
+                     "--ablation-seeds", "3", "--headline-splits", "natural", "--methods", "fedavg,sa-fedlora,sa-fp16",
                      "--splits", "natural,dirichlet"]) == 0
     out = capsys.readouterr().out
 
@@ -419,7 +420,7 @@ def test_headline_splits_default_to_every_split_and_reach_the_plan_and_the_notes
         "natural/fedit-rmax-s42", "natural/sa-no-init-s42", "natural/fedit-rmax-s43", "natural/sa-no-init-s43"]
     assert [s.key for s in specs if s.method == "fedit-rmax" and s.split == "dirichlet"] == [
         "dirichlet/fedit-rmax-s42", "dirichlet/fedit-rmax-s43", "dirichlet/fedit-rmax-s44"]
-    argv = ["compare", "--out", str(tmp_path), "--seeds", "3", "--splits", "natural,dirichlet"]
+    argv = ["compare", "--preset", "full", "--out", str(tmp_path), "--seeds", "3", "--splits", "natural,dirichlet"]
     options = cli.resolve_options(cli.build_parser().parse_args(argv))
     assert options.headline_splits == ("natural", "dirichlet")  # default: every split
     options = cli.resolve_options(cli.build_parser().parse_args([*argv, "--headline-splits", "dirichlet"]))
@@ -430,8 +431,9 @@ def test_headline_splits_default_to_every_split_and_reach_the_plan_and_the_notes
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
     cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
     out = capsys.readouterr().out
-    assert "natural/fedavg-lrx2-s42" in out and "full-lr=5e-05" in out and "full-lr=0.0002" in out
-    assert "3 runs; estimate" in out  # the x1 search run is the comparison's run
+    assert "natural/fedavg-lrx2-s41" in out and "full-lr=5e-05" in out and "full-lr=0.0002" in out
+    assert "natural/fedavg-s42" in out  # reported on seed 42, searched on the tuning seed 41
+    assert "4 runs; estimate" in out
 
 
 #: Modules that ``--help`` and ``--dry-run`` do without: the runs import them (seconds each on 2 cores).
@@ -537,7 +539,7 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     summary = json.loads((root / "comparison.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["skipped", "finished"]
     assert summary["chosen-lrs"]["sa-fedlora"] == {"multiplier": 1.0, "lr-key": "lr", "lr": 0.003, "search": {},
-                                                   "fixed": False}
+                                                   "bracketed": None, "fixed": False}
     # other settings under the same name are refused, not mixed
     changed = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
@@ -615,13 +617,13 @@ def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tm
 
 
 def test_fixed_lr_multipliers_skip_the_search_for_those_methods_and_their_family(capsys, tmp_path):
-    argv = ["compare", "--out", str(tmp_path), "--lr-search", "--lr-multipliers", "sa-fedlora=2",
+    argv = ["compare", "--preset", "full", "--out", str(tmp_path), "--lr-search", "--lr-multipliers", "sa-fedlora=2",
             "--methods", "sa-fp16-rmin4,sa-all-r16,sa-qv-r16", "--splits", "natural", "--dry-run"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     search, comparison = out.split("comparison (")
-    assert "lr search (3 runs on natural, seed 42)" in search  # sa-all-r16 alone searches its own rate
-    assert "natural/sa-all-r16-lrx0.5-s42" in search and "sa-qv-r16" not in search
+    assert "lr search (3 runs on natural, tuning seed 41)" in search  # sa-all-r16 alone searches its own rate
+    assert "natural/sa-all-r16-lrx0.5-s41" in search and "sa-qv-r16" not in search
     assert "natural/sa-qv-r16-lrx2-s42" in comparison  # sa-fedlora's fixed x2
     with pytest.raises(SystemExit):
         cli.main(["compare", "--lr-multipliers", "sa-fedlora=-1", "--dry-run"])
@@ -655,15 +657,17 @@ def test_the_lr_grid_extends_while_the_best_is_at_its_edge():
 
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
     FakeFlower.runs = []
-    accuracy = {"fedit-rmax-s42": 0.5, "fedit-rmax-lrx0.5-s42": 0.45, "fedit-rmax-lrx2-s42": 0.55,
-                "fedit-rmax-lrx4-s42": 0.52}
+    # Validation accuracies of the search (tuning seed 41); the reporting runs' test accuracy must not matter.
+    accuracy = {"fedit-rmax-s41": 0.5, "fedit-rmax-lrx0.5-s41": 0.45, "fedit-rmax-lrx2-s41": 0.55,
+                "fedit-rmax-lrx4-s41": 0.52, "fedit-rmax-lrx2-s42": 0.6}
     real_run = FakeFlower.run
 
     def run(self, run_config, timeout=600, federation="", progress=None):
         result = real_run(self, run_config, timeout, federation, progress)
         name = FakeFlower.runs[-1]
         run_dir = next(tmp_path.glob(f"s/runs/*/{name}"))
-        (run_dir / "summary.json").write_text(json.dumps({"final-accuracy": accuracy[name], "wall-seconds": 1.0}))
+        (run_dir / "summary.json").write_text(json.dumps({"final-val-accuracy": accuracy[name],
+                                                          "final-accuracy": 1.0 - accuracy[name], "wall-seconds": 1.0}))
         return result
 
     monkeypatch.setattr(FakeFlower, "run", run)
@@ -671,14 +675,13 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
-    # 3 search runs on natural; x2, the best, is the grid's edge, so x4 is tried too (and is worse); then
-    # dirichlet at the chosen x2 (natural's x2 run is reused)
-    assert FakeFlower.runs == ["fedit-rmax-s42", "fedit-rmax-lrx0.5-s42", "fedit-rmax-lrx2-s42",
-                               "fedit-rmax-lrx4-s42", "fedit-rmax-lrx2-s42"]
+    # 3 search runs on natural, seed 41, chosen by validation accuracy; x2, the best, is the grid's edge, so x4
+    # is tried too (and is worse); then both splits at the chosen x2 on the reporting seed 42
+    assert FakeFlower.runs == ["fedit-rmax-s41", "fedit-rmax-lrx0.5-s41", "fedit-rmax-lrx2-s41",
+                               "fedit-rmax-lrx4-s41", "fedit-rmax-lrx2-s42", "fedit-rmax-lrx2-s42"]
     summary = json.loads((tmp_path / "s" / "comparison.json").read_text())
-    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 2.0
-    reused = {r["key"]: r for r in summary["runs"]}["natural/fedit-rmax-lrx2-s42"]
-    assert reused["status"] == "finished" and reused["seconds"] is not None  # the search run keeps its time
+    assert summary["chosen-lrs"]["fedit-rmax"]["multiplier"] == 2.0 and summary["settings"]["tune-seed"] == 41
+    assert summary["chosen-lrs"]["fedit-rmax"]["bracketed"] is True  # x1 and x4 tried, both worse
     assert summary["chosen-lrs"]["fedit-rmax"]["lr"] == pytest.approx(0.006)  # x2 of the preset's 3e-3
     rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
     assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.006", "2.0"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.config import PRESET_KEYS, UNSET, ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -19,6 +19,23 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     declared = run_config()
     assert RunConfig.from_mapping(declared) == RunConfig()
     assert set(declared) == set(RunConfig().to_dict())
+    # The keys a task or profile may set are "not set" there, so that a value given equal to the default wins.
+    assert {key for key, value in declared.items() if value == UNSET} == set(PRESET_KEYS)
+
+
+@pytest.mark.parametrize("given, key, expected", [
+    ({"profile": "accurate", "lr": 0.003}, "lr", 0.003),
+    ({"profile": "accurate", "num-server-rounds": 12}, "num-server-rounds", 12),
+    ({"task": "causal-lm", "rank-min": 4}, "rank-min", 4),
+    ({"task": "causal-lm", "factor-form": "balanced"}, "factor-form", "balanced"),
+    ({"profile": "accurate"}, "lr", 1.5e-3),  # left alone: the profile's
+    ({"task": "causal-lm"}, "rank-min", 1),  # left alone: the task's
+])
+def test_a_key_given_wins_over_the_task_and_profile_even_at_the_app_default(given, key, expected):
+    """Issue #36: Flower merges pyproject's defaults into the run config; a value equal to the default used to
+    count as left alone (profile='accurate' lr=0.003 trained at 1.5e-3)."""
+    config = RunConfig.from_mapping({**run_config(), **given})
+    assert config.to_dict()[key] == expected
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -157,7 +174,7 @@ def test_label_names_from_a_list_or_a_file(tmp_path):
 def test_a_profile_replaces_defaults_only():
     config = RunConfig.from_mapping({**run_config(), "profile": "accurate"})
     assert (config.target_modules, config.rank_max, config.rank_min, config.lr, config.num_server_rounds) == (
-        "query,key,value,dense", 16, 8, 1.5e-3, 24)
+        "query,key,value,dense", 16, 8, 1.5e-3, 12)  # the run's rounds: the profile sets none
     assert RunConfig.from_mapping(config.to_dict()) == config  # a resolved config reads back unchanged
     given = RunConfig.from_mapping({**run_config(), "profile": "accurate", "num-server-rounds": 40, "rank-min": 2})
     assert (given.num_server_rounds, given.rank_min, given.rank_max) == (40, 2, 16)  # given values win
@@ -165,16 +182,21 @@ def test_a_profile_replaces_defaults_only():
         RunConfig.from_mapping({"profile": "fast"})
 
 
-def test_the_accurate_profile_is_what_the_comparison_measured():
+def test_the_accurate_profile_is_what_the_comparison_runs():
+    """Issue #36, "the row is its key": the protocol runs the profile as shipped, with no key of its own but the
+    searched rate, which is the profile's (x1)."""
     from safedlora_app.core.profiles import ACCURATE_ADAPTER, PROFILES
-    from safedlora_app.tools.compare.plan import LONG_RUN, METHODS, PRESETS
+    from safedlora_app.tools.compare.plan import METHODS, PRESETS, run_settings
 
-    assert METHODS["sa-all-r16"] == {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER}
-    assert METHODS["sa-all-r16-32r"] == {**METHODS["sa-all-r16"], **LONG_RUN}
-    # the comparison's search chose x0.5 of the preset's rate, and twice fedavg's rounds matched it
-    accurate = PROFILES["accurate"]
-    assert accurate["lr"] == 0.5 * PRESETS["full"].settings["lr"]
-    assert accurate["num-server-rounds"] / RunConfig().num_server_rounds == LONG_RUN["num-server-rounds"] / 16
+    assert METHODS["accurate"] == {"profile": "accurate"} and METHODS["defaults"] == {}
+    assert PROFILES["accurate"] == {**ACCURATE_ADAPTER, "lr": 1.5e-3}  # no rounds: the run's, like fedavg's
+    protocol = PRESETS["protocol"]
+    assert not {"rank-max", "rank-min", "target-modules", "lr", "num-server-rounds"} & set(protocol.settings)
+    row = run_settings({**protocol.settings, "num-server-rounds": 16}, "natural", "accurate", 42)
+    given = RunConfig.from_mapping({**run_config(), **row})
+    shipped = RunConfig.from_mapping({**run_config(), **protocol.settings, "num-server-rounds": 16,
+                                      "partitioner": "natural", "seed": 42, "profile": "accurate"})
+    assert given == shipped
 
 
 def test_node_config_text_writes_what_the_node_config_reads_back():

@@ -79,12 +79,52 @@ def test_topic_rules_first_match_wins():
 
 def test_heldout_split_fixed_and_disjoint(task):
     assert task.input_column == "text" and task.label_names == ("negative", "neutral", "positive")
-    assert len(task.test) == 1000 and len(task.train) == 38158 - 1000
-    # Disjoint rows: train + test is exactly the full corpus as a multiset.
-    corpus = Counter(D.load_default_tweets()["text"])
-    assert Counter(task.train["text"]) + Counter(task.test["text"]) == corpus
-    # Stratified: class shares of the test set follow the corpus (42% / 39% / 18%).
-    assert Counter(task.test["label"]) == pytest.approx({0: 424, 1: 394, 2: 182}, abs=2)
+    # The corpus less its copies and its texts with conflicting labels (measured: 381 and 623 rows).
+    assert task.removed == {"duplicates": 381, "conflicts": 623}
+    assert len(task.test) == 1000 and len(task.train) == 38158 - 1000 - 381 - 623 and len(task.val) == 0
+    # Disjoint rows: train + test is exactly the deduplicated corpus.
+    distinct = {D.text_key(t) for t in D.load_default_tweets()["text"]}
+    kept = [D.text_key(t) for t in [*task.train["text"], *task.test["text"]]]
+    assert len(kept) == len(set(kept)) and set(kept) <= distinct
+    # Stratified: class shares of the test set follow the deduplicated corpus (43% / 39% / 18%).
+    labels = Counter([*task.train["label"], *task.test["label"]])
+    expected = {c: 1000 * n / sum(labels.values()) for c, n in labels.items()}
+    assert Counter(task.test["label"]) == pytest.approx(expected, abs=1)
+
+
+def test_no_text_is_on_two_sides_and_conflicting_labels_are_dropped(tmp_path):
+    """Issue #36: 70 of 2,000 test tweets had a copy in the training pool, one retweet 16 times in the test set."""
+    rows = ["text,label"] + [f"text {i},{'ab'[i % 2]}" for i in range(40)]
+    rows += ["RT same tweet,a"] * 16 + ["rt  Same Tweet ,a"] + ["torn,a", "torn,b", "Torn,a"]
+    path = tmp_path / "copies.csv"
+    path.write_text("\n".join(rows) + "\n")
+    data = D.load_task_data(str(path), test_size=8, val_size=8)
+    assert data.removed == {"duplicates": 16, "conflicts": 3}  # the 17 copies keep one; 'torn' has no one label
+    sides = [[D.text_key(t) for t in part["text"]] for part in (data.train, data.val, data.test)]
+    assert [len(side) for side in sides] == [25, 8, 8]
+    assert len(set().union(*map(set, sides))) == 41 and "torn" not in set().union(*map(set, sides))
+    assert "removed 16 duplicate rows and 3 rows" in data.describe()
+
+
+def test_a_source_test_split_keeps_its_texts_and_the_training_split_loses_them(tmp_path):
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["seen in test", "only train", "x", "y"], "label": [0, 1, 0, 1]}),
+        "test": datasets.Dataset.from_dict({"text": ["Seen in test", "only test"], "label": [0, 1]})})
+    splits.save_to_disk(str(tmp_path / "d"))
+    data = D.load_task_data(str(tmp_path / "d"), test_size=10)
+    assert data.test["text"] == ["Seen in test", "only test"] and "seen in test" not in data.train["text"]
+
+
+def test_the_validation_split_comes_from_the_pool_and_is_the_same_for_every_run(task):
+    with_val = D.load_task_data("", val_size=500)
+    assert with_val.test["text"] == task.test["text"]  # the test set does not move
+    assert len(with_val.val) == 500 and len(with_val.train) == len(task.train) - 500
+    assert set(with_val.val["text"]) | set(with_val.train["text"]) == set(task.train["text"])
+    labels = Counter(task.train["label"])
+    expected = {c: 500 * n / len(task.train) for c, n in labels.items()}
+    assert Counter(with_val.val["label"]) == pytest.approx(expected, abs=1)  # stratified
+    with pytest.raises(D.DataError, match="test-size 1000 \\+ val-size 40000 must be smaller"):
+        D.load_task_data("", val_size=40000)
 
     D._load_task_data.cache_clear()
     again = D.load_task_data("")

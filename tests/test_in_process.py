@@ -43,9 +43,12 @@ def test_num_server_rounds_alone_runs_end_to_end(finished_run, rounds):
     saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     assert saved == rows[-1]["model-ranks"] == summary["final-ranks"]
     assert summary["rounds"] == rounds and summary["final-accuracy"] == rows[-1]["accuracy"]
-    # The round with the lowest held-out loss keeps its model next to the last one, and only that one.
-    best = min(rows[1:], key=lambda r: r["loss"])
-    assert summary["best-model-round"] == best["round"] and summary["best-model-loss"] == best["loss"]
+    # The round with the lowest validation loss (never the test loss) keeps its model next to the last one, and
+    # only that one.
+    assert all(r["val-loss"] is not None and r["val-accuracy"] is not None for r in rows)
+    best = min(rows[1:], key=lambda r: r["val-loss"])
+    assert summary["best-model-round"] == best["round"] and summary["best-model-loss"] == best["val-loss"]
+    assert summary["selected-round"] == best["round"] and summary["selected-accuracy"] == best["accuracy"]
     assert summary["best-model-dir"] == str(run_dir / f"best-round-{best['round']}" / "adapter")
     assert [p.name for p in run_dir.glob("best-round-*")] == [f"best-round-{best['round']}"]
     saved_best = json.loads((Path(summary["best-model-dir"]) / "adapter_config.json").read_text())["rank_pattern"]

@@ -86,16 +86,38 @@ def test_a_capped_node_that_returns_the_uncapped_ranks_is_dropped():
     assert strategy.rounds.current.dropped == 1 and metrics["num-examples"] == 10
 
 
-def test_factor_averaging_pads_a_capped_reply_with_zero_components():
-    strategy, _, _, updates, arrays = two_rounds_with_a_capped_node(aggregation="factors")
+def test_factor_averaging_pads_a_capped_reply_with_the_components_it_was_not_sent():
+    strategy, _, first, updates, arrays = two_rounds_with_a_capped_node(aggregation="factors")
     new = pl.unpack(arrays)
-    capped = pl.lora_factors(updates[1])  # node 22's rank-2 factors
+    capped, sent = pl.lora_factors(updates[1]), pl.lora_factors(received(first[0]))  # node 22's rank 2; rank 4
     for m in MODULES:
-        b = torch.zeros_like(updates[0][f"lora_B::{m}"])
-        a = torch.zeros_like(updates[0][f"lora_A::{m}"])
+        b, a = sent[m][0].clone(), sent[m][1].clone()
         b[:, :2], a[:2] = capped[m]
         assert torch.allclose(new[f"lora_B::{m}"], 0.75 * updates[0][f"lora_B::{m}"] + 0.25 * b, atol=1e-6)
         assert torch.allclose(new[f"lora_A::{m}"], 0.75 * updates[0][f"lora_A::{m}"] + 0.25 * a, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["product", "factors"])
+def test_a_capped_node_that_does_not_train_leaves_the_global_adapter_unchanged(aggregation):
+    """Issue #36: with zero padding, one node of two capped at rank 2 halved every component above its cap in
+    every round (singular values 8, 7, 6, ... became 8, 7, 3, ... after one round). Nodes that return what they
+    were sent (a learning rate of zero) must leave the global adapter's singular values as they were."""
+    strategy = make_strategy(aggregation=aggregation, schedule="constant", heat_rounds=0, cool_rounds=0)
+    grid = FakeGrid((11, 22), caps={22: 2})
+    first = send(strategy, 1, initial(strategy), grid=grid)
+    arrays, _ = strategy.aggregate_train(1, [reply(m, trained(m, seed), 10) for seed, m in enumerate(first)])
+
+    def spectrum(arrays):
+        factors = pl.lora_factors(pl.unpack(arrays))
+        return {m: torch.linalg.svdvals(b.double() @ a.double()) for m, (b, a) in factors.items()}
+
+    before = spectrum(arrays)
+    assert all(int((s > 1e-6).sum()) == 4 for m, s in before.items() if min(MODULES[m]) >= 4)
+    for server_round in (2, 3, 4):
+        messages = send(strategy, server_round, arrays, grid=grid)
+        arrays, _ = strategy.aggregate_train(server_round, [reply(m, received(m), 10) for m in messages])
+        for m, values in spectrum(arrays).items():
+            assert torch.allclose(values, before[m], atol=1e-5), (server_round, m, values, before[m])
 
 
 def test_a_node_that_cannot_report_its_limits_is_treated_as_uncapped_and_asked_again(caplog):

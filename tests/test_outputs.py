@@ -3,8 +3,9 @@
 from safedlora_app.server.outputs import BestRound, selection_loss
 
 
-def row(server_round, loss=None, fed_loss=None):
-    return {"round": server_round, "loss": loss, "fed-loss": fed_loss}
+def row(server_round, val_loss=None, fed_loss=None, test_loss=0.05):
+    """A metrics line; the test loss is lowest everywhere, so a choice that read it would show."""
+    return {"round": server_round, "val-loss": val_loss, "fed-loss": fed_loss, "loss": test_loss}
 
 
 def test_the_lowest_held_out_loss_wins_and_ties_keep_the_earlier_round():
@@ -17,7 +18,7 @@ def test_the_lowest_held_out_loss_wins_and_ties_keep_the_earlier_round():
 
 
 def test_round_zero_never_counts_and_federated_loss_stands_in_for_central():
-    assert selection_loss(row(2, 0.5, 0.1)) == 0.5  # central first
+    assert selection_loss(row(2, 0.5, 0.1)) == 0.5  # central validation first
     assert selection_loss(row(2, None, 0.4)) == 0.4
     best = BestRound.of([row(0, 0.1), row(1, None, 0.6), row(2, None, 0.4), row(3, None, 0.5)])
     assert (best.round, best.loss) == (2, 0.4)
@@ -31,3 +32,10 @@ def test_a_diverged_round_never_counts():
 def test_no_evaluation_means_no_best_round():
     best = BestRound.of([row(0), row(1), row(2)])
     assert best.round is None and best.loss is None
+
+
+def test_the_test_loss_never_chooses_the_best_round():
+    """Issue #36: the best round's model was chosen by test loss, which made its test score a choice."""
+    lines = [row(1, 0.9, test_loss=0.1), row(2, 0.5, test_loss=0.9)]
+    assert BestRound.of(lines).round == 2
+    assert BestRound.of([row(1, test_loss=0.1)]).round is None  # no validation: no choice

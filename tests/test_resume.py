@@ -86,15 +86,21 @@ def test_a_finished_run_extends_with_more_rounds(uninterrupted, tmp_path):
     config, whole_dir, whole_rows, _ = uninterrupted
     extended = {**config, "out-dir": str(tmp_path), "run-name": "whole"}
     shutil.copytree(whole_dir, tmp_path / "whole")
-    _, rows, summary = run_server({**extended, "resume": True, "num-server-rounds": 4})
-    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and summary["rounds"] == 4
+    _, rows, summary = run_server({**extended, "resume": True, "num-server-rounds": 5})
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5] and summary["rounds"] == 5
     assert comparable(rows[:4]) == comparable(whole_rows)  # the first three rounds are kept as they were
+    # Issue #36: the schedule goes on from its end instead of being planned anew for 5 rounds (which gave round 4
+    # budget 50 after round 3's 54, and 0.23x of lr after 0.1x).
+    assert [r["budget"] for r in rows[3:]] == [whole_rows[3]["budget"]] * 3
+    config_json = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config_json["given"]["schedule-rounds"] == 3
 
 
 def test_resume_refuses_a_contradicting_config_and_a_finished_run(uninterrupted):
     config, whole_dir, _, _ = uninterrupted
     with pytest.raises(CheckpointError, match=r"resume: lr = 0.001 \(the checkpoint has 0.003\) in .*state.json; "
-                                              r"only out-dir, run-name, resume, num-server-rounds may change"):
+                                              r"only out-dir, run-name, resume, num-server-rounds, "
+                                              r"schedule-rounds may change"):
         server_app.resume_point(RunConfig.from_mapping({**config, "resume": True, "lr": 0.001}), whole_dir)
     with pytest.raises(CheckpointError, match="already holds round 3 and num-server-rounds = 3; raise"):
         server_app.resume_point(RunConfig.from_mapping({**config, "resume": True}), whole_dir)

@@ -63,3 +63,20 @@ def test_round_lr_factor_cosine_runs_from_one_to_the_final_ratio():
     assert factors[5] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 5 / 11)) / 2)
     assert {round_lr_factor(r, 12, "constant", 0.1) for r in range(1, 13)} == {1.0}
     assert round_lr_factor(1, 1, "cosine", 0.1) == 1.0
+
+
+def test_rounds_after_the_planned_ones_keep_the_plans_last_rate_and_budget():
+    """Issue #36: a run of 12 rounds extended to 24 re-planned both for 24 rounds, so round 13 got budget 30 and
+    52% of lr after round 12's 24 and 10%. With schedule-rounds = 12 (what an extension keeps), rounds 13-24 go
+    on at round 12's values, and the first 12 rounds are the plain 12-round run's."""
+    from safedlora_app.core.config import RunConfig
+    from safedlora_app.core.round_plan import budget, lr_factor
+
+    plain = RunConfig(num_server_rounds=12, rank_min=2).effective
+    extended = RunConfig(num_server_rounds=24, schedule_rounds=12, rank_min=2).effective
+    replanned = RunConfig(num_server_rounds=24, rank_min=2).effective
+    assert [budget(extended, t, 12) for t in range(1, 13)] == [budget(plain, t, 12) for t in range(1, 13)]
+    assert [lr_factor(extended, t) for t in range(1, 13)] == [lr_factor(plain, t) for t in range(1, 13)]
+    assert {budget(extended, t, 12) for t in range(12, 25)} == {24}
+    assert [lr_factor(extended, t) for t in range(12, 25)] == pytest.approx([0.1] * 13)
+    assert (budget(replanned, 13, 12), round(lr_factor(replanned, 13), 2)) == (30, 0.52)

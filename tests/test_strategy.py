@@ -363,3 +363,64 @@ def test_float16_round_trip_error_bound():
     normal = values.abs() >= 2 ** -14
     assert ((back - values).abs()[normal] <= values.abs()[normal] * 2 ** -11).all()
     assert ((back - values).abs()[~normal] <= 2 ** -25).all()  # subnormal spacing, 2^-24, halved
+
+
+def noisy(message, seed):
+    """Every tensor a full round sent (backbone included), plus seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=g) for k, v in received(message).items()}
+
+
+def test_a_full_round_travels_in_the_wire_dtype_both_ways_and_aggregates_in_float32():
+    wide, half = make_strategy(method="fedavg"), make_strategy(method="fedavg", wire_dtype="float16")
+    sent = {name: send(s, 1, initial(s)) for name, s in (("wide", wide), ("half", half))}
+    assert {a.dtype for a in sent["half"][0].content["arrays"].values()} == {"float16"}
+    assert set(sent["half"][0].content["arrays"]) == {"backbone::emb.w", "head::head.w"}
+    assert sent["half"][0].content["config"]["wire-dtype"] == "float16"  # the node replies in it
+    # 2 nodes x half the value bytes of one float32 message; keys and headers are the same.
+    values = sum(array.numpy().nbytes for array in sent["wide"][0].content["arrays"].values())
+    assert wide.rounds.current.bytes_down - half.rounds.current.bytes_down == values
+    updates = {name: [noisy(m, i) for i, m in enumerate(messages)] for name, messages in sent.items()}
+    wide.aggregate_train(1, [reply(m, pl.pack(u), n) for m, u, n in zip(sent["wide"], updates["wide"], (30, 10))])
+    arrays, _ = half.aggregate_train(1, [reply(m, pl.pack(u, "float16"), n)
+                                         for m, u, n in zip(sent["half"], updates["half"], (30, 10))])
+    assert half.rounds.current.replies == 2
+    assert wide.rounds.current.bytes_up - half.rounds.current.bytes_up == values
+    assert all(a.dtype == "float32" for a in arrays.values())  # the global model stays float32
+    got = pl.unpack(arrays)
+    for k in ("backbone::emb.w", "head::head.w"):
+        u0, u1 = updates["half"][0][k], updates["half"][1][k]
+        want = 0.75 * u0 + 0.25 * u1
+        # float16 rounds each value to 11 significant bits (2^-25 below its normal range); the mean in float64,
+        # stored as float32, adds at most 2^-24 of the result.
+        bound = 2 ** -11 * (0.75 * u0.abs() + 0.25 * u1.abs()) + 2 ** -24 * want.abs() + 2 ** -25
+        assert ((got[k] - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "sa-fedlora"])
+def test_a_reply_in_another_type_than_the_rounds_wire_dtype_is_dropped(method, caplog):
+    strategy = make_strategy(method=method, wire_dtype="float16")
+    messages = send(strategy, 1, initial(strategy))
+    update = noisy(messages[0], 1) if method == "fedavg" else trained(messages[0], 1)
+    good = pl.pack(pl.to_wire(update, modules_of(messages[0])), "float16")
+    wide = pl.pack(pl.to_wire(update, modules_of(messages[1])))  # float32, the old full-round wire
+    strategy.aggregate_train(1, [reply(messages[0], good), reply(messages[1], wide)])
+    assert (strategy.rounds.current.replies, strategy.rounds.current.dropped) == (1, 1)
+    assert "node 22: " in caplog.text and "has dtype float32, the round's wire-dtype is float16" in caplog.text
+
+
+def test_after_a_float16_full_stage_the_backbone_reaches_a_node_as_float32_under_the_hash_it_computes():
+    strategy = make_strategy(init_trainable="full", init_rounds=1, wire_dtype="float16")
+    messages = send(strategy, 1, initial(strategy))
+    assert messages[0].content["arrays"]["backbone::emb.w"].dtype == "float16"
+    arrays, _ = strategy.aggregate_train(1, [reply(m, pl.pack(noisy(m, i), "float16")) for i, m in enumerate(messages)])
+    messages = send(strategy, 2, arrays)
+    record = messages[0].content["arrays"]
+    assert (record["backbone::emb.w"].dtype, record["lora::packed"].dtype) == ("float32", "float16")
+    # The node hashes what it receives; that is the global backbone the server evaluates, to the bit.
+    digest = messages[0].content["config"]["backbone-hash"]
+    assert digest == pl.tensors_hash(pl.select(pl.unpack(record), pl.BACKBONE))
+    assert digest == pl.tensors_hash(pl.select(pl.unpack(arrays), pl.BACKBONE))
+    strategy.aggregate_train(2, [reply(m, pl.pack(pl.to_wire(trained(m, i), modules_of(m)), "float16"))
+                                 for i, m in enumerate(messages)])
+    assert strategy.rounds.current.replies == 2

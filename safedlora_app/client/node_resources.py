@@ -260,7 +260,7 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
         if config.task == CAUSAL_LM_TASK:
             return local.train
         return _relabel(local.train, local.label_names, label_names, data_path)
-    task_data = load_task_data(config.dataset_name, test_size=config.test_size, **columns)
+    task_data = load_task_data(config.dataset_name, test_size=config.test_size, val_size=config.val_size, **columns)
     if tuple(task_data.label_names) != tuple(label_names):
         raise DataError(f"this node sees labels {task_data.label_names}, the server sent {label_names}")
     partition_id, num_partitions = partition

@@ -1,6 +1,7 @@
 """A round on a node: fine-tune on the node's data as the server's round config says, reply with the update.
 
-``full`` rounds train every parameter (fedavg, fedprox, an ``init-trainable = full`` stage).
+``full`` rounds train every parameter (fedavg, fedprox, an ``init-trainable = full`` stage) and return them with
+the model's running statistics (BatchNorm).
 ``lora`` rounds build peft LoRA at the ranks the server sent (``alpha = lora-scale * r`` per
 module), train A, B and the head, and return them at exactly those ranks. With federated evaluation
 (``fraction-evaluate > 0``) a node holds ``eval-fraction`` of its rows out of training for good, and
@@ -121,7 +122,6 @@ def train_reply(msg: Message, context: Context) -> Message:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
         reply = full_state(model, head_parameters(model, config.module_names(config.head_modules)))
-        wire_dtype = "float32"
     else:
         result = train(model, resources.data, indices, **hyper)
         factors, new_head = get_lora_weights(model, list(ranks), list(pl.select(received, pl.HEAD)))
@@ -129,7 +129,6 @@ def train_reply(msg: Message, context: Context) -> Message:
         for m, (b, a) in factors.items():
             reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a
         reply = pl.to_wire(reply, list(ranks))
-        wire_dtype = str(round_config.get("wire-dtype", "float32"))
 
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})
@@ -139,7 +138,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     log(INFO, "round %d: trained %d samples in %.1f s (%.3f s per sample, %s), peak memory %.0f MB", server_round,
         result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
         str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
-    arrays = pl.pack(reply, wire_dtype)
+    arrays = pl.pack(reply, str(round_config.get("wire-dtype", "float32")))  # as the server checks the reply
     metrics["client-time"] = time.perf_counter() - started  # the handler's whole time, training included
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)

@@ -53,6 +53,12 @@ EVAL_METRICS = {TEXT_TASK: ("accuracy", "macro-f1", "loss"), IMAGE_TASK: ("accur
                 CAUSAL_LM_TASK: ("loss", "perplexity")}
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
+#: pyproject.toml's value for every key that a task's defaults or a profile may set: "not set by the user".
+#: Flower merges pyproject's defaults into the run config, so a key given exactly its default value would look
+#: left alone, and a profile would replace it (``profile = "accurate" lr = 0.003`` trained at 1.5e-3).
+UNSET = "default"
+#: The keys that a task's defaults or a profile set: pyproject declares them as ``UNSET`` (a test checks).
+PRESET_KEYS = tuple(sorted({key for preset in (*TASK_DEFAULTS.values(), *PROFILES.values()) for key in preset}))
 
 
 def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
@@ -94,10 +100,13 @@ class RunConfig:
     profile: str = option(
         "",
         "A named set of values for other keys (``RunConfig.from_mapping`` applies it): ``\"\"`` (none: the "
-        "defaults, the lean point) or ``accurate`` (LoRA on every Linear layer, rank 16 annealed to 8, lr 1.5e-3, "
-        "24 rounds: full fine-tuning's accuracy at a few percent of its parameters; docs/comparison.md). The "
-        "profile replaces defaults only: a key given another value keeps it.")
+        "defaults, the lean point) or ``accurate`` (LoRA on every Linear layer, rank 16 annealed to 8, lr 1.5e-3; "
+        "docs/comparison.md). It sets only the keys a run does not give: a key given any value keeps it.")
     num_server_rounds: int = option(12, "Total federated rounds T.", low=1)
+    schedule_rounds: int = option(
+        0,
+        "Rounds the learning-rate decay and the rank budget are planned over; later rounds keep the plan's last "
+        "rate and budget. 0 = num-server-rounds. A run extended on resume keeps its checkpoint's plan.", low=0)
     fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.", above=0.0, high=1.0)
     min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).", low=1)
     node_wait_timeout: float = option(
@@ -216,6 +225,11 @@ class RunConfig:
         "Token limit per text (MiniLM's tweets: p99 50, max 62). ``causal-lm``: per prompt + response, the "
         "prompt cut from the left and the response from the right.", low=8)
     test_size: int = option(1000, "Rows held out (fixed seed) for central evaluation every round.", low=1)
+    val_size: int = option(
+        500,
+        "Validation rows split off the training pool (fixed seed; never trained on), evaluated centrally with the "
+        "test rows. The best round's model (``best-round-<t>/``) is chosen on them, or on the nodes' held-out "
+        "rows without them, never on the test rows. 0 = none.", low=0)
     partitioner: Partitioner = option(
         "dirichlet",
         "``natural`` (one partition per value of natural-column), ``dirichlet`` (label skew; partition sizes vary "
@@ -270,10 +284,11 @@ class RunConfig:
         "and never trained on, in every round.", above=0.0, below=1.0)
     wire_dtype: WireDtype = option(
         "float16",
-        "Float type of the LoRA factors and the head in every message down and up: ``float16`` (half the "
-        "bytes; no measurable accuracy cost in the comparison, docs/comparison.md) or ``float32``; ArrayRecord "
-        "takes no bfloat16. Training and aggregation stay float32/float64; the global model and full fine-tuning "
-        "rounds stay float32.")
+        "Float type of every message's payload down and up, full fine-tuning rounds included (LoRA factors, "
+        "head, the whole model): ``float16`` (half the bytes; no measurable accuracy cost for LoRA in the "
+        "comparison, docs/comparison.md) or ``float32``; ArrayRecord takes no bfloat16. A reply in another type "
+        "is dropped. Training and aggregation stay float32/float64, the global model float32, and so does a "
+        "trained backbone sent once to a node (its hash is of those values).")
     partition_max_rank: str = option(
         "",
         "Simulation stand-in for node-config ``max-rank`` (simulated nodes get no node-config of their own): "
@@ -319,7 +334,8 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's ``run_config`` (kebab-case keys), with deprecated values renamed, the task's
-        defaults and then the ``profile``'s values applied, then validated.
+        defaults and then the ``profile``'s values applied to the keys not given (``UNSET`` counts as not given),
+        then validated. A key given any value keeps it, even one equal to the field's default.
 
         Raises
         ------
@@ -335,14 +351,17 @@ class RunConfig:
                     f"unknown run-config key {key!r}; known keys: "
                     f"{', '.join(sorted(k.replace('_', '-') for k in known))}"
                 )
+            if value == UNSET and key in PRESET_KEYS:
+                continue  # left to the task's defaults, the profile, then the field's default
             old = DEPRECATED_VALUES.get(key, {})
             if isinstance(value, str) and value in old:
                 warnings.warn(f"{key} = {value!r} is deprecated; use {key} = {old[value]!r} (same behaviour)",
                               FutureWarning, stacklevel=2)
                 value = old[value]
             values[name] = value
-        _apply_defaults(values, known, TASK_DEFAULTS.get(values.get("task", known["task"].default), {}))
-        _apply_defaults(values, known, PROFILES.get(values.get("profile", ""), {}))  # an unknown name fails later
+        given = frozenset(values)
+        _apply_defaults(values, TASK_DEFAULTS.get(values.get("task", known["task"].default), {}), given)
+        _apply_defaults(values, PROFILES.get(values.get("profile", ""), {}), given)  # an unknown name fails later
         return cls(**values)
 
     def validate(self) -> None:
@@ -363,15 +382,19 @@ class RunConfig:
         if self.rank_floor > self.rank_min:
             raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; "
                               f"it must be <= rank-min = {self.rank_min}")
+        if self.schedule_rounds > self.num_server_rounds:
+            raise ConfigError(f"schedule-rounds = {self.schedule_rounds} is not allowed; it must be <= "
+                              f"num-server-rounds = {self.num_server_rounds} (0 = num-server-rounds)")
         if self.method == "sa-fedlora":
-            if self.init_rounds > self.num_server_rounds:
+            planned = self.planned_rounds
+            if self.init_rounds > planned:
                 raise ConfigError(f"init-rounds = {self.init_rounds} is not allowed; it must be <= "
-                                  f"num-server-rounds = {self.num_server_rounds}")
+                                  f"num-server-rounds = {planned}")
             heat, cool = self.phase_rounds()
-            if heat + cool > self.num_server_rounds - self.init_rounds:
+            if heat + cool > planned - self.init_rounds:
                 raise ConfigError(
                     f"heat-rounds + cool-rounds = {heat} + {cool} is not allowed; it must be <= the "
-                    f"{self.num_server_rounds - self.init_rounds} annealing rounds (num-server-rounds - init-rounds)"
+                    f"{planned - self.init_rounds} annealing rounds (num-server-rounds - init-rounds)"
                     "; -1 scales them to fit"
                 )
         if not self.module_names(self.target_modules):
@@ -421,13 +444,18 @@ class RunConfig:
         heat, cool = config.phase_rounds()
         return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
 
+    @property
+    def planned_rounds(self) -> int:
+        """The rounds the lr decay and the budget are planned over: ``schedule-rounds``, else ``num-server-rounds``."""
+        return self.schedule_rounds or self.num_server_rounds
+
     def phase_rounds(self) -> tuple[int, int]:
         """``(heat, cool)`` annealing rounds: the explicit values, or -1 resolved from the fractions.
 
-        A fraction f of R annealing rounds gives ``floor(f * R + 1/2)`` rounds; a resolved phase gives way
-        when the two would exceed R (cooling first when both are resolved).
+        A fraction f of R annealing rounds (of the planned rounds) gives ``floor(f * R + 1/2)`` rounds; a resolved
+        phase gives way when the two would exceed R (cooling first when both are resolved).
         """
-        annealing = max(self.num_server_rounds - self.init_rounds, 0)
+        annealing = max(self.planned_rounds - self.init_rounds, 0)
         heat = self.heat_rounds if self.heat_rounds >= 0 else math.floor(self.heat_fraction * annealing + 0.5)
         cool = self.cool_rounds if self.cool_rounds >= 0 else math.floor(self.cool_fraction * annealing + 0.5)
         if self.cool_rounds < 0:
@@ -561,11 +589,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} is not allowed; it must be of type {name}")
 
 
-def _apply_defaults(values: dict[str, Any], fields: Mapping[str, dataclasses.Field], preset: Mapping[str, Any]
-                    ) -> None:
-    """Give every key that ``preset`` (a task's defaults, a profile) sets, and that is at its default, the preset's
-    value (in place). A key given another value keeps it."""
+def _apply_defaults(values: dict[str, Any], preset: Mapping[str, Any], given: frozenset[str]) -> None:
+    """Give every key that ``preset`` (a task's defaults, a profile) sets the preset's value (in place), unless
+    the user gave the key (``given``: field names), whatever value they gave, the field's default included."""
     for key, value in preset.items():
-        field_name = key.replace("-", "_")
-        if values.get(field_name, fields[field_name].default) == fields[field_name].default:
+        if (field_name := key.replace("-", "_")) not in given:
             values[field_name] = value

@@ -63,12 +63,25 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TaskData:
-    """A task's data: the pool to partition, a fixed held-out test set and the label names."""
+    """A task's data: the pool to partition, a fixed validation set and a fixed test set, and the label names.
+
+    ``val`` is what every choice is made on (the best round, learning rates); ``test`` is only reported.
+    ``removed`` counts the rows taken out before splitting (:func:`deduplicate`)."""
 
     train: datasets.Dataset
     test: datasets.Dataset
     label_names: tuple[str, ...]
     input_column: str
+    val: datasets.Dataset | None = None
+    removed: dict[str, int] | None = None
+
+    def describe(self) -> str:
+        """The split's sizes and what deduplication removed, in words (for the log)."""
+        removed = self.removed or {}
+        val = 0 if self.val is None else len(self.val)
+        return (f"{len(self.train)} rows to partition, {val} validation rows, {len(self.test)} test rows; removed "
+                f"{removed.get('duplicates', 0)} duplicate rows and {removed.get('conflicts', 0)} rows whose text "
+                "has copies with another label")
 
 
 def clean_text(text: str) -> str:
@@ -259,6 +272,41 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
+def text_key(text: str) -> str:
+    """What counts as the same text: equal after :func:`clean_text` and case folding."""
+    return clean_text(text).casefold()
+
+
+def deduplicate(splits: dict[str, datasets.Dataset], column: str) -> tuple[dict[str, datasets.Dataset], dict]:
+    """Keep one row per distinct text across all ``splits``, so that no text is on both sides of any split made
+    from them; drop every copy of a text whose copies disagree on the label (no label is right for it).
+
+    A text in a source's own ``test`` split is kept there and removed from the others. Returns the splits and
+    ``{"duplicates": rows removed as copies, "conflicts": rows removed for conflicting labels}``.
+    """
+    labels_of: dict[str, set] = {}
+    for ds in splits.values():
+        table = ds.with_format("arrow")
+        for text, label in zip(table[column].to_pylist(), table["label"].to_pylist()):
+            labels_of.setdefault(text_key(text), set()).add(label)
+    seen: set[str] = set()
+    out, duplicates, conflicts = {}, 0, 0
+    for name in sorted(splits, key=lambda n: n != "test"):  # a source's test split claims its texts first
+        texts = splits[name].with_format("arrow")[column].to_pylist()
+        keep = []
+        for row, text in enumerate(texts):
+            key = text_key(text)
+            if len(labels_of[key]) > 1:
+                conflicts += 1
+            elif key in seen:
+                duplicates += 1
+            else:
+                seen.add(key)
+                keep.append(row)
+        out[name] = splits[name] if len(keep) == len(texts) else _take(splits[name], np.array(keep, dtype=np.int64))
+    return {name: out[name] for name in splits}, {"duplicates": duplicates, "conflicts": conflicts}
+
+
 def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split ``test_size`` rows off ``ds`` with a fixed seed, stratified by label.
 
@@ -294,6 +342,7 @@ def load_task_data(
     response_column: str = "response",
     messages_column: str = "messages",
     test_size: int = 1000,
+    val_size: int = 0,
     split_seed: int = 0,
 ) -> TaskData:
     """Load a classification dataset (or causal-LM pairs) and split off a fixed held-out test set.
@@ -320,6 +369,10 @@ def load_task_data(
     test_size : int
         Held-out rows. If the source has a ``test`` split, it is used (a seeded subset when it
         is larger); otherwise ``test_size`` rows are split off. ``0`` gives an empty test set.
+    val_size : int
+        Validation rows split off the training pool (never trained on; the same for every run seed).
+        Text data is first deduplicated (:func:`deduplicate`), so no text is in two of pool, validation
+        and test.
     split_seed : int
         Seed of the held-out split; fixed so that every run, method and run seed sees the
         same test set.
@@ -340,7 +393,8 @@ def load_task_data(
     return _load_task_data(dataset_name, source_stamp(dataset_name), task=task, text_column=text_column,
                            label_column=label_column, image_column=image_column, natural_column=natural_column,
                            prompt_column=prompt_column, response_column=response_column,
-                           messages_column=messages_column, test_size=test_size, split_seed=split_seed)
+                           messages_column=messages_column, test_size=test_size, val_size=val_size,
+                           split_seed=split_seed)
 
 
 def source_stamp(name: str) -> tuple[str, int, int] | None:
@@ -356,14 +410,15 @@ def source_stamp(name: str) -> tuple[str, int, int] | None:
 @functools.lru_cache(maxsize=4)
 def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_column: str, label_column: str,
                     image_column: str, natural_column: str, prompt_column: str, response_column: str,
-                    messages_column: str, test_size: int, split_seed: int) -> TaskData:
+                    messages_column: str, test_size: int, val_size: int, split_seed: int) -> TaskData:
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
-    if not is_integer(test_size) or test_size < 0:
-        raise DataError(f"test-size must be an integer >= 0, got {test_size!r}.")
+    for key, size in (("test-size", test_size), ("val-size", val_size)):
+        if not is_integer(size) or size < 0:
+            raise DataError(f"{key} must be an integer >= 0, got {size!r}.")
     if task == CAUSAL_LM_TASK:
         return _load_chat_data(dataset_name, natural_column, prompt_column, response_column, messages_column,
-                               test_size, split_seed)
+                               test_size, val_size, split_seed)
     if dataset_name == DEFAULT_DATASET and task != TEXT_TASK:
         raise DataError(
             f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
@@ -380,6 +435,9 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
 
     input_src = text_column if task == TEXT_TASK else image_column
     splits, names = _normalise(splits, task, input_src, label_column, natural_column)
+    removed = None
+    if task == TEXT_TASK:  # images are not compared: a copy there would need a perceptual hash
+        splits, removed = deduplicate(splits, "text")
 
     if "test" in splits:
         train, test = splits["train"], splits["test"]
@@ -387,15 +445,20 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
             test = _split(test, test_size, split_seed)[1]
     else:
         rows = len(splits["train"])
-        if test_size >= rows:
-            raise DataError(f"test-size {test_size} must be smaller than the dataset's {rows} rows.")
+        if test_size + val_size >= rows:
+            raise DataError(f"test-size {test_size} + val-size {val_size} must be smaller than the dataset's {rows} "
+                            "rows (after removing duplicate texts); lower them")
         train, test = _split(splits["train"], test_size, split_seed)
+    if val_size >= len(train):
+        raise DataError(f"val-size {val_size} must be smaller than the {len(train)} training rows; lower it")
+    # Another seed than the test split's, so the two draws are independent.
+    train, val = _split(train, val_size, split_seed + 1)
     input_column = "text" if task == TEXT_TASK else "image"
-    return TaskData(train=train, test=test, label_names=names, input_column=input_column)
+    return TaskData(train=train, test=test, label_names=names, input_column=input_column, val=val, removed=removed)
 
 
 def _load_chat_data(dataset_name: str, natural_column: str, prompt_column: str, response_column: str,
-                    messages_column: str, test_size: int, split_seed: int) -> TaskData:
+                    messages_column: str, test_size: int, val_size: int, split_seed: int) -> TaskData:
     """Prompt/response pairs (the chitchat default, or the user's), the held-out rows split off by conversation."""
     from .chat import ChatDataError, load_chitchat, normalise, split_by_group
 
@@ -408,10 +471,15 @@ def _load_chat_data(dataset_name: str, natural_column: str, prompt_column: str, 
                              keep=(natural_column, "conversation"))
     except ChatDataError as error:
         raise DataError(f"dataset-name = {dataset_name!r}: {error}") from error
-    if test_size >= len(rows):
-        raise DataError(f"test-size {test_size} must be smaller than the dataset's {len(rows)} rows.")
+    if test_size + val_size >= len(rows):
+        raise DataError(f"test-size {test_size} + val-size {val_size} must be smaller than the dataset's "
+                        f"{len(rows)} rows; lower them")
     train, test = split_by_group(rows, test_size, split_seed, group="conversation")
-    return TaskData(train=_take(rows, train), test=_take(rows, test), label_names=(), input_column="prompt")
+    pool, val = _take(rows, train), None
+    if val_size:
+        train, held = split_by_group(pool, val_size, split_seed + 1, group="conversation")  # whole conversations
+        pool, val = _take(pool, train), _take(pool, held)
+    return TaskData(train=pool, test=_take(rows, test), label_names=(), input_column="prompt", val=val)
 
 
 def partition_dataset(

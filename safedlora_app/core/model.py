@@ -205,22 +205,46 @@ def module_shapes(model: nn.Module, modules: Sequence[str]) -> dict[str, tuple[i
     return {name: tuple(found[name].weight.shape) for name in modules}
 
 
+def full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of what a full round moves: every parameter, and every floating-point buffer of the
+    model's state dict (BatchNorm's ``running_mean`` and ``running_var``).
+
+    Running statistics are part of the trained model: without them, fine-tuned weights would be evaluated with
+    the pre-trained statistics. Integer buffers are counters (``num_batches_tracked``), not values to average;
+    non-persistent ones (``position_ids``, rotary ``inv_freq``) are rebuilt from the model's config.
+    """
+    persistent = model.state_dict(keep_vars=True)  # references only: no copy of the weights
+    buffers = {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
+    return {**dict(model.named_parameters()), **buffers}
+
+
 def full_state(model: nn.Module, head_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Every parameter as payload tensors: ``head::`` for the head, ``backbone::`` for the rest."""
+    """:func:`full_tensors` as payload tensors: ``head::`` for the head, ``backbone::`` for the rest.
+
+    ``head_names`` are the head's parameters (:func:`head_parameters`); a buffer is the head's when its module
+    holds a head parameter (a BatchNorm layer in the head, with its affine weights).
+    """
     heads = set(head_names)
-    return {key(HEAD if name in heads else BACKBONE, name): p.detach()
-            for name, p in model.named_parameters()}
+    head_owners = {name.rpartition(".")[0] for name in heads}
+
+    def in_head(name: str, tensor: torch.Tensor) -> bool:
+        return name in heads if isinstance(tensor, nn.Parameter) else name.rpartition(".")[0] in head_owners
+
+    return {key(HEAD if in_head(name, t) else BACKBONE, name): t.detach()
+            for name, t in full_tensors(model).items()}
 
 
 def load_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``{parameter name: tensor}`` into a plain (non-peft) model; every name must exist."""
-    params = dict(model.named_parameters())
-    missing = [name for name in tensors if name not in params]
+    """Copy ``{name: tensor}`` into a plain (non-peft) model, cast to the model's dtype (a float16 wire); every
+    name must be one of :func:`full_tensors` (a parameter, or a floating-point buffer such as ``running_mean``).
+    """
+    targets = full_tensors(model)
+    missing = [name for name in tensors if name not in targets]
     if missing:
-        raise ModelError(f"parameters not in the model: {missing[:5]}")
+        raise ModelError(f"neither parameters nor floating-point buffers of the model: {missing[:5]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            targets[name].copy_(value)
 
 
 def build_lora_model(base: nn.Module, ranks: Mapping[str, int], scale: float, dropout: float,

@@ -10,9 +10,15 @@ Keys are ``<kind>::<name>``:
 - ``head::<parameter>`` for the task head,
 - ``backbone::<parameter>`` for every other model parameter (full fine-tuning rounds, and the
   trained backbone handed once to each node after an ``init-trainable = full`` stage).
+Floating-point buffers (BatchNorm's running statistics) travel with the parameters, under ``head::``
+when their module is the head's (``model.full_state``).
 
-Module and parameter names are the base model's own (``named_modules``/``named_parameters``),
-never peft's wrapped names, so the server needs no model to read a payload.
+Module, parameter and buffer names are the base model's own (``named_modules``/``named_parameters``/
+``named_buffers``), never peft's wrapped names, so the server needs no model to read a payload.
+
+Every message and reply carries its floating-point tensors in the run's ``wire-dtype`` (float16 by
+default), full rounds included; the trained backbone handed to a node for a LoRA round is the one
+exception: it travels as float32, the exact tensors the server hashed and evaluates with.
 
 On the wire (messages to and from nodes) every LoRA factor travels in one flat array,
 ``lora::packed``: for each module in the round's module order, B then A, row-major. Both sides

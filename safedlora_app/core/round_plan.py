@@ -39,10 +39,18 @@ def stage(config: RunConfig, server_round: int) -> str:
 
 
 def budget(config: RunConfig, server_round: int, num_modules: int) -> int:
-    """Total LoRA rank over ``num_modules`` adapted modules in a round (b_max while initiating)."""
-    return round_budget(server_round, config.num_server_rounds, config.init_rounds, config.heat_rounds,
+    """Total LoRA rank over ``num_modules`` adapted modules in a round (b_max while initiating); rounds after the
+    planned ones (``schedule-rounds``) keep the plan's last budget."""
+    planned = config.planned_rounds
+    return round_budget(min(server_round, planned), planned, config.init_rounds, config.heat_rounds,
                         config.cool_rounds, config.rank_max * num_modules, config.rank_min * num_modules,
                         config.schedule)
+
+
+def lr_factor(config: RunConfig, server_round: int) -> float:
+    """The round's multiplier of ``lr``/``full-lr``; rounds after the planned ones keep the plan's last."""
+    planned = config.planned_rounds
+    return round_lr_factor(min(server_round, planned), planned, config.lr_decay, config.lr_final_ratio)
 
 
 def initial_tensors(config: RunConfig, model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,7 +113,8 @@ class RoundPlan:
 
         Each module keeps its first ``max_rank`` components. Under ``aggregation = "product"`` the factors
         are in SVD form, so that is the best rank-``max_rank`` approximation of the module's update; under
-        ``"factors"`` it is HetLoRA's truncation. The node's reply is zero-padded back (:func:`padded`).
+        ``"factors"`` it is HetLoRA's truncation. The node's reply is padded back with the components it was not
+        sent (:func:`padded`).
         """
         if not max_rank or all(r <= max_rank for r in self.ranks.values()):
             return self
@@ -114,12 +123,18 @@ class RoundPlan:
         return dataclasses.replace(self, ranks=ranks, factors=factors, budget=sum(ranks.values()))
 
     def padded(self, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A capped node's reply at this plan's ranks: its factors with zero components appended, which
-        leaves each product ``B·A`` unchanged."""
+        """A capped node's reply at this plan's ranks: its trained components, then the components it was not
+        sent, as the plan holds them. Zero components instead would count the node as voting to remove every
+        component above its cap: the weighted mean would shrink them by the capped nodes' share every round."""
         out = dict(received)
         for m, rank in self.ranks.items():
             kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
-            out[kb], out[ka] = am.resize(received[kb], received[ka], rank)
+            b, a = received[kb], received[ka]
+            kept = b.shape[1]
+            if kept < rank:
+                sent_b, sent_a = self.factors[m]
+                out[kb] = torch.cat([b, sent_b[:, kept:rank].to(b.dtype)], dim=1)
+                out[ka] = torch.cat([a, sent_a[kept:rank].to(a.dtype)], dim=0)
         return out
 
     def lora_payload(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,10 +146,11 @@ class RoundPlan:
 
     def train_config(self, lora_scale: float, wire_dtype: str = "float32") -> dict:
         """The round's keys of the message config that every node reads (see ``client.rounds``)."""
-        values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu}
+        values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu,
+                  "wire-dtype": wire_dtype}  # of the payload both ways, full rounds too
         if self.kind == LORA:
             values.update({"lora-modules": list(self.ranks), "lora-ranks": list(self.ranks.values()),
-                           "lora-scale": lora_scale, "wire-dtype": wire_dtype})
+                           "lora-scale": lora_scale})
         return values
 
 
@@ -147,8 +163,7 @@ def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     """
     kind = round_kind(config, server_round)
     initiating = server_round <= config.init_rounds
-    lr = ((config.full_lr if kind == FULL else config.lr)
-          * round_lr_factor(server_round, config.num_server_rounds, config.lr_decay, config.lr_final_ratio))
+    lr = (config.full_lr if kind == FULL else config.lr) * lr_factor(config, server_round)
     common = dict(server_round=server_round, kind=kind, stage=stage(config, server_round), lr=lr,
                   prox_mu=config.prox_mu if initiating else config.prox_mu_anneal)
     if kind == FULL:

@@ -30,7 +30,7 @@ FORMAT = 1
 DIRECTORY, STATE = "checkpoint", "state.json"
 # Run-config keys that may differ between a checkpoint and the run that resumes it (run-name: a run started
 # without one is resumed by its directory's name).
-RESUMABLE_KEYS = ("out-dir", "run-name", "resume", "num-server-rounds")
+RESUMABLE_KEYS = ("out-dir", "run-name", "resume", "num-server-rounds", "schedule-rounds")
 REQUIRED = ("given", "records", "node-backbone", "rng")
 
 

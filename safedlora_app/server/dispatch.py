@@ -50,7 +50,8 @@ class Wire:
     """``{wire key: shape}`` of a full fine-tuning reply."""
     lora_scale: float
     dtype: str
-    """``wire-dtype``: the float type of the LoRA factors and the head."""
+    """``wire-dtype``: the float type of what messages carry (LoRA factors, head, a full round's model) and of
+    the replies; the trained backbone of a LoRA round excepted (float32: the tensors its hash is of)."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,16 @@ class Dispatch:
 
 def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: ArrayRecord, config: ConfigRecord,
              message_type: str, to: Recipients, wire: Wire) -> Dispatch:
-    """The plan's payload to every node of ``to``, cut to its cap, with the trained backbone for the nodes
-    whose backbone hash differs (once per node)."""
+    """The plan's payload to every node of ``to`` in ``wire.dtype``, cut to its cap, with the trained backbone
+    (float32) for the nodes whose backbone hash differs (once per node).
+
+    ``tensors`` is ``arrays`` unpacked: the global state, float32.
+    """
     if plan.kind == FULL:
-        round_config = {**dict(config), **plan.train_config(wire.lora_scale)}
-        messages = [Message(content=RecordDict({ARRAYS: arrays, "config": ConfigRecord(dict(round_config))}),
+        # One record for every node; the global record is float32 already, so at float32 it goes as it is.
+        record = arrays if wire.dtype == "float32" else pl.pack(tensors, wire.dtype)
+        round_config = {**dict(config), **plan.train_config(wire.lora_scale, wire.dtype)}
+        messages = [Message(content=RecordDict({ARRAYS: record, "config": ConfigRecord(dict(round_config))}),
                             message_type=message_type, dst_node_id=n) for n in to.node_ids]
         return Dispatch(plan, messages, {n: Sent(plan, dict(wire.expected_full)) for n in to.node_ids}, "")
     backbone = pl.only(tensors, pl.BACKBONE)
@@ -96,6 +102,8 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
         key = (tuple(node_plan.ranks.values()), send_backbone)
         if key not in payloads:
             factors = node_plan.lora_payload(tensors)
+            # The backbone stays float32, sent once: the node trains on exactly what the server evaluates and
+            # hashed, and its hash check needs no knowledge of the wire.
             record = ArrayRecord({**pl.pack(factors, wire.dtype), **(pl.pack(backbone) if send_backbone else {})})
             payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in factors.items()})
         node_plan, record, expected = payloads[key]

@@ -26,7 +26,9 @@ from safedlora_app.core.config import RunConfig
 from safedlora_app.core.files import atomic_write_json, atomic_write_text, sync_file
 
 MB = 1e6
-EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "perplexity", "eval-seconds")
+#: Central evaluation's keys in a metrics.jsonl line: the test set's, and the validation set's (``val-``).
+EVALUATION_KEYS = ("accuracy", "macro-f1", "loss", "perplexity", "eval-seconds", "val-accuracy", "val-macro-f1",
+                   "val-loss", "val-perplexity")
 
 
 @dataclass
@@ -84,15 +86,16 @@ class RoundStats:
 
 
 def selection_loss(line: Mapping) -> float | None:
-    """The held-out loss that ranks a round's model: the central one, else the federated one (``None``: the
-    round was not evaluated)."""
-    loss = line.get("loss")
+    """The validation loss that ranks a round's model: the central validation set's (``val-size``), else the
+    nodes' held-out rows' (federated evaluation). Never the test set's: a round chosen on it would make the
+    test score a choice, not a measurement. ``None``: the round has no validation score."""
+    loss = line.get("val-loss")
     return line.get("fed-loss") if loss is None else loss
 
 
 @dataclass
 class BestRound:
-    """The evaluated round (1..T) with the lowest held-out loss so far (:func:`selection_loss`).
+    """The evaluated round (1..T) with the lowest validation loss so far (:func:`selection_loss`).
 
     On small or skewed data the held-out loss can rise while the nodes' training loss falls (client drift),
     so the last round's model need not be the best one; the ServerApp keeps this round's model too.
@@ -173,6 +176,8 @@ def run_totals(records: Sequence[Mapping]) -> dict:
     final = records[-1] if records else {}
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     best = max(evaluated, key=lambda r: r["accuracy"], default={})
+    validated = [r for r in rows if selection_loss(r) is not None and math.isfinite(selection_loss(r))]
+    selected = min(validated, key=selection_loss, default={})
     last3 = [r["accuracy"] for r in rows[-3:] if r.get("accuracy") is not None]
     down, up = sum(r["bytes-down"] for r in rows), sum(r["bytes-up"] for r in rows)
     return {
@@ -181,8 +186,14 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         "final-macro-f1": final.get("macro-f1"),
         "final-loss": final.get("loss"),
         "final-perplexity": final.get("perplexity"),
+        "final-val-accuracy": final.get("val-accuracy"),
+        "final-val-loss": final.get("val-loss"),
+        # The test set's best round is an oracle (chosen on the test set); the selected round is chosen on
+        # validation, and its test accuracy is a fair "early-stopped" score.
         "best-accuracy": best.get("accuracy"),
         "best-round": best.get("round"),
+        "selected-round": selected.get("round"),
+        "selected-accuracy": selected.get("accuracy"),
         "last3-accuracy": sum(last3) / len(last3) if last3 else None,
         "bytes-down": down,
         "bytes-up": up,
@@ -264,6 +275,8 @@ class RunRecorder(RoundLog):
     def describe(self, line: dict) -> str:
         """The round's one readable log line."""
         evaluation = _scores(line, "") or "not evaluated"
+        if validation := _scores(line, "val-"):
+            evaluation += f" | validation {validation}"
         if line["round"] == 0:
             return f"[round 0/{self.num_rounds}] initial model | {evaluation}"
         ranks = line.get("ranks") or {}
@@ -278,7 +291,7 @@ class RunRecorder(RoundLog):
 
     def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None,
                 best: BestRound | None = None, best_dir: Path | None = None) -> dict:
-        """Totals and headline numbers of the run; ``best-model-*``: the lowest held-out loss's round and model."""
+        """Totals and headline numbers of the run; ``best-model-*``: the lowest validation loss's round and model."""
         best = best or BestRound()
         return {"method": config.method, **run_totals(self.records), "wall-seconds": wall_seconds,
                 "model-dir": str(model_dir) if model_dir else None,

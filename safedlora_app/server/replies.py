@@ -1,9 +1,9 @@
 """Validation of client replies before they touch the global model or the logged metrics.
 
 A malformed training reply (wrong keys, shapes other than what the node was sent, non-finite values,
-an absurd ``num-examples``, a backbone other than the one the node was told to use) is dropped with a
-reason; the round aggregates the rest. So is an evaluation reply whose metrics are missing or out of
-range.
+an absurd ``num-examples``, a backbone other than the one the node was told to use, arrays in another
+type than the ``wire-dtype`` its message announced) is dropped with a reason; the round aggregates the
+rest. So is an evaluation reply whose metrics are missing or out of range.
 """
 
 from __future__ import annotations
@@ -36,27 +36,46 @@ class Screened:
 def screen(sent: Sequence[Message], replies: Sequence[Message], problem: Callable[[int, RecordDict], str | None]
            ) -> Screened:
     """Check every reply with ``problem(node id, content)`` (:func:`reply_problem` or :func:`evaluation_problem`,
-    bound to what that node was sent), which returns why a content is unusable or ``None``.
+    bound to what that node was sent), which returns why a content is unusable or ``None``, and then with
+    :func:`wire_dtype_problem` against the message it answers.
 
     Replies are matched to the messages they answer: Flower's error reply for an unreachable node comes from the
     SuperLink, not from the node (message ids exist once the Grid has pushed the messages).
     """
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    by_id = {m.metadata.message_id: m for m in sent}
     out = Screened()
     for reply in replies:
-        node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        message = by_id.get(reply.metadata.reply_to_message_id)
+        node_id = message.metadata.dst_node_id if message else reply.metadata.src_node_id
         content = None if reply.has_error() else reply.content
         if content is not None and isinstance(arrays := content.get(ARRAYS), ArrayRecord):
             out.bytes_up += arrays.count_bytes()
             out.params_up += num_parameters(arrays)
-        reason = f"failed: {reply.error.reason}" if content is None else problem(node_id, content)
+        reason = (f"failed: {reply.error.reason}" if content is None
+                  else problem(node_id, content) or wire_dtype_problem(content, message))
         if reason:
             out.dropped.append((node_id, reason, content is None))
         else:
             out.valid.append((node_id, content))
     answered = {node for node, _ in out.valid} | {node for node, _, _ in out.dropped}
-    out.lost = sorted(set(sent_to.values()) - answered)
+    out.lost = sorted({m.metadata.dst_node_id for m in sent} - answered)
     return out
+
+
+def wire_dtype_problem(content: RecordDict, message: Message | None) -> str | None:
+    """Why a reply's arrays are not all of the ``wire-dtype`` that ``message`` (the one it answers) announced, or
+    ``None``; also ``None`` for a reply without arrays (evaluation), or one that answers no known message
+    (``problem`` judges that).
+
+    A node that answers in another type does not run the server's protocol (another app version), and its
+    bytes would not be what the round's accounting assumes.
+    """
+    arrays = content.get(ARRAYS)
+    if message is None or not isinstance(arrays, ArrayRecord):
+        return None
+    announced = message.content["config"]["wire-dtype"]
+    wrong = next(((name, array.dtype) for name, array in arrays.items() if array.dtype != announced), None)
+    return f"{wrong[0]} has dtype {wrong[1]}, the round's wire-dtype is {announced}" if wrong else None
 
 
 def reply_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, ...]], *,

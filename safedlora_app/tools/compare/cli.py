@@ -29,6 +29,7 @@ from .plan import (
     METHODS,
     PRESETS,
     SPLITS,
+    TUNE_SEED,
     CompareError,
     CompareOptions,
     RunSpec,
@@ -116,9 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "same seeds, partitions, rounds, clients and evaluation, through `flwr run`, and write "
                     "<out>/<name>/{runs,plots,table.csv,table.md,comparison.json}. Finished runs are skipped "
                     "when the command is run again.")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke preset (one split, one seed, 3 rounds, tiny data; < 10 min on 2 cores) "
-                        "instead of the full preset (hours on 2 cores: --dry-run prints its estimate)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="protocol",
+                   help="'protocol' (default): the app's two points as shipped against fedavg and fixed-rank LoRA "
+                        "under docs/comparison.md's protocol (lr searched on validation, tuning seed apart); "
+                        "'full': sa-fedlora's ablations; 'quick': a smoke of the pipeline. --dry-run prints the "
+                        "hours each takes")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick (< 10 min on 2 cores)")
+    p.add_argument("--tune-seed", type=int, default=TUNE_SEED,
+                   help=f"the seed the lr search runs on (default {TUNE_SEED}); it must not be a reporting seed")
     p.add_argument("--name", default=None, help="results sub-directory (default: the preset's name)")
     p.add_argument("--out", default="results",
                    help="results directory, relative to the current directory or absolute (default: results)")
@@ -145,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-search", action="store_true",
                    help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} (extended by doubling or "
                         f"halving, up to x{LR_EXTENSION_LIMIT:g} or x1/{LR_EXTENSION_LIMIT:g}, while the best is at "
-                        "an edge) for every method on the "
-                        "first seed and split, then use each method's best")
+                        "an edge) for every method on the tuning seed (--tune-seed) and first split, choosing by "
+                        "final validation accuracy, then use each method's best (always on with --preset protocol)")
     p.add_argument("--lr-multipliers", type=multipliers_of(tuple(METHODS)), default={}, metavar="METHOD=X,...",
                    help="fixed lr multipliers, e.g. 'fedavg=2,sa-fedlora=2' (an earlier search's choice): those "
                         "methods, and the methods that take their rate, are not searched again")
@@ -206,7 +212,7 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> Compar
     """
     from safedlora_app.core.config import ConfigError, RunConfig
 
-    preset = PRESETS["quick" if args.quick else "full"]
+    preset = PRESETS["quick" if args.quick else args.preset]
     name = args.name if args.name is not None else preset.name
     if not name or "/" in name or name in (".", "..") or name.startswith("-"):
         raise CompareError(f"--name = {name!r} is not allowed; it must be a plain directory name, e.g. 'full'")
@@ -233,17 +239,29 @@ def resolve_options(args: argparse.Namespace, cwd: Path | None = None) -> Compar
     if args.reuse and not args.no_reuse and not reuse.is_dir():
         raise CompareError(f"--reuse = {args.reuse!r} is not allowed: no such directory")
     defaults = RunConfig()
-    settings = {"lr": defaults.lr, "full-lr": defaults.full_lr, **preset.settings, "num-server-rounds": rounds,
-                **stage_rounds(rounds), **parse_set(args.set)}
+    if preset.shared_stages:
+        settings = {"lr": defaults.lr, "full-lr": defaults.full_lr, **preset.settings, "num-server-rounds": rounds,
+                    **stage_rounds(rounds), **parse_set(args.set)}
+    else:  # every arm is the app's defaults plus its row's key (docs/comparison.md, "The protocol")
+        settings = {**preset.settings, "num-server-rounds": rounds, **parse_set(args.set)}
+    seeds = tuple(FIRST_SEED + i for i in range(n_seeds))
+    if args.tune_seed in seeds:
+        raise CompareError(f"--tune-seed = {args.tune_seed} is not allowed: it is one of the reporting seeds "
+                           f"{seeds[0]}-{seeds[-1]}; a number chosen on a seed must not be reported on it")
     options = CompareOptions(
-        preset=preset.name, root=root, seeds=tuple(FIRST_SEED + i for i in range(n_seeds)), splits=splits,
+        preset=preset.name, root=root, seeds=seeds, splits=splits,
         methods=args.methods or preset.methods, target=args.target_accuracy or preset.target_accuracy,
-        settings=settings, lr_search=bool(args.lr_search), fixed_lrs=dict(args.lr_multipliers),
+        settings=settings, tune_seed=args.tune_seed, lr_search=bool(args.lr_search or preset.lr_search),
+        fixed_lrs=dict(args.lr_multipliers),
         ablation_seeds=ablation_seeds, ablation_splits=args.ablation_splits or preset.ablation_splits,
         headline_splits=args.headline_splits or splits, dry_run=args.dry_run, report_only=args.report_only,
         reuse=reuse if reuse is not None and reuse.is_dir() else None,
         store=Path(os.path.expanduser(args.store)).resolve() if args.store else None)
-    for spec in options.plan() + (searched_runs(options) if options.lr_search else []):
+    try:
+        specs = options.plan() + (searched_runs(options) if options.lr_search else [])
+    except ConfigError as error:  # a method's own rate is read from its resolved run-config
+        raise CompareError(f"the planned run-config: {error}") from None
+    for spec in specs:
         try:
             RunConfig.from_mapping({**spec.settings, "out-dir": str(root), "run-name": spec.run_name})
         except ConfigError as error:
@@ -256,7 +274,7 @@ def print_plan(options: CompareOptions, say: Callable[[str], None] = print) -> N
     runs = []
     if options.lr_search:
         search = searched_runs(options)
-        say(f"lr search ({len(search)} runs on {options.splits[0]}, seed {options.seeds[0]}):")
+        say(f"lr search ({len(search)} runs on {options.splits[0]}, tuning seed {options.tune_seed}):")
         runs += search
         for spec in search:
             say(f"  {spec.key}  --run-config \"{run_config_string(spec.settings)}\"  "
@@ -279,22 +297,33 @@ def searched_runs(options: CompareOptions) -> list[RunSpec]:
     methods = [m for m in options.methods if m not in fixed and lr_source(m) not in fixed]
     if not methods:
         return []
-    return plan_lr_search(options.settings, methods, options.splits[0], options.seeds[0])
+    return plan_lr_search(options.settings, methods, options.splits[0], options.tune_seed)
 
 
 def final_accuracies(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[float, float | None]]:
-    """``{method: {lr multiplier: final accuracy}}`` of the lr-search runs (``None`` for one not finished)."""
+    """``{method: {lr multiplier: final validation accuracy}}`` of the lr-search runs (``None`` for one not
+    finished). The search chooses on the validation split: the test set only reports.
+
+    Raises
+    ------
+    CompareError
+        For a finished run without a validation score (``val-size = 0``).
+    """
     from .tables import read_summary, run_dir
 
     out: dict[str, dict[float, float | None]] = {}
     for spec in search:
         summary = read_summary(run_dir(root, spec))
-        out.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-accuracy"] if summary else None
+        if summary and summary.get("final-val-accuracy") is None:
+            raise CompareError(f"lr search run {spec.key} has no validation accuracy: the search chooses on the "
+                               "validation split, so give val-size > 0 (e.g. --set val-size=1000)")
+        out.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-val-accuracy"] if summary else None
     return out
 
 
 def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
-    """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final accuracy}}}`` from finished runs."""
+    """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final validation accuracy}, "bracketed"}}``
+    from finished runs; ``bracketed``: a smaller and a larger rate were tried and did worse."""
     values = {(spec.method, spec.lr_multiplier): spec.settings[spec.lr_key] for spec in search}
     out = {}
     for method, accs in final_accuracies(root, search).items():
@@ -302,8 +331,10 @@ def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any
             m = choose_lr(accs)
         except ValueError:
             m = 1.0
+        tried = sorted(k for k, v in accs.items() if v is not None)
         out[method] = {"multiplier": m, "lr-key": lr_key(method), "lr": values[(method, m)],
-                       "search": {f"x{k:g}": v for k, v in accs.items()}}
+                       "search": {f"x{k:g}": v for k, v in accs.items()},
+                       "bracketed": bool(tried) and tried[0] < m < tried[-1]}
     return out
 
 
@@ -362,7 +393,8 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
                 runner.reuse_stored(search)
             else:
                 runner.run_all(search, phase="lr search", later=later)
-            search += extend_search(root, search, settings, splits[0], seeds[0], runner, options.report_only)
+            search += extend_search(root, search, settings, splits[0], options.tune_seed, runner,
+                                    options.report_only)
             chosen = lr_choices(root, search)
             say("lr search picked: " + ", ".join(f"{m} {c['lr-key']} {c['lr']:g} (x{c['multiplier']:g})"
                                                  for m, c in chosen.items()))
@@ -387,9 +419,11 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
         notes.append("WARNING: client replies were dropped (failed or invalid) in: " + ", ".join(dropped)
                      + "; those rounds aggregated fewer clients (see logs/).")
     if chosen:
-        notes.append("lr search (first seed, split " + splits[0] + "): " + "; ".join(
+        notes.append(f"lr search (final validation accuracy, tuning seed {options.tune_seed}, split {splits[0]}): "
+                     + "; ".join(
             f"{m} " + ", ".join(f"{k} {'' if v is None else f'{v:.1%}'}" for k, v in c["search"].items())
-            + f" -> x{c['multiplier']:g}" for m, c in chosen.items()))
+            + f" -> x{c['multiplier']:g} ({'bracketed' if c['bracketed'] else 'NOT bracketed: at the edge'})"
+            for m, c in chosen.items()))
     (root / "table.csv").write_text(format_csv(rows))
     markdown = format_markdown(rows, options.target, notes)
     # sa-fedlora against the baselines, then each of its variants against sa-fedlora itself, the app's defaults,
@@ -415,7 +449,8 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
         "settings": {"shared-run-config": dict(settings), "methods": {m: METHODS[m] for m in methods},
                      "method-descriptions": {m: METHOD_DESCRIPTIONS[m] for m in methods},
                      "splits": {s: {"run-config": SPLITS[s][0], "num-supernodes": SPLITS[s][1]} for s in splits},
-                     "seeds": list(seeds), "headline-methods": [m for m in HEADLINE if m in methods],
+                     "seeds": list(seeds), "tune-seed": options.tune_seed,
+                     "headline-methods": [m for m in HEADLINE if m in methods],
                      "headline-splits": [s for s in splits if s in (options.headline_splits or splits)],
                      "ablation-seeds": list(seeds[:options.ablation_seeds]),
                      "ablation-splits": [s for s in splits if s in (options.ablation_splits or splits)],
@@ -425,6 +460,7 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
                      "federation-config": FEDERATION},
         "chosen-lrs": {m: {"multiplier": multipliers[m], "lr-key": lr_key(m), "lr": lrs.get(m),
                            "search": (chosen.get(m) or chosen.get(lr_source(m), {})).get("search", {}),
+                           "bracketed": (chosen.get(m) or chosen.get(lr_source(m), {})).get("bracketed"),
                            "fixed": m in fixed or lr_source(m) in fixed} for m in methods},
         "machine": machine_info(),
         "wall-seconds": time.perf_counter() - started,

@@ -55,6 +55,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "sa-all-r16-32r": {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER, **LONG_RUN},
     # The paper's reading: the initiating round trains the whole model (backbone + head), then the defaults.
     "sa-paper-init": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, "init-trainable": "full"},
+    # The app's two points exactly as a user selects them (the protocol preset: "the row is its key").
+    "defaults": {},
+    "accurate": {"profile": "accurate"},
 }
 METHOD_DESCRIPTIONS = {
     "fedavg": "full fine-tuning (FedAvg)",
@@ -80,16 +83,18 @@ METHOD_DESCRIPTIONS = {
     "sa-all-r16-32r": "sa-all-r16 over 32 rounds instead of 16",
     "sa-paper-init": "SA-FedLoRA whose initiating round trains the whole model (init-trainable='full'), then the "
                      "defaults (float16 LoRA rounds, floor rank 4); the lr search scales lr and full-lr together",
+    "defaults": "the app's defaults, no key set (SA-FedLoRA, query and value, rank 8 -> 4)",
+    "accurate": "profile = 'accurate' and nothing else (every Linear layer, rank 16 -> 8)",
 }
 #: What a user knows a method as, where it is one of the app's two points or a baseline (plot legends).
 USER_NAMES = {"fedavg": "full fine-tuning", "fedit-rmax": "fixed-rank LoRA", "sa-fp16-rmin4": "the defaults",
-              "sa-all-r16-32r": "profile 'accurate'"}
+              "sa-all-r16-32r": "profile 'accurate'", "defaults": "the defaults", "accurate": "profile 'accurate'"}
 FULL_METHODS = ("fedavg", "fedprox")
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
                        "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",
                        "sa-fp16-rmin6")
 #: Methods repeated over every seed (on the headline splits); the others run on the ablation seeds and splits.
-HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora")
+HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora", "defaults", "accurate")
 #: Methods that ``--lr-search`` searches for themselves (the others take their family's rate, :func:`lr_source`).
 OWN_LR_SEARCH = HEADLINE + ("sa-all-r16", "fedit-all-r16", "sa-paper-init")
 #: Methods that take another method's searched rate (the rest of the sa-fedlora variants take sa-fedlora's).
@@ -110,6 +115,9 @@ LR_GRID = (1.0, 0.5, 2.0)
 #: While a method's best multiplier is the grid's largest (smallest), the search tries twice (half) it, up to here.
 LR_EXTENSION_LIMIT = 8.0
 FIRST_SEED = 42
+#: The seed every learning-rate search runs on: not one of the reporting seeds (FIRST_SEED on), so that no
+#: reported number was also a choice.
+TUNE_SEED = 41
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,11 @@ class Preset:
     """Seeds for the methods outside ``HEADLINE`` (the first ones)."""
     ablation_splits: tuple[str, ...] | None = None
     """Splits for the methods outside ``HEADLINE`` (``None``: every split)."""
+    lr_search: bool = False
+    """Whether the learning-rate search runs without ``--lr-search``."""
+    shared_stages: bool = True
+    """Whether every run gets the preset's stage lengths (:func:`stage_rounds`) and its base ``lr``/``full-lr``;
+    ``False``: each method keeps the app's (or its profile's), so that a row is exactly its key."""
 
 
 _COMMON = {
@@ -150,14 +163,30 @@ _COMMON = {
     # methods (sa-fp16*) say so themselves, although float16 is the app's default.
     "wire-dtype": "float32",
 }
+#: What every arm of the protocol shares: the federation, the data and the evaluation (docs/comparison.md,
+#: "The protocol"). Nothing of a method: each arm is the app's defaults plus its row's key.
+_FEDERATION_ONLY = {
+    "fraction-train": 1.0, "min-nodes": 7, "local-samples": 160, "batch-size": 16, "local-epochs": 1,
+    "test-size": 2000, "val-size": 1000, "eval-every": 2, "eval-batch-size": 100, "wire-dtype": "float16",
+    # fedavg's searched rate: the grid's centre (x1), from the earlier search's x2 of 5e-5..2e-4.
+    "full-lr": 1e-4,
+}
 PRESETS = {
+    # The protocol of issue #36: the app's points as shipped against full fine-tuning and fixed-rank LoRA, at
+    # equal rounds and wire precision, rates searched on the validation split of a tuning seed (41), reported
+    # on seeds 42-44 of both splits.
+    "protocol": Preset(
+        name="protocol", seeds=3, splits=("natural", "dirichlet"), methods=("fedavg", "accurate", "defaults",
+                                                                             "fedit-rmax"),
+        rounds=16, target_accuracy=0.6, settings=_FEDERATION_ONLY, lr_search=True, shared_stages=False,
+    ),
     # Headline methods x 2 splits x 4 seeds (3 left the natural split's paired interval at +-1.6 points),
     # sa-fedlora's ablations on the natural split x 2 seeds; 16 rounds of 10 local steps (160 samples), 2,000
     # test tweets evaluated every 4th round and in the last 3. fedprox and fedit-rmin: --methods.
     "full": Preset(
         name="full", seeds=4, splits=("natural", "dirichlet"), methods=FULL_PRESET_METHODS, rounds=16,
         target_accuracy=0.6,
-        settings={**_COMMON, "local-samples": 160, "test-size": 2000, "eval-every": 4},
+        settings={**_COMMON, "local-samples": 160, "test-size": 2000, "val-size": 1000, "eval-every": 4},
         ablation_seeds=2, ablation_splits=("natural",),
     ),
     # A smoke of the whole pipeline: every method but the 32-round ones, one split, one seed, 3 rounds, tiny data,
@@ -167,7 +196,8 @@ PRESETS = {
         name="quick", seeds=1, splits=("natural",), rounds=3,
         methods=tuple(m for m in METHODS if "num-server-rounds" not in METHODS[m]),  # not the 32-round levers
         target_accuracy=0.45,
-        settings={**_COMMON, "fraction-train": 0.01, "min-nodes": 2, "local-samples": 16, "test-size": 100},
+        settings={**_COMMON, "fraction-train": 0.01, "min-nodes": 2, "local-samples": 16, "test-size": 100,
+                  "val-size": 100},
     ),
 }
 
@@ -199,8 +229,10 @@ class CompareOptions:
     root : Path
         ``<out>/<name>``, absolute: where the runs, tables and plots go.
     seeds : tuple of int
-        Every seed of the comparison (``FIRST_SEED`` on); the headline methods run all of them on the headline
-        splits.
+        Every reporting seed of the comparison (``FIRST_SEED`` on); the headline methods run all of them on the
+        headline splits.
+    tune_seed : int
+        The seed the lr search runs on; never a reporting seed.
     splits, methods : tuple of str
         Keys of ``SPLITS`` and ``METHODS``, in the order of the tables.
     target : float
@@ -236,6 +268,7 @@ class CompareOptions:
     methods: tuple[str, ...]
     target: float
     settings: Mapping[str, Any] = field(hash=False)
+    tune_seed: int = TUNE_SEED
     lr_search: bool = False
     fixed_lrs: Mapping[str, float] = field(default_factory=dict, hash=False)
     ablation_seeds: int = 1
@@ -406,8 +439,16 @@ def run_settings(base: Mapping[str, Any], split: str, method: str, seed: int, lr
     for key, value in METHODS[method].items():
         settings[key] = settings[value[1:-1]] if isinstance(value, str) and value.startswith("{") else value
     for key in lr_keys(method):
-        settings[key] = float(f"{settings[key] * lr_multiplier:.6g}")
+        rate = settings[key] if key in settings else resolved(settings)[key]  # the app's or the profile's
+        settings[key] = float(f"{rate * lr_multiplier:.6g}")
     return settings
+
+
+def resolved(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Every run-config value a run with ``settings`` gets: theirs, the task's and profile's, the app's."""
+    from safedlora_app.core.config import RunConfig
+
+    return RunConfig.from_mapping(settings).to_dict()
 
 
 def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[str], seeds: Sequence[int],
@@ -504,12 +545,12 @@ def extend_lr_grid(final_accuracy: Mapping[float, float | None], limit: float = 
 
 
 def choose_lr(final_accuracy: Mapping[float, float | None]) -> float:
-    """The multiplier with the best final accuracy; ties go to the one closest to 1 (then the smaller).
+    """The multiplier with the best final validation accuracy; ties go to the one closest to 1 (then the smaller).
 
     Parameters
     ----------
     final_accuracy : mapping
-        ``{multiplier: final accuracy}``; ``None`` for a run that failed.
+        ``{multiplier: final validation accuracy}``; ``None`` for a run that failed.
 
     Raises
     ------
@@ -562,7 +603,7 @@ def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float
     rounds = int(s["num-server-rounds"])
     if spec.method in FULL_METHODS:
         full_rounds = rounds
-    elif s.get("init-trainable", "lora") == "full" and METHODS[spec.method]["method"] == "sa-fedlora":
+    elif s.get("init-trainable", "lora") == "full" and METHODS[spec.method].get("method") == "sa-fedlora":
         full_rounds = int(s.get("init-rounds", 0))
     else:
         full_rounds = 0
