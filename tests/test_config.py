@@ -30,6 +30,8 @@ def test_pyproject_declares_every_key_with_the_dataclass_default():
     ({"task": "causal-lm", "factor-form": "balanced"}, "factor-form", "balanced"),
     ({"profile": "accurate"}, "lr", 1.5e-3),  # left alone: the profile's
     ({"task": "causal-lm"}, "rank-min", 1),  # left alone: the task's
+    ({"task": "causal-lm", "profile": "accurate"}, "lr", 1e-3),  # the task's before the profile's
+    ({"task": "causal-lm", "profile": "accurate"}, "rank-max", 16),  # the profile's where the task sets none
 ])
 def test_a_key_given_wins_over_the_task_and_profile_even_at_the_app_default(given, key, expected):
     """Issue #36: Flower merges pyproject's defaults into the run config; a value equal to the default used to

@@ -9,6 +9,7 @@ from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, r
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import ConfigError, RunConfig, node_max_rank
+from safedlora_app.server.dispatch import LIMITS_TIMEOUT
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +149,33 @@ def test_a_node_the_superlink_reports_unavailable_is_named_in_the_warning(caplog
     send(strategy, 1, initial(strategy), grid=OneUnavailable((11, 22)))
     assert "node 22 did not report its limits (Node Unavailable)" in caplog.text
     assert "node 1 did not" not in caplog.text
+
+
+class AnsweringOnly(FakeGrid):
+    """Only the nodes in ``answering`` answer the limits query in time; every timeout asked for is recorded."""
+
+    def __init__(self, nodes, answering, caps=None):
+        super().__init__(nodes, caps)
+        self.answering, self.timeouts = set(answering), []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [r for r in replies if r.metadata.src_node_id in self.answering]
+
+
+@pytest.mark.parametrize("round_timeout, deadline", [(3600.0, LIMITS_TIMEOUT), (30.0, 30.0)])
+def test_the_limits_query_has_its_own_short_deadline_and_a_node_that_misses_it_is_asked_again(
+        round_timeout, deadline, caplog):
+    """Issue #37 §2: the query waited the round's round-timeout (3600 s by default) for a node that does not
+    answer. A node that misses the query's deadline counts as uncapped (as a failed answer does): the round goes
+    on, and it is asked again before the next LoRA round."""
+    strategy = make_strategy(round_timeout=round_timeout)
+    grid = AnsweringOnly((11, 22), answering={11}, caps={11: 2, 22: 2})
+    messages = send(strategy, 1, initial(strategy), grid=grid)
+    assert grid.timeouts == [deadline] and LIMITS_TIMEOUT < 3600.0
+    assert f"round 1: node(s) [22] did not answer the limits query within {deadline:g} s" in caplog.text
+    assert [m.content["config"]["lora-ranks"] for m in messages] == [[2, 2], [4, 4]]
+    grid.answering.add(22)
+    messages = send(strategy, 2, initial(strategy), grid=grid)
+    assert grid.queries == 3 and [m.content["config"]["lora-ranks"] for m in messages] == [[2, 2], [2, 2]]

@@ -116,3 +116,17 @@ def test_replies_are_collected_as_they_arrive_not_every_3_seconds_and_kept_in_me
     assert time.monotonic() - started < 2.0
     assert max(later - earlier for earlier, later in zip(inner.pulls, inner.pulls[1:])) < 1.0
     assert len(inner.pulls) >= 3
+
+
+def test_a_shorter_timeout_of_the_caller_wins_so_that_the_limits_query_keeps_its_own_deadline():
+    """Issue #37: the limits query waited the round's deadline (3,600 s in round 1) for a lost message."""
+    inner = SlowGrid()
+    asked, hung = Note("asked", kind="query"), Note("hung", kind="query")
+    inner.hung = {hung}
+    grid = DeadlineGrid(inner, cap=3.0, factor=3.0, floor=0.01)  # cap: round-timeout
+    start = time.monotonic()
+    assert [r.name for r in grid.send_and_receive([asked, hung], timeout=0.3)] == ["asked"]
+    assert time.monotonic() - start < 1.0 and grid.deadlines == [0.3]
+    assert grid.longest is None  # a query teaches the round deadline nothing
+    grid.send_and_receive([Note("a")], timeout=3.0)  # Flower's round loop passes round-timeout: the round's own
+    assert grid.deadlines[1] == 3.0

@@ -424,3 +424,56 @@ def test_after_a_float16_full_stage_the_backbone_reaches_a_node_as_float32_under
     strategy.aggregate_train(2, [reply(m, pl.pack(pl.to_wire(trained(m, i), modules_of(m)), "float16"))
                                  for i, m in enumerate(messages)])
     assert strategy.rounds.current.replies == 2
+
+
+@pytest.mark.parametrize("local_epochs", [1, 3])
+def test_a_node_weighs_at_most_the_samples_it_was_asked_to_train(local_epochs, caplog):
+    """Issue #37: one node claiming 1,000,000 examples against another's 16 carried 99.998% of the aggregate.
+    ``num-examples`` counts distinct samples, so ``local-epochs`` does not raise the cap."""
+    strategy = make_strategy(local_samples=16, local_epochs=local_epochs)
+    messages = send(strategy, 1, initial(strategy))
+    updates = [trained(messages[0], 1), trained(messages[1], 2)]
+    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], updates[0], 16),
+                                                   reply(messages[1], updates[1], 1_000_000)])
+    assert strategy.rounds.current.replies == 2 and metrics["num-examples"] == 32  # weights 16 and 16
+    head = (updates[0]["head::head.w"] + updates[1]["head::head.w"]) / 2  # the plain mean
+    assert torch.allclose(pl.unpack(arrays)["head::head.w"], head, atol=1e-6)
+    assert ("round 1: node 22 claims num-examples = 1000000, above the local-samples = 16 it was asked to train; "
+            "weighted as 16") in caplog.text
+
+
+def test_with_local_samples_0_a_claim_up_to_max_num_examples_is_taken_as_it_is():
+    """A node that trains its whole partition reports its size, which the server does not know: only
+    ``max-num-examples`` bounds it."""
+    strategy = make_strategy(local_samples=0, max_num_examples=1000)
+    messages = send(strategy, 1, initial(strategy))
+    updates = [trained(messages[0], 1), trained(messages[1], 2)]
+    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], updates[0], 10),
+                                                   reply(messages[1], updates[1], 1000)])
+    head = (10 * updates[0]["head::head.w"] + 1000 * updates[1]["head::head.w"]) / 1010
+    assert metrics["num-examples"] == 1010 and torch.allclose(pl.unpack(arrays)["head::head.w"], head, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [1.0, 2.0], 10**400],
+                         ids=["nan", "inf", "list", "int-beyond-float"])
+def test_a_training_metric_that_is_not_a_finite_number_stays_out_of_the_rounds_figures(value):
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    bad = {"train-loss": value, "peak-memory-mb": value, "train-time": value}
+    good = reply(messages[0], trained(messages[0], 1), 10, extra={"train-loss": 0.5})
+    _, metrics = strategy.aggregate_train(1, [good, reply(messages[1], trained(messages[1], 2), 30, extra=bad)])
+    stats = strategy.rounds.current
+    assert stats.replies == 2 and metrics["num-examples"] == 40  # the update itself is sound: it counts
+    assert (stats.train_loss, stats.peak_memory_mb, stats.train_seconds) == (0.5, 100.0, 2.0)
+
+
+def test_replies_whose_aggregate_overflows_float32_leave_the_global_model_unchanged(caplog):
+    """Finite float32 values near float32's limit (3e38) pass every check, but the product of B and A is beyond
+    float32's range: the aggregate held inf, and the next round's SVD raised (LinAlgError) out of Flower's loop."""
+    strategy = make_strategy()  # float32 on the wire
+    messages = send(strategy, 1, initial(strategy))
+    huge = {k: torch.full_like(v, 3e38) for k, v in trained(messages[1], 2).items()}
+    assert strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1)), reply(messages[1], huge)]) == (
+        None, None)
+    assert "round 1: the aggregate of the valid replies is not finite" in caplog.text
+    assert len(send(strategy, 2, initial(strategy))) == 2  # the run goes on from the model it had

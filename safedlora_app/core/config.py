@@ -311,7 +311,8 @@ class RunConfig:
     max_new_tokens: int = option(48, "``causal-lm``: most tokens generated per reply (greedy).", low=1)
     max_num_examples: int = option(
         1_000_000,
-        "Replies claiming more training examples than this are dropped as absurd.", low=1)
+        "Replies claiming more training examples than this are dropped as absurd; a claim above local-samples "
+        "(when it is not 0) is capped to it.", low=1)
 
     # --- Outputs -------------------------------------------------------------------------
     out_dir: str = option("~/safedlora-runs", "Absolute directory (or starting with ~) for run outputs.")
@@ -360,8 +361,11 @@ class RunConfig:
                 value = old[value]
             values[name] = value
         given = frozenset(values)
-        _apply_defaults(values, TASK_DEFAULTS.get(values.get("task", known["task"].default), {}), given)
-        _apply_defaults(values, PROFILES.get(values.get("profile", ""), {}), given)  # an unknown name fails later
+        task = TASK_DEFAULTS.get(values.get("task", known["task"].default), {})
+        _apply_defaults(values, task, given)
+        # A profile sets what neither the user nor the task set (an unknown name fails later).
+        _apply_defaults(values, PROFILES.get(values.get("profile", ""), {}),
+                        given | {key.replace("-", "_") for key in task})
         return cls(**values)
 
     def validate(self) -> None:

@@ -8,7 +8,9 @@ separately (``"factors"``, FedIT's way).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -88,13 +90,29 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
 
 
 def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[str, float | int]:
-    """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory."""
+    """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory.
+
+    A metric a reply reports as anything but a finite number (a list, NaN, an int beyond float's range) is left
+    out of its mean: one node's report cannot make the round's NaN.
+    """
     out: dict[str, float | int] = {"num-examples": int(sum(weights))}
     for name in REPLY_MEANS:
-        values = [(w, float(r[name])) for w, r in zip(weights, records) if is_number(r.get(name))]
+        values = [(w, v) for w, r in zip(weights, records) if (v := finite_value(r.get(name))) is not None]
         if values:
             out[name] = sum(w * v for w, v in values) / sum(w for w, _ in values)
-    peaks = [float(r["peak-memory-mb"]) for r in records if is_number(r.get("peak-memory-mb"))]
+    peaks = [v for r in records if (v := finite_value(r.get("peak-memory-mb"))) is not None]
     if peaks:
         out["peak-memory-mb"] = max(peaks)
     return out
+
+
+def finite_value(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number, else ``None`` (a bool, a list, NaN, inf, or an int
+    too large for a float: ``float()`` of it raises)."""
+    if not is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -115,6 +115,12 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
     return Dispatch(plan, messages, sent, backbone_hash)
 
 
+#: Seconds the server waits for the nodes' answers to its limits query (at most ``round-timeout``). The query is
+#: light (the ClientApp imports no training code for it), but a node starts a ClientApp process to answer: the
+#: slowest answer seen took about 50 s (an emulated arm64 node, docs/edge-devices.md).
+LIMITS_TIMEOUT = 120.0
+
+
 class NodeLimits(NamedTuple):
     """What a node reports once, when the server first asks (its reply to a query message)."""
 
@@ -125,17 +131,19 @@ class NodeLimits(NamedTuple):
 
 
 def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: float) -> dict[int, NodeLimits]:
-    """``{node id: NodeLimits}`` of the nodes that answer a query message soundly; the others are logged and left
-    out, so that they count as uncapped and unnamed, and are asked again next time."""
+    """``{node id: NodeLimits}`` of the nodes that answer a query message soundly within ``timeout`` seconds; the
+    others (a bad or failed answer, or none in time) are logged and left out, so that they count as uncapped and
+    unnamed, and are asked again next time."""
     queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
                        message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     replies = grid.send_and_receive(queries, timeout=timeout)
     # After the exchange: message ids exist once the Grid has pushed the messages, and Flower's error reply for an
     # unreachable node comes from the SuperLink (src_node_id 1), so only the id names the node (as in replies.screen).
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
-    limits = {}
+    limits, answered = {}, set()
     for reply in replies:
         node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node_id)
         record = None if reply.has_error() else reply.content.get(LIMITS)
         cap = record.get("max-rank") if isinstance(record, ConfigRecord) else None
         if is_integer(cap) and cap >= 0:
@@ -144,6 +152,9 @@ def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: floa
         else:
             log(WARNING, "round %d: node %d did not report its limits (%s); sent uncapped ranks", server_round,
                 node_id, reply.error.reason if reply.has_error() else f"limits {record!r}")
+    if silent := sorted(set(node_ids) - answered):
+        log(WARNING, "round %d: node(s) %s did not answer the limits query within %g s; sent uncapped ranks",
+            server_round, silent, timeout)
     if capped := {n: lim.max_rank for n, lim in limits.items() if lim.max_rank}:
         log(INFO, "round %d: node max-rank caps %s", server_round, capped)
     return limits

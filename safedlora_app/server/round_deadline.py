@@ -63,7 +63,9 @@ class DeadlineGrid:
         messages = list(messages)
         if not messages:  # e.g. a round without federated evaluation
             return []
-        deadline = self.deadline()
+        # A shorter timeout of the caller's wins: the limits query's own deadline (dispatch.LIMITS_TIMEOUT). Flower's
+        # round loop passes round-timeout, which no round's deadline exceeds.
+        deadline = self.deadline() if timeout is None else min(timeout, self.deadline())
         self.deadlines.append(deadline)
         start = time.monotonic()
         replies = self._exchange(messages, start + deadline)

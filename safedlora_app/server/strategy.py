@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -26,14 +27,14 @@ from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import EVAL_METRICS, RunConfig
-from safedlora_app.core.records import ARRAYS, METRICS
+from safedlora_app.core.records import METRICS
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
 from .aggregation import aggregate_round, reply_metrics
-from .dispatch import Dispatch, NodeLimits, Recipients, Wire, ask_limits, dispatch
+from .dispatch import LIMITS_TIMEOUT, Dispatch, NodeLimits, Recipients, Wire, ask_limits, dispatch
 from .outputs import RoundLog, RoundStats
-from .replies import Screened, evaluation_problem, reply_problem, screen
+from .replies import Accepted, Screened, checked_evaluation, checked_update, screen
 
 
 class NotEnoughNodes(RuntimeError):
@@ -139,25 +140,26 @@ class SAFedLoRA(Strategy):
         """
         server_round += self.offset
         sent, previous = self._round
-        plan, to_node = sent.plan, sent.sent
         stats, start = self.rounds.current, time.perf_counter()
         stats.exchange_seconds = start - self._sent_at
-        # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-        screened = screen(sent.messages, list(replies), lambda node_id, content: reply_problem(
-            content, to_node[node_id].reply_shapes, max_num_examples=self.config.max_num_examples,
-            backbone_hash=sent.backbone_hash or None) if node_id in to_node else "answers no message of this round")
+        screened = screen(sent.messages, list(replies),
+                          lambda message, content: self._checked_tensors(sent, message, content))
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
         valid = self._account(server_round, "training", screened, sent.backbone_hash)
-        good = [content for _, content in valid]
-        stats.replies, stats.dropped = len(good), len(screened.dropped) + len(screened.lost)
-        if not good:
+        stats.replies, stats.dropped = len(valid), len(screened.dropped) + len(screened.lost)
+        if not valid:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
-        weights = [float(content[METRICS]["num-examples"]) for content in good]
-        received = [plan.padded(pl.from_wire(pl.unpack(c[ARRAYS]), to_node[n].plan.ranks, self.module_shapes))
-                    for n, c in valid]
-        new, diagnostics = aggregate_round(self.config, plan, received, weights, previous)
-        metrics = reply_metrics([c[METRICS] for c in good], weights)
+        weights = self._weights(server_round, valid)
+        new, diagnostics = aggregate_round(self.config, sent.plan, [reply.checked for reply in valid], weights,
+                                           previous)
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in new.values()):
+            # Finite replies near float32's limit (wire-dtype float32) can make a product beyond it: such a model
+            # would fail the next round's SVD, so the round is lost instead of the run.
+            log(WARNING, "round %d: the aggregate of the valid replies is not finite (values beyond float32's range); "
+                "the global model is unchanged", server_round)
+            return None, None
+        metrics = reply_metrics([reply.content[METRICS] for reply in valid], weights)
         stats.train_loss, stats.train_seconds, stats.client_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
             metrics.get(k) for k in ("train-loss", "train-time", "client-time", "peak-memory-mb",
                                      "first-step-a-ratio"))
@@ -172,10 +174,10 @@ class SAFedLoRA(Strategy):
         server_round += self.offset
         sent = self._evaluation
         stats = self.rounds.current
-        screened = screen(sent.messages, list(replies), lambda _, content: evaluation_problem(
+        screened = screen(sent.messages, list(replies), lambda _, content: checked_evaluation(
             content, max_num_examples=self.config.max_num_examples, backbone_hash=sent.backbone_hash or None,
             metrics_needed=EVAL_METRICS[self.config.task]))
-        good = [content for _, content in self._account(server_round, "evaluation", screened, sent.backbone_hash)]
+        good = [reply.content for reply in self._account(server_round, "evaluation", screened, sent.backbone_hash)]
         stats.eval_bytes_up = screened.bytes_up
         stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
         if not good:
@@ -218,13 +220,49 @@ class SAFedLoRA(Strategy):
                         Wire(self.expected_full, self.config.lora_scale, self.config.wire_dtype))
 
     def _ask_limits(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask the nodes not asked yet (or that did not answer soundly) for their limits."""
+        """Ask the nodes not asked yet (or that did not answer soundly) for their limits, waiting at most
+        ``LIMITS_TIMEOUT`` seconds (or ``round-timeout`` when shorter): a node that does not answer in time must
+        not hold the round for the round's whole deadline."""
         if unknown := [n for n in node_ids if n not in self.node_limits]:
-            self.node_limits.update(ask_limits(grid, unknown, server_round, self.config.round_timeout))
+            timeout = min(LIMITS_TIMEOUT, self.config.round_timeout)
+            self.node_limits.update(ask_limits(grid, unknown, server_round, timeout))
 
-    def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str
-                 ) -> list[tuple[int, RecordDict]]:
-        """Log lost and dropped replies, note which nodes now hold the backbone; the valid ``(node, content)``."""
+    def _checked_tensors(self, sent: Dispatch, message: Message, content: RecordDict) -> dict[str, torch.Tensor]:
+        """A training reply's tensors (float32, at the round's ranks), made from the arrays
+        :func:`~safedlora_app.server.replies.checked_update` decoded and checked against what ``message`` sent.
+
+        Raises for an unusable reply, which :func:`~safedlora_app.server.replies.screen` then drops: the unpacking
+        runs here too, so that nothing a reply holds can raise later, in the aggregation.
+        """
+        to_node = sent.sent[message.metadata.dst_node_id]
+        # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
+        arrays = checked_update(content, to_node.reply_shapes, message.content["config"]["wire-dtype"],
+                                max_num_examples=self.config.max_num_examples,
+                                backbone_hash=sent.backbone_hash or None)
+        tensors = {name: torch.from_numpy(values.astype(np.float32)) for name, values in arrays.items()}
+        return sent.plan.padded(pl.from_wire(tensors, to_node.plan.ranks, self.module_shapes))
+
+    def _weights(self, server_round: int, valid: list[Accepted]) -> list[float]:
+        """Each reply's ``num-examples``, at most the ``local-samples`` its node was asked to draw.
+
+        ``num-examples`` counts the distinct samples a node trained on (``core.training.train``), whatever
+        ``local-epochs``, so an honest claim never exceeds ``local-samples``; a larger one is capped and logged.
+        With ``local-samples = 0`` a node trains its whole partition, whose size the server does not know:
+        ``max-num-examples`` (checked with the reply) is then the only bound.
+        """
+        cap = self.config.local_samples
+        weights = []
+        for reply in valid:
+            claimed = int(reply.content[METRICS]["num-examples"])
+            if cap and claimed > cap:
+                log(WARNING, "round %d: node %d claims num-examples = %d, above the local-samples = %d it was asked "
+                    "to train; weighted as %d", server_round, reply.node_id, claimed, cap, cap)
+                claimed = cap
+            weights.append(float(claimed))
+        return weights
+
+    def _account(self, server_round: int, what: str, screened: Screened, backbone_hash: str) -> list[Accepted]:
+        """Log lost and dropped replies, note which nodes now hold the backbone; the valid replies."""
         if screened.lost:  # no reply before the round's deadline: a node lost mid-round, or one that hangs
             log(WARNING, "round %d: no %s reply from node(s) %s before the round timeout", server_round, what,
                 screened.lost)
@@ -232,7 +270,7 @@ class SAFedLoRA(Strategy):
             log(WARNING, "round %d: dropped the %s reply of node %d: %s", server_round, what, node_id, problem)
             if failed:
                 self.node_backbone.pop(node_id, None)  # resend the backbone in case its cache is gone
-        self.node_backbone.update({node_id: backbone_hash for node_id, _ in screened.valid if backbone_hash})
+        self.node_backbone.update({reply.node_id: backbone_hash for reply in screened.valid if backbone_hash})
         return screened.valid
 
     def _sample_nodes(self, server_round: int, grid: Grid, how_many: Callable[[int], int],

@@ -49,8 +49,9 @@ from .plan import (
 if TYPE_CHECKING:
     from .runner import Comparison
 
-#: The runs committed with the app (relative to the app's directory), reused by default.
-STORED_RUNS = "docs/results/runs"
+#: The runs committed with the app (relative to the app's directory), reused by default: those of the protocol.
+#: The older ones (docs/results/runs) ran on data before deduplication and the validation split: a record only.
+STORED_RUNS = "docs/results/protocol-runs"
 
 
 # --- Command line ----------------------------------------------------------------------------------

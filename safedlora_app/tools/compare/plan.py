@@ -168,7 +168,7 @@ _COMMON = {
 _FEDERATION_ONLY = {
     "fraction-train": 1.0, "min-nodes": 7, "local-samples": 160, "batch-size": 16, "local-epochs": 1,
     "test-size": 2000, "val-size": 1000, "eval-every": 2, "eval-batch-size": 100, "wire-dtype": "float16",
-    # fedavg's searched rate: the grid's centre (x1), from the earlier search's x2 of 5e-5..2e-4.
+    # The centre (x1) of fedavg's rate grid, as in the earlier comparisons (only fedavg reads it).
     "full-lr": 1e-4,
 }
 PRESETS = {
