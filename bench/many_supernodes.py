@@ -177,7 +177,7 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> 
     # deadline: round-timeout bounds that at 120 s instead of an hour.
     settings = (f"num-server-rounds={rounds} init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1 "
                 f"fraction-train={sampled / nodes} min-nodes={sampled} partitioner='inner-dirichlet' "
-                f"local-samples={samples} test-size=64 node-wait-timeout=120 round-timeout=120 "
+                f"local-samples={samples} test-size=64 val-size=64 node-wait-timeout=120 round-timeout=120 "
                 f"out-dir='{out}' run-name='nodes-{nodes}' cache-dir='{work / 'cache'}'")
     try:
         online = fleet.start()

@@ -11,8 +11,8 @@ Two datasets, both drawn (seeded) from the embedded tweets and written as ``text
   sites with very different label mixes (``site`` column, ``partitioner='natural'``): negatives half and half,
   85% of the neutral ones at site ``a`` and 85% of the positive ones at site ``b``. The default 12 rounds.
 
-``test-size`` is 200 (stratified, so the majority's share is the same there): the default 1,000 would leave no
-training rows. Each variant is a run-config fragment (``VARIANTS``) added to the dataset's settings; each run is
+``test-size`` is 200 and ``val-size`` 100 (both stratified, so the majority's share is the same there): the
+defaults (1,000 and 500) would leave no training rows. The lowest-loss round is chosen on the validation rows. Each variant is a run-config fragment (``VARIANTS``) added to the dataset's settings; each run is
 ``flwr run`` with 2 simulated SuperNodes. Prints the class counts and, per run, the final, best and last-3
 accuracy, the final macro-F1 and the round of the lowest held-out loss; ``results.json`` keeps every run's
 accuracy, macro-F1 and loss by round, of this invocation and of earlier ones into the same ``--out``.
@@ -34,7 +34,7 @@ from pathlib import Path
 from safedlora_app.core.data import SENTIMENTS, load_default_tweets
 from safedlora_app.tools.simulation import LocalFlower
 
-TEST_SIZE = 200
+TEST_SIZE, VAL_SIZE = 200, 100
 #: Per dataset: the run config every run shares, and the variants run by default.
 DATASETS = {
     "random": {"config": "num-server-rounds=10", "variants": ("defaults",)},
@@ -133,7 +133,8 @@ def main() -> int:
                     run_dir = out / "runs" / name
                     if not (run_dir / "summary.json").exists():
                         resume = (run_dir / "checkpoint" / "state.json").exists()
-                        config = (f"dataset-name='{csv_path}' test-size={TEST_SIZE} {DATASETS[args.data]['config']} "
+                        config = (f"dataset-name='{csv_path}' test-size={TEST_SIZE} val-size={VAL_SIZE} "
+                                  f"{DATASETS[args.data]['config']} "
                                   f"{VARIANTS[variant]} method='{method}' seed={seed} out-dir='{out / 'runs'}' "
                                   f"run-name='{name}' cache-dir='{out / 'cache'}' "
                                   f"resume={'true' if resume else 'false'}")

@@ -689,7 +689,7 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
 
 
 # --- End to end through `flwr run` -----------------------------------------------------------------
-TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "batch-size=8", "--set", "eval-batch-size=48",
+TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size=48", "--set", "batch-size=8", "--set", "eval-batch-size=48",
         "--set", "rank-max=4", "--set", "rank-min=1"]
 
 

@@ -37,7 +37,7 @@ START_TIMEOUT = 60  # s for processes to come up / nodes to connect
 # 2 rounds of the real model on a few samples. The app needs heat + cool rounds to fit into the
 # num-server-rounds - init-rounds annealing rounds; node-wait-timeout bounds a missing node.
 TINY = ("num-server-rounds=2 init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1 "
-        "local-samples=16 test-size=32 batch-size=8 eval-batch-size=32 min-nodes=2 "
+        "local-samples=16 test-size=32 val-size=32 batch-size=8 eval-batch-size=32 min-nodes=2 "
         "node-wait-timeout=60")
 
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("flower-simulation")]
 
 # fp32: the saved output, reloaded in fp32, must reproduce the logged accuracy exactly (bf16 has its
 # own tests in test_training.py).
-TINY = "local-samples=24 test-size=48 batch-size=8 eval-batch-size=48 min-nodes=2 precision='fp32'"
+TINY = "local-samples=24 test-size=48 val-size=48 batch-size=8 eval-batch-size=48 min-nodes=2 precision='fp32'"
 
 
 @pytest.fixture(scope="module")
