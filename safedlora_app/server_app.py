@@ -107,16 +107,16 @@ def resume_point(config: RunConfig, run_dir: Path) -> checkpoint.Checkpoint:
 
 
 def continued(config: RunConfig, saved: dict[str, Any]) -> RunConfig:
-    """The config a resumed run goes on with. A run extended beyond its checkpoint's ``num-server-rounds`` keeps
-    the checkpoint's planned rounds (``schedule-rounds``), so its lr decay and budget go on from where they were
-    (the added rounds at the last rate and budget) instead of being planned anew for the new length, which would
-    raise the rate and the budget again mid-run. A ``schedule-rounds`` the run gives itself wins."""
+    """The config a resumed run goes on with. A run resumed with another ``num-server-rounds`` than its checkpoint's
+    keeps the checkpoint's planned rounds (``schedule-rounds``), so its lr decay and budget go on from where they were
+    instead of being planned anew mid-run for the new length (which raised the rate and the budget again): added
+    rounds run at the plan's last rate and budget, and a shortened run stops part-way through the plan. A
+    ``schedule-rounds`` the run gives itself wins."""
     planned = saved.get("schedule-rounds") or saved["num-server-rounds"]
     if config.schedule_rounds or planned == config.num_server_rounds:
         return config
-    log(INFO, "extending the run to %d rounds: the lr decay and the budget keep their plan over %d rounds "
-        "(schedule-rounds = %d); the added rounds run at its last rate and budget", config.num_server_rounds,
-        planned, planned)
+    log(INFO, "resuming the run for %d rounds: the lr decay and the budget keep their plan over %d rounds "
+        "(schedule-rounds = %d)", config.num_server_rounds, planned, planned)
     return dataclasses.replace(config, schedule_rounds=planned)
 
 

@@ -12,7 +12,8 @@ Two datasets, both drawn (seeded) from the embedded tweets and written as ``text
   85% of the neutral ones at site ``a`` and 85% of the positive ones at site ``b``. The default 12 rounds.
 
 ``test-size`` is 200 and ``val-size`` 100 (both stratified, so the majority's share is the same there): the
-defaults (1,000 and 500) would leave no training rows. The lowest-loss round is chosen on the validation rows. Each variant is a run-config fragment (``VARIANTS``) added to the dataset's settings; each run is
+defaults (1,000 and 500) would leave no training rows. The lowest-loss round is chosen on the validation rows.
+Each variant is a run-config fragment (``VARIANTS``) added to the dataset's settings; each run is
 ``flwr run`` with 2 simulated SuperNodes. Prints the class counts and, per run, the final, best and last-3
 accuracy, the final macro-F1 and the round of the lowest held-out loss; ``results.json`` keeps every run's
 accuracy, macro-F1 and loss by round, of this invocation and of earlier ones into the same ``--out``.

@@ -53,7 +53,8 @@ def test_an_emulated_arm64_supernode_trains_two_rounds_next_to_a_native_one(tmp_
         d.wait_for(lambda: (ids := d.online_nodes("arm64")) and len(ids) == 2, "both SuperNodes online",
                    timeout=600, alive=alive)
         # precision stays "auto": it must pick float32 on the emulated aarch64 CPU (no native bf16 there).
-        cli, log, outputs = d.launch("arm64", "arm64", settings="local-samples=8 test-size=32 val-size=32 precision='auto'")
+        cli, log, outputs = d.launch("arm64", "arm64",
+                                     settings="local-samples=8 test-size=32 val-size=32 precision='auto'")
         cli.wait(timeout=EMULATED_TIMEOUT)
         d.wait_for(lambda: (outputs / "summary.json").exists(), "the run's summary", timeout=EMULATED_TIMEOUT,
                    alive=alive)

@@ -134,10 +134,10 @@ def test_float16_methods_raise_the_floor_and_stay_under_half_of_float32_bytes(me
     assert sum(budgets) * 2 < 0.5 * rounds * 8 * modules * 4
 
 
-def test_choose_lr_takes_the_best_final_accuracy_and_breaks_ties_towards_x1():
-    assert plan.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.50}) == 1.0
-    assert plan.choose_lr({0.5: 0.61, 1.0: 0.60, 2.0: None}) == 0.5
-    assert plan.choose_lr({0.5: 0.60, 2.0: 0.60}) == 0.5
+def test_choose_lr_takes_the_lowest_validation_loss_and_breaks_ties_towards_x1():
+    assert plan.choose_lr({0.5: 0.60, 1.0: 0.60, 2.0: 0.70}) == 1.0
+    assert plan.choose_lr({0.5: 0.59, 1.0: 0.60, 2.0: None}) == 0.5
+    assert plan.choose_lr({0.5: 0.60, 2.0: 0.60, 4.0: float("nan")}) == 0.5  # a diverged run never wins
     with pytest.raises(ValueError):
         plan.choose_lr({0.5: None, 1.0: None})
 
@@ -647,27 +647,27 @@ def test_the_paper_reading_scales_both_rates_and_the_levers_cover_every_linear_l
 
 
 def test_the_lr_grid_extends_while_the_best_is_at_its_edge():
-    assert plan.extend_lr_grid({0.5: 0.6, 1.0: 0.65, 2.0: 0.7}) == 4.0
-    assert plan.extend_lr_grid({0.5: 0.7, 1.0: 0.65, 2.0: 0.6}) == 0.25
-    assert plan.extend_lr_grid({0.5: 0.6, 1.0: 0.7, 2.0: 0.65}) is None  # an inside optimum
-    assert plan.extend_lr_grid({1.0: 0.6, 2.0: 0.65, 4.0: 0.7, 8.0: 0.75}) is None  # the limit, x8
-    assert plan.extend_lr_grid({1.0: 0.6, 2.0: 0.7, 4.0: None}) is None  # x4 failed: not retried
+    assert plan.extend_lr_grid({0.5: 0.7, 1.0: 0.65, 2.0: 0.6}) == 4.0  # validation losses: lower is better
+    assert plan.extend_lr_grid({0.5: 0.6, 1.0: 0.65, 2.0: 0.7}) == 0.25
+    assert plan.extend_lr_grid({0.5: 0.7, 1.0: 0.6, 2.0: 0.65}) is None  # an inside optimum
+    assert plan.extend_lr_grid({1.0: 0.75, 2.0: 0.7, 4.0: 0.65, 8.0: 0.6}) is None  # the limit, x8
+    assert plan.extend_lr_grid({1.0: 0.7, 2.0: 0.6, 4.0: None}) is None  # x4 failed: not retried
     assert plan.extend_lr_grid({1.0: None}) is None
 
 
 def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeypatch):
     FakeFlower.runs = []
-    # Validation accuracies of the search (tuning seed 41); the reporting runs' test accuracy must not matter.
-    accuracy = {"fedit-rmax-s41": 0.5, "fedit-rmax-lrx0.5-s41": 0.45, "fedit-rmax-lrx2-s41": 0.55,
-                "fedit-rmax-lrx4-s41": 0.52, "fedit-rmax-lrx2-s42": 0.6}
+    # Validation losses of the search (tuning seed 41); the reporting runs' test accuracy must not matter.
+    loss = {"fedit-rmax-s41": 0.5, "fedit-rmax-lrx0.5-s41": 0.55, "fedit-rmax-lrx2-s41": 0.45,
+            "fedit-rmax-lrx4-s41": 0.48, "fedit-rmax-lrx2-s42": 0.4}
     real_run = FakeFlower.run
 
     def run(self, run_config, timeout=600, federation="", progress=None):
         result = real_run(self, run_config, timeout, federation, progress)
         name = FakeFlower.runs[-1]
         run_dir = next(tmp_path.glob(f"s/runs/*/{name}"))
-        (run_dir / "summary.json").write_text(json.dumps({"final-val-accuracy": accuracy[name],
-                                                          "final-accuracy": 1.0 - accuracy[name], "wall-seconds": 1.0}))
+        (run_dir / "summary.json").write_text(json.dumps({"final-val-loss": loss[name], "final-accuracy": loss[name],
+                                                          "wall-seconds": 1.0}))
         return result
 
     monkeypatch.setattr(FakeFlower, "run", run)
@@ -675,7 +675,7 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
-    # 3 search runs on natural, seed 41, chosen by validation accuracy; x2, the best, is the grid's edge, so x4
+    # 3 search runs on natural, seed 41, chosen by validation loss; x2, the best, is the grid's edge, so x4
     # is tried too (and is worse); then both splits at the chosen x2 on the reporting seed 42
     assert FakeFlower.runs == ["fedit-rmax-s41", "fedit-rmax-lrx0.5-s41", "fedit-rmax-lrx2-s41",
                                "fedit-rmax-lrx4-s41", "fedit-rmax-lrx2-s42", "fedit-rmax-lrx2-s42"]
@@ -689,8 +689,8 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
 
 
 # --- End to end through `flwr run` -----------------------------------------------------------------
-TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size=48", "--set", "batch-size=8", "--set", "eval-batch-size=48",
-        "--set", "rank-max=4", "--set", "rank-min=1"]
+TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size=48", "--set", "batch-size=8",
+        "--set", "eval-batch-size=48", "--set", "rank-max=4", "--set", "rank-min=1"]
 
 
 @pytest.mark.e2e
@@ -789,3 +789,37 @@ def test_a_run_is_stopped_for_making_no_progress_not_for_being_slow(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired) as error:
         run_watched(stuck, dict(os.environ), tmp_path, timeout=1.0, progress=tmp_path / "never", poll=0.1)
     assert time.monotonic() - started < 10 and "started" in error.value.stdout
+
+
+def test_the_protocol_pairs_each_point_with_the_baselines_and_tunes_on_seed_41(tmp_path, monkeypatch):
+    """Review of issue #36: the protocol's headline differences (the profile minus fedavg, the defaults minus
+    fixed-rank LoRA) were never computed, as the pairing knew only sa-fedlora."""
+    FakeFlower.runs = []
+    real_run = FakeFlower.run
+    final = {"fedavg": 0.70, "accurate": 0.72, "defaults": 0.68, "fedit-rmax": 0.66}
+
+    def run(self, run_config, timeout=600, federation="", progress=None):
+        result = real_run(self, run_config, timeout, federation, progress)
+        run_dir = next(tmp_path.glob(f"p/runs/*/{FakeFlower.runs[-1]}"))
+        method = next(m for m in final if FakeFlower.runs[-1].startswith(m + "-"))
+        seed = int(FakeFlower.runs[-1].rsplit("-s", 1)[1])
+        rows = records([0.4, final[method] + (seed - 42) / 100], 10, 20)
+        for row in rows:
+            row["val-loss"] = 1.0 - row["accuracy"]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "final-val-loss": 0.3}))
+        return result
+
+    monkeypatch.setattr(FakeFlower, "run", run)
+    options = cli.resolve_options(cli.build_parser().parse_args(
+        ["compare", "--out", str(tmp_path), "--name", "p", "--splits", "natural", "--no-reuse"]))
+    assert options.preset == "protocol" and options.lr_search and options.tune_seed == 41
+    assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
+    assert {run.rsplit("-s", 1)[1] for run in FakeFlower.runs} == {"41", "42", "43", "44"}
+    paired = {(p["method"], p["reference"]): p for p in json.loads((tmp_path / "p" / "comparison.json").read_text())
+              ["paired"]}
+    assert paired[("accurate", "fedavg")]["final_mean"] == pytest.approx(2.0)
+    assert paired[("defaults", "fedit-rmax")]["final_mean"] == pytest.approx(2.0)
+    assert paired[("accurate", "fedavg")]["pairs"] == 3
+    assert "| natural | accurate − fedavg | 3 | +2.0" in (tmp_path / "p" / "table.md").read_text()

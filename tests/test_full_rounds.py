@@ -63,8 +63,10 @@ def full_round(strategy, state, nodes=(11, 22), labels=LABELS):
 
 
 def stats_reply(message, model, num_examples):
-    """A node's float16 reply: ``model``'s full state."""
-    arrays = pl.pack(full_state(model, head_parameters(model, ["classifier"])), "float16")
+    """A node's float16 reply: the update of ``model``'s full state against what ``message`` sent."""
+    sent = pl.unpack(message.content[ARRAYS])
+    trained = full_state(model, head_parameters(model, ["classifier"]))
+    arrays = pl.pack({k: v - sent[k] for k, v in trained.items()}, "float16")
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples}),
                                "node": ConfigRecord({"backbone-hash": ""})}), reply_to=message)
 
@@ -119,15 +121,16 @@ def test_a_full_round_averages_the_running_statistics_and_the_global_model_has_t
         nodes.append(node)
     arrays, _ = strategy.aggregate_train(1, [stats_reply(m, n, w) for m, n, w in zip(messages, nodes, (30, 10))])
     assert strategy.rounds.current.replies == 2
-    got = pl.unpack(arrays)
+    got, sent = pl.unpack(arrays), pl.unpack(messages[0].content[ARRAYS])
     rebuilt, _ = GlobalModel(base, config, {}, ["classifier"]).build(1, arrays)
     for kind, layer in ((pl.BACKBONE, "body.1"), (pl.HEAD, "classifier.1")):
         for stat in ("running_mean", "running_var"):
+            key = pl.key(kind, f"{layer}.{stat}")
             v0, v1 = (getattr(n.get_submodule(layer), stat) for n in nodes)
-            want, mean = 0.75 * v0 + 0.25 * v1, got[pl.key(kind, f"{layer}.{stat}")]
-            # float16 rounds each reply's value to 11 significant bits; the float64 mean, stored as float32, adds
-            # at most 2^-24 of the result.
-            bound = 2 ** -11 * (0.75 * v0.abs() + 0.25 * v1.abs()) + 2 ** -24 * want.abs() + 2 ** -25
+            d0, d1 = v0 - sent[key], v1 - sent[key]  # each node's update against what it was sent
+            want, mean = state[key] + 0.75 * d0 + 0.25 * d1, got[key]
+            # float16 rounds each update to 11 significant bits; the float32 sum adds at most 2^-23 of the result.
+            bound = 2 ** -11 * (0.75 * d0.abs() + 0.25 * d1.abs()) + 2 ** -23 * want.abs() + 2 ** -25
             assert ((mean - want).abs() <= bound).all() and not torch.equal(v0, v1)
             assert torch.equal(getattr(rebuilt.get_submodule(layer), stat), mean)
 
@@ -158,17 +161,18 @@ def test_a_node_trains_a_batchnorm_model_and_returns_its_statistics_in_the_wire_
     context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=settings)
     reply = client_app.train_handler(message, context)
-    sent = pl.unpack(message.content[ARRAYS])
     returned = reply.content[ARRAYS]
     assert {array.dtype for array in returned.values()} == {"float16"}  # wire-dtype's default
     got = pl.unpack(returned)
     variances = [k for k in returned if k.endswith(".running_var")]
     assert "head::classifier.batch_norm.running_var" in variances and len(variances) > 10
     assert {k.replace("running_var", "running_mean") for k in variances} <= set(returned)
-    # Training moved them (variances: most means here are ~1e-10, under float16's range, behind an earlier BatchNorm).
-    assert all(not torch.equal(got[k], sent[k]) for k in variances)
+    # Training moved them: the reply holds updates (variances: most means here are ~1e-10, under float16's range,
+    # behind an earlier BatchNorm).
+    assert all(bool(got[k].abs().sum() > 0) for k in variances)
     arrays, _ = strategy.aggregate_train(1, [reply])
     assert strategy.rounds.current.replies == 1
     rebuilt, _ = GlobalModel(base, config.effective, {}, ["classifier"]).build(1, arrays)
-    layer = "levit.patch_embeddings.embedding_layer_1.batch_norm"
-    assert torch.equal(rebuilt.get_submodule(layer).running_var, got[f"backbone::{layer}.running_var"])
+    key = "backbone::levit.patch_embeddings.embedding_layer_1.batch_norm.running_var"
+    assert torch.equal(pl.unpack(arrays)[key], state[key] + got[key])  # the model sent, plus the node's update
+    assert torch.equal(rebuilt.get_submodule(key.split("::")[1].rsplit(".", 1)[0]).running_var, pl.unpack(arrays)[key])

@@ -114,8 +114,18 @@ def test_the_partition_key_follows_what_decides_the_rows(tmp_path, node_csv):
                     nr.partition_key(config(tmp_path, partitioner="iid", max_seq_len=run.max_seq_len + 8),
                                      run.model_name, "", (0, 4), LABELS),
                     nr.partition_key(run, run.model_name, "", (0, 4), LABELS[::-1]),
-                    nr.partition_key(run, run.model_name, str(node_csv), (0, 4), LABELS)]:
+                    nr.partition_key(run, run.model_name, str(node_csv), (0, 4), LABELS),
+                    # Review of issue #36: another validation split leaves other rows to train on.
+                    nr.partition_key(config(tmp_path, partitioner="iid", val_size=run.val_size + 1), run.model_name,
+                                     "", (0, 4), LABELS)]:
         assert changed != key
+
+
+def test_rows_cut_by_an_older_split_are_never_reused(tmp_path, monkeypatch):
+    run = config(tmp_path, partitioner="iid")
+    key = nr.partition_key(run, run.model_name, "", (0, 4), LABELS)
+    monkeypatch.setattr(nr, "SPLIT_VERSION", nr.SPLIT_VERSION - 1)
+    assert nr.partition_key(run, run.model_name, "", (0, 4), LABELS) != key
 
 
 def test_the_lru_cache_drops_the_least_recently_used_before_loading():

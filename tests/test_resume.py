@@ -183,3 +183,14 @@ def test_when_min_nodes_cannot_be_met_the_run_stops_and_resumes_once_nodes_retur
     assert "checkpoint after round 1" in caplog.text and "resume = true" in caplog.text
     _, rows, _ = run_server({**config, "resume": True})  # both nodes are back
     assert comparable(rows) == comparable(whole_rows)
+
+
+def test_a_run_resumed_with_fewer_rounds_keeps_its_plan_and_a_run_given_schedule_rounds_keeps_its_own():
+    """Review of issue #36: a run of 12 rounds resumed with 8 crashed (schedule-rounds 12 above 8)."""
+    saved = RunConfig(num_server_rounds=12).to_dict()
+    shorter = server_app.continued(RunConfig(num_server_rounds=8, resume=True, run_name="r"), saved)
+    assert (shorter.schedule_rounds, shorter.planned_rounds, shorter.num_server_rounds) == (12, 12, 8)
+    longer = server_app.continued(RunConfig(num_server_rounds=24, resume=True, run_name="r"), saved)
+    assert longer.planned_rounds == 12
+    own = server_app.continued(RunConfig(num_server_rounds=24, schedule_rounds=24, resume=True, run_name="r"), saved)
+    assert own.planned_rounds == 24

@@ -366,9 +366,9 @@ def test_float16_round_trip_error_bound():
 
 
 def noisy(message, seed):
-    """Every tensor a full round sent (backbone included), plus seeded noise."""
+    """A full round's reply: an update of every tensor it sent (backbone included), seeded noise."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + torch.randn(v.shape, generator=g) for k, v in received(message).items()}
+    return {k: torch.randn(v.shape, generator=g) for k, v in received(message).items()}
 
 
 def test_a_full_round_travels_in_the_wire_dtype_both_ways_and_aggregates_in_float32():
@@ -387,14 +387,28 @@ def test_a_full_round_travels_in_the_wire_dtype_both_ways_and_aggregates_in_floa
     assert half.rounds.current.replies == 2
     assert wide.rounds.current.bytes_up - half.rounds.current.bytes_up == values
     assert all(a.dtype == "float32" for a in arrays.values())  # the global model stays float32
-    got = pl.unpack(arrays)
+    got, previous = pl.unpack(arrays), pl.unpack(initial(half))
     for k in ("backbone::emb.w", "head::head.w"):
         u0, u1 = updates["half"][0][k], updates["half"][1][k]
-        want = 0.75 * u0 + 0.25 * u1
-        # float16 rounds each value to 11 significant bits (2^-25 below its normal range); the mean in float64,
-        # stored as float32, adds at most 2^-24 of the result.
-        bound = 2 ** -11 * (0.75 * u0.abs() + 0.25 * u1.abs()) + 2 ** -24 * want.abs() + 2 ** -25
+        want = previous[k] + 0.75 * u0 + 0.25 * u1  # the replies are updates, added to the float32 model
+        # float16 rounds each update to 11 significant bits (2^-25 below its normal range); the sum in float32
+        # adds at most 2^-23 of the result.
+        bound = 2 ** -11 * (0.75 * u0.abs() + 0.25 * u1.abs()) + 2 ** -23 * want.abs() + 2 ** -25
         assert ((got[k] - want).abs() <= bound).all()
+
+
+def test_a_full_rounds_small_update_survives_a_float16_wire():
+    """Review of issue #36: float16 *weights* would round an update of 1e-5 on a weight of 0.05 away (float16's
+    spacing there is 3e-5), so FedAvg at float16 would barely move late in a run. Updates travel instead."""
+    strategy = make_strategy(method="fedavg", wire_dtype="float16")
+    state = {pl.key(pl.HEAD, "head.w"): torch.full((2, 3), 0.05),
+             pl.key(pl.BACKBONE, "emb.w"): torch.full((4, 3), 0.05)}
+    messages = send(strategy, 1, pl.pack(initial_tensors(strategy.config, state)))
+    step = {k: torch.full(v.shape, 1e-5) for k, v in received(messages[0]).items()}
+    arrays, _ = strategy.aggregate_train(1, [reply(m, pl.pack(step, "float16")) for m in messages])
+    for k, value in pl.unpack(arrays).items():
+        # 1e-5 is below float16's normal range: rounded to its subnormal spacing, 2^-24 (6e-8), not to 3e-5.
+        assert torch.allclose(value - 0.05, torch.full(value.shape, 1e-5), rtol=1e-3, atol=2 ** -24), k
 
 
 @pytest.mark.parametrize("method", ["fedavg", "sa-fedlora"])

@@ -18,17 +18,19 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import ClassLabel, Value
+from flwr.supercore import log
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import CAUSAL_LM_TASK, TEXT_TASK, RunConfig
-from safedlora_app.core.data import DataError, load_task_data, partition_dataset, source_stamp
+from safedlora_app.core.data import SPLIT_VERSION, DataError, load_task_data, partition_dataset, source_stamp
 from safedlora_app.core.files import atomic_write
 from safedlora_app.core.model import (
     load_base_model,
@@ -199,13 +201,14 @@ def partition_key(config: RunConfig, model_name: str, data_path: str, partition:
         rows: tuple = ("data-path", data_path, source_stamp(data_path))
     else:
         rows = ("dataset-name", config.dataset_name, source_stamp(config.dataset_name), config.test_size,
-                config.partitioner, partition, config.dirichlet_alpha, config.seed, config.natural_column)
+                config.val_size, config.partitioner, partition, config.dirichlet_alpha, config.seed,
+                config.natural_column)
     source = model_source(model_name)
     input_column = {TEXT_TASK: config.text_column, CAUSAL_LM_TASK: (config.prompt_column, config.response_column,
                                                                     config.messages_column)
                     }.get(config.task, config.image_column)
-    key = repr((_code_versions(), config.task, input_column, config.label_column, rows, label_names, source,
-                source_stamp(source), config.max_seq_len))
+    key = repr((_code_versions(), SPLIT_VERSION, config.task, input_column, config.label_column, rows, label_names,
+                source, source_stamp(source), config.max_seq_len))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -257,6 +260,9 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
             local = load_task_data(str(path), test_size=0, **columns)
         except DataError as error:  # the node's reply names its own file
             raise DataError(f"node-config data-path = {data_path!r}: {error}") from error
+        if local.removed and any(local.removed.values()):
+            log(INFO, "node-config data-path = %r: removed %d duplicate rows and %d rows whose text has copies with "
+                "another label", data_path, local.removed["duplicates"], local.removed["conflicts"])
         if config.task == CAUSAL_LM_TASK:
             return local.train
         return _relabel(local.train, local.label_names, label_names, data_path)

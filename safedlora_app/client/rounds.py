@@ -1,6 +1,6 @@
 """A round on a node: fine-tune on the node's data as the server's round config says, reply with the update.
 
-``full`` rounds train every parameter (fedavg, fedprox, an ``init-trainable = full`` stage) and return them with
+``full`` rounds train every parameter (fedavg, fedprox, an ``init-trainable = full`` stage) and return their update with
 the model's running statistics (BatchNorm).
 ``lora`` rounds build peft LoRA at the ranks the server sent (``alpha = lora-scale * r`` per
 module), train A, B and the head, and return them at exactly those ranks. With federated evaluation
@@ -121,7 +121,10 @@ def train_reply(msg: Message, context: Context) -> Message:
     if round_config["kind"] == FULL:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
-        reply = full_state(model, head_parameters(model, config.module_names(config.head_modules)))
+        trained = full_state(model, head_parameters(model, config.module_names(config.head_modules)))
+        # The update, not the weights: float16 on the wire would round an update of 1e-5 away on a weight of
+        # ~0.05 (its spacing there is 3e-5); the server adds the mean update to its float32 model.
+        reply = {k: v.float() - received[k].float() for k, v in trained.items()}
     else:
         result = train(model, resources.data, indices, **hyper)
         factors, new_head = get_lora_weights(model, list(ranks), list(pl.select(received, pl.HEAD)))

@@ -106,7 +106,8 @@ class RunConfig:
     schedule_rounds: int = option(
         0,
         "Rounds the learning-rate decay and the rank budget are planned over; later rounds keep the plan's last "
-        "rate and budget. 0 = num-server-rounds. A run extended on resume keeps its checkpoint's plan.", low=0)
+        "rate and budget, and a run shorter than its plan stops part-way through it. 0 = num-server-rounds. A run "
+        "resumed with another num-server-rounds keeps its checkpoint's plan.", low=0)
     fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.", above=0.0, high=1.0)
     min_nodes: int = option(2, "Nodes that must be connected before a round starts (and the fewest sampled).", low=1)
     node_wait_timeout: float = option(
@@ -285,7 +286,8 @@ class RunConfig:
     wire_dtype: WireDtype = option(
         "float16",
         "Float type of every message's payload down and up, full fine-tuning rounds included (LoRA factors, "
-        "head, the whole model): ``float16`` (half the bytes; no measurable accuracy cost for LoRA in the "
+        "head, the whole model down and its update up): ``float16`` (half the bytes; no measurable accuracy cost "
+        "for LoRA in the "
         "comparison, docs/comparison.md) or ``float32``; ArrayRecord takes no bfloat16. A reply in another type "
         "is dropped. Training and aggregation stay float32/float64, the global model float32, and so does a "
         "trained backbone sent once to a node (its hash is of those values).")
@@ -319,8 +321,8 @@ class RunConfig:
     resume: bool = option(
         False,
         "Continue the run in out-dir/run-name from its checkpoint (written after every round), at the next round. "
-        "Every other key must equal the checkpoint's, except out-dir and num-server-rounds (raise it to extend a "
-        "finished run).")
+        "Every other key must equal the checkpoint's, except out-dir, run-name, num-server-rounds (raise it to "
+        "extend a finished run) and schedule-rounds.")
     run_name: str = option("", "Sub-directory of out-dir; empty = ``<method>-<date>-<time>``.")
     cache_dir: str = option("~/.cache/safedlora", "Node-local directory caching trained backbones by content hash.")
 
@@ -386,9 +388,6 @@ class RunConfig:
         if self.rank_floor > self.rank_min:
             raise ConfigError(f"rank-floor = {self.rank_floor} is not allowed; "
                               f"it must be <= rank-min = {self.rank_min}")
-        if self.schedule_rounds > self.num_server_rounds:
-            raise ConfigError(f"schedule-rounds = {self.schedule_rounds} is not allowed; it must be <= "
-                              f"num-server-rounds = {self.num_server_rounds} (0 = num-server-rounds)")
         if self.method == "sa-fedlora":
             planned = self.planned_rounds
             if self.init_rounds > planned:

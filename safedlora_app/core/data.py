@@ -32,6 +32,9 @@ from .checks import is_integer
 from .config import CAUSAL_LM_TASK, IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
 
 DEFAULT_DATASET = ""
+#: The version of how a dataset is cut into pool, validation and test (2: deduplicated, with a validation split).
+#: Caches of a node's rows count it: rows cut another way are never reused.
+SPLIT_VERSION = 2
 TOPICS = ("airline", "deflategate", "driverless", "coachella", "apple", "claritin", "other")
 SENTIMENTS = ("negative", "neutral", "positive")
 

@@ -41,7 +41,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     plan : RoundPlan
         The round's plan: its kind, and the factors every node started from.
     received : sequence of mapping
-        Each valid reply's tensors (``lora_B``/``lora_A`` entries already split from the wire).
+        Each valid reply's tensors (``lora_B``/``lora_A`` entries already split from the wire); in full rounds
+        each tensor's update: the node's trained value minus the value it was sent.
     weights : sequence of float
         Each reply's ``num-examples``.
     previous : mapping
@@ -55,8 +56,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
         when many replies made the aggregation sketch the top components only)
         and ``factor_norms`` (``||B||`` and ``||A||`` of the first module).
     """
-    if plan.kind == FULL:
-        new = {k: weighted_mean([r[k] for r in received], weights) for k in received[0]}
+    if plan.kind == FULL:  # the replies are updates against what was sent (client.rounds)
+        new = {k: previous[k] + weighted_mean([r[k] for r in received], weights) for k in received[0]}
         return new, {"dropped_update": None, "factor_norms": {}}
     new = pl.only(previous, pl.BACKBONE)  # frozen while LoRA trains
     new.update({k: weighted_mean([r[k] for r in received], weights) for k in pl.only(received[0], pl.HEAD)})

@@ -176,8 +176,7 @@ def run_totals(records: Sequence[Mapping]) -> dict:
     final = records[-1] if records else {}
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     best = max(evaluated, key=lambda r: r["accuracy"], default={})
-    validated = [r for r in rows if selection_loss(r) is not None and math.isfinite(selection_loss(r))]
-    selected = min(validated, key=selection_loss, default={})
+    selected = BestRound.of(records)  # the round whose model best-round-<t>/ keeps
     last3 = [r["accuracy"] for r in rows[-3:] if r.get("accuracy") is not None]
     down, up = sum(r["bytes-down"] for r in rows), sum(r["bytes-up"] for r in rows)
     return {
@@ -192,8 +191,8 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         # validation, and its test accuracy is a fair "early-stopped" score.
         "best-accuracy": best.get("accuracy"),
         "best-round": best.get("round"),
-        "selected-round": selected.get("round"),
-        "selected-accuracy": selected.get("accuracy"),
+        "selected-round": selected.round,
+        "selected-accuracy": next((r.get("accuracy") for r in rows if r["round"] == selected.round), None),
         "last3-accuracy": sum(last3) / len(last3) if last3 else None,
         "bytes-down": down,
         "bytes-up": up,

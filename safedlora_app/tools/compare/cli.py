@@ -28,6 +28,7 @@ from .plan import (
     METHOD_DESCRIPTIONS,
     METHODS,
     PRESETS,
+    PROTOCOL_PAIRS,
     SPLITS,
     TUNE_SEED,
     CompareError,
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"first try lr multipliers {', '.join(f'x{m:g}' for m in LR_GRID)} (extended by doubling or "
                         f"halving, up to x{LR_EXTENSION_LIMIT:g} or x1/{LR_EXTENSION_LIMIT:g}, while the best is at "
                         "an edge) for every method on the tuning seed (--tune-seed) and first split, choosing by "
-                        "final validation accuracy, then use each method's best (always on with --preset protocol)")
+                        "final validation loss, then use each method's best (always on with --preset protocol)")
     p.add_argument("--lr-multipliers", type=multipliers_of(tuple(METHODS)), default={}, metavar="METHOD=X,...",
                    help="fixed lr multipliers, e.g. 'fedavg=2,sa-fedlora=2' (an earlier search's choice): those "
                         "methods, and the methods that take their rate, are not searched again")
@@ -301,8 +302,8 @@ def searched_runs(options: CompareOptions) -> list[RunSpec]:
     return plan_lr_search(options.settings, methods, options.splits[0], options.tune_seed)
 
 
-def final_accuracies(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[float, float | None]]:
-    """``{method: {lr multiplier: final validation accuracy}}`` of the lr-search runs (``None`` for one not
+def validation_losses(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[float, float | None]]:
+    """``{method: {lr multiplier: final validation loss}}`` of the lr-search runs (``None`` for one not
     finished). The search chooses on the validation split: the test set only reports.
 
     Raises
@@ -315,26 +316,26 @@ def final_accuracies(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[fl
     out: dict[str, dict[float, float | None]] = {}
     for spec in search:
         summary = read_summary(run_dir(root, spec))
-        if summary and summary.get("final-val-accuracy") is None:
-            raise CompareError(f"lr search run {spec.key} has no validation accuracy: the search chooses on the "
+        if summary and summary.get("final-val-loss") is None:
+            raise CompareError(f"lr search run {spec.key} has no validation loss: the search chooses on the "
                                "validation split, so give val-size > 0 (e.g. --set val-size=1000)")
-        out.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-val-accuracy"] if summary else None
+        out.setdefault(spec.method, {})[spec.lr_multiplier] = summary["final-val-loss"] if summary else None
     return out
 
 
 def lr_choices(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
-    """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final validation accuracy}, "bracketed"}}``
+    """``{method: {"multiplier", "lr-key", "lr", "search": {multiplier: final validation loss}, "bracketed"}}``
     from finished runs; ``bracketed``: a smaller and a larger rate were tried and did worse."""
     values = {(spec.method, spec.lr_multiplier): spec.settings[spec.lr_key] for spec in search}
     out = {}
-    for method, accs in final_accuracies(root, search).items():
+    for method, losses in validation_losses(root, search).items():
         try:
-            m = choose_lr(accs)
+            m = choose_lr(losses)
         except ValueError:
             m = 1.0
-        tried = sorted(k for k, v in accs.items() if v is not None)
+        tried = sorted(k for k, v in losses.items() if v is not None)
         out[method] = {"multiplier": m, "lr-key": lr_key(method), "lr": values[(method, m)],
-                       "search": {f"x{k:g}": v for k, v in accs.items()},
+                       "search": {f"x{k:g}": v for k, v in losses.items()},
                        "bracketed": bool(tried) and tried[0] < m < tried[-1]}
     return out
 
@@ -345,8 +346,8 @@ def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, 
     (:func:`~.plan.extend_lr_grid`); with ``report_only``, only those already finished."""
     added: list[RunSpec] = []
     while True:
-        accuracies = final_accuracies(root, [*search, *added])
-        more = [spec for method, accs in accuracies.items() if (m := extend_lr_grid(accs)) is not None
+        losses = validation_losses(root, [*search, *added])
+        more = [spec for method, values in losses.items() if (m := extend_lr_grid(values)) is not None
                 for spec in plan_lr_search(settings, [method], split, seed, grid=(m,))]
         if report_only:
             more = [spec for spec in more if runner.finished(spec)]
@@ -420,9 +421,9 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
         notes.append("WARNING: client replies were dropped (failed or invalid) in: " + ", ".join(dropped)
                      + "; those rounds aggregated fewer clients (see logs/).")
     if chosen:
-        notes.append(f"lr search (final validation accuracy, tuning seed {options.tune_seed}, split {splits[0]}): "
+        notes.append(f"lr search (final validation loss, tuning seed {options.tune_seed}, split {splits[0]}): "
                      + "; ".join(
-            f"{m} " + ", ".join(f"{k} {'' if v is None else f'{v:.1%}'}" for k, v in c["search"].items())
+            f"{m} " + ", ".join(f"{k} {'' if v is None else f'{v:.4f}'}" for k, v in c["search"].items())
             + f" -> x{c['multiplier']:g} ({'bracketed' if c['bracketed'] else 'NOT bracketed: at the edge'})"
             for m, c in chosen.items()))
     (root / "table.csv").write_text(format_csv(rows))
@@ -434,6 +435,8 @@ def compare(options: CompareOptions, argv: Sequence[str], say: Callable[[str], N
     ablations = [m for m in methods if METHODS[m].get("method") == "sa-fedlora" and m != "sa-fedlora"]
     paired = paired_rows(root, plan) + [row for m in ablations for row in paired_rows(
         root, plan, method=m, references=("sa-fedlora", "sa-fp16-rmin4", "fedit-rmax", "fedavg"))]
+    paired += [row for m, references in PROTOCOL_PAIRS.items() if m in methods
+               for row in paired_rows(root, plan, method=m, references=references)]
     paired += paired_rows(root, plan, method="fedit-rmax", references=("fedavg",))
     if paired:
         markdown += ("\nPaired by seed (same seeds, data and partitions), in accuracy points, with the 95% "

@@ -396,8 +396,8 @@ def table_notes(options: CompareOptions) -> list[str]:
         f"Same for every method: seeds {', '.join(map(str, seeds))}; {s['num-server-rounds']} rounds; clients per "
         f"round: {nodes}; {s['local-samples']} samples x {s['local-epochs']} epoch(s) per client and round; "
         f"central evaluation on {s['test-size']} test rows and {s.get('val-size', 0)} validation rows"
-        + (f"; rank-max {s['rank-max']}, rank-min {s['rank-min']}." if "rank-max" in s else
-           "; each method's own ranks (the app's defaults or its profile's)."),
+        + (f"; rank-max {s['rank-max']}, rank-min {s['rank-min']}." if {"rank-max", "rank-min"} <= set(s) else
+           "; each method's own ranks (its keys, its profile's or the app's defaults)."),
         "Accuracy: mean ± sample std over seeds where several; best (oracle) = best test accuracy over the evaluated "
         "rounds 1..T, a choice made on the test set, shown only as an upper bound; val-selected = test accuracy at "
         "the round of lowest validation loss; last-3 = mean of the last 3 rounds; macro-F1 of the final round. "
