@@ -195,10 +195,15 @@ class RoundEnd:
             result["eval-seconds"] = time.perf_counter() - started
         elif config.evaluates(server_round) and server_round > 0:
             ranks = self.global_model.ranks(server_round, arrays)
-        if self.best.offer(self.recorder.record(server_round, result, ranks)):
-            self.save_model(server_round, arrays, self.run_dir / f"{BEST_PREFIX}{server_round}")
-        checkpoint.save(self.run_dir, server_round, pl.unpack(arrays),
-                        {"given": config.to_dict(), **checkpoint.collect(self.parts)})
+        try:
+            if self.best.offer(self.recorder.record(server_round, result, ranks)):
+                self.save_model(server_round, arrays, self.run_dir / f"{BEST_PREFIX}{server_round}")
+            checkpoint.save(self.run_dir, server_round, pl.unpack(arrays),
+                            {"given": config.to_dict(), **checkpoint.collect(self.parts)})
+        except OSError as error:  # a full disk, a lost mount: stop, and say what is safe
+            log(ERROR, "round %d: cannot write the run's outputs in %s (%s). %s", server_round, self.run_dir,
+                error, checkpoint.last_good(self.run_dir))
+            raise
         self.prune_best()
         return MetricRecord(result) if result else None
 

@@ -4,7 +4,7 @@
     part of the SuperLink-restart test).
 (b) TLS + SuperNode authentication: the registered nodes train, an unregistered key is refused.
 (c) a server without data, node-local files, federated evaluation and a broken node; a node killed
-    mid-round; a SuperLink restarted mid-run.
+    mid-round; a hung ClientApp (replaced) and its late reply (refused); a SuperLink restarted mid-round.
 docker/compose.yml itself runs on a real Docker engine in tests/test_compose.py.
 
 Processes start in their own sessions and are stopped in the fixture teardown: each started process
@@ -152,7 +152,7 @@ class Deployment:
             return None
         return {str(n["node-id"]) for n in data["nodes"] if n["status"] == "online"}
 
-    def launch(self, conn, run_name, settings=""):
+    def launch(self, conn, run_name, settings="", app_dir=APP_DIR):
         """Start `flwr run APP CONN --stream` of the tiny settings (plus ``settings``) in the background."""
         out_dir = self.tmp / "out"
         items = dict(item.split("=", 1) for item in f"{TINY} {settings}".split())  # Flower refuses repeated keys
@@ -160,7 +160,7 @@ class Deployment:
         config += f" cache-dir='{self.tmp / 'cache'}' out-dir='{out_dir}' run-name='{run_name}'"
         log = self.tmp / f"flwr-run-{run_name}.log"
         with open(log, "wb") as f:
-            cli = subprocess.Popen(["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", config],
+            cli = subprocess.Popen(["flwr", "run", str(app_dir), conn, "--stream", "--run-config", config],
                                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=self.env, cwd=self.tmp)
         return cli, log, out_dir / run_name
@@ -351,6 +351,139 @@ def test_a_node_killed_mid_round_is_dropped_and_its_restart_gets_the_backbone_ag
     d.round_past_dead_node = rows[2]["round-seconds"]
     print(f"round 2 ended {rows[2]['round-seconds']:.1f} s after it began "
           f"({time.monotonic() - killed_at:.1f} s from the kill to the end of the run)")
+
+
+def client_apps(supernode_pid, since):
+    """The ClientApp processes (one per message) that a SuperNode started after ``since`` (a time.time())."""
+    try:
+        tree = psutil.Process(supernode_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for process in tree:
+        try:
+            if "flwr-clientapp" in " ".join(process.cmdline()) and process.create_time() >= since:
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_hung_client_app_is_replaced_and_its_late_reply_is_refused(deployment):
+    """A live SuperNode whose ClientApp stops answering (SIGSTOP on the real `flwr-clientapp` process, as soon
+    as it starts for round 2's message). The process sends no task heartbeats, so its SuperNode lets its token
+    expire, puts the message back, and starts a new ClientApp for it: round 2 completes with every node, without
+    waiting for the round's deadline. Resumed (SIGCONT) after its round, the old process's reply is refused
+    (its token expired) and counts nowhere: rounds 3 and 4 aggregate one reply per node."""
+    d = deployment
+    link, *node_ports = free_ports(4)
+    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
+                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
+    for i in range(3):
+        d.start(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                   "--port", node_ports[i], "--node-config", f"partition-id={i} num-partitions=3"])
+    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
+    names = list(d.procs)
+    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 3, "3 SuperNodes online", alive=names)
+    cli, log, outputs = d.launch("loopback", "hang", "num-server-rounds=4")
+    d.wait_rounds(outputs, 1, cli, log, alive=names)
+    round_1_ended = time.time()
+    hung = d.wait_for(lambda: client_apps(d.procs["supernode-2"].pid, round_1_ended),
+                      "node 2's ClientApp of round 2", alive=names)
+    for process in hung:
+        process.suspend()  # SIGSTOP: the process lives, and answers nothing, heartbeats included
+    d.wait_rounds(outputs, 2, cli, log, alive=names)
+    for process in hung:
+        process.resume()  # SIGCONT: it now tries to pull its message and push a reply, after its round closed
+    text = d.complete("loopback", cli, log, alive=names)
+    rows = metrics_rows(outputs)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["replies"] == 3 and r["dropped"] == 0 for r in rows[1:]), rows
+    assert "no training reply" not in text, text[-4000:]
+    # A ClientApp started by the SuperNode after the suspended one trained round 2 on node 2.
+    psutil.wait_procs([p for p in hung if p.is_running()], timeout=60)
+    node_log = d.log("supernode-2", 100_000)
+    assert "round 2: trained" in node_log
+    assert "Runtime task-token authentication failed" in node_log.split("round 2: trained", 1)[1], node_log[-4000:]
+    print(f"round 2 took {rows[2]['round-seconds']:.1f} s with the replaced ClientApp "
+          f"(round 1: {rows[1]['round-seconds']:.1f} s, round 3: {rows[3]['round-seconds']:.1f} s)")
+
+
+STUCK_CLIENT = '''"""The app's ClientApp, except that the node whose environment names SAFEDLORA_TEST_RELEASE hangs in its
+second training message until that file exists: stuck in its own code, its task heartbeats still going."""
+import os
+import time
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+
+from safedlora_app import client_app
+
+app = ClientApp()
+app.evaluate()(client_app.evaluate_handler)
+app.query()(client_app.limits_handler)
+
+
+@app.train()
+def train(msg, context):
+    release = os.environ.get("SAFEDLORA_TEST_RELEASE")
+    if release:
+        seen = Path(release + ".seen")
+        if seen.exists():
+            while not Path(release).exists():
+                time.sleep(0.2)
+        seen.touch()
+    return client_app.train_handler(msg, context)
+'''
+
+
+def stuck_client_app(folder):
+    """A Flower app in ``folder``: this app's ServerApp and config, the ClientApp of ``STUCK_CLIENT``."""
+    folder.mkdir()
+    pyproject = (APP_DIR / "pyproject.toml").read_text()
+    assert 'clientapp = "safedlora_app.client_app:app"' in pyproject
+    (folder / "pyproject.toml").write_text(pyproject.replace('clientapp = "safedlora_app.client_app:app"',
+                                                             'clientapp = "stuck_client:app"'))
+    (folder / "stuck_client.py").write_text(STUCK_CLIENT)
+    return folder
+
+
+def test_a_client_app_stuck_with_live_heartbeats_is_cut_off_by_the_deadline_and_its_late_reply_ignored(deployment):
+    """A ClientApp stuck in its own code (its heartbeats going, so Flower sees nothing wrong) in round 2 on one of
+    3 nodes: the round's deadline (round-deadline-factor = 1: the longest earlier round, at least 60 s) ends the
+    wait, not round-timeout (3,600 s); the node is named in the log, and the round aggregates the other two.
+    Released after its round closed, the stuck ClientApp trains and sends its reply: the SuperLink takes it, and
+    the server never counts it, in round 2 or later."""
+    d = deployment
+    release = d.tmp / "release"
+    link, *node_ports = free_ports(4)
+    d.start("superlink", ["flower-superlink", "--insecure", "--port", link, "--database",
+                          d.tmp / "state.db", "--disable-runtime-dependency-installation"])
+    for i in range(3):
+        env = {"SAFEDLORA_TEST_RELEASE": str(release)} if i == 2 else {}
+        d.start(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                   "--port", node_ports[i], "--node-config", f"partition-id={i} num-partitions=3"],
+                **env)
+    d.connection("loopback", f"127.0.0.1:{link}", insecure=True)
+    names = list(d.procs)
+    d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 3, "3 SuperNodes online", alive=names)
+    cli, log, outputs = d.launch("loopback", "stuck", "num-server-rounds=4 round-deadline-factor=1",
+                                 app_dir=stuck_client_app(d.tmp / "stuck-app"))
+    d.wait_rounds(outputs, 2, cli, log, alive=names)
+    release.touch()
+    text = d.complete("loopback", cli, log, alive=names)
+    rows = metrics_rows(outputs)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[1]["replies"] == 3 and rows[2]["replies"] == 2, rows[:3]
+    assert re.search(r"round 2: no training reply from node\(s\) \[\d+\] before the round timeout", text), \
+        text[-4000:]
+    deadline = max(60.0, rows[1]["round-seconds"])
+    assert deadline <= rows[2]["round-seconds"] <= deadline + 30, (deadline, rows[2])
+    # The late reply was made and sent (the node logs its round-2 training after the release) and counts nowhere.
+    d.wait_for(lambda: "round 2: trained" in d.log("supernode-2", 100_000), "the stuck node's late reply")
+    assert all(r["replies"] == 3 and r["dropped"] == 0 for r in rows[3:]), rows[3:]
+    print(f"round 2 ended after {rows[2]['round-seconds']:.1f} s (deadline {deadline:.1f} s; round 1 "
+          f"{rows[1]['round-seconds']:.1f} s, round 3 {rows[3]['round-seconds']:.1f} s)")
 
 
 def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):

@@ -1,7 +1,11 @@
 """Checkpoint and resume: exact continuation, extension, refusals (in process; `flwr run` in test_e2e_simulation)."""
 
+import errno
 import json
+import os
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -194,3 +198,72 @@ def test_a_run_resumed_with_fewer_rounds_keeps_its_plan_and_a_run_given_schedule
     assert longer.planned_rounds == 12
     own = server_app.continued(RunConfig(num_server_rounds=24, schedule_rounds=24, resume=True, run_name="r"), saved)
     assert own.planned_rounds == 24
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MiB file system (tmpfs) that the test can fill up: needs root, as in CI and the Docker tiers."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder):
+    """Write zeros into ``folder/ballast`` until the file system says it is full (ENOSPC)."""
+    chunk = bytes(1 << 16)
+    with open(folder / "ballast", "wb", buffering=0) as ballast:
+        while True:
+            try:
+                ballast.write(chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+                break
+    while chunk := chunk[: len(chunk) // 2]:  # the last pages too
+        try:
+            with open(folder / "ballast", "ab", buffering=0) as ballast:
+                ballast.write(chunk)
+        except OSError:
+            pass
+
+
+class FillingGrid(InProcessGrid):
+    """Fills the disk when round ``fill_at`` (Flower's count) starts, after the previous round's checkpoint."""
+
+    def __init__(self, config, fill_at, disk):
+        super().__init__(config)
+        self.calls, self.fill_at, self.disk = 0, fill_at, disk
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.calls += any(m.metadata.message_type == MessageType.TRAIN for m in messages)
+        if self.calls == self.fill_at:
+            fill(self.disk)
+        return super().push_messages(messages)
+
+
+def test_a_disk_that_fills_up_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes(uninterrupted, small_disk,
+                                                                                         caplog):
+    """Issue #37 §3: a real ENOSPC while round 2's outputs are written. The run stops with an error that names
+    the intact checkpoint (round 1) and how to resume; no partial file is left; with space again, resume = true
+    ends exactly as the uninterrupted run."""
+    config, _, whole_rows, _ = uninterrupted
+    config = {**config, "out-dir": str(small_disk), "run-name": "full-disk"}
+    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(OSError) as raised:
+        server_app.main(FillingGrid(config, fill_at=2, disk=small_disk),
+                        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    assert raised.value.errno == errno.ENOSPC
+    run_dir = small_disk / "full-disk"
+    assert checkpoint.load(run_dir).server_round == 1  # whole, by its SHA-256
+    assert not list(run_dir.rglob("*.partial")) and len(list((run_dir / "checkpoint").glob("round-*"))) == 1
+    assert re.search(r"round 2: cannot write the run's outputs in .*full-disk \(\[Errno 28\] No space left on "
+                     r"device.*\)\. The checkpoint after round 1 in .* is intact: fix the cause \(e\.g\. free disk "
+                     r"space\), then run again with resume = true and run-name = 'full-disk'", caplog.text)
+    (small_disk / "ballast").unlink()
+    _, rows, summary = run_server({**config, "resume": True})
+    assert comparable(rows) == comparable(whole_rows) and summary["rounds"] == 3

@@ -90,7 +90,11 @@ def save(run_dir: Path, server_round: int, tensors: Mapping[str, torch.Tensor], 
     document = {"format": FORMAT, "round": server_round, "arrays": arrays.name, "arrays-sha256": _sha256(arrays),
                 "rng": rng_states(), **state}
     path = folder / STATE
-    atomic_write_json(path, document, indent=1)
+    try:
+        atomic_write_json(path, document, indent=1)
+    except BaseException:
+        arrays.unlink(missing_ok=True)  # the state in place names the previous arrays; free this one's space
+        raise
     for old in folder.glob("round-*.safetensors"):
         if old != arrays:
             old.unlink(missing_ok=True)
@@ -123,6 +127,18 @@ def load(run_dir: Path) -> Checkpoint:
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{arrays} cannot be read ({error})") from None
     return Checkpoint(server_round, tensors, state)
+
+
+def last_good(run_dir: Path) -> str:
+    """What a user can resume from after a failed write: the round of ``run_dir``'s checkpoint, checked whole
+    (:func:`load`), and how to continue; never raises."""
+    try:
+        point = load(run_dir)
+    except Exception as error:  # noqa: BLE001 - the message is the answer
+        return f"No loadable checkpoint to resume from ({error})."
+    return (f"The checkpoint after round {point.server_round} in {run_dir / DIRECTORY} is intact: "
+            "fix the cause (e.g. free disk space), then run again with resume = true and "
+            f"run-name = {run_dir.name!r} to continue from it.")
 
 
 def contradictions(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
