@@ -409,8 +409,8 @@ def test_a_hung_client_app_is_replaced_and_its_late_reply_is_refused(deployment)
           f"(round 1: {rows[1]['round-seconds']:.1f} s, round 3: {rows[3]['round-seconds']:.1f} s)")
 
 
-STUCK_CLIENT = '''"""The app's ClientApp, except that the node whose environment names SAFEDLORA_TEST_RELEASE hangs in its
-second training message until that file exists: stuck in its own code, its task heartbeats still going."""
+STUCK_CLIENT = '''"""The app's ClientApp, except that the node whose environment names SAFEDLORA_TEST_RELEASE
+hangs in its second training message until that file exists: stuck in its own code, its heartbeats still going."""
 import os
 import time
 from pathlib import Path
