@@ -1,6 +1,7 @@
 """(i) How many SuperNodes one SuperLink serves: a real deployment on loopback, N = 10, 25, 50 SuperNodes.
 
     python bench/many_supernodes.py [--nodes 10 25 50] [--sampled 2] [--rounds 3] [--local-samples 16]
+                                    [--round-timeout S] [--database file|memory]
 
 For each N: one ``flower-superlink`` (plain HTTP on 127.0.0.1, free ports, a private FLWR_HOME) and N
 ``flower-supernode`` processes, each with its partition of the embedded tweets (``inner-dirichlet``, N
@@ -11,7 +12,12 @@ library pages split between the processes that map them, so the sum is what the 
 process about once a second: the SuperLink (with its ServerApp process), the SuperNodes (each is two processes: the node
 and its ClientApp launcher), and their ClientApp processes; and the machine's available memory, stopping the
 fleet (and saying so) if it falls below 1 GiB. Printed for each N: the seconds until all N were online, those
-peaks (MiB), round 1 and the median of the later rounds, the replies per round; then each N against the smallest.
+peaks (MiB), round 1 and the median of the later rounds, the longest round, the replies per round, the lost
+replies and the SQLite lock errors; then each N against the smallest.
+
+``--round-timeout`` is the app's default (3,600 s) unless given: a lost message must not make a round wait for it.
+``--database file`` (default) runs the SuperLink on a SQLite file, as docs/deployment.md does; ``memory`` on
+Flower's in-memory state (nothing survives a SuperLink restart).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ LOW_MEMORY_MIB = 1024
 class Fleet:
     """One SuperLink and its SuperNodes, their logs, and the peak PSS of each role."""
 
-    def __init__(self, work: Path, nodes: int):
+    def __init__(self, work: Path, nodes: int, database: str = "file"):
         self.work, self.nodes = work, nodes
+        self.database = str(work / "state.db") if database == "file" else ":memory:"
         (work / "home").mkdir(parents=True)
         self.env = flower_env(work / "home", PYTHONUNBUFFERED="1")
         self.link: subprocess.Popen | None = None
@@ -58,7 +65,7 @@ class Fleet:
         """Start the SuperLink and the N SuperNodes; the seconds until ``flwr supernode ls`` lists all N online."""
         link = free_port()
         self.link = self._popen("superlink", [
-            "flower-superlink", "--insecure", "--port", str(link), "--database", str(self.work / "state.db"),
+            "flower-superlink", "--insecure", "--port", str(link), "--database", self.database,
             "--disable-runtime-dependency-installation"])
         (self.work / "home" / "config.toml").write_text(
             f'[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
@@ -169,16 +176,17 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> dict:
-    fleet = Fleet(work / f"nodes-{nodes}", nodes)
+def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path, round_timeout: float | None = None,
+            database: str = "file") -> dict:
+    fleet = Fleet(work / f"nodes-{nodes}", nodes, database)
     out = work / "runs"
-    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start). A message the
-    # SuperLink loses (its SQLite state answered "database is locked" to 1 of 25 nodes here) costs a round its
-    # deadline: round-timeout bounds that at 120 s instead of an hour.
+    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start).
     settings = (f"num-server-rounds={rounds} init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1 "
                 f"fraction-train={sampled / nodes} min-nodes={sampled} partitioner='inner-dirichlet' "
-                f"local-samples={samples} test-size=64 val-size=64 node-wait-timeout=120 round-timeout=120 "
+                f"local-samples={samples} test-size=64 val-size=64 node-wait-timeout=120 "
                 f"out-dir='{out}' run-name='nodes-{nodes}' cache-dir='{work / 'cache'}'")
+    if round_timeout is not None:
+        settings += f" round-timeout={round_timeout}"
     try:
         online = fleet.start()
         start = time.perf_counter()
@@ -198,11 +206,13 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path) -> 
     return {**fleet.peak, "online": online, "available": fleet.least_available, "wall": wall,
             "most-clientapps": fleet.most_clientapps,
             "first": rows[1]["round-seconds"], "later": statistics.median(r["round-seconds"] for r in rows[2:]),
+            "longest": max(r["round-seconds"] for r in rows[1:]),
             "replies": [r["replies"] for r in rows[1:]],
             "lost": len(re.findall(r"did not report its limits|no \w+ reply from node",
                                    (fleet.work / "flwr-run.log").read_text())),
             "locked": sum(log.read_text(errors="replace").count("database is locked")
-                          for log in fleet.work.glob("*.log"))}
+                          for log in fleet.work.glob("*.log")),
+            "locked-link": (fleet.work / "superlink.log").read_text(errors="replace").count("database is locked")}
 
 
 def main() -> None:
@@ -211,22 +221,32 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-samples", type=int, default=16)
+    parser.add_argument("--round-timeout", type=float, default=None,
+                        help="the run's round-timeout in s (default: the app's, 3600)")
+    parser.add_argument("--database", choices=("file", "memory"), default="file",
+                        help="the SuperLink's state: a SQLite file (default) or Flower's in-memory state")
     args = parser.parse_args()
+    if args.round_timeout is not None and args.round_timeout <= 0:
+        parser.error(f"--round-timeout {args.round_timeout}: must be > 0 s")
     if args.rounds < 2:
         parser.error(f"--rounds {args.rounds}: need at least 2 (round 1 also asks every node for its limits)")
     if any(n < args.sampled for n in args.nodes):
         parser.error(f"--nodes {args.nodes}: each must be at least --sampled {args.sampled}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the fleet's stop (start_new_session)
     work = Path(tempfile.mkdtemp(prefix="safedlora-supernodes-"))
+    timeout = "the app's default" if args.round_timeout is None else f"{args.round_timeout:g} s"
+    print(f"SuperLink state: {args.database}; round-timeout: {timeout}", flush=True)
     results = {}
     for nodes in sorted(set(args.nodes)):
-        r = results[nodes] = measure(nodes, args.sampled, args.rounds, args.local_samples, work)
+        r = results[nodes] = measure(nodes, args.sampled, args.rounds, args.local_samples, work, args.round_timeout,
+                                     args.database)
         print(f"{nodes} SuperNodes, {args.sampled} training per round: all online after {r['online']:.0f} s; "
               f"peak PSS SuperLink {r['superlink']:.0f} MiB, ServerApp {r['serverapp']:.0f} MiB, SuperNodes "
               f"{r['supernodes']:.0f} MiB ({r['supernodes'] / nodes:.0f} MiB each), ClientApp processes "
               f"{r['clientapps']:.0f} MiB (at most {r['most-clientapps']} at once), all {r['total']:.0f} MiB; round 1 "
-              f"{r['first']:.1f} s, later rounds {r['later']:.1f} s (median); replies per round {r['replies']}; "
-              f"warnings of lost replies {r['lost']} ('database is locked' in the logs: {r['locked']}); "
+              f"{r['first']:.1f} s, later rounds {r['later']:.1f} s (median), longest {r['longest']:.1f} s; "
+              f"replies per round {r['replies']}; warnings of lost replies {r['lost']} ('database is locked' in "
+              f"the logs: {r['locked']}, the SuperLink's {r['locked-link']}); "
               f"run {r['wall']:.0f} s; least available memory {r['available']:.0f} MiB", flush=True)
     small = min(args.nodes)
     for nodes, r in results.items():

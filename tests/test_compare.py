@@ -666,14 +666,15 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
         result = real_run(self, run_config, timeout, federation, progress)
         name = FakeFlower.runs[-1]
         run_dir = next(tmp_path.glob(f"s/runs/*/{name}"))
-        (run_dir / "summary.json").write_text(json.dumps({"final-val-loss": loss[name], "final-accuracy": loss[name],
-                                                          "wall-seconds": 1.0}))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "final-val-loss": loss[name],
+                                                          "final-accuracy": loss[name]}))
         return result
 
     monkeypatch.setattr(FakeFlower, "run", run)
     options = cli.resolve_options(cli.build_parser().parse_args(
         ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
-         "--splits", "natural,dirichlet"]))
+         "--splits", "natural,dirichlet", "--store", str(tmp_path / "store")]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     # 3 search runs on natural, seed 41, chosen by validation loss; x2, the best, is the grid's edge, so x4
     # is tried too (and is worse); then both splits at the chosen x2 on the reporting seed 42
@@ -686,6 +687,15 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
     rows = list(csv.DictReader((tmp_path / "s" / "table.csv").read_text().splitlines()))
     assert [(r["split"], r["lr"], r["lr_multiplier"]) for r in rows] == [("natural", "0.006", "2.0"),
                                                                           ("dirichlet", "0.006", "2.0")]
+    # --report-only from the stored runs alone makes the same choice: the extension's x4 is reused too.
+    FakeFlower.runs = []
+    report = cli.resolve_options(cli.build_parser().parse_args(
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--lr-search",
+         "--splits", "natural,dirichlet", "--reuse", str(tmp_path / "store"), "--report-only"]))
+    assert cli.compare(report, [], say=lambda _: None, flower_factory=FakeFlower) == 0
+    assert FakeFlower.runs == []
+    chosen = json.loads((tmp_path / "r" / "comparison.json").read_text())["chosen-lrs"]["fedit-rmax"]
+    assert (chosen["multiplier"], chosen["bracketed"]) == (2.0, True)
 
 
 # --- End to end through `flwr run` -----------------------------------------------------------------

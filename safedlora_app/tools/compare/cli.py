@@ -349,8 +349,9 @@ def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, 
         losses = validation_losses(root, [*search, *added])
         more = [spec for method, values in losses.items() if (m := extend_lr_grid(values)) is not None
                 for spec in plan_lr_search(settings, [method], split, seed, grid=(m,))]
-        if report_only:
-            more = [spec for spec in more if runner.finished(spec)]
+        if report_only:  # a stored run of the extension counts as it did when it ran
+            runner.reuse_stored(more)
+            more = [spec for spec in more if spec not in added and runner.finished(spec)]
         if not more:
             return added
         if not report_only:
