@@ -208,7 +208,7 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path, rou
             "first": rows[1]["round-seconds"], "later": statistics.median(r["round-seconds"] for r in rows[2:]),
             "longest": max(r["round-seconds"] for r in rows[1:]),
             "replies": [r["replies"] for r in rows[1:]],
-            "lost": len(re.findall(r"did not report its limits|no \w+ reply from node",
+            "lost": len(re.findall(r"did not report its limits|did not answer the limits query|no \w+ reply from node",
                                    (fleet.work / "flwr-run.log").read_text())),
             "locked": sum(log.read_text(errors="replace").count("database is locked")
                           for log in fleet.work.glob("*.log")),
