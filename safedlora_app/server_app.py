@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
+from safetensors import SafetensorError
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import CAUSAL_LM_TASK, ConfigError, RunConfig
@@ -200,7 +201,7 @@ class RoundEnd:
                 self.save_model(server_round, arrays, self.run_dir / f"{BEST_PREFIX}{server_round}")
             checkpoint.save(self.run_dir, server_round, pl.unpack(arrays),
                             {"given": config.to_dict(), **checkpoint.collect(self.parts)})
-        except OSError as error:  # a full disk, a lost mount: stop, and say what is safe
+        except (OSError, SafetensorError) as error:  # a full disk, a lost mount: stop, and say what is safe
             log(ERROR, "round %d: cannot write the run's outputs in %s (%s). %s", server_round, self.run_dir,
                 error, checkpoint.last_good(self.run_dir))
             raise

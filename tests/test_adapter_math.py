@@ -177,6 +177,21 @@ def test_many_replies_are_sketched_and_keep_the_exact_top_components(form):
     assert torch.equal(b, again[0]) and torch.equal(a, again[1])  # seeded: the same replies, the same result
 
 
+def test_a_sketch_of_replies_at_mixed_ranks_and_weights_keeps_the_exact_top_components():
+    """Capped nodes reply at lower ranks, and a node may weigh 0: the start (M applied to the weighted mean A, each
+    A_k zero-padded) and the iteration must handle both."""
+    bs, as_ = _many_replies(60, 8, 160, 120, shared=3.0, seed=3)
+    cut = [8, 4, 2] * 20
+    bs, as_ = [b[:, :r] for b, r in zip(bs, cut)], [a[:r] for a, r in zip(as_, cut)]
+    weights = [0.0 if k % 7 == 0 else 1.0 + k % 3 for k in range(60)]
+    assert sum(cut) > am.EXACT_STACK_MAX
+    dense = sum(w * b.double() @ a.double() for w, b, a in zip(weights, bs, as_)) / sum(weights)
+    u, s, vh = torch.linalg.svd(dense)
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    b, a = am.aggregate_products(bs, as_, weights, max_rank=8)
+    assert float((b.double() @ a.double() - best).norm() / best.norm()) < 1e-5
+
+
 def test_a_sketch_without_a_spectral_gap_is_still_a_best_approximation():
     bs, as_ = _many_replies(40, 8, 160, 120, shared=0.0, seed=1)  # independent replies: a flat spectrum
     mean = _dense_mean(bs, as_)

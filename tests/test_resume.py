@@ -247,23 +247,48 @@ class FillingGrid(InProcessGrid):
         return super().push_messages(messages)
 
 
-def test_a_disk_that_fills_up_during_a_checkpoint_keeps_the_last_one_and_the_run_resumes(uninterrupted, small_disk,
-                                                                                         caplog):
-    """Issue #37 §3: a real ENOSPC while round 2's outputs are written. The run stops with an error that names
-    the intact checkpoint (round 1) and how to resume; no partial file is left; with space again, resume = true
-    ends exactly as the uninterrupted run."""
+def test_a_disk_that_fills_up_during_a_round_stops_the_run_at_the_last_checkpoint_and_it_resumes(uninterrupted,
+                                                                                                 small_disk, caplog):
+    """Issue #37 §3: a real ENOSPC while round 2's outputs are written (its metrics line, best model or checkpoint:
+    whichever needs the next page of the file system). The run stops with an error that names the intact checkpoint
+    (round 1) and how to resume; no partial file is left; with space again, resume = true ends exactly as the
+    uninterrupted run."""
     config, _, whole_rows, _ = uninterrupted
     config = {**config, "out-dir": str(small_disk), "run-name": "full-disk"}
-    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(OSError) as raised:
+    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(Exception, match="No space left on device"):
         server_app.main(FillingGrid(config, fill_at=2, disk=small_disk),
                         Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    assert raised.value.errno == errno.ENOSPC
     run_dir = small_disk / "full-disk"
     assert checkpoint.load(run_dir).server_round == 1  # whole, by its SHA-256
     assert not list(run_dir.rglob("*.partial")) and len(list((run_dir / "checkpoint").glob("round-*"))) == 1
-    assert re.search(r"round 2: cannot write the run's outputs in .*full-disk \(\[Errno 28\] No space left on "
-                     r"device.*\)\. The checkpoint after round 1 in .* is intact: fix the cause \(e\.g\. free disk "
-                     r"space\), then run again with resume = true and run-name = 'full-disk'", caplog.text)
+    assert re.search(r"round 2: cannot write the run's outputs in .*full-disk \(.*No space left on device.*\)\. "
+                     r"The checkpoint after round 1 in .* is intact: fix the cause \(e\.g\. free disk space\), then "
+                     r"run again with resume = true and run-name = 'full-disk'", caplog.text)
     (small_disk / "ballast").unlink()
     _, rows, summary = run_server({**config, "resume": True})
     assert comparable(rows) == comparable(whole_rows) and summary["rounds"] == 3
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(small_disk, monkeypatch):
+    """The checkpoint itself on a full disk (a real ENOSPC), and a state file that fails after its arrays were
+    written: each time the previous checkpoint loads, and no file of the failed one is left."""
+    small = {"head::w": torch.ones(2, 3)}
+    checkpoint.save(small_disk, 1, small, {"given": {}, "records": [], "node-backbone": {}})
+    fill(small_disk)
+    with pytest.raises(Exception, match="No space left on device"):
+        checkpoint.save(small_disk, 2, {"head::w": torch.ones(512, 512)}, {"given": {}, "records": [],
+                                                                           "node-backbone": {}})
+    folder = small_disk / checkpoint.DIRECTORY
+    assert checkpoint.load(small_disk).server_round == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00001.safetensors", "state.json"]
+    (small_disk / "ballast").unlink()
+
+    def no_state(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_json", no_state)
+    with pytest.raises(OSError):
+        checkpoint.save(small_disk, 2, small, {"given": {}, "records": [], "node-backbone": {}})
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00001.safetensors", "state.json"]
+    assert checkpoint.load(small_disk).server_round == 1
+    assert "No checkpoint was written yet" in checkpoint.last_good(small_disk / "elsewhere")

@@ -92,8 +92,9 @@ def save(run_dir: Path, server_round: int, tensors: Mapping[str, torch.Tensor], 
     path = folder / STATE
     try:
         atomic_write_json(path, document, indent=1)
-    except BaseException:
-        arrays.unlink(missing_ok=True)  # the state in place names the previous arrays; free this one's space
+    except Exception:
+        if _named_arrays(path) != arrays.name:  # the state in place names the previous arrays: free this one's space
+            arrays.unlink(missing_ok=True)
         raise
     for old in folder.glob("round-*.safetensors"):
         if old != arrays:
@@ -129,13 +130,23 @@ def load(run_dir: Path) -> Checkpoint:
     return Checkpoint(server_round, tensors, state)
 
 
+def _named_arrays(path: Path) -> str | None:
+    """The arrays file that the state file at ``path`` names, or None if there is none to read."""
+    try:
+        return json.loads(path.read_text()).get("arrays")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def last_good(run_dir: Path) -> str:
     """What a user can resume from after a failed write: the round of ``run_dir``'s checkpoint, checked whole
     (:func:`load`), and how to continue; never raises."""
+    if not (run_dir / DIRECTORY / STATE).exists():
+        return "No checkpoint was written yet: fix the cause (e.g. free disk space) and start the run again."
     try:
         point = load(run_dir)
     except Exception as error:  # noqa: BLE001 - the message is the answer
-        return f"No loadable checkpoint to resume from ({error})."
+        return f"The checkpoint cannot be resumed from: {error}."
     return (f"The checkpoint after round {point.server_round} in {run_dir / DIRECTORY} is intact: "
             "fix the cause (e.g. free disk space), then run again with resume = true and "
             f"run-name = {run_dir.name!r} to continue from it.")

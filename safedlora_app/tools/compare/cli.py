@@ -351,7 +351,7 @@ def extend_search(root: Path, search: Sequence[RunSpec], settings: Mapping[str, 
                 for spec in plan_lr_search(settings, [method], split, seed, grid=(m,))]
         if report_only:  # a stored run of the extension counts as it did when it ran
             runner.reuse_stored(more)
-            more = [spec for spec in more if spec not in added and runner.finished(spec)]
+            more = [spec for spec in more if runner.finished(spec)]
         if not more:
             return added
         if not report_only:
