@@ -92,9 +92,8 @@ def save(run_dir: Path, server_round: int, tensors: Mapping[str, torch.Tensor], 
     path = folder / STATE
     try:
         atomic_write_json(path, document, indent=1)
-    except Exception:
-        if _named_arrays(path) != arrays.name:  # the state in place names the previous arrays: free this one's space
-            arrays.unlink(missing_ok=True)
+    except Exception:  # atomic_write raises only before its rename: the state in place names the previous arrays
+        arrays.unlink(missing_ok=True)  # free this one's space
         raise
     for old in folder.glob("round-*.safetensors"):
         if old != arrays:
@@ -128,14 +127,6 @@ def load(run_dir: Path) -> Checkpoint:
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{arrays} cannot be read ({error})") from None
     return Checkpoint(server_round, tensors, state)
-
-
-def _named_arrays(path: Path) -> str | None:
-    """The arrays file that the state file at ``path`` names, or None if there is none to read."""
-    try:
-        return json.loads(path.read_text()).get("arrays")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def last_good(run_dir: Path) -> str:
