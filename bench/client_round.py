@@ -37,10 +37,11 @@ def build_message(workdir: Path, run_config: dict) -> None:
     from safedlora_app.core import payload as pl
     from safedlora_app.core.config import RunConfig
     from safedlora_app.core.data import SENTIMENTS
-    from safedlora_app.core.model import adapted_modules, full_state, head_parameters, load_base_model, module_shapes
+    from safedlora_app.core.model import adapted_modules, full_state, head_parameters, module_shapes
     from safedlora_app.core.round_plan import initial_tensors
     from safedlora_app.server.dispatch import NodeLimits
     from safedlora_app.server.strategy import SAFedLoRA
+    from safedlora_app.tasks import load_base_model
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     config = RunConfig.from_mapping(run_config)
@@ -76,7 +77,7 @@ def child(workdir: Path, run_config: dict, node_config: dict, op_profile: int = 
     from safedlora_app.client_app import train_handler
     from safedlora_app.core import payload as pl
     from safedlora_app.core.config import RunConfig
-    from safedlora_app.core.model import load_base_model
+    from safedlora_app.tasks import load_base_model
     imported = time.perf_counter()
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     round_config = json.loads((workdir / "config.json").read_text())

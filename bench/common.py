@@ -10,9 +10,9 @@ import torch
 
 from safedlora_app.client.node_resources import node_resources
 from safedlora_app.core.config import RunConfig
-from safedlora_app.core.data import load_task_data
-from safedlora_app.core.model import adapted_modules, load_base_model, load_preprocessor, pick_device
+from safedlora_app.core.model import adapted_modules, pick_device
 from safedlora_app.core.training import Encoded, autocast, compute_dtype
+from safedlora_app.tasks import load_base_model, load_preprocessor, load_task_data
 
 
 def setup(precision: str = "auto", threads: int = 0):

@@ -1,13 +1,20 @@
 """(d) The default `flwr run .`, timed whole, with where each round's time goes and its bytes against the floor.
 
     python bench/default_run.py [--run-config "KEY=VALUE ..."] [--federation-config "..."] [--keep DIR]
+                                [--against REV]
 
 Runs the app with its defaults through the real `flwr run` on a private local SuperLink (startup
 included in the wall time), then reads the run's metrics.jsonl:
 - wall time of the whole command, and per round: seconds, central evaluation's share, aggregation's share;
+- issue #38's ratios: each round against its floor (the slowest parallel group's training plus central
+  evaluation; goal <= 1.1), round 1 against the later rounds' median (goal <= 1.3), central evaluation's share of
+  the rounds' time (goal <= 20%), and how many nodes trained at once;
 - wire bytes of each LoRA round against the floor: every node receives and returns exactly
   ``sum_m r_m (d_in + d_out)`` values of factors (wire-dtype), plus the head's values. Goal: <= 1.02.
 - accuracy: final, best, and the spread of the last four rounds.
+
+``--against REV`` first runs the same command on a checkout of an earlier commit (a git worktree), then this
+one, on the same machine, and prints this one's wall time and median round over the earlier one's.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +35,13 @@ from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
 
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.data import SENTIMENTS
-from safedlora_app.core.model import adapted_modules, head_parameters, load_base_model, module_shapes
-from safedlora_app.tools.simulation import LocalFlower
+from safedlora_app.core.model import adapted_modules, head_parameters, module_shapes
+from safedlora_app.server.outputs import nodes_at_once
+from safedlora_app.tasks import load_base_model
+from safedlora_app.tools.simulation import APP_ROOT, LocalFlower
+
+#: The README quickstart's federation: one CPU per simulated node, so that both nodes train at once on 2 cores.
+QUICKSTART_FEDERATION = "client-resources-num-cpus=1"
 
 
 def floors(config: RunConfig) -> tuple[dict[str, int], int]:
@@ -51,19 +64,16 @@ def concurrent_clients(federation: str) -> int:
     return max(1, int(len(os.sched_getaffinity(0)) // per_client))  # the CPUs this process may use, as Ray counts
 
 
-def where_a_round_goes(rows: list[dict], concurrent: int) -> str:
-    """Medians over the rounds of each part of a round, and its fixed cost: what is neither the nodes' training
-    nor central evaluation (issue #26: at most 1 s). The nodes' work counts once per wave of ``concurrent`` nodes."""
+def round_parts(rows: list[dict], concurrent: int) -> dict[str, float]:
+    """Medians over ``rows`` of each part of a round; the nodes' work counts once per wave of ``concurrent`` nodes.
+    The last entry is the round's fixed cost: what is neither the nodes' training nor central evaluation."""
     def median(f) -> float:
         values = [f(r) for r in rows if all(r.get(k) is not None for k in ("client-seconds", "exchange-seconds"))]
         return statistics.median(values) if values else float("nan")
 
     def waves(r) -> int:
         return math.ceil(r["replies"] / concurrent)
-
-    def fixed(r) -> float:
-        return r["round-seconds"] - waves(r) * r["train-seconds"] - (r.get("eval-seconds") or 0.0)
-    parts = {
+    return {
         "training": median(lambda r: waves(r) * r["train-seconds"]),
         "node set-up and reply": median(lambda r: waves(r) * (r["client-seconds"] - r["train-seconds"])),
         "Flower messaging and scheduling": median(lambda r: r["exchange-seconds"] - waves(r) * r["client-seconds"]),
@@ -71,52 +81,120 @@ def where_a_round_goes(rows: list[dict], concurrent: int) -> str:
         "central evaluation": median(lambda r: r.get("eval-seconds") or 0.0),
         "server's other work (sampling, payloads, records, checkpoint)": median(lambda r: r["round-seconds"] - (
             r["exchange-seconds"] + r["aggregate-seconds"] + (r.get("eval-seconds") or 0.0))),
+        "fixed cost (neither training nor central evaluation)": median(
+            lambda r: r["round-seconds"] - waves(r) * r["train-seconds"] - (r.get("eval-seconds") or 0.0)),
     }
-    lines = [f"  {name}: {seconds:.2f} s" for name, seconds in parts.items()]
-    return "\n".join([f"where a round goes (medians; {concurrent} node(s) at once, so the nodes' work counts once "
-                       f"per {concurrent} node(s)):", *lines,
-                       f"fixed cost of a round (neither training nor central evaluation): {median(fixed):.2f} s "
-                       f"median, {100 * median(lambda r: fixed(r) / r['round-seconds']):.0f}% of a round "
-                       f"(goal <= 1 s)"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-config", default="")
-    parser.add_argument("--federation-config", default="")
-    parser.add_argument("--keep", default=None, help="directory to keep the run's outputs in")
-    args = parser.parse_args()
-    work = Path(args.keep or tempfile.mkdtemp(prefix="safedlora-bench-"))
+def where_a_round_goes(rows: list[dict], concurrent: int) -> str:
+    """Round 1 and the median later round, part by part (issue #26: a fixed cost of at most 1 s; issue #38:
+    where round 1's extra time goes)."""
+    first, later = round_parts(rows[:1], concurrent), round_parts(rows[1:], concurrent)
+    lines = [f"  {name}: {first[name]:.2f} s | {later[name]:.2f} s" for name in first]
+    return "\n".join([f"where a round goes, round 1 | median of the later rounds ({concurrent} node(s) at once, so "
+                       f"the nodes' work counts once per {concurrent} node(s); goal for the fixed cost <= 1 s):",
+                       *lines])
+
+
+def round_goals(rows: list[dict], concurrent: int) -> str:
+    """Issue #38's ratios. A round's floor is its slowest parallel group's training plus central evaluation:
+    with every node at once, the slowest node's training; one at a time, the nodes' training summed."""
+    def floor(r) -> float | None:
+        if r.get("train-seconds-max") is None:  # a run of code older than these fields
+            return None
+        waves = math.ceil(r["replies"] / concurrent)
+        training = r["train-seconds-total"] if concurrent == 1 else waves * r["train-seconds-max"]
+        return training + (r.get("eval-seconds") or 0.0)
+
+    lines = []
+    ratios = [(r["round"], r["round-seconds"] / f) for r in rows if (f := floor(r))]
+    if ratios:
+        worst = max(ratios, key=lambda x: x[1])
+        lines.append(f"round / floor: {', '.join(f'{x:.2f}' for _, x in ratios)} (worst {worst[1]:.2f}, round "
+                     f"{worst[0]}; goal <= 1.1)")
+    if len(rows) > 1:
+        later = statistics.median(r["round-seconds"] for r in rows[1:])
+        lines.append(f"round 1 / median later round: {rows[0]['round-seconds'] / later:.2f} "
+                     f"({rows[0]['round-seconds']:.1f} vs {later:.1f} s; goal <= 1.3)")
+    evaluation = sum(r.get("eval-seconds") or 0.0 for r in rows)
+    lines.append(f"central evaluation: {100 * evaluation / sum(r['round-seconds'] for r in rows):.1f}% of the rounds' "
+                 f"time (goal <= 20%)")
+    if at_once := [x for r in rows if (x := nodes_at_once(r)) is not None]:
+        lines.append(f"nodes at once (their ClientApp seconds over the exchange's): median "
+                     f"{statistics.median(at_once):.2f} of {rows[-1]['replies']}")
+    return "\n".join(lines)
+
+
+def timed_run(app: Path, work: Path, run_config: str, federation: str) -> tuple[float, list[dict], dict, Path]:
+    """``flwr run`` of ``app`` on a private local SuperLink: wall seconds, the trained rounds' metrics lines, the
+    summary and the run's directory."""
     work.mkdir(parents=True, exist_ok=True)
     flower = LocalFlower(work / "flwr-home")
     (work / "flwr-home").mkdir(exist_ok=True)
-    settings = f"{args.run_config} out-dir='{work / 'runs'}' run-name='default' cache-dir='{work / 'cache'}'"
+    settings = f"{run_config} out-dir='{work / 'runs'}' run-name='default' cache-dir='{work / 'cache'}'"
     start = time.perf_counter()
     try:
-        result = flower.run(settings.strip(), timeout=3600, federation=args.federation_config)
+        result = flower.run(settings.strip(), timeout=3600, federation=federation, app=app)
         wall = time.perf_counter() - start
         status = flower.run_status(result.stdout + result.stderr)
     finally:
         flower.stop()
     if status != "finished:completed":
-        raise SystemExit(f"run {status}:\n{(result.stdout + result.stderr)[-3000:]}")
-    rows = [json.loads(line) for line in (work / "runs" / "default" / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((work / "runs" / "default" / "summary.json").read_text())
-    config = RunConfig.from_mapping(json.loads((work / "runs" / "default" / "config.json").read_text())["effective"])
-    trained = [r for r in rows if r["round"] > 0]
+        raise SystemExit(f"run of {app} {status}:\n{(result.stdout + result.stderr)[-3000:]}")
+    run = work / "runs" / "default"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return wall, [r for r in rows if r["round"] > 0], json.loads((run / "summary.json").read_text()), run
+
+
+def earlier_checkout(rev: str, work: Path) -> Path:
+    """A git worktree of ``rev`` (detached) under ``work``."""
+    target = work / f"checkout-{rev}"
+    subprocess.run(["git", "-C", APP_ROOT, "worktree", "add", "--detach", "--force", target, rev], check=True,
+                   capture_output=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-config", default="")
+    parser.add_argument("--federation-config", default=QUICKSTART_FEDERATION,
+                        help=f"default: the README quickstart's, {QUICKSTART_FEDERATION!r}; \"\" for Flower's own "
+                             "(2 CPUs per node)")
+    parser.add_argument("--keep", default=None, help="directory to keep the run's outputs in")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="also run an earlier commit (first), and print this code's times over its")
+    args = parser.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="safedlora-bench-"))
+    earlier = None
+    if args.against:
+        checkout = earlier_checkout(args.against, work)
+        try:
+            earlier = timed_run(checkout, work / "earlier", args.run_config, args.federation_config)
+        finally:
+            subprocess.run(["git", "-C", APP_ROOT, "worktree", "remove", "--force", checkout], capture_output=True)
+    wall, trained, summary, run = timed_run(APP_ROOT, work / "this", args.run_config, args.federation_config)
+    config = RunConfig.from_mapping(json.loads((run / "config.json").read_text())["effective"])
     print(f"`flwr run .` {args.run_config or '(defaults)'} {args.federation_config}: wall {wall:.1f} s "
           f"(ServerApp {summary['wall-seconds']:.1f} s, {len(trained)} rounds)")
     seconds = ", ".join(f"{r['round-seconds']:.1f}" for r in trained)
     print(f"round seconds: {seconds}")
+    if earlier:
+        old_wall, old_rows = earlier[0], earlier[1]
+        median, old_median = (statistics.median(r["round-seconds"] for r in rows[1:]) for rows in (trained, old_rows))
+        print(f"this code / {args.against}: wall {wall / old_wall:.2f}x ({wall:.1f} vs {old_wall:.1f} s), median "
+              f"round after the first {median / old_median:.2f}x ({median:.1f} vs {old_median:.1f} s), final "
+              f"accuracy {summary['final-accuracy']:.1%} vs {earlier[2]['final-accuracy']:.1%}")
+    concurrent = concurrent_clients(args.federation_config)
+    print(round_goals(trained, concurrent))
     evaluated = [r for r in trained if r.get("eval-seconds")]
-    if evaluated:  # runs of the app before eval-seconds was recorded have none
+    if evaluated:
         print(f"central evaluation: {statistics.median(r['eval-seconds'] for r in evaluated):.2f} s per evaluation, "
               f"{100 * statistics.median(r['eval-seconds'] / r['round-seconds'] for r in evaluated):.1f}% of an "
               f"evaluated round (median); {len(evaluated)} of {len(trained)} rounds evaluated")
     aggregation = 100 * statistics.median(r["aggregate-seconds"] / r["round-seconds"] for r in trained)
     print(f"client training: {statistics.median(r['train-seconds'] for r in trained):.2f} s per client and round "
           f"(median); aggregation {aggregation:.2f}% of a round (median)")
-    print(where_a_round_goes(trained, concurrent_clients(args.federation_config)))
+    print(where_a_round_goes(trained, concurrent))
     factor_values, head_values = floors(config)
     ratios, ratios_factors = [], []
     value_bytes = np.dtype(config.wire_dtype).itemsize

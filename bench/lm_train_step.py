@@ -24,19 +24,12 @@ import torch
 from common import alternate, bare_round, describe, header, ratio_line
 from peft import LoraConfig, get_peft_model
 
-from safedlora_app.core.chat import ChatRows
 from safedlora_app.core.config import RunConfig
-from safedlora_app.core.data import load_task_data, partition_dataset
-from safedlora_app.core.model import (
-    adapted_modules,
-    build_lora_model,
-    checkpoint_activations,
-    load_base_model,
-    load_preprocessor,
-    pick_device,
-    resolve_model_name,
-)
+from safedlora_app.core.data import partition_dataset
+from safedlora_app.core.model import adapted_modules, build_lora_model, checkpoint_activations, pick_device
 from safedlora_app.core.training import compute_dtype, peak_memory_mb, train
+from safedlora_app.tasks import get_task, load_base_model, load_preprocessor, load_task_data
+from safedlora_app.tasks.causal_lm import ChatRows
 
 SEED = 7
 
@@ -45,7 +38,7 @@ def setup(precision: str, threads: int):
     torch.set_num_threads(threads)
     config = RunConfig.from_mapping({"task": "causal-lm", "precision": precision})
     device = pick_device()
-    name = resolve_model_name("", config.task, config.cache_dir)
+    name = get_task(config.task).model_name("", config.cache_dir)
     base = load_base_model(name, config.task, (), seed=config.seed)
     tokenizer = load_preprocessor(name, config.task)
     task = load_task_data("", task=config.task, test_size=config.test_size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,28 +18,25 @@ from flwr.supercore import log
 from safetensors import SafetensorError
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import CAUSAL_LM_TASK, ConfigError, RunConfig
-from safedlora_app.core.data import DataError, TaskData, load_task_data
-from safedlora_app.core.files import atomic_write_text
+from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.data import DataError, TaskData
 from safedlora_app.core.model import (
     ModelError,
     adapted_modules,
     full_state,
     head_parameters,
-    load_base_model,
-    load_preprocessor,
     model_source,
     module_shapes,
     pick_device,
-    resolve_model_name,
 )
 from safedlora_app.core.round_plan import initial_tensors
-from safedlora_app.core.training import Encoded, compute_dtype, evaluate_held_out
+from safedlora_app.core.training import compute_dtype
 from safedlora_app.server import checkpoint
 from safedlora_app.server.global_model import GlobalModel
 from safedlora_app.server.outputs import BestRound, RunRecorder, run_directory, write_json
 from safedlora_app.server.round_deadline import DeadlineGrid
 from safedlora_app.server.strategy import NotEnoughNodes, SAFedLoRA
+from safedlora_app.tasks import Task, columns_of, get_task, load_task_data
 
 app = ServerApp()
 #: ``best-round-<t>/``: the model of the round with the lowest held-out loss, next to the last round's.
@@ -73,11 +69,8 @@ def server_data(config: RunConfig):
     names = config.label_list()
     if not config.central_eval:
         return None, names
-    data = load_task_data(config.dataset_name, task=config.task, text_column=config.text_column,
-                          label_column=config.label_column, image_column=config.image_column,
-                          natural_column=config.natural_column, prompt_column=config.prompt_column,
-                          response_column=config.response_column, messages_column=config.messages_column,
-                          test_size=config.test_size, val_size=config.val_size)
+    data = load_task_data(config.dataset_name, task=config.task, **columns_of(config), test_size=config.test_size,
+                          val_size=config.val_size)
     if names and names != tuple(data.label_names):
         raise ConfigError(f"label-names = {config.label_names!r} is not allowed: dataset-name's classes are "
                           f"{list(data.label_names)} (in that order); give those, or set central-eval = false")
@@ -126,7 +119,8 @@ class Setup:
     """Everything a run checks before round 1: config values, data columns, model, target modules."""
 
     config: RunConfig
-    model_name: str  # model-name as loaded: causal-lm's default resolved to its converted directory
+    task: Task
+    model_name: str  # model-name as loaded: a task's default resolved (causal-lm: its converted directory)
     task_data: TaskData | None  # None without central evaluation
     label_names: tuple[str, ...]
     base: torch.nn.Module
@@ -140,13 +134,14 @@ class Setup:
         """Raises ConfigError, DataError or ModelError (logged) on the first problem."""
         try:
             config = RunConfig.from_mapping(context.run_config)
+            task = get_task(config.task)
             task_data, label_names = server_data(config)
-            model_name = resolve_model_name(config.model_name, config.task, config.cache_dir)
-            base = load_base_model(model_name, config.task, label_names, seed=config.seed)
-            preprocessor = load_preprocessor(model_name, config.task)
+            model_name = task.model_name(config.model_name, config.cache_dir)
+            base = task.base_model(model_name, label_names, seed=config.seed)
+            preprocessor = task.preprocessor(model_name)
             head_modules = config.module_names(config.head_modules)
             modules = adapted_modules(base, config.module_names(config.target_modules), head_modules)
-            return cls(config, model_name, task_data, label_names, base, preprocessor, head_modules, modules,
+            return cls(config, task, model_name, task_data, label_names, base, preprocessor, head_modules, modules,
                        head_parameters(base, head_modules))
         except (ConfigError, DataError, ModelError) as error:
             log(ERROR, "invalid run config: %s", error)
@@ -158,11 +153,7 @@ def held_out_rows(setup: Setup, split: str = "test"):
     rows = getattr(setup.task_data, split, None)
     if rows is None or len(rows) == 0:
         return None
-    if setup.config.task == CAUSAL_LM_TASK:
-        from safedlora_app.core.chat import ChatRows
-
-        return ChatRows.from_dataset(rows, setup.preprocessor, setup.config.max_seq_len)
-    return Encoded.from_dataset(rows, setup.preprocessor, setup.task_data.input_column, setup.config.max_seq_len)
+    return setup.task.rows(rows, setup.preprocessor, setup.config.max_seq_len)
 
 
 class RoundEnd:
@@ -210,8 +201,8 @@ class RoundEnd:
 
     def evaluate(self, model: torch.nn.Module, rows) -> dict[str, float]:
         config = self.setup.config
-        return evaluate_held_out(model, rows, task=config.task, batch_size=config.eval_batch_size,
-                                 num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
+        return self.setup.task.evaluate(model, rows, batch_size=config.eval_batch_size,
+                                        num_classes=len(self.setup.label_names), device=self.device, dtype=self.dtype)
 
     def save_model(self, server_round: int, arrays: ArrayRecord, folder: Path) -> Path:
         return self.global_model.save(server_round, arrays, folder, self.setup.preprocessor,
@@ -282,12 +273,11 @@ def main(grid: Grid, context: Context) -> None:
     final_arrays = initial if resumed and len(result.arrays) == 0 else trained_arrays(
         result, run_dir.name, config.num_server_rounds)
     model_dir = round_end.save_model(config.num_server_rounds, final_arrays, run_dir)
-    if config.task == CAUSAL_LM_TASK and config.generation_rows and setup.task_data is not None:
+    if setup.task.samples_file and config.generation_rows and setup.task_data is not None:
         try:  # a finished run's outputs never depend on this illustration
-            write_generations(setup, round_end, config.num_server_rounds, final_arrays,
-                              run_dir / "generations.jsonl")
+            write_samples(setup, round_end, config.num_server_rounds, final_arrays, run_dir / setup.task.samples_file)
         except Exception as error:  # noqa: BLE001
-            log(WARNING, "no generations.jsonl: %s: %s", type(error).__name__, error)
+            log(WARNING, "no %s: %s: %s", setup.task.samples_file, type(error).__name__, error)
     finish(round_end, model_dir, time.perf_counter() - start)
 
 
@@ -303,28 +293,21 @@ def finish(round_end: RoundEnd, model_dir: Path, wall_seconds: float) -> None:
     accuracy, federated = summary["final-accuracy"], summary["final-fed-accuracy"]
     if summary.get("final-perplexity") is not None:
         result = f"final held-out loss {summary['final-loss']:.3f} (perplexity {summary['final-perplexity']:.2f})"
+    elif accuracy is not None:
+        result = f"final accuracy {100 * accuracy:.1f}%"
+    elif summary.get("final-loss") is not None:
+        result = f"final held-out loss {summary['final-loss']:.4g}"
     else:
-        result = "no central evaluation" if accuracy is None else f"final accuracy {100 * accuracy:.1f}%"
+        result = "no central evaluation"
     log(INFO, "SA-FedLoRA run %s finished: %s%s, %.2f MB sent in total; outputs in %s", run_dir.name, result,
         "" if federated is None else f", federated accuracy {100 * federated:.1f}%", summary["total-mb"], run_dir)
 
 
-def write_generations(setup: Setup, round_end: RoundEnd, server_round: int, arrays: ArrayRecord, path: Path) -> None:
-    """causal-lm: the first ``generation-rows`` held-out prompts with their reference reply and the greedy replies
-    of the base model and of the tuned one, one JSON object per line, so that a user sees what training changed."""
-    from safedlora_app.core.chat import generate_replies
-
-    config, test = setup.config, setup.task_data.test
-    rows = test.select(range(min(config.generation_rows, len(test))))
-    prompts = list(rows["prompt"])
+def write_samples(setup: Setup, round_end: RoundEnd, server_round: int, arrays: ArrayRecord, path: Path) -> None:
+    """What the task shows of the trained model beside the base one (causal-lm: replies to held-out prompts), so
+    that a user sees what training changed (:meth:`Task.write_samples`)."""
     started = time.perf_counter()
-    replies = {}
-    for name, model in (("base", setup.base), ("tuned", round_end.global_model.build(server_round, arrays,
-                                                                                      merged=True)[0])):
-        replies[name] = generate_replies(model, setup.preprocessor, prompts, max_new_tokens=config.max_new_tokens,
-                                         max_len=config.max_seq_len, device=round_end.device)
-    lines = [{"prompt": json.loads(p)[-1]["content"], "reference": ref, "base": base, "tuned": tuned}
-             for p, ref, base, tuned in zip(prompts, rows["response"], replies["base"], replies["tuned"])]
-    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
-    log(INFO, "%d generations of the base and the tuned model (%.1f s) in %s", len(lines),
-        time.perf_counter() - started, path)
+    tuned = round_end.global_model.build(server_round, arrays, merged=True)[0]
+    written = setup.task.write_samples(setup.base, tuned, setup.preprocessor, setup.task_data.test, setup.config,
+                                       round_end.device, path)
+    log(INFO, "%d samples of the base and the tuned model (%.1f s) in %s", written, time.perf_counter() - started, path)

@@ -40,6 +40,7 @@ SLOW_TIERS = {
     "deployment": "starts real SuperLink/SuperNode processes on loopback",
     "compose": "runs docker/compose.yml on a real Docker engine",
     "arm64": "an emulated arm64 SuperNode (opt-in, SAFEDLORA_ARM64_ROOTFS)",
+    "extended": "long tests beyond CI's tier, whose core CI covers elsewhere (opt-in: `pytest -m extended -n 4`)",
 }
 
 
@@ -123,8 +124,8 @@ def tiny_run_config(out_dir, cache_dir, **overrides) -> dict:
 
 
 #: The metrics that measure time or memory: they differ between two runs that compute the same thing.
-WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "client-seconds", "exchange-seconds",
-              "aggregate-seconds", "peak-memory-mb")
+WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "train-seconds-max", "train-seconds-total",
+              "client-seconds", "client-seconds-total", "exchange-seconds", "aggregate-seconds", "peak-memory-mb")
 
 
 class InProcessGrid:

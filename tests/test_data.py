@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
+from safedlora_app import tasks  # noqa: E402
 from safedlora_app.core import data as D  # noqa: E402
 
 TOPIC_COUNTS = {"airline": 14657, "deflategate": 9303, "driverless": 4157, "coachella": 3748,
@@ -26,7 +27,7 @@ TOPIC_COUNTS = {"airline": 14657, "deflategate": 9303, "driverless": 4157, "coac
 
 @pytest.fixture(scope="module")
 def task():
-    return D.load_task_data("")
+    return tasks.load_task_data("")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_no_text_is_on_two_sides_and_conflicting_labels_are_dropped(tmp_path):
     rows += ["RT same tweet,a"] * 16 + ["rt  Same Tweet ,a"] + ["torn,a", "torn,b", "Torn,a"]
     path = tmp_path / "copies.csv"
     path.write_text("\n".join(rows) + "\n")
-    data = D.load_task_data(str(path), test_size=8, val_size=8)
+    data = tasks.load_task_data(str(path), test_size=8, val_size=8)
     assert data.removed == {"duplicates": 16, "conflicts": 3}  # the 17 copies keep one; 'torn' has no one label
     sides = [[D.text_key(t) for t in part["text"]] for part in (data.train, data.val, data.test)]
     assert [len(side) for side in sides] == [25, 8, 8]
@@ -111,12 +112,12 @@ def test_a_source_test_split_keeps_its_texts_and_the_training_split_loses_them(t
         "train": datasets.Dataset.from_dict({"text": ["seen in test", "only train", "x", "y"], "label": [0, 1, 0, 1]}),
         "test": datasets.Dataset.from_dict({"text": ["Seen in test", "only test"], "label": [0, 1]})})
     splits.save_to_disk(str(tmp_path / "d"))
-    data = D.load_task_data(str(tmp_path / "d"), test_size=10)
+    data = tasks.load_task_data(str(tmp_path / "d"), test_size=10)
     assert data.test["text"] == ["Seen in test", "only test"] and "seen in test" not in data.train["text"]
 
 
 def test_the_validation_split_comes_from_the_pool_and_is_the_same_for_every_run(task):
-    with_val = D.load_task_data("", val_size=500)
+    with_val = tasks.load_task_data("", val_size=500)
     assert with_val.test["text"] == task.test["text"]  # the test set does not move
     assert len(with_val.val) == 500 and len(with_val.train) == len(task.train) - 500
     assert set(with_val.val["text"]) | set(with_val.train["text"]) == set(task.train["text"])
@@ -124,14 +125,14 @@ def test_the_validation_split_comes_from_the_pool_and_is_the_same_for_every_run(
     expected = {c: 500 * n / len(task.train) for c, n in labels.items()}
     assert Counter(with_val.val["label"]) == pytest.approx(expected, abs=1)  # stratified
     with pytest.raises(D.DataError, match="test-size 1000 \\+ val-size 40000 must be smaller"):
-        D.load_task_data("", val_size=40000)
+        tasks.load_task_data("", val_size=40000)
 
-    D._load_task_data.cache_clear()
-    again = D.load_task_data("")
+    tasks._load_task_data.cache_clear()
+    again = tasks.load_task_data("")
     assert again is not task
     assert again.test["text"] == task.test["text"]
     assert again.train["text"] == task.train["text"]
-    other_seed = D.load_task_data("", split_seed=1)
+    other_seed = tasks.load_task_data("", split_seed=1)
     assert other_seed.test["text"] != task.test["text"]
 
 
@@ -197,14 +198,14 @@ def test_natural_partitions_one_topic_each(task):
 
 def test_missing_column_names_key_and_columns(tmp_path):
     with pytest.raises(D.DataError, match="text-column") as err:
-        D.load_task_data("", text_column="tweet")
+        tasks.load_task_data("", text_column="tweet")
     assert "'tweet'" in str(err.value) and "['text', 'label', 'topic']" in str(err.value)
     csv_path = _write_csv(tmp_path / "d.csv")
     with pytest.raises(D.DataError, match="label-column") as err:
-        D.load_task_data(str(csv_path), text_column="sentence")
+        tasks.load_task_data(str(csv_path), text_column="sentence")
     assert "sentiment" in str(err.value)
     with pytest.raises(D.DataError, match="image-column"):
-        D.load_task_data(str(csv_path), task="image-classification", label_column="sentiment")
+        tasks.load_task_data(str(csv_path), task="image-classification", label_column="sentiment")
 
 
 def test_partition_errors(task):
@@ -223,7 +224,7 @@ def test_partition_errors(task):
 
 @pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_dirichlet_impossible_gives_data_error(tmp_path):
-    td = D.load_task_data(str(_write_csv(tmp_path / "d.csv")), text_column="sentence",
+    td = tasks.load_task_data(str(_write_csv(tmp_path / "d.csv")), text_column="sentence",
                           label_column="sentiment", test_size=6)
     with pytest.raises(D.DataError, match="dirichlet-alpha"):  # 5 clients x 10 rows > 24 rows
         D.partition_dataset(td.train, partitioner="dirichlet", num_partitions=5, partition_id=0)
@@ -233,34 +234,34 @@ def test_test_size_errors(tmp_path):
     csv_path = str(_write_csv(tmp_path / "d.csv", n=20))
     kwargs = dict(text_column="sentence", label_column="sentiment")
     with pytest.raises(D.DataError, match="test-size 20 .*20 rows"):
-        D.load_task_data(csv_path, test_size=20, **kwargs)
+        tasks.load_task_data(csv_path, test_size=20, **kwargs)
     with pytest.raises(D.DataError, match="test-size"):
-        D.load_task_data(csv_path, test_size=-1, **kwargs)
+        tasks.load_task_data(csv_path, test_size=-1, **kwargs)
 
 
 def test_source_errors(tmp_path):
     (tmp_path / "data.txt").write_text("a,b\n")
     with pytest.raises(D.DataError, match=r"data\.txt.*\.csv"):
-        D.load_task_data(str(tmp_path / "data.txt"))
+        tasks.load_task_data(str(tmp_path / "data.txt"))
     missing = str(tmp_path / "missing.csv")
     with pytest.raises(D.DataError, match="missing.csv"):
-        D.load_task_data(missing)
+        tasks.load_task_data(missing)
     with pytest.raises(D.DataError, match="does not exist"):
-        D.load_task_data("./no/such/dir")
+        tasks.load_task_data("./no/such/dir")
     with pytest.raises(D.DataError, match="text-only"):
-        D.load_task_data("", task="image-classification")
+        tasks.load_task_data("", task="image-classification")
     with pytest.raises(D.DataError, match="task"):
-        D.load_task_data("", task="regression")
+        tasks.load_task_data("", task="regression")
     one_class = tmp_path / "one.csv"
     one_class.write_text("text,label\n" + "".join(f"t{i},same\n" for i in range(10)))
     with pytest.raises(D.DataError, match="at least 2"):
-        D.load_task_data(str(one_class), test_size=2)
+        tasks.load_task_data(str(one_class), test_size=2)
 
 
 def test_hub_id_offline_fails_fast():
     start = time.monotonic()
     with pytest.raises(D.DataError, match="Hub.*local") as err:
-        D.load_task_data("someone/no-such-dataset")
+        tasks.load_task_data("someone/no-such-dataset")
     assert time.monotonic() - start < 10
     assert err.value.__cause__ is not None
 
@@ -269,7 +270,7 @@ def test_hub_id_offline_fails_fast():
 
 def test_user_csv_string_labels(tmp_path):
     csv_path = _write_csv(tmp_path / "d.csv")
-    td = D.load_task_data(str(csv_path), text_column="sentence", label_column="sentiment",
+    td = tasks.load_task_data(str(csv_path), text_column="sentence", label_column="sentiment",
                           natural_column="city", test_size=6)
     assert td.label_names == ("meh", "neg", "pos")
     assert td.train.column_names == ["text", "label", "city"]
@@ -287,7 +288,7 @@ def test_user_jsonl_integer_labels(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"body": f"review {i}", "stars": [5, 7, 9][i % 3]} for i in range(15)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    td = D.load_task_data(str(path), text_column="body", label_column="stars", test_size=3)
+    td = tasks.load_task_data(str(path), text_column="body", label_column="stars", test_size=3)
     assert td.label_names == ("5", "7", "9")
     stars = {r["body"]: r["stars"] for r in rows}
     for row in list(td.train) + list(td.test):
@@ -299,7 +300,7 @@ def test_user_parquet_and_empty_test(tmp_path):
     path = tmp_path / "d.parquet"
     datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(12)],
                                 "label": ["b", "a"] * 6}).to_parquet(str(path))
-    td = D.load_task_data(str(path), test_size=0)
+    td = tasks.load_task_data(str(path), test_size=0)
     assert td.label_names == ("a", "b")
     assert len(td.train) == 12 and len(td.test) == 0
     assert td.test.column_names == ["text", "label"]
@@ -310,7 +311,7 @@ def test_saved_dataset_dict_uses_its_test_split(tmp_path):
         {"text": [f"{tag}{i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
     saved = datasets.DatasetDict({"train": make(20, "tr"), "test": make(10, "te")})
     saved.save_to_disk(str(tmp_path / "saved"))
-    td = D.load_task_data(str(tmp_path / "saved"), test_size=4)
+    td = tasks.load_task_data(str(tmp_path / "saved"), test_size=4)
     assert len(td.train) == 20 and len(td.test) == 4
     assert all(t.startswith("te") for t in td.test["text"])
     assert td.label_names == ("0", "1")
@@ -331,7 +332,7 @@ def test_imagefolder_real_digits(tmp_path):
             PILImage.fromarray(pixels, mode="L").save(tmp_path / "digits" / name / f"{k}.png")
             truth[pixels.tobytes()] = name
 
-    td = D.load_task_data(str(tmp_path / "digits"), task="image-classification", test_size=10)
+    td = tasks.load_task_data(str(tmp_path / "digits"), task="image-classification", test_size=10)
     assert td.input_column == "image"
     assert td.label_names == tuple(sorted(names))
     assert td.train.column_names == ["image", "label"]
@@ -346,7 +347,7 @@ def test_imagefolder_real_digits(tmp_path):
 def test_loading_prints_no_progress_bar_and_leaves_the_setting_alone(tmp_path, capfd):
     # The held-out split copies rows; its "Flattening the indices" bar repeated in every node's log, every round.
     datasets.enable_progress_bars()
-    D.load_task_data(str(_write_csv(tmp_path / "fresh.csv")), text_column="sentence", label_column="sentiment",
+    tasks.load_task_data(str(_write_csv(tmp_path / "fresh.csv")), text_column="sentence", label_column="sentiment",
                      test_size=4)
     assert "Flattening" not in capfd.readouterr().err
     assert datasets.is_progress_bar_enabled()  # a user's own datasets calls keep their bars

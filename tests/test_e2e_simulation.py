@@ -11,9 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from safedlora_app.core.data import load_task_data
-from safedlora_app.core.model import load_preprocessor
 from safedlora_app.core.training import Encoded, evaluate
+from safedlora_app.tasks import load_preprocessor, load_task_data
 from safedlora_app.tools.simulation import APP_ROOT, BIN, LocalFlower
 
 # One worker runs every simulation (pytest-xdist --dist loadgroup): they share the module's SuperLink, and each

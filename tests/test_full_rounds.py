@@ -17,12 +17,12 @@ from safedlora_app import client_app
 from safedlora_app.client.node_resources import node_resources
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import RunConfig
-from safedlora_app.core.data import load_task_data
-from safedlora_app.core.model import ModelError, full_state, head_parameters, load_base_model, load_parameters
+from safedlora_app.core.model import ModelError, full_state, head_parameters, load_parameters
 from safedlora_app.core.records import ARRAYS
 from safedlora_app.core.round_plan import initial_tensors
 from safedlora_app.server.global_model import GlobalModel
 from safedlora_app.server.strategy import SAFedLoRA
+from safedlora_app.tasks import load_base_model, load_task_data
 
 
 @pytest.fixture(autouse=True)

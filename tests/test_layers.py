@@ -1,5 +1,6 @@
-"""Layering: core imports no side, the device side loads nothing of the server's, and the server nothing of the
-device's; checked by package prefix, so a new module is covered where it is put."""
+"""Layering: core imports neither the tasks nor a side, the tasks import core only, the device side loads nothing of
+the server's and the server nothing of the device's; checked by package prefix, so a new module is covered where it
+is put. And no import circle among the app's modules, counting imports inside functions."""
 
 import ast
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import safedlora_app
 
 APP = Path(safedlora_app.__path__[0])
-PACKAGES = {"core", "server", "client", "tools"}
+PACKAGES = {"core", "tasks", "server", "client", "tools"}
 
 
 def loaded_app_modules(entry: str) -> set[str]:
@@ -43,7 +44,7 @@ def test_every_module_lives_in_a_package_but_the_two_entry_points():
 def test_the_client_app_loads_core_and_client_only():
     client = loaded_app_modules("safedlora_app.client_app, safedlora_app.client.rounds")
     assert {"core.round_plan", "core.payload", "client.node_resources"} <= client  # the check sees real loads
-    assert packages(client) <= {"core", "client", "client_app"}, client
+    assert packages(client) <= {"core", "tasks", "client", "client_app"}, client
     # Flower 1.42's own `import flwr` loads flwr.serverapp in every process; none of our client modules asks for it.
     for name in client:
         path = APP.joinpath(*name.split(".")).with_suffix(".py")
@@ -54,12 +55,66 @@ def test_the_client_app_loads_core_and_client_only():
 def test_the_server_app_loads_core_and_server_only():
     server = loaded_app_modules("safedlora_app.server_app")
     assert {"server.strategy", "core.round_plan"} <= server
-    assert packages(server) <= {"core", "server", "server_app"}, server
+    assert packages(server) <= {"core", "tasks", "server", "server_app"}, server
 
 
 @pytest.mark.parametrize("module", sorted(p.stem for p in (APP / "core").glob("*.py") if p.stem != "__init__"))
-def test_core_imports_neither_side(module):
+def test_core_imports_neither_the_tasks_nor_a_side(module):
     assert packages(loaded_app_modules(f"safedlora_app.core.{module}")) <= {"core"}
+
+
+def test_the_tasks_import_core_only():
+    assert packages(loaded_app_modules("safedlora_app.tasks")) <= {"core", "tasks"}
+
+
+def app_imports(path: Path) -> set[str]:
+    """The app modules ``path`` imports anywhere in it (module level or inside a function), as dotted names below
+    ``safedlora_app.``; ``from package import module`` counts the module."""
+    package = ".".join(path.relative_to(APP).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = ".".join(path.relative_to(APP).parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1] if package else []
+                base = ".".join([*parent, *([base] if base else [])])
+                base = f"safedlora_app.{base}" if base else "safedlora_app"
+            found = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        names.update(n.removeprefix("safedlora_app.") for n in found if n.startswith("safedlora_app."))
+    return names
+
+
+def test_no_import_circle_even_through_imports_inside_functions():
+    modules = {".".join(p.relative_to(APP).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in APP.rglob("*.py")}
+    graph = {name: {m for m in app_imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+    def circle_from(start: str, node: str, seen: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                return [*seen, start]
+            if nxt not in seen and (found := circle_from(start, nxt, [*seen, nxt])):
+                return found
+        return None
+
+    circles = [c for name in sorted(graph) if (c := circle_from(name, name, [name]))]
+    assert not circles, f"import circle: {' -> '.join(circles[0])}"
+
+
+def test_the_circle_check_sees_a_circle_hidden_in_a_function(tmp_path, monkeypatch):
+    fake = tmp_path / "safedlora_app"
+    (fake / "core").mkdir(parents=True)
+    (fake / "core" / "a.py").write_text("from .b import x\n")
+    (fake / "core" / "b.py").write_text("def f():\n    from safedlora_app.core import a\n")
+    monkeypatch.setattr(__import__(__name__), "APP", fake)
+    with pytest.raises(AssertionError, match="import circle: core.a -> core.b -> core.a"):
+        test_no_import_circle_even_through_imports_inside_functions()
 
 
 def test_the_client_app_answers_the_limits_query_without_torch():

@@ -1,6 +1,11 @@
-"""The run's outputs: which round's model is kept as the best one (hand-made metrics rows)."""
+"""The run's outputs: which round's model is kept as the best one, and what a round's times say (hand-made
+metrics rows)."""
 
-from safedlora_app.server.outputs import BestRound, selection_loss
+import logging
+
+import pytest
+
+from safedlora_app.server.outputs import BestRound, RoundStats, RunRecorder, nodes_at_once, selection_loss
 
 
 def row(server_round, val_loss=None, fed_loss=None, test_loss=0.05):
@@ -39,3 +44,32 @@ def test_the_test_loss_never_chooses_the_best_round():
     lines = [row(1, 0.9, test_loss=0.1), row(2, 0.5, test_loss=0.9)]
     assert BestRound.of(lines).round == 2
     assert BestRound.of([row(1, test_loss=0.1)]).round is None  # no validation: no choice
+
+
+def test_nodes_at_once_is_the_nodes_summed_seconds_over_the_exchange():
+    # Issue #38: 2 nodes of 5 s each in a 10.4 s exchange ran in turn; in a 5.5 s exchange, at once.
+    def line(exchange):
+        return {"replies": 2, "client-seconds-total": 10.0, "exchange-seconds": exchange}
+    assert nodes_at_once(line(10.4)) == pytest.approx(10 / 10.4) and nodes_at_once(line(5.5)) == pytest.approx(10 / 5.5)
+    assert nodes_at_once({"replies": 1, "client-seconds-total": 5.0, "exchange-seconds": 5.2}) is None
+    assert nodes_at_once({"replies": 2, "client-seconds-total": None, "exchange-seconds": 5.5}) is None  # round 0
+    assert nodes_at_once({"replies": 3}) is None  # a line of an older run
+
+
+def test_the_run_says_once_that_its_nodes_trained_one_after_the_other(tmp_path, caplog):
+    recorder = RunRecorder(tmp_path, num_rounds=3)
+    for server_round, exchange in ((1, 10.4), (2, 10.6), (3, 5.5)):
+        recorder.start(RoundStats(round=server_round, stage="annealing", kind="lora", replies=2,
+                                  client_seconds_total=10.0, exchange_seconds=exchange))
+        recorder.record(server_round, None)
+    hints = [r for r in caplog.records if "trained one after the other" in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelno == logging.WARNING
+    assert "round 1: the 2 nodes" in hints[0].getMessage() and "client-resources-num-cpus=1" in hints[0].getMessage()
+
+
+def test_nodes_that_trained_at_once_get_no_hint(tmp_path, caplog):
+    recorder = RunRecorder(tmp_path, num_rounds=1)
+    recorder.start(RoundStats(round=1, stage="annealing", kind="lora", replies=2, client_seconds_total=10.0,
+                              exchange_seconds=5.5))
+    recorder.record(1, None)
+    assert "one after the other" not in caplog.text

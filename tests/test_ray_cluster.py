@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from safedlora_app.tools.simulation import BIN, LocalFlower, free_port, stop_processes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("flower-simulation")]
+pytestmark = [pytest.mark.e2e, pytest.mark.extended, pytest.mark.xdist_group("flower-simulation")]
 
 TINY = ("num-server-rounds=2 local-samples=16 test-size=32 val-size=32 batch-size=8 eval-batch-size=32 min-nodes=2 "
         "precision='fp32' init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1")

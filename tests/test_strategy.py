@@ -48,7 +48,8 @@ class FakeGrid:
 
 def make_strategy(**overrides):
     values = dict(num_server_rounds=6, init_rounds=1, heat_rounds=1, cool_rounds=1, rank_max=4, rank_min=1,
-                  rank_floor=1, min_nodes=2, schedule="linear", wire_dtype="float32")  # exact factors on the wire
+                  rank_floor=1, min_nodes=2, schedule="linear", wire_dtype="float32",  # exact factors on the wire
+                  eval_every=1)
     values.update(overrides)
     config = RunConfig(**values)
     config.validate()
@@ -491,3 +492,14 @@ def test_replies_whose_aggregate_overflows_float32_leave_the_global_model_unchan
         None, None)
     assert "round 1: the aggregate of the valid replies is not finite" in caplog.text
     assert len(send(strategy, 2, initial(strategy))) == 2  # the run goes on from the model it had
+
+
+def test_a_rounds_times_keep_the_slowest_node_and_the_nodes_sum():
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1), 10, extra={"client-time": 3.0}),
+                                 reply(messages[1], trained(messages[1], 2), 30,
+                                       extra={"train-time": 4.0, "client-time": 5.0})])
+    stats = strategy.rounds.current
+    assert (stats.train_seconds, stats.train_seconds_max, stats.train_seconds_total) == (3.5, 4.0, 6.0)
+    assert (stats.client_seconds, stats.client_seconds_total) == (4.5, 8.0)

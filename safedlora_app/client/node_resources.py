@@ -29,17 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import CAUSAL_LM_TASK, TEXT_TASK, RunConfig
-from safedlora_app.core.data import SPLIT_VERSION, DataError, load_task_data, partition_dataset, source_stamp
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.data import SPLIT_VERSION, DataError, partition_dataset, source_stamp
 from safedlora_app.core.files import atomic_write
-from safedlora_app.core.model import (
-    load_base_model,
-    load_parameters,
-    load_preprocessor,
-    model_source,
-    resolve_model_name,
-)
-from safedlora_app.core.training import Encoded
+from safedlora_app.core.model import load_parameters, model_source
+from safedlora_app.core.training import Rows
+from safedlora_app.tasks import columns_of, get_task, load_task_data
 
 
 class LruCache:
@@ -88,7 +83,7 @@ class NodeResources:
     """A node's model, preprocessor and encoded local training data."""
 
     base_model: nn.Module
-    data: Encoded
+    data: Rows
     partition_label: str
     model_key: tuple
 
@@ -168,16 +163,15 @@ def node_resources(config: RunConfig, node_config: dict, label_names: tuple[str,
     ``node_config`` may hold ``partition-id``/``num-partitions`` (a share of ``dataset-name``),
     or ``data-path`` (a node-local file) and ``model-path`` (a node-local model directory).
     """
+    task = get_task(config.task)
     data_path = str(node_config.get("data-path", ""))
-    model_name = resolve_model_name(str(node_config.get("model-path", "")) or config.model_name, config.task,
-                                    config.cache_dir)
+    model_name = task.model_name(str(node_config.get("model-path", "")) or config.model_name, config.cache_dir)
     partition = (int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1)))
     key = partition_key(config, model_name, data_path, partition, label_names)
     data, where = PARTITIONS.get_or_load(key, lambda: _load_data(config, model_name, data_path, partition,
                                                                   label_names, key))
     model_key = (model_name, config.task, label_names, config.seed)
-    base_model = MODELS.get_or_load(model_key, lambda: load_base_model(model_name, config.task, label_names,
-                                                                       seed=config.seed))
+    base_model = MODELS.get_or_load(model_key, lambda: task.base_model(model_name, label_names, seed=config.seed))
     return NodeResources(base_model=base_model, data=data, partition_label=where, model_key=model_key)
 
 
@@ -204,10 +198,8 @@ def partition_key(config: RunConfig, model_name: str, data_path: str, partition:
                 config.val_size, config.partitioner, partition, config.dirichlet_alpha, config.seed,
                 config.natural_column)
     source = model_source(model_name)
-    input_column = {TEXT_TASK: config.text_column, CAUSAL_LM_TASK: (config.prompt_column, config.response_column,
-                                                                    config.messages_column)
-                    }.get(config.task, config.image_column)
-    key = repr((_code_versions(), SPLIT_VERSION, config.task, input_column, config.label_column, rows, label_names,
+    input_columns = get_task(config.task).input_columns(config)
+    key = repr((_code_versions(), SPLIT_VERSION, config.task, input_columns, config.label_column, rows, label_names,
                 source, source_stamp(source), config.max_seq_len))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -219,28 +211,17 @@ def _code_versions() -> tuple[str, str]:
 
 
 def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tuple[int, int],
-               label_names: tuple[str, ...], key: str) -> tuple[Encoded, str]:
-    preprocessor = load_preprocessor(model_name, config.task)
+               label_names: tuple[str, ...], key: str) -> tuple[Rows, str]:
+    task = get_task(config.task)
+    preprocessor = task.preprocessor(model_name)
     where = f"data-path {data_path}" if data_path else f"partition {partition[0]}/{partition[1]}"
-    if config.task == CAUSAL_LM_TASK:  # tokenized per row on first use: nothing to cache
-        from safedlora_app.core.chat import ChatRows
-
-        data = ChatRows.from_dataset(_local_train(config, data_path, partition, label_names), preprocessor,
-                                     config.max_seq_len)
-    elif config.task != TEXT_TASK:  # images are processed per batch: nothing to cache
-        data = Encoded.from_dataset(_local_train(config, data_path, partition, label_names), preprocessor,
-                                    "image", config.max_seq_len)
-    else:
-        # A fresh ClientApp process per round (deployment) reads its tokenized rows from disk
-        # instead of re-parsing the dataset and re-tokenizing.
-        cached = Path(os.path.expanduser(config.cache_dir)) / "encoded" / f"{key}.safetensors"
-        if cached.exists():
-            data = Encoded.load(cached, preprocessor)
-        else:
-            train = _local_train(config, data_path, partition, label_names)
-            data = Encoded.from_dataset(train, preprocessor, "text", config.max_seq_len)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            data.save(cached)
+    # A fresh ClientApp process per round (deployment) reads its rows from disk where the task keeps them
+    # (tokenized text) instead of re-parsing the dataset and re-tokenizing.
+    cached = Path(os.path.expanduser(config.cache_dir)) / "encoded" / f"{key}.safetensors"
+    data = task.load_rows(cached, preprocessor)
+    if data is None:
+        data = task.rows(_local_train(config, data_path, partition, label_names), preprocessor, config.max_seq_len)
+        task.save_rows(data, cached)
     if len(data) == 0:
         raise DataError(f"{where} holds no training rows")
     return data, where
@@ -248,10 +229,7 @@ def _load_data(config: RunConfig, model_name: str, data_path: str, partition: tu
 
 def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], label_names: tuple[str, ...]):
     """This node's training rows: its own file, or its partition of ``dataset-name``."""
-    columns = dict(task=config.task, text_column=config.text_column, label_column=config.label_column,
-                   image_column=config.image_column, natural_column=config.natural_column,
-                   prompt_column=config.prompt_column, response_column=config.response_column,
-                   messages_column=config.messages_column)
+    task, columns = get_task(config.task), dict(task=config.task, **columns_of(config))
     if data_path:
         path = Path(os.path.expanduser(data_path))
         if not path.exists():
@@ -263,7 +241,7 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
         if local.removed and any(local.removed.values()):
             log(INFO, "node-config data-path = %r: removed %d duplicate rows and %d rows whose text has copies with "
                 "another label", data_path, local.removed["duplicates"], local.removed["conflicts"])
-        if config.task == CAUSAL_LM_TASK:
+        if not task.spec.classifies:
             return local.train
         return _relabel(local.train, local.label_names, label_names, data_path)
     task_data = load_task_data(config.dataset_name, test_size=config.test_size, val_size=config.val_size, **columns)
@@ -273,7 +251,7 @@ def _local_train(config: RunConfig, data_path: str, partition: tuple[int, int], 
     return partition_dataset(task_data.train, partitioner=config.partitioner, num_partitions=num_partitions,
                              partition_id=partition_id, alpha=config.dirichlet_alpha, seed=config.seed,
                              natural_column=config.natural_column,
-                             partition_by=config.natural_column if config.task == CAUSAL_LM_TASK else "label")
+                             partition_by=task.partition_by(config))
 
 
 def _relabel(dataset, local_names, global_names, data_path):

@@ -37,7 +37,8 @@ from safedlora_app.core.model import (
 from safedlora_app.core.records import ARRAYS, METRICS, NODE
 from safedlora_app.core.round_plan import FULL
 from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
-from safedlora_app.core.training import compute_dtype, evaluate_held_out, train
+from safedlora_app.core.training import compute_dtype, train
+from safedlora_app.tasks import get_task
 
 
 class SimulatedDropout(RuntimeError):
@@ -154,9 +155,9 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
     model, ranks = _received_model(pl.unpack(msg.content[ARRAYS]), round_config, config, resources, max_rank)
     if ranks:  # the LoRA update folded into the weights: the same logits, no adapter branch to compute
         model = model.merge_and_unload()
-    result = evaluate_held_out(model, resources.data.subset(held_out), task=config.task,
-                               batch_size=config.eval_batch_size, num_classes=len(round_config["label-names"]),
-                               device=device, dtype=compute_dtype(config.precision, device))
+    result = get_task(config.task).evaluate(
+        model, resources.data.subset(held_out), batch_size=config.eval_batch_size,
+        num_classes=len(round_config["label-names"]), device=device, dtype=compute_dtype(config.precision, device))
     metrics = MetricRecord({"num-examples": len(held_out), **result})
     return Message(content=RecordDict({METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)

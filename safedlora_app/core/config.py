@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import is_integer, is_number
-from .profiles import METHOD_PRESETS, PROFILES, TASK_DEFAULTS
+from .profiles import METHOD_PRESETS, PROFILES
+from .task_spec import TASK_SPECS, TEXT_CLASSIFICATION, TaskSpec
 
 Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit"]
 Schedule = Literal["cubic", "linear", "cosine", "exponential", "constant"]  # schedule.SHRINK_CURVES (a test checks)
@@ -31,26 +32,16 @@ FactorForm = Literal["balanced", "orthonormal-a"]
 Optimizer = Literal["adamw", "sgd"]
 LrDecay = Literal["constant", "cosine"]  # schedule.LR_DECAYS (a test checks)
 InitTrainable = Literal["lora", "full"]
-TEXT_TASK, IMAGE_TASK, CAUSAL_LM_TASK = "text-classification", "image-classification", "causal-lm"
-Task = Literal["text-classification", "image-classification", "causal-lm"]
 Partitioner = Literal["natural", "dirichlet", "inner-dirichlet", "iid"]
 Precision = Literal["auto", "bf16", "fp32"]
 WireDtype = Literal["float32", "float16"]
 
-METHODS, SCHEDULES, ALLOCATIONS = typing.get_args(Method), typing.get_args(Schedule), typing.get_args(Allocation)
-AGGREGATIONS, FACTOR_FORMS = typing.get_args(Aggregation), typing.get_args(FactorForm)
-OPTIMIZERS, INIT_TRAINABLE, TASKS = typing.get_args(Optimizer), typing.get_args(InitTrainable), typing.get_args(Task)
-PARTITIONERS, PRECISIONS = typing.get_args(Partitioner), typing.get_args(Precision)
-WIRE_DTYPES = typing.get_args(WireDtype)
+FACTOR_FORMS, PARTITIONERS = typing.get_args(FactorForm), typing.get_args(Partitioner)
 # Old values still accepted, with a warning: {key: {old value: new value}}.
 DEPRECATED_VALUES = {"aggregation": {"fedavg": "factors"}}
 # Client-side keys a SuperNode may override for itself with --node-config (memory and speed only).
 NODE_KEYS = ("batch-size", "grad-accum-steps", "torch-threads", "max-seq-len", "cache-dir", "precision",
              "gradient-checkpointing")
-#: What evaluation reports, by task: every evaluated model (central, federated) gets these held-out metrics.
-#: A language model's loss is the mean cross-entropy per response token, and perplexity its exponential.
-EVAL_METRICS = {TEXT_TASK: ("accuracy", "macro-f1", "loss"), IMAGE_TASK: ("accuracy", "macro-f1", "loss"),
-                CAUSAL_LM_TASK: ("loss", "perplexity")}
 # Rounds at the end of a run that are always evaluated, so that a last-3 mean always exists.
 EVAL_LAST_ROUNDS = 3
 #: pyproject.toml's value for every key that a task's defaults or a profile may set: "not set by the user".
@@ -58,7 +49,8 @@ EVAL_LAST_ROUNDS = 3
 #: left alone, and a profile would replace it (``profile = "accurate" lr = 0.003`` trained at 1.5e-3).
 UNSET = "default"
 #: The keys that a task's defaults or a profile set: pyproject declares them as ``UNSET`` (a test checks).
-PRESET_KEYS = tuple(sorted({key for preset in (*TASK_DEFAULTS.values(), *PROFILES.values()) for key in preset}))
+PRESET_KEYS = tuple(sorted({key for preset in (*(spec.defaults for spec in TASK_SPECS.values()), *PROFILES.values())
+                            for key in preset}))
 
 
 def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
@@ -187,11 +179,12 @@ class RunConfig:
         "takes 'pre_classifier'). ``causal-lm`` has no head: ``\"\"`` (its tied embeddings stay frozen).")
 
     # --- Task, model and data ------------------------------------------------------------
-    task: Task = option(
-        "text-classification",
+    task: str = option(
+        TEXT_CLASSIFICATION.name,
         "``text-classification``, ``image-classification`` or ``causal-lm`` (instruction tuning of a language "
         "model on prompt/response pairs, loss on the response tokens; its own defaults for the keys left at "
-        "theirs: ``profiles.TASK_DEFAULTS``, docs/causal-lm.md).")
+        "theirs: ``task_spec.CAUSAL_LM``, docs/causal-lm.md), or a task registered with "
+        "``safedlora_app.tasks.register``.")
     model_name: str = option(
         "",
         "Hub id or local directory; empty = the embedded all-MiniLM-L6-v2 (``causal-lm``: SmolLM2-135M-Instruct "
@@ -272,8 +265,9 @@ class RunConfig:
         " round starts a fresh AdamW, whose first steps are the largest).", low=0)
     eval_batch_size: int = option(64, "Batch size of central and federated evaluation.", low=1)
     eval_every: int = option(
-        1,
-        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated.", low=1)
+        4,
+        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated. 4 keeps "
+        "central evaluation within a fifth of a default run's time (docs/speed.md); 1 evaluates every round.", low=1)
     fraction_evaluate: float = option(
         0.0,
         "Federated evaluation: fraction of connected nodes (at least 1) that evaluate the global model on their "
@@ -363,7 +357,8 @@ class RunConfig:
                 value = old[value]
             values[name] = value
         given = frozenset(values)
-        task = TASK_DEFAULTS.get(values.get("task", known["task"].default), {})
+        spec = TASK_SPECS.get(values.get("task", known["task"].default))
+        task = spec.defaults if spec else {}  # an unknown task fails in validate()
         _apply_defaults(values, task, given)
         # A profile sets what neither the user nor the task set (an unknown name fails later).
         _apply_defaults(values, PROFILES.get(values.get("profile", ""), {}),
@@ -403,7 +398,7 @@ class RunConfig:
         if not self.module_names(self.target_modules):
             raise ConfigError("target-modules = '' is not allowed; "
                               "give comma-separated module names, e.g. 'query,value'")
-        if not self.module_names(self.head_modules) and self.task != CAUSAL_LM_TASK:
+        if not self.module_names(self.head_modules) and self.task_spec.classifies:
             raise ConfigError("head-modules = '' is not allowed; give the task head's module names, e.g. 'classifier'")
         for key, path in (("out-dir", self.out_dir), ("cache-dir", self.cache_dir)):
             if not os.path.isabs(os.path.expanduser(path)):
@@ -411,7 +406,7 @@ class RunConfig:
                     f"{key} = {path!r} is not allowed; it must be absolute or start with '~' "
                     "(the ServerApp's working directory depends on where the SuperLink started)"
                 )
-        if not self.central_eval and not self.label_names.strip() and self.task != CAUSAL_LM_TASK:
+        if not self.central_eval and not self.label_names.strip() and self.task_spec.classifies:
             raise ConfigError("central-eval = false is not allowed with label-names = ''; a server without data "
                               "learns the class names from label-names, e.g. label-names = 'negative,neutral,positive'")
         if self.resume and not self.run_name:
@@ -446,6 +441,11 @@ class RunConfig:
         config = dataclasses.replace(self, **fixed) if fixed else self
         heat, cool = config.phase_rounds()
         return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The spec of ``task`` (validated: one of ``TASK_SPECS``)."""
+        return TASK_SPECS[self.task]
 
     @property
     def planned_rounds(self) -> int:
@@ -559,9 +559,12 @@ def _field_types() -> dict[str, Any]:
 
 
 def _choices(name: str) -> tuple[str, ...]:
-    """A field's allowed values: its ``Literal``'s, the profiles' names for ``profile``; () for any."""
+    """A field's allowed values: its ``Literal``'s, the profiles' names for ``profile``, the registered tasks'
+    for ``task``; () for any."""
     if name == "profile":
         return ("", *PROFILES)
+    if name == "task":
+        return tuple(TASK_SPECS)
     kind = _field_types()[name]
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 

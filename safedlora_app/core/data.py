@@ -1,4 +1,5 @@
-"""Data loading, held-out splitting and federated partitioning.
+"""Data loading, held-out splitting and federated partitioning: the steps every task's loader
+(:mod:`safedlora_app.tasks`) is made of.
 
 Pure functions on Hugging Face ``datasets`` objects; the only Flower import is the
 flwr-datasets partitioners. Everything works offline: the default data is a real
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets import ClassLabel, Image, Value
+from datasets import ClassLabel, Value
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -29,7 +30,7 @@ from flwr_datasets.partitioner import (
 )
 
 from .checks import is_integer
-from .config import CAUSAL_LM_TASK, IMAGE_TASK, PARTITIONERS, TASKS, TEXT_TASK
+from .config import PARTITIONERS
 
 DEFAULT_DATASET = ""
 #: The version of how a dataset is cut into pool, validation and test (2: deduplicated, with a validation split).
@@ -148,7 +149,7 @@ def load_default_tweets() -> datasets.Dataset:
     )
 
 
-def _load_source(name: str) -> datasets.Dataset | datasets.DatasetDict:
+def load_source(name: str) -> datasets.Dataset | datasets.DatasetDict:
     """Resolve a dataset name to the default tweets, a local file or directory, or a hub id."""
     name = str(name)
     if name == DEFAULT_DATASET:
@@ -196,7 +197,8 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _require_column(ds: datasets.Dataset, column: str, key: str) -> None:
+def require_column(ds: datasets.Dataset, column: str, key: str) -> None:
+    """Raises DataError naming ``key`` when ``ds`` has no ``column``."""
     if column not in ds.column_names:
         raise DataError(
             f"Column {column!r} not found; set the run-config key '{key}' to one of the "
@@ -204,34 +206,41 @@ def _require_column(ds: datasets.Dataset, column: str, key: str) -> None:
         )
 
 
-def _normalise(
-    splits: dict[str, datasets.Dataset], task: str, input_src: str, label_src: str, natural_column: str
-) -> tuple[dict[str, datasets.Dataset], tuple[str, ...]]:
-    """Rename to ``text``/``image`` + ``label`` (+ natural column) and encode labels as 0..C-1."""
-    input_col, input_key = ("text", "text-column") if task == TEXT_TASK else ("image", "image-column")
+def source_splits(dataset_name: str) -> dict[str, datasets.Dataset]:
+    """``{"train": ..., "test": ...}`` of a classification source (``test`` only where the source has one)."""
+    source = load_source(dataset_name)
+    if not isinstance(source, datasets.DatasetDict):
+        return {"train": source}
+    train_key = "train" if "train" in source else next((k for k in source if k != "test"), None)
+    if train_key is None:
+        raise DataError(f"Dataset {dataset_name!r} has only a 'test' split; a training split is needed.")
+    return {"train": source[train_key], **({"test": source["test"]} if "test" in source else {})}
+
+
+def select_columns(splits: dict[str, datasets.Dataset], *, input_src: str, input_col: str, input_key: str,
+                   label_src: str, natural_column: str) -> dict[str, datasets.Dataset]:
+    """Keep the input, the label (and the natural column when present), renamed to ``input_col`` and ``label``.
+    ``input_key`` is the run-config key that names ``input_src`` (for the error of a missing column)."""
     first = next(iter(splits.values()))
-    _require_column(first, input_src, input_key)
-    _require_column(first, label_src, "label-column")
+    require_column(first, input_src, input_key)
+    require_column(first, label_src, "label-column")
     keep = [input_src, label_src]
     if natural_column in first.column_names and natural_column not in keep:
         keep.append(natural_column)
     renames = {old: new for old, new in ((input_src, input_col), (label_src, "label")) if old != new}
-    splits = {
-        k: ds.with_format(None).select_columns(keep).rename_columns(renames) for k, ds in splits.items()
-    }
+    return {k: ds.with_format(None).select_columns(keep).rename_columns(renames) for k, ds in splits.items()}
+
+
+def encode_labels(splits: dict[str, datasets.Dataset], label_src: str
+                  ) -> tuple[dict[str, datasets.Dataset], tuple[str, ...]]:
+    """Labels as ``ClassLabel`` ids 0..C-1 (strings or integers sorted), and the class names.
+
+    Raises
+    ------
+    DataError
+        On mixed or missing label values, or fewer than 2 classes.
+    """
     first = next(iter(splits.values()))
-
-    feature = first.features[input_col]
-    if task == TEXT_TASK and getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"Text column {input_src!r} holds {feature}, not strings; check 'text-column'.")
-    if task == IMAGE_TASK and not isinstance(feature, Image):
-        try:  # paths or {bytes, path} structs decode as images once cast
-            splits = {k: ds.cast_column("image", Image()) for k, ds in splits.items()}
-        except Exception as exc:
-            raise DataError(
-                f"Column {input_src!r} holds {feature}, not images; check 'image-column'."
-            ) from exc
-
     label_feature = first.features["label"]
     if isinstance(label_feature, ClassLabel):
         names = tuple(label_feature.names)
@@ -255,16 +264,16 @@ def _normalise(
     return splits, names
 
 
-def _take(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
+def take_rows(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
     """Rows ``indices`` of ``ds`` as their own table, so later column reads need no index mapping."""
     # Flattening in arrow format skips the Python conversion of every row. It is an internal copy, not a step a
     # user waits for: its "Flattening the indices" bar would repeat in every node's log, every round.
-    with _no_progress_bars():
+    with no_progress_bars():
         return ds.select(indices).with_format("arrow").flatten_indices().with_format(None)
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """``datasets``' progress bars off inside the block (on again after, if they were on)."""
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -306,7 +315,7 @@ def deduplicate(splits: dict[str, datasets.Dataset], column: str) -> tuple[dict[
             else:
                 seen.add(key)
                 keep.append(row)
-        out[name] = splits[name] if len(keep) == len(texts) else _take(splits[name], np.array(keep, dtype=np.int64))
+        out[name] = splits[name] if len(keep) == len(texts) else take_rows(splits[name], np.array(keep, dtype=np.int64))
     return {name: out[name] for name in splits}, {"duplicates": duplicates, "conflicts": conflicts}
 
 
@@ -330,74 +339,7 @@ def _split(ds: datasets.Dataset, test_size: int, seed: int) -> tuple[datasets.Da
     )
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_idx] = False
-    return _take(ds, rng.permutation(np.flatnonzero(train_mask))), _take(ds, rng.permutation(test_idx))
-
-
-def load_task_data(
-    dataset_name: str,
-    *,
-    task: str = "text-classification",
-    text_column: str = "text",
-    label_column: str = "label",
-    image_column: str = "image",
-    natural_column: str = "topic",
-    prompt_column: str = "prompt",
-    response_column: str = "response",
-    messages_column: str = "messages",
-    test_size: int = 1000,
-    val_size: int = 0,
-    split_seed: int = 0,
-) -> TaskData:
-    """Load a classification dataset (or causal-LM pairs) and split off a fixed held-out test set.
-
-    Cached per process (clients call it every round); a changed local file is only re-read
-    by a new process.
-
-    Parameters
-    ----------
-    dataset_name : str
-        ``""`` for the default tweets; a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file;
-        a local directory (saved with ``save_to_disk``, or loadable by ``load_dataset`` such as
-        an imagefolder of ``label_name/xxx.png``); or a Hugging Face Hub id.
-    task : str
-        One of ``TASKS``.
-    text_column, label_column, image_column : str
-        Source columns for the input and the label (run-config keys ``text-column``,
-        ``label-column``, ``image-column``).
-    natural_column : str
-        Column kept, if present, for the ``natural`` partitioner.
-    prompt_column, response_column, messages_column : str
-        ``causal-lm``: the prompt/response columns, or a chat column (see :func:`chat.normalise`). The held-out
-        rows are whole conversations where the data has a ``conversation`` column.
-    test_size : int
-        Held-out rows. If the source has a ``test`` split, it is used (a seeded subset when it
-        is larger); otherwise ``test_size`` rows are split off. ``0`` gives an empty test set.
-    val_size : int
-        Validation rows split off the training pool (never trained on; the same for every run seed).
-        Text data is first deduplicated (:func:`deduplicate`), so no text is in two of pool, validation
-        and test.
-    split_seed : int
-        Seed of the held-out split; fixed so that every run, method and run seed sees the
-        same test set.
-
-    Returns
-    -------
-    TaskData
-        ``train``/``test`` with columns ``text`` or ``image``, ``label`` (``ClassLabel``,
-        0..C-1) and the natural column when present.
-
-    Raises
-    ------
-    DataError
-        On an unknown task, an unreadable source, a missing column, fewer than two classes
-        or an invalid ``test_size``.
-    """
-    # Cached per process (clients call this every round); a changed local file is re-read.
-    return _load_task_data(dataset_name, source_stamp(dataset_name), task=task, text_column=text_column,
-                           label_column=label_column, image_column=image_column, natural_column=natural_column,
-                           prompt_column=prompt_column, response_column=response_column,
-                           messages_column=messages_column, test_size=test_size, val_size=val_size,
-                           split_seed=split_seed)
+    return take_rows(ds, rng.permutation(np.flatnonzero(train_mask))), take_rows(ds, rng.permutation(test_idx))
 
 
 def source_stamp(name: str) -> tuple[str, int, int] | None:
@@ -410,38 +352,24 @@ def source_stamp(name: str) -> tuple[str, int, int] | None:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-@functools.lru_cache(maxsize=4)
-def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_column: str, label_column: str,
-                    image_column: str, natural_column: str, prompt_column: str, response_column: str,
-                    messages_column: str, test_size: int, val_size: int, split_seed: int) -> TaskData:
-    if task not in TASKS:
-        raise DataError(f"Unknown task {task!r}; allowed: {list(TASKS)}.")
+def check_sizes(test_size: int, val_size: int) -> None:
+    """Raises DataError unless both held-out sizes are integers >= 0."""
     for key, size in (("test-size", test_size), ("val-size", val_size)):
         if not is_integer(size) or size < 0:
             raise DataError(f"{key} must be an integer >= 0, got {size!r}.")
-    if task == CAUSAL_LM_TASK:
-        return _load_chat_data(dataset_name, natural_column, prompt_column, response_column, messages_column,
-                               test_size, val_size, split_seed)
-    if dataset_name == DEFAULT_DATASET and task != TEXT_TASK:
-        raise DataError(
-            f'The default dataset (dataset-name "") is text-only; task {task!r} needs a dataset-name.'
-        )
 
-    source = _load_source(dataset_name)
-    if isinstance(source, datasets.DatasetDict):
-        train_key = "train" if "train" in source else next((k for k in source if k != "test"), None)
-        if train_key is None:
-            raise DataError(f"Dataset {dataset_name!r} has only a 'test' split; a training split is needed.")
-        splits = {"train": source[train_key], **({"test": source["test"]} if "test" in source else {})}
-    else:
-        splits = {"train": source}
 
-    input_src = text_column if task == TEXT_TASK else image_column
-    splits, names = _normalise(splits, task, input_src, label_column, natural_column)
-    removed = None
-    if task == TEXT_TASK:  # images are not compared: a copy there would need a perceptual hash
-        splits, removed = deduplicate(splits, "text")
+def held_out_split(splits: dict[str, datasets.Dataset], test_size: int, val_size: int, split_seed: int
+                   ) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """``(pool, test, val)`` of classification rows: the source's own ``test`` split (a seeded subset when it is
+    larger than ``test_size``) or ``test_size`` rows split off, then ``val_size`` rows split off the pool; both
+    stratified by label, with fixed seeds (every run, method and run seed sees the same held-out rows).
 
+    Raises
+    ------
+    DataError
+        When the held-out rows would leave no pool.
+    """
     if "test" in splits:
         train, test = splits["train"], splits["test"]
         if len(test) > test_size:
@@ -456,33 +384,7 @@ def _load_task_data(dataset_name: str, _stamp: tuple | None, *, task: str, text_
         raise DataError(f"val-size {val_size} must be smaller than the {len(train)} training rows; lower it")
     # Another seed than the test split's, so the two draws are independent.
     train, val = _split(train, val_size, split_seed + 1)
-    input_column = "text" if task == TEXT_TASK else "image"
-    return TaskData(train=train, test=test, label_names=names, input_column=input_column, val=val, removed=removed)
-
-
-def _load_chat_data(dataset_name: str, natural_column: str, prompt_column: str, response_column: str,
-                    messages_column: str, test_size: int, val_size: int, split_seed: int) -> TaskData:
-    """Prompt/response pairs (the chitchat default, or the user's), the held-out rows split off by conversation."""
-    from .chat import ChatDataError, load_chitchat, normalise, split_by_group
-
-    try:
-        source = load_chitchat() if dataset_name == DEFAULT_DATASET else _load_source(dataset_name)
-        if isinstance(source, datasets.DatasetDict):
-            source = source["train"] if "train" in source else next(iter(source.values()))
-        with _no_progress_bars():  # an internal step, in every node's log otherwise
-            rows = normalise(source, prompt_column, response_column, messages_column,
-                             keep=(natural_column, "conversation"))
-    except ChatDataError as error:
-        raise DataError(f"dataset-name = {dataset_name!r}: {error}") from error
-    if test_size + val_size >= len(rows):
-        raise DataError(f"test-size {test_size} + val-size {val_size} must be smaller than the dataset's "
-                        f"{len(rows)} rows; lower them")
-    train, test = split_by_group(rows, test_size, split_seed, group="conversation")
-    pool, val = _take(rows, train), None
-    if val_size:
-        train, held = split_by_group(pool, val_size, split_seed + 1, group="conversation")  # whole conversations
-        pool, val = _take(pool, train), _take(pool, held)
-    return TaskData(train=pool, test=_take(rows, test), label_names=(), input_column="prompt", val=val)
+    return train, test, val
 
 
 def partition_dataset(

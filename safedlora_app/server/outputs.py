@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,16 @@ class RoundStats:
     train_loss: float | None = None
     train_seconds: float | None = None
     """Seconds a node spent training (its optimizer steps); the nodes' mean weighted by their examples."""
+    train_seconds_max: float | None = None
+    """The slowest node's training seconds."""
+    train_seconds_total: float | None = None
+    """The nodes' training seconds summed."""
     client_seconds: float | None = None
     """Seconds a node's ClientApp spent on the round's message, training included (model set-up, reply); the
     nodes' mean weighted by their examples, like ``train_seconds``."""
+    client_seconds_total: float | None = None
+    """The nodes' ClientApp seconds summed: over ``exchange_seconds``, how many worked at once
+    (:func:`nodes_at_once`)."""
     exchange_seconds: float | None = None
     """Seconds from handing the round's messages to Flower to holding every reply (or the deadline)."""
     peak_memory_mb: float | None = None
@@ -83,6 +90,25 @@ class RoundStats:
     fed_loss: float | None = None
     fed_perplexity: float | None = None
     """causal-lm: the perplexity of ``fed_loss`` (the nodes' row-weighted mean loss per response token)."""
+
+
+#: Below this many nodes at once (:func:`nodes_at_once`), the round's nodes worked one after the other.
+ONE_AFTER_ANOTHER = 1.3
+ONE_AFTER_ANOTHER_HINT = (
+    "round %d: the %d nodes trained one after the other (%.2f at once: their ClientApps' seconds add up to the "
+    "exchange's %.1f s). A simulation gives each node `client-resources-num-cpus` CPUs (Flower's default: 2), so "
+    "that a machine with fewer than 2 CPUs per node runs them in turn; with one CPU per node they train at once: "
+    "flwr run . --federation-config \"client-resources-num-cpus=1\" (docs/speed.md)")
+
+
+def nodes_at_once(line: Mapping) -> float | None:
+    """How many nodes' ClientApps worked at once in a round, on average: their summed seconds over the exchange's.
+    About 1 when they ran one after the other, about the number of replies when all ran at once; ``None`` with
+    fewer than 2 replies or without the times (round 0, lines of older runs)."""
+    total, exchange = line.get("client-seconds-total"), line.get("exchange-seconds")
+    if (line.get("replies") or 0) < 2 or not total or not exchange:
+        return None
+    return total / exchange
 
 
 def selection_loss(line: Mapping) -> float | None:
@@ -214,6 +240,8 @@ def _scores(line: Mapping, prefix: str) -> str:
         return f"acc {line[prefix + 'accuracy']:.1%} f1 {line[prefix + 'macro-f1']:.3f}"
     if line.get(prefix + "perplexity") is not None:
         return f"loss {line[prefix + 'loss']:.3f} perplexity {line[prefix + 'perplexity']:.2f}"
+    if line.get(prefix + "loss") is not None:  # a task that reports its loss alone
+        return f"loss {line[prefix + 'loss']:.4g}"
     return ""
 
 
@@ -227,6 +255,7 @@ class RunRecorder(RoundLog):
         self.records: list[dict] = []
         self._last = time.perf_counter()
         self._cum_down = self._cum_up = 0
+        self._told_one_after_another = False
 
     def state_dict(self) -> dict[str, list[dict]]:
         """Every round's line so far (see :mod:`~safedlora_app.server.checkpoint`)."""
@@ -269,6 +298,10 @@ class RunRecorder(RoundLog):
             sync_file(handle)
         self.records.append(line)
         log(INFO, "%s", self.describe(line))
+        if not self._told_one_after_another and (at_once := nodes_at_once(line)) is not None \
+                and at_once < ONE_AFTER_ANOTHER:
+            self._told_one_after_another = True  # once per run: the cause is the federation's, not the round's
+            log(WARNING, ONE_AFTER_ANOTHER_HINT, line["round"], line["replies"], at_once, line["exchange-seconds"])
         return line
 
     def describe(self, line: dict) -> str:

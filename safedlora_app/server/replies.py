@@ -194,7 +194,7 @@ METRIC_RANGES = {"accuracy": (0.0, 1.0), "macro-f1": (0.0, 1.0), "loss": (0.0, m
 def evaluation_problem(content: RecordDict, *, max_num_examples: int, backbone_hash: str | None = None,
                        metrics_needed: Sequence[str] = ("accuracy", "macro-f1", "loss")) -> str | None:
     """Why an evaluation reply cannot be counted, or ``None``: it must report its rows (``num-examples``) and each
-    of ``metrics_needed`` (the task's ``config.EVAL_METRICS``), finite and in its :data:`METRIC_RANGES`, in a
+    of ``metrics_needed`` (the task's ``TaskSpec.eval_metrics``), finite and in its :data:`METRIC_RANGES`, in a
     MetricRecord under ``metrics``."""
     metrics = content.get(METRICS)
     if not isinstance(metrics, MetricRecord):

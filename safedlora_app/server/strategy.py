@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
-from safedlora_app.core.config import EVAL_METRICS, RunConfig
+from safedlora_app.core.config import RunConfig
 from safedlora_app.core.records import METRICS
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
@@ -160,9 +160,10 @@ class SAFedLoRA(Strategy):
                 "the global model is unchanged", server_round)
             return None, None
         metrics = reply_metrics([reply.content[METRICS] for reply in valid], weights)
-        stats.train_loss, stats.train_seconds, stats.client_seconds, stats.peak_memory_mb, stats.first_step_a_ratio = (
-            metrics.get(k) for k in ("train-loss", "train-time", "client-time", "peak-memory-mb",
-                                     "first-step-a-ratio"))
+        (stats.train_loss, stats.train_seconds, stats.train_seconds_max, stats.train_seconds_total,
+         stats.client_seconds, stats.client_seconds_total, stats.peak_memory_mb, stats.first_step_a_ratio) = (
+            metrics.get(k) for k in ("train-loss", "train-time", "train-time-max", "train-time-total", "client-time",
+                                     "client-time-total", "peak-memory-mb", "first-step-a-ratio"))
         stats.dropped_update, stats.factor_norms = diagnostics["dropped_update"], diagnostics["factor_norms"]
         stats.aggregate_seconds = time.perf_counter() - start
         return pl.pack(new), MetricRecord(metrics)
@@ -176,7 +177,7 @@ class SAFedLoRA(Strategy):
         stats = self.rounds.current
         screened = screen(sent.messages, list(replies), lambda _, content: checked_evaluation(
             content, max_num_examples=self.config.max_num_examples, backbone_hash=sent.backbone_hash or None,
-            metrics_needed=EVAL_METRICS[self.config.task]))
+            metrics_needed=self.config.task_spec.eval_metrics))
         good = [reply.content for reply in self._account(server_round, "evaluation", screened, sent.backbone_hash)]
         stats.eval_bytes_up = screened.bytes_up
         stats.eval_replies, stats.eval_dropped = len(good), len(screened.dropped) + len(screened.lost)
@@ -187,8 +188,8 @@ class SAFedLoRA(Strategy):
         rows = [float(m["num-examples"]) for m in metrics]
         stats.eval_rows = int(sum(rows))
         means = {k: sum(w * float(m[k]) for w, m in zip(rows, metrics)) / sum(rows)
-                 for k in EVAL_METRICS[self.config.task] if k != "perplexity"}
-        if "perplexity" in EVAL_METRICS[self.config.task]:  # of the mean loss, as central evaluation's
+                 for k in self.config.task_spec.eval_metrics if k != "perplexity"}
+        if "perplexity" in self.config.task_spec.eval_metrics:  # of the mean loss, as central evaluation's
             means["perplexity"] = math.exp(min(means["loss"], 50.0))
         for name, value in means.items():
             setattr(stats, "fed_" + name.replace("-", "_"), value)

@@ -86,9 +86,10 @@ class LocalFlower:
                               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http_port))
 
     def run(self, run_config: str, timeout: float = 600, federation: str = "",
-            progress: Path | None = None) -> subprocess.CompletedProcess:
-        """``flwr run`` of this app; see :func:`run_watched` for ``timeout`` and ``progress``."""
-        command = [str(BIN / "flwr"), "run", str(APP_ROOT), "--stream", "--run-config", run_config]
+            progress: Path | None = None, app: Path = APP_ROOT) -> subprocess.CompletedProcess:
+        """``flwr run`` of this app (or of another checkout of it, ``app``: Flower puts its directory first on the
+        path, so its code runs); see :func:`run_watched` for ``timeout`` and ``progress``."""
+        command = [str(BIN / "flwr"), "run", str(app), "--stream", "--run-config", run_config]
         if federation:
             command += ["--federation-config", federation]
         return run_watched(command, self.env, self.home, timeout, progress)

