@@ -29,7 +29,7 @@ import torch
 
 from safedlora_app.core import adapter_math as am
 
-MB = 2**20
+MIB = 2**20  # memory in MiB; bytes sent are MB (1e6), as in the app
 
 
 def replies(count: int, dim: int, rank: int, spread: float, seed: int):
@@ -48,8 +48,8 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def peak_extra_mb(fn) -> tuple[float, float]:
-    """``(seconds, MB)``: the call's wall time, and its peak resident memory above the memory before it."""
+def peak_extra_bytes(fn) -> tuple[float, float]:
+    """``(seconds, bytes)``: the call's wall time, and its peak resident memory above the memory before it."""
     process = psutil.Process()
     before = peak = process.memory_info().rss
     done = threading.Event()
@@ -90,7 +90,7 @@ def main() -> None:
             sa.append(timed(lambda: am.aggregate_module(bs, as_, weights, sent, args.rank)))
             fedit.append(timed(lambda: am.aggregate_factors(bs, as_, weights)))
             # Memory in a call of its own: the sampler thread would slow the timed ones down.
-            memory.append(peak_extra_mb(lambda: am.aggregate_module(bs, as_, weights, sent, args.rank))[1] / MB)
+            memory.append(peak_extra_bytes(lambda: am.aggregate_module(bs, as_, weights, sent, args.rank))[1] / MIB)
             if module < args.exact_check:
                 b, a = am.aggregate_products(bs, as_, weights, args.rank)
                 u, s, vh = am.product_svd(bs, as_, [1.0 / count] * count)
@@ -101,7 +101,7 @@ def main() -> None:
                "path": "exact" if count * args.rank <= am.EXACT_STACK_MAX else "sketch"}
         rows.append(row)
         print(f"K={count:5d} ({row['path']}): sa-fedlora {row['sa']:.2f} s per round, fedit {row['fedit']:.2f} s -> "
-              f"{row['sa'] / row['fedit']:.1f}x fedit; extra memory {row['mb']:.0f} MB per module; "
+              f"{row['sa'] / row['fedit']:.1f}x fedit; extra memory {row['mb']:.0f} MiB per module; "
               f"relative difference from the exact product {row['error']:.1e}", flush=True)
     first = rows[0]
     for row in rows[1:]:

@@ -28,7 +28,7 @@ import psutil
 
 from safedlora_app.tools.simulation import LocalFlower
 
-MB = 2**20
+MIB = 2**20  # memory in MiB; bytes sent are MB (1e6), as in the app
 
 
 def role(process: psutil.Process) -> str:
@@ -50,7 +50,7 @@ def run(nodes: int, sampled: int, rounds: int, samples: int, dropout: float, wor
             rss = {"server": [], "worker": [], "other": []}
             for process in flower.processes():
                 try:
-                    rss[role(process)].append(process.memory_info().rss / MB)
+                    rss[role(process)].append(process.memory_info().rss / MIB)
                 except psutil.Error:
                     pass
             peak["server"] = max(peak["server"], sum(rss["server"]))
@@ -100,8 +100,8 @@ def main() -> None:
         r = results[nodes] = run(nodes, args.sampled, args.rounds, args.local_samples, args.sim_dropout, work)
         print(f"{nodes} nodes, {args.sampled} sampled per round, {args.local_samples} samples each, sim-dropout "
               f"{args.sim_dropout}: peak RSS server "
-              f"{r['server']:.0f} MB, workers {r['workers']:.0f} MB (largest {r['worker']:.0f} MB), all "
-              f"{r['total']:.0f} MB; round 1 {r['first']:.1f} s, later rounds {r['later']:.1f} s (median); "
+              f"{r['server']:.0f} MiB, workers {r['workers']:.0f} MiB (largest {r['worker']:.0f} MiB), all "
+              f"{r['total']:.0f} MiB; round 1 {r['first']:.1f} s, later rounds {r['later']:.1f} s (median); "
               f"{r['replies']} replies, {r['dropped']} dropped; final accuracy {r['accuracy']:.1%}, "
               f"{r['mb']:.2f} MB sent; wall {r['wall']:.0f} s", flush=True)
     small = results[min(args.nodes)]

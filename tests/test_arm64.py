@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_deployment import ROOT, Deployment, free_ports
+from support.deployment import ROOT, Deployment, free_ports
 
 from safedlora_app.core.profiles import LOW_MEMORY_NODE, node_config_text
 

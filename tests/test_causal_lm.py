@@ -9,9 +9,8 @@ import math
 
 import pytest
 import torch
-from conftest import CHAT, run_server
 from flwr.app import MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from support.runs import CHAT, run_server, tiny_run_config
 
 from safedlora_app.core.config import ConfigError, RunConfig
 from safedlora_app.core.data import DataError, partition_dataset
@@ -21,12 +20,9 @@ from safedlora_app.server.replies import evaluation_problem
 from safedlora_app.tasks import get_task, load_base_model, load_preprocessor, load_task_data
 from safedlora_app.tasks.causal_lm import IGNORE, ChatRows, encode_row, evaluate_lm
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
+
 LM = {"task": "causal-lm"}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +199,6 @@ def test_language_model_evaluation_replies_report_loss_and_perplexity():
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, tiny_llama_dir, chat_file, cache_dir):
     """A 3-round sa-fedlora run of the tiny LLaMA on the chat file, with federated evaluation too."""
-    from conftest import tiny_run_config
-
     config = tiny_run_config(tmp_path_factory.mktemp("lm"), cache_dir, run_name="lm", task="causal-lm",
                              model_name=str(tiny_llama_dir), dataset_name=str(chat_file), test_size=12,
                              local_samples=8, batch_size=4, eval_batch_size=4, num_server_rounds=3,
@@ -248,8 +242,6 @@ def test_the_adapter_loads_with_peft_and_generates_and_the_run_wrote_its_generat
 
 
 def test_fedit_runs_the_same_modules_at_a_fixed_rank(tmp_path, tiny_llama_dir, chat_file, cache_dir):
-    from conftest import tiny_run_config
-
     config = tiny_run_config(tmp_path, cache_dir, run_name="fedit", task="causal-lm", method="fedit",
                              model_name=str(tiny_llama_dir), dataset_name=str(chat_file), test_size=12,
                              local_samples=8, batch_size=4, num_server_rounds=2, rank_max=4, generation_rows=0)

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_deployment import MAKE_CERTS, ROOT, TINY, Deployment, free_ports, metrics_rows
+from support.deployment import MAKE_CERTS, ROOT, TINY, Deployment, free_ports, metrics_rows
 
 import pins  # scripts/pins.py (pytest's pythonpath)
 

@@ -15,197 +15,20 @@ SAFEDLORA_DEPLOY_APP_DIR points the tests at another Flower app with the same ru
 """
 
 import json
-import os
 import re
 import subprocess
 import time
-import tomllib
-from pathlib import Path
 
 import psutil
 import pytest
+from support.deployment import APP_DIR, MAKE_CERTS, Deployment, app_missing, free_ports, metrics_rows
 
 from safedlora_app.server.round_deadline import MIN_DEADLINE
-from safedlora_app.tools.simulation import flower_env, free_port, run_status, stop_processes
-
-ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = Path(os.environ.get("SAFEDLORA_DEPLOY_APP_DIR", ROOT)).resolve()
-MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
-# s for one `flwr run --stream` of 2 tiny rounds: ~100 s on 2 idle cores, 154-333 s measured in CI's slow tier
-# (4 workers on 2 cores, Docker builds beside it). The tests assert that a run completes, not how fast.
-RUN_TIMEOUT = 600
-START_TIMEOUT = 60  # s for processes to come up / nodes to connect
-# 2 rounds of the real model on a few samples. The app needs heat + cool rounds to fit into the
-# num-server-rounds - init-rounds annealing rounds; node-wait-timeout bounds a missing node.
-TINY = ("num-server-rounds=2 init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=2 rank-min=1 "
-        "local-samples=16 test-size=32 val-size=32 batch-size=8 eval-batch-size=32 min-nodes=2 "
-        "node-wait-timeout=60")
-
-
-def app_missing():
-    """The app's component modules, as declared in its pyproject, that do not exist yet."""
-    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
-    components = pyproject["tool"]["flwr"]["app"]["components"].values()
-    files = [APP_DIR / (c.split(":")[0].replace(".", "/") + ".py") for c in components]
-    return [str(f) for f in files if not f.exists()]
-
 
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(bool(app_missing()), reason=f"app not written yet: {app_missing()}"),
 ]
-
-
-def free_ports(n):
-    """``n`` distinct free ports."""
-    ports = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
-class Deployment:
-    """Processes of one test, their logs, and the `flwr` CLI with a private FLWR_HOME."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        self.procs = {}
-        self.home = tmp / "flwr-home"
-        self.home.mkdir()
-        self.env = flower_env(self.home, HF_HOME=str(tmp / "hf-home"), PYTHONUNBUFFERED="1")
-
-    # --- processes ---
-    def start(self, name, argv, **env):
-        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own handle
-            self.procs[name] = subprocess.Popen(
-                [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=self.tmp, env={**self.env, **env},
-                start_new_session=True,  # own process group, stopped as a whole in stop()
-            )
-        return self.procs[name]
-
-    def log(self, name, tail=4000):
-        return (self.tmp / f"{name}.log").read_text(errors="replace")[-tail:]
-
-    def logs(self):
-        return "\n".join(f"--- {n} (rc={p.poll()}) ---\n{self.log(n, 2500)}"
-                         for n, p in self.procs.items())
-
-    def wait_for(self, check, what, timeout=START_TIMEOUT, alive=()):
-        """Poll `check` until truthy; fail early if a process in `alive` has exited."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name in alive:
-                if self.procs[name].poll() is not None:
-                    pytest.fail(f"{name} exited while waiting for {what}\n{self.logs()}")
-            if result := check():
-                return result
-            time.sleep(0.5)
-        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
-
-    def stop(self):
-        """Every started process, its descendants, and what is left in its process group (its own session:
-        children orphaned by a crash stay there), all recorded before the first signal."""
-        groups = {p.pid for p in self.procs.values()}
-        tree = {}
-        for process in psutil.process_iter():
-            try:
-                if os.getpgid(process.pid) in groups:
-                    tree[process.pid] = process
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
-        for p in self.procs.values():
-            try:
-                root = psutil.Process(p.pid)
-                tree.update({c.pid: c for c in [root, *root.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                pass
-        stop_processes(list(tree.values()), timeout=20)  # SuperNodes take a few seconds to shut down
-        for p in self.procs.values():
-            p.wait(timeout=10)
-
-    # --- flwr CLI ---
-    def connection(self, name, address, **options):
-        """A `[superlink.NAME]` entry in FLWR_HOME/config.toml, as a user writes it."""
-        lines = [f"[superlink.{name}]", f'address = "{address}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
-        with open(self.home / "config.toml", "a") as f:
-            f.write("\n".join(lines) + "\n\n")
-
-    def flwr(self, *args, timeout=60, check=True):
-        result = subprocess.run(["flwr", *map(str, args)], capture_output=True, text=True,
-                                env=self.env, cwd=self.tmp, timeout=timeout)
-        if check:
-            assert result.returncode == 0, f"flwr {args}: {result.stdout}\n{result.stderr}"
-        return result
-
-    def flwr_json(self, *args):
-        out = self.flwr(*args, "--format", "json", check=False).stdout
-        try:
-            return json.loads(out)
-        except json.JSONDecodeError:
-            return {"success": False, "output": out}
-
-    def online_nodes(self, conn):
-        """Node ids the SuperLink lists as online, or None while it is not reachable."""
-        data = self.flwr_json("supernode", "ls", conn)
-        if not data.get("success"):
-            return None
-        return {str(n["node-id"]) for n in data["nodes"] if n["status"] == "online"}
-
-    def launch(self, conn, run_name, settings="", app_dir=APP_DIR):
-        """Start `flwr run APP CONN --stream` of the tiny settings (plus ``settings``) in the background."""
-        out_dir = self.tmp / "out"
-        items = dict(item.split("=", 1) for item in f"{TINY} {settings}".split())  # Flower refuses repeated keys
-        config = " ".join(f"{k}={v}" for k, v in items.items())
-        config += f" cache-dir='{self.tmp / 'cache'}' out-dir='{out_dir}' run-name='{run_name}'"
-        log = self.tmp / f"flwr-run-{run_name}.log"
-        with open(log, "wb") as f:
-            cli = subprocess.Popen(["flwr", "run", str(app_dir), conn, "--stream", "--run-config", config],
-                                   stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=self.env, cwd=self.tmp)
-        return cli, log, out_dir / run_name
-
-    def wait_rounds(self, outputs, rounds, cli, log, alive=()):
-        """Wait until the launched run has written ``rounds`` rounds (after round 0) to metrics.jsonl."""
-        def written():
-            if cli.poll() is not None:
-                pytest.fail(f"flwr run exited early\n{log.read_text(errors='replace')[-4000:]}\n{self.logs()}")
-            return len(metrics_rows(outputs)) > rounds
-        self.wait_for(written, f"round {rounds} to end", timeout=RUN_TIMEOUT, alive=alive)
-
-    def complete(self, conn, cli, log, alive=()):
-        """Wait for a launched run; assert it finished:completed; return its log text."""
-        try:
-            cli.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            cli.kill()
-            pytest.fail(f"flwr run took over {RUN_TIMEOUT}s\n{log.read_text()[-4000:]}\n{self.logs()}")
-        text = log.read_text(errors="replace")
-        started = re.search(r"Successfully started run (\d+)", text)
-        assert cli.returncode == 0 and started, text[-4000:]
-        run_id = started.group(1)
-
-        # `flwr run` exits 0 even when the run failed: the run's status is the verdict.
-        def finished():
-            status = run_status(run_id, self.env, self.tmp, conn)
-            return status if status.startswith("finished") else None
-
-        status = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
-        assert status == "finished:completed", f"{status}\n{text[-4000:]}\n{self.logs()}"
-        self.last_run_log = text
-        return text
-
-    def run_app(self, conn, run_name, alive=(), settings=""):
-        """`flwr run APP CONN --stream` of 2 tiny rounds (plus ``settings``); returns the run's output dir."""
-        cli, log, outputs = self.launch(conn, run_name, settings)
-        self.complete(conn, cli, log, alive=alive)
-        # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
-        rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
-        assert [row["round"] for row in rows][-1] == 2
-        assert all(row["replies"] == 2 for row in rows if row["round"] >= 1), rows
-        assert json.loads((outputs / "summary.json").read_text())["rounds"] == 2
-        return outputs
 
 
 @pytest.fixture
@@ -306,11 +129,6 @@ def power_loss(pid):
     for process in tree:
         process.kill()
     psutil.wait_procs(tree, timeout=10)
-
-
-def metrics_rows(outputs):
-    path = outputs / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_a_node_killed_mid_round_is_dropped_and_its_restart_gets_the_backbone_again(deployment):

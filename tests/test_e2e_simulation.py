@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
-from conftest import WALL_CLOCK
 from peft import PeftModel
 from safetensors.torch import load_file
+from support.runs import WALL_CLOCK
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from safedlora_app.core.training import Encoded, evaluate

@@ -4,9 +4,8 @@ replies (the ClientApp's evaluate handler on the real model: ``test_in_process``
 import math
 
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from test_strategy import FakeGrid, initial, make_strategy, reply, send, trained
+from flwr.app import Error, Message, MetricRecord, RecordDict
+from support.strategy import evaluate_round, evaluation_reply, initial, make_strategy, reply, send, trained
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import ConfigError, RunConfig
@@ -14,10 +13,7 @@ from safedlora_app.core.seeds import holdout_split
 from safedlora_app.server.outputs import RoundLog
 from safedlora_app.server.replies import evaluation_problem
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 def test_holdout_split_is_disjoint_complete_and_fixed():
@@ -43,21 +39,6 @@ def test_bad_evaluation_keys_are_refused_by_name(overrides, message):
 @pytest.mark.parametrize("connected, fraction, expected", [(10, 0.0, 0), (10, 0.05, 1), (10, 0.5, 5), (3, 1.0, 3)])
 def test_evaluators_per_round(connected, fraction, expected):
     assert RunConfig(fraction_evaluate=fraction).evaluators_per_round(connected) == expected
-
-
-def evaluation_reply(message, rows, accuracy, f1, loss, backbone_hash=None):
-    node = ConfigRecord({"backbone-hash": message.content["config"].get("backbone-hash", "")
-                         if backbone_hash is None else backbone_hash})
-    metrics = MetricRecord({"num-examples": rows, "accuracy": accuracy, "macro-f1": f1, "loss": loss})
-    return Message(RecordDict({"metrics": metrics, "node": node}), reply_to=message)
-
-
-def evaluate_round(strategy, server_round, arrays, nodes):
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"label-names": ["a", "b"]}),
-                                                FakeGrid(nodes)))
-    for message in messages:
-        message.metadata.__dict__["_message_id"] = message.object_id
-    return messages
 
 
 def test_evaluation_round_weights_nodes_by_rows_and_drops_bad_replies():

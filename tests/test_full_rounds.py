@@ -7,9 +7,8 @@ model from them.
 
 import pytest
 import torch
-from conftest import LABELS
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from support.runs import LABELS
 from torch import nn
 from transformers import LevitConfig, LevitForImageClassification, LlamaConfig, LlamaForCausalLM, ViTImageProcessor
 
@@ -24,10 +23,7 @@ from safedlora_app.server.global_model import GlobalModel
 from safedlora_app.server.strategy import SAFedLoRA
 from safedlora_app.tasks import load_base_model, load_task_data
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 class TinyBatchNorm(nn.Module):
@@ -116,7 +112,7 @@ def test_a_full_round_averages_the_running_statistics_and_the_global_model_has_t
     for shift, message in zip((1.0, 5.0), messages):  # each node sees other data: other statistics
         node = TinyBatchNorm()
         received = pl.unpack(message.content[ARRAYS])
-        load_parameters(node, {**pl.select(received, pl.BACKBONE), **pl.select(received, pl.HEAD)})
+        load_parameters(node, {**pl.bare(received, pl.BACKBONE), **pl.bare(received, pl.HEAD)})
         node.train()(torch.randn(64, 3, generator=torch.Generator().manual_seed(int(shift))) + shift)
         nodes.append(node)
     arrays, _ = strategy.aggregate_train(1, [stats_reply(m, n, w) for m, n, w in zip(messages, nodes, (30, 10))])

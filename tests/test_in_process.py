@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LABELS, run_server
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from support.runs import LABELS, run_server
 
 from safedlora_app import client_app
 from safedlora_app.client.node_resources import node_resources
@@ -24,10 +23,7 @@ from safedlora_app.core.records import ARRAYS, METRICS
 from safedlora_app.core.round_plan import plan_round
 from safedlora_app.server.replies import evaluation_problem
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 @pytest.mark.parametrize("rounds", [1, 2, 3])

@@ -4,17 +4,13 @@ sent and may return, and that the global adapter still reaches the uncapped rank
 import pytest
 import torch
 from flwr.app import Error, Message
-from flwr.supercore.task_identity import TaskIdentity
-from test_strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
+from support.strategy import MODULES, FakeGrid, initial, make_strategy, received, reply, send, trained
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import ConfigError, RunConfig, node_max_rank
 from safedlora_app.server.dispatch import LIMITS_TIMEOUT
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])

@@ -17,21 +17,26 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from test_federated_evaluation import evaluate_round, evaluation_reply
-from test_strategy import initial, make_strategy, modules_of, noisy, reply, send, trained
+from support.strategy import (
+    evaluate_round,
+    evaluation_reply,
+    initial,
+    make_strategy,
+    modules_of,
+    noisy,
+    reply,
+    send,
+    trained,
+)
 
 from safedlora_app.core import payload as pl
 from safedlora_app.server.outputs import RoundLog
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
+
 #: The rounds fuzzed: a LoRA round at float32 and at float16 on the wire, a full (fedavg) round at float16.
 ROUNDS = {"lora": {}, "lora-fp16": {"wire_dtype": "float16"},
           "full-fp16": {"method": "fedavg", "wire_dtype": "float16"}}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def honest(message, seed):

@@ -9,10 +9,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import WALL_CLOCK, InProcessGrid, run_server
 from flwr.app import Context, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
+from support.runs import WALL_CLOCK, InProcessGrid, run_server
 
 from safedlora_app import server_app
 from safedlora_app.core.config import RunConfig
@@ -22,10 +21,7 @@ from safedlora_app.server.outputs import RunRecorder
 from safedlora_app.server.round_deadline import DeadlineGrid
 from safedlora_app.server.strategy import SAFedLoRA
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 class Crash(Exception):

@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import run_server
+from support.runs import run_server
 from torch import nn
 
 from safedlora_app.core.config import ConfigError, RunConfig

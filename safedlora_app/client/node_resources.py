@@ -277,7 +277,7 @@ def base_with_backbone(resources: NodeResources, backbone_hash: str, received: d
     """
     if not backbone_hash:
         return resources.base_model
-    sent = pl.select(received, pl.BACKBONE)
+    sent = pl.bare(received, pl.BACKBONE)
     if sent:
         return BACKBONES.put(resources, backbone_hash, sent, cache_dir)
     model = BACKBONES.get(resources, backbone_hash, cache_dir)

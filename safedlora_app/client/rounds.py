@@ -73,7 +73,7 @@ def _received_model(received: dict[str, torch.Tensor], round_config, config: Run
     head_modules = config.module_names(config.head_modules)
     if round_config["kind"] == FULL:
         model = copy.deepcopy(resources.base_model)
-        load_parameters(model, {**pl.select(received, pl.BACKBONE), **pl.select(received, pl.HEAD)})
+        load_parameters(model, {**pl.bare(received, pl.BACKBONE), **pl.bare(received, pl.HEAD)})
         return model, {}
     base = base_with_backbone(resources, str(round_config["backbone-hash"]), received, config.cache_dir)
     ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
@@ -81,7 +81,7 @@ def _received_model(received: dict[str, torch.Tensor], round_config, config: Run
         raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {max_rank}")
     received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
     model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
-    head = pl.select(received, pl.HEAD)
+    head = pl.bare(received, pl.HEAD)
     set_lora_weights(model, pl.lora_factors(received), head)
     return model, ranks
 
@@ -128,7 +128,7 @@ def train_reply(msg: Message, context: Context) -> Message:
         reply = {k: v.float() - received[k].float() for k, v in trained.items()}
     else:
         result = train(model, resources.data, indices, **hyper)
-        factors, new_head = get_lora_weights(model, list(ranks), list(pl.select(received, pl.HEAD)))
+        factors, new_head = get_lora_weights(model, list(ranks), list(pl.bare(received, pl.HEAD)))
         reply = {pl.key(pl.HEAD, n): v for n, v in new_head.items()}
         for m, (b, a) in factors.items():
             reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a

@@ -52,13 +52,13 @@ def key(kind: str, name: str) -> str:
     return f"{kind}{SEP}{name}"
 
 
-def select(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+def bare(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """The tensors of one kind, keyed by their bare name."""
     prefix = kind + SEP
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def only(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+def of_kind(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """The entries of one kind, keeping their wire keys."""
     prefix = kind + SEP
     return {k: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -66,7 +66,7 @@ def only(tensors: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tens
 
 def lora_factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (B, A)}`` from a payload's lora_B/lora_A entries."""
-    a, b = select(tensors, LORA_A), select(tensors, LORA_B)
+    a, b = bare(tensors, LORA_A), bare(tensors, LORA_B)
     return {module: (b[module], a[module]) for module in a}
 
 

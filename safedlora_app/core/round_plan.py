@@ -58,8 +58,8 @@ def initial_tensors(config: RunConfig, model_state: Mapping[str, torch.Tensor]) 
 
     LoRA starts empty: every component is dead and is revived (peft's init) when first sent.
     """
-    backbone = pl.only(model_state, pl.BACKBONE) if round_kind(config, 1) == FULL else {}
-    return {**pl.only(model_state, pl.HEAD), **backbone}
+    backbone = pl.of_kind(model_state, pl.BACKBONE) if round_kind(config, 1) == FULL else {}
+    return {**pl.of_kind(model_state, pl.HEAD), **backbone}
 
 
 def stored_factors(tensors: Mapping[str, torch.Tensor], module_shapes: Mapping[str, tuple[int, int]]) -> Factors:
@@ -139,7 +139,7 @@ class RoundPlan:
 
     def lora_payload(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What every node is sent in a LoRA round: the plan's factors on the wire (``lora::packed``), the head."""
-        sent = pl.only(tensors, pl.HEAD)
+        sent = pl.of_kind(tensors, pl.HEAD)
         for m, (b, a) in self.factors.items():
             sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
         return pl.to_wire(sent, list(self.ranks))
@@ -186,7 +186,7 @@ def model_plan(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     aggregated (the backbone, if trained, and the head), ``lora`` after.
     """
     common = dict(server_round=server_round, stage=stage(config, server_round), lr=0.0, prox_mu=0.0)
-    if not pl.select(tensors, pl.LORA_A):
+    if not pl.bare(tensors, pl.LORA_A):
         return RoundPlan(kind=FULL, **common)
     ranks, factors = adapter_at(config, server_round, tensors, module_shapes)
     return RoundPlan(kind=LORA, **common, budget=sum(ranks.values()), ranks=ranks, factors=factors)

@@ -62,8 +62,8 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     if plan.kind == FULL:  # the replies are updates against what was sent (client.rounds)
         new = {k: previous[k] + weighted_mean([r[k] for r in received], weights) for k in received[0]}
         return new, {"dropped_update": None, "factor_norms": {}}
-    new = pl.only(previous, pl.BACKBONE)  # frozen while LoRA trains
-    new.update({k: weighted_mean([r[k] for r in received], weights) for k in pl.only(received[0], pl.HEAD)})
+    new = pl.of_kind(previous, pl.BACKBONE)  # frozen while LoRA trains
+    new.update({k: weighted_mean([r[k] for r in received], weights) for k in pl.of_kind(received[0], pl.HEAD)})
     dropped = update = 0.0
     sketched = False
     for m, (sent_b, sent_a) in plan.factors.items():

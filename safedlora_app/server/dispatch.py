@@ -60,7 +60,7 @@ class Dispatch:
 
     plan: RoundPlan
     messages: list[Message]
-    sent: dict[int, Sent]
+    per_node: dict[int, Sent]
     """Node id -> what it was sent."""
     backbone_hash: str
     """The trained backbone's hash the nodes must confirm; '' for the pre-trained one."""
@@ -74,7 +74,7 @@ class Dispatch:
     @property
     def capped(self) -> int:
         """Nodes sent lower ranks than the round's plan, because of their ``max-rank``."""
-        return sum(1 for node in self.sent.values() if node.plan is not self.plan)
+        return sum(1 for node in self.per_node.values() if node.plan is not self.plan)
 
 
 def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: ArrayRecord, config: ConfigRecord,
@@ -91,9 +91,9 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
         messages = [Message(content=RecordDict({ARRAYS: record, "config": ConfigRecord(dict(round_config))}),
                             message_type=message_type, dst_node_id=n) for n in to.node_ids]
         return Dispatch(plan, messages, {n: Sent(plan, dict(wire.expected_full)) for n in to.node_ids}, "")
-    backbone = pl.only(tensors, pl.BACKBONE)
+    backbone = pl.of_kind(tensors, pl.BACKBONE)
     # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
-    backbone_hash = pl.tensors_hash(pl.select(tensors, pl.BACKBONE)) if backbone else ""
+    backbone_hash = pl.tensors_hash(pl.bare(tensors, pl.BACKBONE)) if backbone else ""
     payloads: dict[tuple, tuple[RoundPlan, ArrayRecord, dict]] = {}  # by (ranks, with backbone)
     messages, sent = [], {}
     for node_id in to.node_ids:

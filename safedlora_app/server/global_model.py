@@ -50,8 +50,8 @@ class GlobalModel:
         """
         tensors = pl.unpack(arrays)
         base = self._base_for(tensors)
-        head = pl.select(tensors, pl.HEAD)
-        if not pl.select(tensors, pl.LORA_A):
+        head = pl.bare(tensors, pl.HEAD)
+        if not pl.bare(tensors, pl.LORA_A):
             model = copy.deepcopy(base)
             load_parameters(model, head)
             return model, {}
@@ -63,11 +63,11 @@ class GlobalModel:
     def ranks(self, server_round: int, arrays: ArrayRecord) -> dict[str, int]:
         """The ranks of the model after ``server_round`` (empty before any LoRA round), without building it."""
         tensors = pl.unpack(arrays)
-        return adapter_at(self.config, server_round, tensors, self.module_shapes)[0] if pl.select(
+        return adapter_at(self.config, server_round, tensors, self.module_shapes)[0] if pl.bare(
             tensors, pl.LORA_A) else {}
 
     def _base_for(self, tensors) -> nn.Module:
-        backbone = pl.select(tensors, pl.BACKBONE)
+        backbone = pl.bare(tensors, pl.BACKBONE)
         if not backbone:
             return self.base
         digest = pl.tensors_hash(backbone)
@@ -85,7 +85,7 @@ class GlobalModel:
         the adapter points there. Full fine-tuning runs: the whole model in ``model/``.
         """
         model, ranks = self.build(server_round, arrays)
-        backbone_trained = bool(pl.select(pl.unpack(arrays), pl.BACKBONE))
+        backbone_trained = bool(pl.bare(pl.unpack(arrays), pl.BACKBONE))
         if not ranks:
             target = run_dir / "model"
             model.save_pretrained(target)

@@ -235,7 +235,7 @@ class SAFedLoRA(Strategy):
         Raises for an unusable reply, which :func:`~safedlora_app.server.replies.screen` then drops: the unpacking
         runs here too, so that nothing a reply holds can raise later, in the aggregation.
         """
-        to_node = sent.sent[message.metadata.dst_node_id]
+        to_node = sent.per_node[message.metadata.dst_node_id]
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
         arrays = checked_update(content, to_node.reply_shapes, message.content["config"]["wire-dtype"],
                                 max_num_examples=self.config.max_num_examples,
