@@ -215,6 +215,7 @@ def test_compose_runs_two_rounds(project):
     run_and_check(c, "compose", "compose")
 
 
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_compose_with_tls_and_node_auth_refuses_an_unregistered_node(project):
     c = project
     certs = c.tmp / "certs"

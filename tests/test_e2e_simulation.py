@@ -113,6 +113,7 @@ def test_vision_task_through_the_same_strategy(flower, tmp_path, digits_folder, 
     assert reloaded["accuracy"] == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
 
 
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_a_run_killed_between_rounds_resumes_through_flwr_run_to_the_same_result(flower, tmp_path):
     settings = "num-server-rounds=3 rank-max=2 rank-min=1"
     whole_dir, whole_rows, _ = run_app(flower, tmp_path, "whole", settings)

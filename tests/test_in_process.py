@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from support.runs import LABELS, run_server
 
 from safedlora_app import client_app
@@ -116,9 +116,8 @@ def lora_message(config: RunConfig, server_round: int = 1) -> Message:
     tensors = {pl.key(pl.HEAD, k): v.detach() for k, v in head.items()}
     for m, (b, a) in plan.factors.items():
         tensors[pl.key(pl.LORA_B, m)], tensors[pl.key(pl.LORA_A, m)] = b, a
-    round_config = {"label-names": LABELS, "backbone-hash": "", **plan.train_config(config.lora_scale)}
     content = RecordDict({ARRAYS: pl.pack(pl.to_wire(tensors, list(plan.ranks))),
-                          "config": ConfigRecord(round_config)})
+                          "config": plan.round_config(config.lora_scale, "float32", LABELS).to_record()})
     message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=100)
     message.metadata.__dict__["_message_id"] = message.object_id
     return message, plan, shapes

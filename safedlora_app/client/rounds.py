@@ -34,7 +34,7 @@ from safedlora_app.core.model import (
     pick_device,
     set_lora_weights,
 )
-from safedlora_app.core.records import ARRAYS, METRICS, NODE
+from safedlora_app.core.records import ARRAYS, CONFIG, METRICS, NODE, RoundConfig
 from safedlora_app.core.round_plan import FULL
 from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
 from safedlora_app.core.training import compute_dtype, train
@@ -52,8 +52,8 @@ def _setup(msg: Message, context: Context):
     max_rank = node_max_rank(context.node_config, config)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    round_config = msg.content["config"]
-    resources = node_resources(config, dict(context.node_config), tuple(round_config["label-names"]))
+    round_config = RoundConfig.from_record(msg.content[CONFIG])
+    resources = node_resources(config, dict(context.node_config), round_config.label_names)
     return config, round_config, resources, pick_device(), max_rank
 
 
@@ -67,28 +67,29 @@ def _local_rows(config: RunConfig, size: int, partition_id: int) -> tuple[list[i
         raise DataError(f"eval-fraction = {config.eval_fraction}: {error} (this node's data is too small)") from error
 
 
-def _received_model(received: dict[str, torch.Tensor], round_config, config: RunConfig, resources, max_rank: int):
+def _received_model(received: dict[str, torch.Tensor], round_config: RoundConfig, config: RunConfig, resources,
+                    max_rank: int):
     """The model a message describes: a full model (full rounds), or peft LoRA at the announced ranks on
     the right frozen base (the pre-trained one, or a trained backbone the node caches)."""
     head_modules = config.module_names(config.head_modules)
-    if round_config["kind"] == FULL:
+    if round_config.kind == FULL:
         model = copy.deepcopy(resources.base_model)
         load_parameters(model, {**pl.bare(received, pl.BACKBONE), **pl.bare(received, pl.HEAD)})
         return model, {}
-    base = base_with_backbone(resources, str(round_config["backbone-hash"]), received, config.cache_dir)
-    ranks = pl.announced_ranks(round_config["lora-modules"], round_config["lora-ranks"])
+    base = base_with_backbone(resources, round_config.backbone_hash, received, config.cache_dir)
+    ranks = pl.announced_ranks(round_config.lora_modules, round_config.lora_ranks)
     if max_rank and max(ranks.values(), default=0) > max_rank:
         raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {max_rank}")
     received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
-    model = build_lora_model(base, ranks, float(round_config["lora-scale"]), config.lora_dropout, head_modules)
+    model = build_lora_model(base, ranks, round_config.lora_scale, config.lora_dropout, head_modules)
     head = pl.bare(received, pl.HEAD)
     set_lora_weights(model, pl.lora_factors(received), head)
     return model, ranks
 
 
-def _node_record(round_config, resources) -> ConfigRecord:
+def _node_record(round_config: RoundConfig, resources) -> ConfigRecord:
     """What the node tells the server about itself: the backbone it used and where its data came from."""
-    backbone_hash = str(round_config["backbone-hash"]) if round_config["kind"] != FULL else ""
+    backbone_hash = round_config.backbone_hash if round_config.kind != FULL else ""
     return ConfigRecord({"backbone-hash": backbone_hash, "data": resources.partition_label})
 
 
@@ -96,7 +97,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     """One round of local training: the reply with the trained update and its metrics."""
     started = time.perf_counter()
     config, round_config, resources, device, max_rank = _setup(msg, context)
-    server_round = int(round_config["server-round"])
+    server_round = round_config.server_round
     partition_id = int(context.node_config.get("partition-id", 0))
     if config.sim_dropout and random.Random(mix_seed(config.seed, server_round, partition_id, Stream.DROPOUT)
                                             ).random() < config.sim_dropout:
@@ -106,8 +107,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     sample_seed = mix_seed(config.seed, server_round, partition_id)
     indices = [rows[i] for i in sample_indices(len(rows), config.local_samples, sample_seed)]
     hyper = dict(epochs=config.local_epochs, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
-                 lr=float(round_config["lr"]), weight_decay=config.weight_decay,
-                 prox_mu=float(round_config["prox-mu"]),
+                 lr=round_config.lr, weight_decay=config.weight_decay, prox_mu=round_config.prox_mu,
                  seed=mix_seed(config.seed, server_round, partition_id, Stream.TRAINING),
                  device=device, dtype=compute_dtype(config.precision, device), warmup_steps=config.warmup_steps,
                  optimizer_name=config.optimizer, momentum=config.momentum)
@@ -119,7 +119,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     model, ranks = _received_model(received, round_config, config, resources, max_rank)
     if config.gradient_checkpointing:
         checkpoint_activations(model)
-    if round_config["kind"] == FULL:
+    if round_config.kind == FULL:
         model.requires_grad_(True)
         result = train(model, resources.data, indices, **hyper)
         trained = full_state(model, head_parameters(model, config.module_names(config.head_modules)))
@@ -142,7 +142,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     log(INFO, "round %d: trained %d samples in %.1f s (%.3f s per sample, %s), peak memory %.0f MB", server_round,
         result.num_examples, result.seconds, result.seconds / max(result.num_examples, 1),
         str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
-    arrays = pl.pack(reply, str(round_config.get("wire-dtype", "float32")))  # as the server checks the reply
+    arrays = pl.pack(reply, round_config.wire_dtype)  # as the server checks the reply
     metrics["client-time"] = time.perf_counter() - started  # the handler's whole time, training included
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)
@@ -157,7 +157,7 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
         model = model.merge_and_unload()
     result = get_task(config.task).evaluate(
         model, resources.data.subset(held_out), batch_size=config.eval_batch_size,
-        num_classes=len(round_config["label-names"]), device=device, dtype=compute_dtype(config.precision, device))
+        num_classes=len(round_config.label_names), device=device, dtype=compute_dtype(config.precision, device))
     metrics = MetricRecord({"num-examples": len(held_out), **result})
     return Message(content=RecordDict({METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)

@@ -265,8 +265,8 @@ class RunConfig:
         " round starts a fresh AdamW, whose first steps are the largest).", low=0)
     eval_batch_size: int = option(64, "Batch size of central and federated evaluation.", low=1)
     eval_every: int = option(
-        4,
-        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated. 4 keeps "
+        5,
+        "Central evaluation after every k-th round; round 0 and the last 3 rounds are always evaluated. 5 keeps "
         "central evaluation within a fifth of a default run's time (docs/speed.md); 1 evaluates every round.", low=1)
     fraction_evaluate: float = option(
         0.0,

@@ -296,18 +296,17 @@ def deduplicate(splits: dict[str, datasets.Dataset], column: str) -> tuple[dict[
     A text in a source's own ``test`` split is kept there and removed from the others. Returns the splits and
     ``{"duplicates": rows removed as copies, "conflicts": rows removed for conflicting labels}``.
     """
-    labels_of: dict[str, set] = {}
-    for ds in splits.values():
+    keys_of, labels_of = {}, {}
+    for name, ds in splits.items():
         table = ds.with_format("arrow")
-        for text, label in zip(table[column].to_pylist(), table["label"].to_pylist()):
-            labels_of.setdefault(text_key(text), set()).add(label)
+        keys_of[name] = [text_key(text) for text in table[column].to_pylist()]  # once per row: the slow step
+        for key, label in zip(keys_of[name], table["label"].to_pylist()):
+            labels_of.setdefault(key, set()).add(label)
     seen: set[str] = set()
     out, duplicates, conflicts = {}, 0, 0
     for name in sorted(splits, key=lambda n: n != "test"):  # a source's test split claims its texts first
-        texts = splits[name].with_format("arrow")[column].to_pylist()
         keep = []
-        for row, text in enumerate(texts):
-            key = text_key(text)
+        for row, key in enumerate(keys_of[name]):
             if len(labels_of[key]) > 1:
                 conflicts += 1
             elif key in seen:
@@ -315,7 +314,8 @@ def deduplicate(splits: dict[str, datasets.Dataset], column: str) -> tuple[dict[
             else:
                 seen.add(key)
                 keep.append(row)
-        out[name] = splits[name] if len(keep) == len(texts) else take_rows(splits[name], np.array(keep, dtype=np.int64))
+        out[name] = splits[name] if len(keep) == len(keys_of[name]) else take_rows(splits[name],
+                                                                                    np.array(keep, dtype=np.int64))
     return {name: out[name] for name in splits}, {"duplicates": duplicates, "conflicts": conflicts}
 
 

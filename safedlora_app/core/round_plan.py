@@ -11,7 +11,7 @@ model's accuracy; ``ranks`` are the ones sent in the round.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from . import adapter_math as am
 from . import payload as pl
 from .config import RunConfig
+from .records import RoundConfig
 from .schedule import round_budget, round_lr_factor
 from .seeds import mix_seed
 
@@ -144,14 +145,16 @@ class RoundPlan:
             sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
         return pl.to_wire(sent, list(self.ranks))
 
-    def train_config(self, lora_scale: float, wire_dtype: str = "float32") -> dict:
-        """The round's keys of the message config that every node reads (see ``client.rounds``)."""
-        values = {"server-round": self.server_round, "kind": self.kind, "lr": self.lr, "prox-mu": self.prox_mu,
-                  "wire-dtype": wire_dtype}  # of the payload both ways, full rounds too
-        if self.kind == LORA:
-            values.update({"lora-modules": list(self.ranks), "lora-ranks": list(self.ranks.values()),
-                           "lora-scale": lora_scale})
-        return values
+    def round_config(self, lora_scale: float, wire_dtype: str, label_names: Sequence[str],
+                     backbone_hash: str = "") -> RoundConfig:
+        """What a node is told to do in this round (``client.rounds`` reads it); ``wire_dtype`` is the payload's,
+        both ways, full rounds too."""
+        lora = self.kind == LORA
+        return RoundConfig(server_round=self.server_round, kind=self.kind, lr=self.lr, prox_mu=self.prox_mu,
+                           wire_dtype=wire_dtype, label_names=tuple(label_names), backbone_hash=backbone_hash,
+                           lora_modules=tuple(self.ranks) if lora else (),
+                           lora_ranks=tuple(self.ranks.values()) if lora else (),
+                           lora_scale=lora_scale if lora else 0.0)
 
 
 def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],

@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.checks import is_integer
-from safedlora_app.core.records import ARRAYS, LIMITS
+from safedlora_app.core.records import ARRAYS, CONFIG, LIMITS
 from safedlora_app.core.round_plan import FULL, RoundPlan
 
 
@@ -87,9 +87,9 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
     if plan.kind == FULL:
         # One record for every node; the global record is float32 already, so at float32 it goes as it is.
         record = arrays if wire.dtype == "float32" else pl.pack(tensors, wire.dtype)
-        round_config = {**dict(config), **plan.train_config(wire.lora_scale, wire.dtype)}
-        messages = [Message(content=RecordDict({ARRAYS: record, "config": ConfigRecord(dict(round_config))}),
-                            message_type=message_type, dst_node_id=n) for n in to.node_ids]
+        round_config = plan.round_config(wire.lora_scale, wire.dtype, config.get("label-names", [])).to_record()
+        messages = [Message(content=RecordDict({ARRAYS: record, CONFIG: round_config}), message_type=message_type,
+                            dst_node_id=n) for n in to.node_ids]
         return Dispatch(plan, messages, {n: Sent(plan, dict(wire.expected_full)) for n in to.node_ids}, "")
     backbone = pl.of_kind(tensors, pl.BACKBONE)
     # What the node hashes on arrival (bare parameter names); '' = the pre-trained backbone.
@@ -107,9 +107,8 @@ def dispatch(plan: RoundPlan, tensors: Mapping[str, torch.Tensor], arrays: Array
             record = ArrayRecord({**pl.pack(factors, wire.dtype), **(pl.pack(backbone) if send_backbone else {})})
             payloads[key] = (node_plan, record, {k: tuple(v.shape) for k, v in factors.items()})
         node_plan, record, expected = payloads[key]
-        round_config = ConfigRecord({**dict(config), **node_plan.train_config(wire.lora_scale, wire.dtype),
-                                     "backbone-hash": backbone_hash})
-        content = RecordDict({ARRAYS: record, "config": round_config})
+        round_config = node_plan.round_config(wire.lora_scale, wire.dtype, config.get("label-names", []), backbone_hash)
+        content = RecordDict({ARRAYS: record, CONFIG: round_config.to_record()})
         messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         sent[node_id] = Sent(node_plan, expected)
     return Dispatch(plan, messages, sent, backbone_hash)
@@ -134,7 +133,7 @@ def ask_limits(grid: Grid, node_ids: list[int], server_round: int, timeout: floa
     """``{node id: NodeLimits}`` of the nodes that answer a query message soundly within ``timeout`` seconds; the
     others (a bad or failed answer, or none in time) are logged and left out, so that they count as uncapped and
     unnamed, and are asked again next time."""
-    queries = [Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+    queries = [Message(content=RecordDict({CONFIG: ConfigRecord({"server-round": server_round})}),
                        message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     replies = grid.send_and_receive(queries, timeout=timeout)
     # After the exchange: message ids exist once the Grid has pushed the messages, and Flower's error reply for an

@@ -27,7 +27,7 @@ from flwr.supercore import log
 
 from safedlora_app.core import payload as pl
 from safedlora_app.core.config import RunConfig
-from safedlora_app.core.records import METRICS
+from safedlora_app.core.records import CONFIG, METRICS, RoundConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
@@ -236,8 +236,9 @@ class SAFedLoRA(Strategy):
         runs here too, so that nothing a reply holds can raise later, in the aggregation.
         """
         to_node = sent.per_node[message.metadata.dst_node_id]
+        wire_dtype = RoundConfig.from_record(message.content[CONFIG]).wire_dtype
         # Only a *trained* backbone needs the node's confirmation; every node has the pre-trained one.
-        arrays = checked_update(content, to_node.reply_shapes, message.content["config"]["wire-dtype"],
+        arrays = checked_update(content, to_node.reply_shapes, wire_dtype,
                                 max_num_examples=self.config.max_num_examples,
                                 backbone_hash=sent.backbone_hash or None)
         tensors = {name: torch.from_numpy(values.astype(np.float32)) for name, values in arrays.items()}
