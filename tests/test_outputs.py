@@ -5,7 +5,14 @@ import logging
 
 import pytest
 
-from safedlora_app.server.outputs import BestRound, RoundStats, RunRecorder, nodes_at_once, selection_loss
+from safedlora_app.server.outputs import (
+    BestRound,
+    RoundStats,
+    RunRecorder,
+    nodes_at_once,
+    one_after_another,
+    selection_loss,
+)
 
 
 def row(server_round, val_loss=None, fed_loss=None, test_loss=0.05):
@@ -56,11 +63,19 @@ def test_nodes_at_once_is_the_nodes_summed_seconds_over_the_exchange():
     assert nodes_at_once({"replies": 3}) is None  # a line of an older run
 
 
+def test_nodes_ran_one_after_the_other_when_no_two_intervals_overlap():
+    # Issue #38: one Ray actor serving both nodes in turn, against two actors at once (round 1's start-up included).
+    assert one_after_another([(100.0, 105.0), (105.2, 110.0)]) is True
+    assert one_after_another([(105.2, 110.0), (100.0, 105.0), (110.0, 112.0)]) is True  # in any order of replies
+    assert one_after_another([(100.0, 108.0), (100.4, 107.0)]) is False
+    assert one_after_another([(100.0, 110.0), (109.0, 111.0), (120.0, 121.0)]) is False  # two of three at once
+    assert one_after_another([(100.0, 105.0)]) is None
+
+
 def test_the_run_says_once_that_its_nodes_trained_one_after_the_other(tmp_path, caplog):
     recorder = RunRecorder(tmp_path, num_rounds=3)
-    for server_round, exchange in ((1, 10.4), (2, 10.6), (3, 5.5)):
-        recorder.start(RoundStats(round=server_round, stage="annealing", kind="lora", replies=2,
-                                  client_seconds_total=10.0, exchange_seconds=exchange))
+    for server_round, in_turn in ((1, True), (2, True), (3, False)):
+        recorder.start(RoundStats(round=server_round, stage="annealing", kind="lora", replies=2, in_turn=in_turn))
         recorder.record(server_round, None)
     hints = [r for r in caplog.records if "trained one after the other" in r.getMessage()]
     assert len(hints) == 1 and hints[0].levelno == logging.WARNING
@@ -68,8 +83,8 @@ def test_the_run_says_once_that_its_nodes_trained_one_after_the_other(tmp_path, 
 
 
 def test_nodes_that_trained_at_once_get_no_hint(tmp_path, caplog):
-    recorder = RunRecorder(tmp_path, num_rounds=1)
-    recorder.start(RoundStats(round=1, stage="annealing", kind="lora", replies=2, client_seconds_total=10.0,
-                              exchange_seconds=5.5))
-    recorder.record(1, None)
+    recorder = RunRecorder(tmp_path, num_rounds=2)
+    for server_round, in_turn in ((1, False), (2, None)):
+        recorder.start(RoundStats(round=server_round, stage="annealing", kind="lora", replies=2, in_turn=in_turn))
+        recorder.record(server_round, None)
     assert "one after the other" not in caplog.text

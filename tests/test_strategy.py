@@ -424,3 +424,14 @@ def test_a_rounds_times_keep_the_slowest_node_and_the_nodes_sum():
     stats = strategy.rounds.current
     assert (stats.train_seconds, stats.train_seconds_max, stats.train_seconds_total) == (3.5, 4.0, 6.0)
     assert (stats.client_seconds, stats.client_seconds_total) == (4.5, 8.0)
+    assert stats.in_turn is None  # the replies say nothing of when they worked
+
+
+@pytest.mark.parametrize("second, in_turn", [((103.5, 108.0), True), ((101.0, 106.0), False)])
+def test_a_round_knows_whether_its_nodes_worked_one_after_the_other(second, in_turn):
+    strategy = make_strategy()
+    messages = send(strategy, 1, initial(strategy))
+    strategy.aggregate_train(1, [
+        reply(messages[0], trained(messages[0], 1), 10, extra={"start-time": 100.0, "end-time": 103.0}),
+        reply(messages[1], trained(messages[1], 2), 30, extra={"start-time": second[0], "end-time": second[1]})])
+    assert strategy.rounds.current.in_turn is in_turn

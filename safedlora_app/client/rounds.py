@@ -52,7 +52,7 @@ def _setup(msg: Message, context: Context):
     max_rank = node_max_rank(context.node_config, config)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    round_config = RoundConfig.from_record(msg.content[CONFIG])
+    round_config = RoundConfig.from_record(msg.content.get(CONFIG))
     resources = node_resources(config, dict(context.node_config), round_config.label_names)
     return config, round_config, resources, pick_device(), max_rank
 
@@ -95,7 +95,7 @@ def _node_record(round_config: RoundConfig, resources) -> ConfigRecord:
 
 def train_reply(msg: Message, context: Context) -> Message:
     """One round of local training: the reply with the trained update and its metrics."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     config, round_config, resources, device, max_rank = _setup(msg, context)
     server_round = round_config.server_round
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -144,6 +144,8 @@ def train_reply(msg: Message, context: Context) -> Message:
         str(hyper["dtype"]).removeprefix("torch."), result.peak_memory_mb)
     arrays = pl.pack(reply, round_config.wire_dtype)  # as the server checks the reply
     metrics["client-time"] = time.perf_counter() - started  # the handler's whole time, training included
+    # Wall-clock times (seconds since the epoch): whether the round's nodes worked at once (server.outputs).
+    metrics["start-time"], metrics["end-time"] = started_at, time.time()
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics, NODE: _node_record(round_config, resources)}),
                    reply_to=msg)
 

@@ -2,8 +2,9 @@
 reports, whether it classifies (class names and a head), and the defaults it gives the keys a run leaves at theirs.
 
 The tasks' code (data, rows, model, evaluation) is in :mod:`safedlora_app.tasks`, one module per task; its
-``register`` adds a new task's spec here, so that a task written in one file is known to the config too. The
-specs stay free of torch and datasets: a node answers the server's limits query with a config and nothing else.
+``register`` adds a new task's spec here, so that the config of that process knows it. The specs stay free of torch
+and datasets: a node answers the server's limits query with a config and nothing else, so a built-in task's spec is
+listed here as well.
 """
 
 from __future__ import annotations

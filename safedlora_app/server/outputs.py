@@ -67,6 +67,9 @@ class RoundStats:
     client_seconds_total: float | None = None
     """The nodes' ClientApp seconds summed: over ``exchange_seconds``, how many worked at once
     (:func:`nodes_at_once`)."""
+    in_turn: bool | None = None
+    """Whether the replying nodes' ClientApps worked one after the other (:func:`one_after_another`); ``None``
+    with fewer than 2 replies that report their times."""
     exchange_seconds: float | None = None
     """Seconds from handing the round's messages to Flower to holding every reply (or the deadline)."""
     peak_memory_mb: float | None = None
@@ -92,13 +95,21 @@ class RoundStats:
     """causal-lm: the perplexity of ``fed_loss`` (the nodes' row-weighted mean loss per response token)."""
 
 
-#: Below this many nodes at once (:func:`nodes_at_once`), the round's nodes worked one after the other.
-ONE_AFTER_ANOTHER = 1.3
 ONE_AFTER_ANOTHER_HINT = (
-    "round %d: the %d nodes trained one after the other (%.2f at once: their ClientApps' seconds add up to the "
-    "exchange's %.1f s). A simulation gives each node `client-resources-num-cpus` CPUs (Flower's default: 2), so "
-    "that a machine with fewer than 2 CPUs per node runs them in turn; with one CPU per node they train at once: "
+    "round %d: the %d nodes trained one after the other (no two of their ClientApps worked at the same time). A "
+    "simulation gives each node `client-resources-num-cpus` CPUs (Flower's default: 2), so that a machine with "
+    "fewer than 2 CPUs per node runs them in turn; with one CPU per node they train at once: "
     "flwr run . --federation-config \"client-resources-num-cpus=1\" (docs/speed.md)")
+
+
+def one_after_another(intervals: Sequence[tuple[float, float]]) -> bool | None:
+    """Whether the nodes' ClientApps worked one after the other: no two of their ``(start, end)`` wall-clock
+    intervals overlap. ``None`` with fewer than 2 intervals. Nodes that ran at once overlap for most of their
+    rounds, however long their process start-up or however uneven their data, so no threshold is needed."""
+    if len(intervals) < 2:
+        return None
+    ordered = sorted(intervals)
+    return all(later[0] >= earlier[1] for earlier, later in zip(ordered, ordered[1:]))
 
 
 def nodes_at_once(line: Mapping) -> float | None:
@@ -298,10 +309,9 @@ class RunRecorder(RoundLog):
             sync_file(handle)
         self.records.append(line)
         log(INFO, "%s", self.describe(line))
-        if not self._told_one_after_another and (at_once := nodes_at_once(line)) is not None \
-                and at_once < ONE_AFTER_ANOTHER:
-            self._told_one_after_another = True  # once per run: the cause is the federation's, not the round's
-            log(WARNING, ONE_AFTER_ANOTHER_HINT, line["round"], line["replies"], at_once, line["exchange-seconds"])
+        if line.get("in-turn") and not self._told_one_after_another:
+            self._told_one_after_another = True  # once per run (process): the cause is the federation's
+            log(WARNING, ONE_AFTER_ANOTHER_HINT, line["round"], line["replies"])
         return line
 
     def describe(self, line: dict) -> str:

@@ -31,9 +31,9 @@ from safedlora_app.core.records import CONFIG, METRICS, RoundConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
-from .aggregation import aggregate_round, reply_metrics
+from .aggregation import aggregate_round, finite_value, reply_metrics
 from .dispatch import LIMITS_TIMEOUT, Dispatch, NodeLimits, Recipients, Wire, ask_limits, dispatch
-from .outputs import RoundLog, RoundStats
+from .outputs import RoundLog, RoundStats, one_after_another
 from .replies import Accepted, Screened, checked_evaluation, checked_update, screen
 
 
@@ -159,7 +159,10 @@ class SAFedLoRA(Strategy):
             log(WARNING, "round %d: the aggregate of the valid replies is not finite (values beyond float32's range); "
                 "the global model is unchanged", server_round)
             return None, None
-        metrics = reply_metrics([reply.content[METRICS] for reply in valid], weights)
+        records = [reply.content[METRICS] for reply in valid]
+        metrics = reply_metrics(records, weights)
+        times = [(finite_value(r.get("start-time")), finite_value(r.get("end-time"))) for r in records]
+        stats.in_turn = None if any(None in t for t in times) else one_after_another(times)
         (stats.train_loss, stats.train_seconds, stats.train_seconds_max, stats.train_seconds_total,
          stats.client_seconds, stats.client_seconds_total, stats.peak_memory_mb, stats.first_step_a_ratio) = (
             metrics.get(k) for k in ("train-loss", "train-time", "train-time-max", "train-time-total", "client-time",

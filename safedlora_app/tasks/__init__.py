@@ -3,7 +3,10 @@ registered under the run config's ``task`` name.
 
 A new task is one module: subclass :class:`Task` (or :class:`~safedlora_app.tasks.classification.Classification`),
 give it a :class:`~safedlora_app.core.task_spec.TaskSpec`, and :func:`register` an instance before the run's config
-is read (``tests/test_tasks.py`` registers a toy regression task this way and runs it).
+is read. In one process that is all (``tests/test_tasks.py`` registers a toy regression task and runs it). A real
+federation also needs the ServerApp and every ClientApp to know it: add the instance to the list at the bottom of
+this module, and its spec to ``core.task_spec.TASK_SPECS``, since a node answers the server's limits query from the
+config alone, before any task code loads.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def register(task: Task) -> Task:
                          f"declares as \"default\" can have a task's default: {', '.join(PRESET_KEYS)}")
     TASK_SPECS[task.spec.name] = task.spec
     TASKS[task.spec.name] = task
+    _load_task_data.cache_clear()  # data an earlier task of that name loaded
     return task
 
 

@@ -24,7 +24,8 @@ from safedlora_app.core.training import Rows
 
 class Task(ABC):
     """One task: subclass it, give it a :class:`TaskSpec`, and register an instance
-    (:func:`safedlora_app.tasks.register`)."""
+    (:func:`safedlora_app.tasks.register`). Instances must be hashable (the default ``object`` hash is): the
+    preprocessor cache is keyed on them."""
 
     spec: TaskSpec
     samples_file: str | None = None

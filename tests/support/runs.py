@@ -27,7 +27,8 @@ def tiny_run_config(out_dir, cache_dir, **overrides) -> dict:
 
 #: The metrics that measure time or memory: they differ between two runs that compute the same thing.
 WALL_CLOCK = ("round-seconds", "eval-seconds", "train-seconds", "train-seconds-max", "train-seconds-total",
-              "client-seconds", "client-seconds-total", "exchange-seconds", "aggregate-seconds", "peak-memory-mb")
+              "client-seconds", "client-seconds-total", "exchange-seconds", "aggregate-seconds", "peak-memory-mb",
+              "in-turn")
 
 
 class InProcessGrid:

@@ -619,7 +619,7 @@ def estimate_seconds(spec: RunSpec, costs: Mapping[str, float] = COSTS) -> float
     samples = int(s["local-samples"]) * int(s.get("local-epochs", 1))
     lora_round = waves * samples * costs["lora-per-sample"]
     full_round = waves * samples * costs["full-per-sample"] + clients * costs["full-transfer"]
-    config = RunConfig(num_server_rounds=rounds, eval_every=int(s.get("eval-every", 1)))
+    config = RunConfig(num_server_rounds=rounds, eval_every=int(s.get("eval-every", RunConfig().eval_every)))
     evaluations = sum(config.evaluates(r) for r in range(rounds + 1))
     evaluation = evaluations * int(s["test-size"]) * costs["eval-per-row"]
     return (costs["startup"] + costs["first-round"] + evaluation + rounds * costs["round-overhead"]

@@ -389,7 +389,10 @@ def paired_points(rows: Sequence[Mapping[str, Any]], paired: Sequence[Mapping[st
 
 def table_notes(options: CompareOptions) -> list[str]:
     """The lines under the Markdown table."""
+    from safedlora_app.core.config import RunConfig
+
     s, seeds = options.settings, options.seeds
+    every = int(s.get("eval-every", RunConfig().eval_every))
     nodes = ", ".join(f"{split} {clients_per_round(s, SPLITS[split][1])} of {SPLITS[split][1]}"
                       for split in options.splits)
     notes = [
@@ -401,9 +404,8 @@ def table_notes(options: CompareOptions) -> list[str]:
         "Accuracy: mean ± sample std over seeds where several; best (oracle) = best test accuracy over the evaluated "
         "rounds 1..T, a choice made on the test set, shown only as an upper bound; val-selected = test accuracy at "
         "the round of lowest validation loss; last-3 = mean of the last 3 rounds; macro-F1 of the final round. "
-        + (f"Rounds and MB to the target are read at the evaluated rounds (every {s['eval-every']}th and the "
-           "last 3), so the target was crossed at most that many rounds earlier. " if s.get("eval-every", 1) > 1
-           else "")
+        + (f"Rounds and MB to the target are read at the evaluated rounds (every {every}th and the "
+           "last 3), so the target was crossed at most that many rounds earlier. " if every > 1 else "")
         + "Accuracy at fedit-rmax's MB: the last evaluated round within that many MB (empty if none). "
         "Bytes: all ArrayRecords sent down and up, all clients, all rounds (mean over seeds). "
         "Saving = 1 - bytes / bytes of the reference on the same split.",
