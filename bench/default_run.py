@@ -20,7 +20,6 @@ one, on the same machine, and prints this one's wall time and median round over 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.data import SENTIMENTS
 from safedlora_app.core.model import adapted_modules, head_parameters, module_shapes
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server.outputs import nodes_at_once
 from safedlora_app.tasks import load_base_model
 from safedlora_app.tools.simulation import APP_ROOT, LocalFlower
@@ -142,8 +142,7 @@ def timed_run(app: Path, work: Path, run_config: str, federation: str) -> tuple[
     if status != "finished:completed":
         raise SystemExit(f"run of {app} {status}:\n{(result.stdout + result.stderr)[-3000:]}")
     run = work / "runs" / "default"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return wall, [r for r in rows if r["round"] > 0], json.loads((run / "summary.json").read_text()), run
+    return wall, RunFolder(run).rounds(), RunFolder(run).summary(), run
 
 
 def earlier_checkout(rev: str, work: Path) -> Path:
@@ -173,7 +172,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", APP_ROOT, "worktree", "remove", "--force", checkout], capture_output=True)
     wall, trained, summary, run = timed_run(APP_ROOT, work / "this", args.run_config, args.federation_config)
-    config = RunConfig.from_mapping(json.loads((run / "config.json").read_text())["effective"])
+    config = RunConfig.from_mapping(RunFolder(run).effective())
     print(f"`flwr run .` {args.run_config or '(defaults)'} {args.federation_config}: wall {wall:.1f} s "
           f"(ServerApp {summary['wall-seconds']:.1f} s, {len(trained)} rounds)")
     seconds = ", ".join(f"{r['round-seconds']:.1f}" for r in trained)

@@ -17,7 +17,6 @@ Goal: 1,000 nodes cost at most 1.1x what 10 nodes cost, in memory and in time pe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.tools.simulation import LocalFlower
 
 MIB = 2**20  # memory in MiB; bytes sent are MB (1e6), as in the app
@@ -76,8 +76,7 @@ def run(nodes: int, sampled: int, rounds: int, samples: int, dropout: float, wor
         flower.stop()
     if status != "finished:completed":
         raise SystemExit(f"{nodes} nodes: run {status}:\n{(result.stdout + result.stderr)[-3000:]}")
-    rows = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((work / "runs" / name / "summary.json").read_text())
+    rows, summary = RunFolder(work / "runs" / name).records(), RunFolder(work / "runs" / name).summary()
     return {**peak, "wall": time.perf_counter() - start, "first": rows[1]["round-seconds"],
             "later": statistics.median(r["round-seconds"] for r in rows[2:]),
             "replies": sum(r["replies"] for r in rows), "dropped": sum(r["dropped"] for r in rows),

@@ -23,7 +23,6 @@ Flower's in-memory state (nothing survives a SuperLink restart).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
 import statistics
@@ -36,21 +35,22 @@ from pathlib import Path
 
 import psutil
 
-from safedlora_app.tools.simulation import APP_ROOT, BIN, flower_env, free_port, run_status, stop_processes
+from safedlora_app.core.run_folder import RunFolder
+from safedlora_app.tools.deployment import LocalDeployment
+from safedlora_app.tools.simulation import APP_ROOT, free_port
 
 MIB = 2**20
 ROLES = ("superlink", "serverapp", "supernodes", "clientapps")
 LOW_MEMORY_MIB = 1024
 
 
-class Fleet:
-    """One SuperLink and its SuperNodes, their logs, and the peak PSS of each role."""
+class Fleet(LocalDeployment):
+    """One SuperLink and its SuperNodes (the app's launcher of local federations), and each role's peak PSS."""
 
     def __init__(self, work: Path, nodes: int, database: str = "file"):
-        self.work, self.nodes = work, nodes
+        super().__init__(work)
+        self.nodes = nodes
         self.database = str(work / "state.db") if database == "file" else ":memory:"
-        (work / "home").mkdir(parents=True)
-        self.env = flower_env(work / "home", PYTHONUNBUFFERED="1")
         self.link: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
         self.peak = dict.fromkeys((*ROLES, "total"), 0.0)
@@ -61,25 +61,24 @@ class Fleet:
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
 
-    def start(self) -> float:
+    def bring_up(self) -> float:
         """Start the SuperLink and the N SuperNodes; the seconds until ``flwr supernode ls`` lists all N online."""
         link = free_port()
-        self.link = self._popen("superlink", [
+        self.link = self.start("superlink", [
             "flower-superlink", "--insecure", "--port", str(link), "--database", self.database,
             "--disable-runtime-dependency-installation"])
-        (self.work / "home" / "config.toml").write_text(
-            f'[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        self.connection("bench", f"127.0.0.1:{link}", insecure=True)
         started = time.perf_counter()
         ports = {link}  # free_port() does not hold its port: hand each one out once
         for i in range(self.nodes):
             while (port := free_port()) in ports:
                 pass
             ports.add(port)
-            self.supernodes.append(self._popen(f"supernode-{i}", [
+            self.supernodes.append(self.start(f"supernode-{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
                 "--node-config", f"partition-id={i} num-partitions={self.nodes}"]))
         self._sampler.start()
-        while (online := self._online()) < self.nodes:
+        while (online := len(self.online_nodes("bench") or ())) < self.nodes:
             if self.low_memory.is_set():
                 raise RuntimeError("stopped for low memory")
             if dead := [i for i, p in enumerate(self.supernodes) if p.poll() is not None]:
@@ -96,9 +95,7 @@ class Fleet:
 
     def run(self, settings: str, timeout: float = 1800) -> str:
         """``flwr run`` of the app on this fleet; its final status."""
-        result = subprocess.run([str(BIN / "flwr"), "run", str(APP_ROOT), "bench", "--stream", "--run-config",
-                                 settings], env=self.env, cwd=self.work, capture_output=True, text=True,
-                                timeout=timeout)
+        result = self.flwr("run", APP_ROOT, "bench", "--stream", "--run-config", settings, timeout=timeout)
         output = result.stdout + result.stderr
         (self.work / "flwr-run.log").write_text(output)
         started = re.search(r"Successfully started run (\d+)", output)
@@ -107,7 +104,7 @@ class Fleet:
         for _ in range(60):  # `flwr run --stream` may return a moment before the run's status is final
             if self.low_memory.is_set():
                 raise RuntimeError("stopped for low memory")
-            if (status := run_status(started.group(1), self.env, self.work, "bench")).startswith("finished"):
+            if (status := self.run_status(started.group(1), "bench")).startswith("finished"):
                 return status
             time.sleep(1.0)
         return status
@@ -121,21 +118,7 @@ class Fleet:
         self._stop_all()
 
     def _stop_all(self) -> None:
-        tree = {p.pid: p for root in (self.link, *self.supernodes) if root for p in _tree(root.pid)}
-        stop_processes(list({**self._seen, **tree}.values()))
-
-    def _popen(self, name: str, argv: list[str]) -> subprocess.Popen:
-        with open(self.work / f"{name}.log", "wb") as log:
-            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.work, env=self.env, start_new_session=True)
-
-    def _online(self) -> int:
-        listing = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "bench", "--format", "json"],
-                                 env=self.env, cwd=self.work, capture_output=True, text=True, timeout=120)
-        try:
-            return sum(n["status"] == "online" for n in json.loads(listing.stdout).get("nodes", []))
-        except json.JSONDecodeError:
-            return 0
+        super().stop(also=self._seen.values())
 
     def _sample(self) -> None:
         while not self._done.is_set():
@@ -180,7 +163,7 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path, rou
             database: str = "file") -> dict:
     fleet = Fleet(work / f"nodes-{nodes}", nodes, database)
     out = work / "runs"
-    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.start).
+    # min-nodes is also the fewest sampled: all N are online before the run starts (Fleet.bring_up).
     settings = (f"num-server-rounds={rounds} init-rounds=1 heat-rounds=0 cool-rounds=1 rank-max=4 rank-min=1 "
                 f"fraction-train={sampled / nodes} min-nodes={sampled} partitioner='inner-dirichlet' "
                 f"local-samples={samples} test-size=64 val-size=64 node-wait-timeout=120 "
@@ -188,7 +171,7 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path, rou
     if round_timeout is not None:
         settings += f" round-timeout={round_timeout}"
     try:
-        online = fleet.start()
+        online = fleet.bring_up()
         start = time.perf_counter()
         status = fleet.run(settings)
         wall = time.perf_counter() - start
@@ -202,7 +185,7 @@ def measure(nodes: int, sampled: int, rounds: int, samples: int, work: Path, rou
                          f"{LOW_MEMORY_MIB} MiB (peaks so far, MiB: {fleet.peak}; logs: {fleet.work})")
     if status != "finished:completed":
         raise SystemExit(f"{nodes} SuperNodes: run {status} (logs: {fleet.work})")
-    rows = [json.loads(line) for line in (out / f"nodes-{nodes}" / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(out / f"nodes-{nodes}").records()
     return {**fleet.peak, "online": online, "available": fleet.least_available, "wall": wall,
             "most-clientapps": fleet.most_clientapps,
             "first": rows[1]["round-seconds"], "later": statistics.median(r["round-seconds"] for r in rows[2:]),

@@ -12,10 +12,10 @@ skipped, so an interrupted pilot resumes. The report gives, per run: final accur
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
+from safedlora_app.core.run_folder import SUMMARY_FILE, RunFolder
 from safedlora_app.tools.simulation import LocalFlower
 
 SETTINGS = {
@@ -27,8 +27,8 @@ SETTINGS = {
 def report(out: Path) -> None:
     print("| run | final acc % | last-4 mean % | last-4 spread (points) | loss rises | loss by round |")
     print("|---|---|---|---|---|---|")
-    for summary in sorted(out.glob("runs/*/summary.json")):
-        rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
+    for summary in sorted(out.glob(f"runs/*/{SUMMARY_FILE}")):
+        rows = RunFolder(summary.parent).records()
         evaluated = [r for r in rows if r["accuracy"] is not None]
         last4 = [r["accuracy"] for r in evaluated[-4:]]
         losses = [r["loss"] for r in evaluated]
@@ -51,7 +51,7 @@ def main() -> None:
         flower = LocalFlower(args.out / "flwr-home")
         try:
             for name, settings in args.run:
-                if (args.out / "runs" / name / "summary.json").exists():
+                if RunFolder(args.out / "runs" / name).finished:
                     continue
                 result = flower.run(f"{run_config} {settings} out-dir='{args.out / 'runs'}' run-name='{name}' "
                                     f"cache-dir='{args.out / 'cache'}'", timeout=3600, federation=federation)

@@ -30,6 +30,7 @@ from safedlora_app.core.model import (
     pick_device,
 )
 from safedlora_app.core.round_plan import initial_tensors
+from safedlora_app.core.run_folder import CONFIG_FILE, SUMMARY_FILE, without_where
 from safedlora_app.core.training import compute_dtype
 from safedlora_app.server import checkpoint
 from safedlora_app.server.global_model import GlobalModel
@@ -238,8 +239,9 @@ def main(grid: Grid, context: Context) -> None:
     if resumed:
         setup = dataclasses.replace(setup, config=continued(config, resumed.state["given"]))
     config, effective = setup.config, setup.config.effective
-    write_json(run_dir / "config.json", {"given": config.to_dict(), "effective": effective.to_dict(),
-                                         "label-names": list(setup.label_names)})
+    write_json(run_dir / CONFIG_FILE, {"given": without_where(config.to_dict()),
+                                       "effective": without_where(effective.to_dict()),
+                                       "label-names": list(setup.label_names)})
     state = full_state(setup.base, setup.heads)
     shapes = module_shapes(setup.base, setup.modules)
     first_round = resumed.server_round + 1 if resumed else 1
@@ -288,7 +290,7 @@ def finish(round_end: RoundEnd, model_dir: Path, wall_seconds: float) -> None:
     best_model = next((d for d in (best_dir / "adapter", best_dir / "model") if d.is_dir()), None)
     summary = {**round_end.recorder.summary(config, wall_seconds, model_dir, best, best_model),
                "device": round_end.device.type, "compute-dtype": str(round_end.dtype).removeprefix("torch.")}
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / SUMMARY_FILE, summary)
     round_end.recorder.plot(run_dir)
     accuracy, federated = summary["final-accuracy"], summary["final-fed-accuracy"]
     if summary.get("final-perplexity") is not None:

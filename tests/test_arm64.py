@@ -11,7 +11,6 @@ test prints each round's wall time and the emulated ClientApp's own log lines (s
 peak memory): emulated time is not board time.
 """
 
-import json
 import os
 import platform
 import re
@@ -22,6 +21,7 @@ import pytest
 from support.deployment import ROOT, Deployment, free_ports
 
 from safedlora_app.core.profiles import LOW_MEMORY_NODE, node_config_text
+from safedlora_app.core.run_folder import RunFolder
 
 ROOTFS = os.environ.get("SAFEDLORA_ARM64_ROOTFS", "")
 NODE_SCRIPT = ROOT / "scripts" / "arm64-node.sh"
@@ -56,9 +56,9 @@ def test_an_emulated_arm64_supernode_trains_two_rounds_next_to_a_native_one(tmp_
         cli, log, outputs = d.launch("arm64", "arm64",
                                      settings="local-samples=8 test-size=32 val-size=32 precision='auto'")
         cli.wait(timeout=EMULATED_TIMEOUT)
-        d.wait_for(lambda: (outputs / "summary.json").exists(), "the run's summary", timeout=EMULATED_TIMEOUT,
+        d.wait_for(lambda: RunFolder(outputs).finished, "the run's summary", timeout=EMULATED_TIMEOUT,
                    alive=alive)
-        rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(outputs).records()
         # Both nodes trained in both rounds: their replies were aggregated, none dropped.
         assert [r["round"] for r in rows] == [0, 1, 2], rows
         assert all(r["replies"] == 2 and r["dropped"] == 0 for r in rows[1:]), rows

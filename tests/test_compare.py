@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.schedule import round_budget
-from safedlora_app.tools.compare import cli, plan, runner, tables
-from safedlora_app.tools.compare.store import RunStore, local_dtype
 from safedlora_app.tools.simulation import APP_ROOT
+from safedlora_lab.compare import cli, plan, runner, tables
+from safedlora_lab.compare.store import RunStore, local_dtype
 
 BASE = {**plan.PRESETS["full"].settings, "num-server-rounds": 8, **plan.stage_rounds(8), "lr": 0.002, "full-lr": 5e-05}
 
@@ -344,7 +345,7 @@ def test_config_mismatch_names_the_changed_keys():
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "argument --seeds: '0' is not allowed; it must be an integer >= 1"),
     (["--rounds", "ten"], "argument --rounds: 'ten' is not allowed; it must be an integer >= 1"),
-    (["--methods", "fedit,fedsgd"], "argument --methods: 'fedit' is not allowed; choose from: fedavg, fedprox"),
+    (["--methods", "fedit,fedsgd"], "argument --methods: 'fedit' is not allowed; choose from: accurate, defaults"),
     (["--splits", "iid"], "argument --splits: 'iid' is not allowed; choose from: natural, dirichlet"),
     (["--target-accuracy", "55"], "argument --target-accuracy: '55' is not allowed; it must be a fraction in (0, 1]"),
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
@@ -449,7 +450,7 @@ def heavy_modules_after(code: str) -> set[str]:
 
 def heavy_modules_imported_by(*argv: str) -> set[str]:
     """The ``HEAVY_MODULES`` that ``safedlora *argv`` imports."""
-    return heavy_modules_after(f"from safedlora_app.tools.compare import cli\ntry:\n    cli.main({list(argv)!r})\n"
+    return heavy_modules_after(f"from safedlora_lab.compare import cli\ntry:\n    cli.main({list(argv)!r})\n"
                                "except SystemExit:\n    pass")
 
 
@@ -631,10 +632,18 @@ def test_fixed_lr_multipliers_skip_the_search_for_those_methods_and_their_family
 
 
 def test_the_32_round_levers_keep_the_presets_stage_shape():
-    assert plan.LONG_RUN == {"num-server-rounds": 32, **plan.stage_rounds(32)}
+    long_run = {"num-server-rounds": 32, **plan.stage_rounds(32)}
     for method in ("sa-fp16-rmin4-32r", "sa-all-r16-32r"):
         short = method.removesuffix("-32r")
-        assert {k: v for k, v in plan.METHODS[method].items() if k not in plan.LONG_RUN} == plan.METHODS[short]
+        assert {k: v for k, v in plan.METHODS[method].items() if k not in long_run} == plan.METHODS[short]
+        assert {k: plan.METHODS[method][k] for k in long_run} == long_run
+
+
+def test_the_adapter_levers_are_the_accurate_profiles_adapter():
+    from safedlora_app.core.profiles import ACCURATE_ADAPTER
+
+    for method in ("sa-all-r16", "sa-all-r16-32r"):
+        assert {k: plan.METHODS[method][k] for k in ACCURATE_ADAPTER} == ACCURATE_ADAPTER
 
 
 def test_the_paper_reading_scales_both_rates_and_the_levers_cover_every_linear_layer():
@@ -832,3 +841,37 @@ def test_the_protocol_pairs_each_point_with_the_baselines_and_tunes_on_seed_41(t
     assert paired[("defaults", "fedit-rmax")]["final_mean"] == pytest.approx(2.0)
     assert paired[("accurate", "fedavg")]["pairs"] == 3
     assert "| natural | accurate − fedavg | 3 | +2.0" in (tmp_path / "p" / "table.md").read_text()
+
+
+def test_arms_are_toml_files_checked_against_each_other(tmp_path):
+    from safedlora_lab.compare.arms import ArmError, load_arms
+
+    assert set(load_arms()) == set(plan.METHODS) and plan.ARMS["fedprox"].lr_source == "fedavg"
+    assert plan.ARMS["sa-no-init"].lr_source == "sa-fedlora" and plan.FULL_METHODS == ("fedavg", "fedprox")
+    (tmp_path / "own.toml").write_text('description = "x"\nlr = "own"\n[run-config]\nmethod = "fedit"\n')
+    (tmp_path / "other.toml").write_text('description = "y"\nlr = "own"\npaired-against = ["own"]\n')
+    arms = load_arms(tmp_path)
+    assert arms["own"].run_config == {"method": "fedit"} and arms["other"].paired_against == ("own",)
+    for text, message in [('description = "z"\nlr = "nobody"\n', "lr = 'nobody' must be 'own' or an arm"),
+                          ('description = "z"\npaired-against = ["ghost"]\nlr = "own"\n', "names no arm: ghost"),
+                          ('description = "z"\nrate = 2\n', r"unknown key\(s\) rate; allowed: description"),
+                          ('description = ""\n', "description must be a non-empty string")]:
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ArmError, match=message):
+            load_arms(tmp_path)
+
+
+def test_the_language_model_comparison_rebuilds_its_committed_table(tmp_path, capsys):
+    committed = APP_ROOT / "docs" / "results" / "causal-lm"
+    shutil.copytree(committed / "runs", tmp_path / "causal-lm" / "runs")
+    assert cli.main(["compare", "--task", "causal-lm", "--report-only", "--seeds", "5", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "causal-lm" / "table.md").read_text() == (committed / "table.md").read_text()
+    assert "+0.0467 (95% interval +0.0376 to +0.0558)" in capsys.readouterr().out
+
+
+def test_the_language_model_comparison_refuses_the_options_it_does_not_read(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compare", "--task", "causal-lm", "--splits", "natural", "--lr-search"])
+    assert exit_.value.code == 2
+    assert ("--splits, --lr-search: not allowed with --task causal-lm; allowed: --name, --out, --report-only, "
+            "--seeds, --set") in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_the_accurate_profile_is_what_the_comparison_runs():
     """Issue #36, "the row is its key": the protocol runs the profile as shipped, with no key of its own but the
     searched rate, which is the profile's (x1)."""
     from safedlora_app.core.profiles import ACCURATE_ADAPTER, PROFILES
-    from safedlora_app.tools.compare.plan import METHODS, PRESETS, run_settings
+    from safedlora_lab.compare.plan import METHODS, PRESETS, run_settings
 
     assert METHODS["accurate"] == {"profile": "accurate"} and METHODS["defaults"] == {}
     assert PROFILES["accurate"] == {**ACCURATE_ADAPTER, "lr": 1.5e-3}  # no rounds: the run's, like fedavg's

@@ -14,7 +14,6 @@ and every descendant (the SuperLink detaches its SuperExec), never by name. The 
 SAFEDLORA_DEPLOY_APP_DIR points the tests at another Flower app with the same run-config keys.
 """
 
-import json
 import re
 import subprocess
 import time
@@ -23,6 +22,7 @@ import psutil
 import pytest
 from support.deployment import APP_DIR, MAKE_CERTS, Deployment, app_missing, free_ports, metrics_rows
 
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server.round_deadline import MIN_DEADLINE
 
 pytestmark = [
@@ -111,7 +111,7 @@ def test_a_server_without_data_node_local_files_federated_evaluation_and_a_broke
     outputs = d.run_app("local-data", "local-data", alive=names,  # asserts 2 valid replies per round
                         settings="central-eval=false label-names='negative,neutral,positive' "
                                  "fraction-evaluate=1.0 dataset-name='/nonexistent/on/the/server.csv'")
-    rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(outputs).records()
     assert all(row["nodes"] == 3 and row["dropped"] == 1 for row in rows if row["round"] >= 1), rows
     # Federated evaluation: the two sound nodes score each round's model on their held-out rows.
     assert all(row["eval-nodes"] == 3 and row["eval-replies"] == 2 and row["eval-dropped"] == 1
@@ -335,7 +335,7 @@ def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
     d.start("superlink", superlink)  # same port, same database
     d.wait_for(lambda: (ids := d.online_nodes("loopback")) and len(ids) == 2, "the 2 SuperNodes back online",
                alive=list(d.procs))
-    assert not (outputs / "summary.json").exists()
+    assert not RunFolder(outputs).finished
     # What the restarted SuperLink says of the interrupted run (docs/reliability.md).
     before = {r["run-id"]: r["status"] for r in d.flwr_json("ls", "loopback").get("runs", [])}
     print(f"after the SuperLink restart, the interrupted run's status: {before}")
@@ -345,4 +345,4 @@ def test_a_restarted_superlink_loses_the_run_and_resume_recovers_it(deployment):
     assert "resuming run link-restart at round" in text
     rows = metrics_rows(outputs)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["replies"] == 2 for r in rows[1:])
-    assert json.loads((outputs / "summary.json").read_text())["rounds"] == 3
+    assert RunFolder(outputs).summary()["rounds"] == 3

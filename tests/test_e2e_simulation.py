@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from support.runs import WALL_CLOCK
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.core.training import Encoded, evaluate
 from safedlora_app.tasks import load_preprocessor, load_task_data
 from safedlora_app.tools.simulation import APP_ROOT, BIN, LocalFlower
@@ -36,14 +37,14 @@ def run_app(flower, out_dir, name, settings):
     output = result.stdout + result.stderr
     assert flower.run_status(output) == "finished:completed", output[-4000:]
     run_dir = out_dir / name
-    return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], output
+    return run_dir, RunFolder(run_dir).records(), output
 
 
 def reload_accuracy(adapter_dir, base_dir=None, task="text-classification", dataset_name="", model_name=""):
     """Accuracy of the saved output loaded with plain transformers + peft, on the app's held-out split."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     auto = AutoModelForImageClassification if task == "image-classification" else AutoModelForSequenceClassification
-    labels = json.loads((adapter_dir.parent / "config.json").read_text())["label-names"]
+    labels = RunFolder(adapter_dir.parent).config()["label-names"]
     base = auto.from_pretrained(base_dir or config["base_model_name_or_path"], num_labels=len(labels))
     model = PeftModel.from_pretrained(base, adapter_dir)
     data = load_task_data(dataset_name, task=task, test_size=48)
@@ -81,7 +82,7 @@ def test_sa_fedlora_run_writes_metrics_bytes_fall_and_adapter_reproduces_accurac
     # eval-every=2: round 1 is not evaluated; round 0, 2 and the last three are.
     assert [r["accuracy"] is None for r in rows] == [False, True, False, False, False]
     assert "[round 1/4] initiating | budget 48 (ranks 4-4) |" in output and "| not evaluated |" in output
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunFolder(run_dir).summary()
     assert summary["final-accuracy"] == rows[-1]["accuracy"]
     assert summary["bytes-down"] == sum(r["bytes-down"] for r in rows)
     for plot in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "budget_vs_round.png", "ranks_vs_round.png"):
@@ -132,7 +133,7 @@ def test_a_run_killed_between_rounds_resumes_through_flwr_run_to_the_same_result
         process.kill()
     cli.kill()
     cli.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists()
+    assert not RunFolder(tmp_path / "killed").finished
     killed_dir, rows, output = run_app(flower, tmp_path, "killed", f"{settings} resume=true")
     assert "resuming run killed at round" in output
     assert [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows] == \
@@ -157,7 +158,7 @@ def test_causal_lm_tunes_smollm2_offline_and_its_adapter_generates(flower, tmp_p
     output = result.stdout + result.stderr
     assert flower.run_status(output) == "finished:completed", output[-4000:]
     run_dir = tmp_path / "lm"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(run_dir).records()
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 2 and not r["dropped"] for r in rows[1:])
     assert len(rows[1]["ranks"]) == 30 * 7  # every projection of SmolLM2's 30 layers
     assert all(r["perplexity"] > 1 and r["accuracy"] is None for r in rows)

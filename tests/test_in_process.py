@@ -21,6 +21,7 @@ from safedlora_app.core.data import DataError
 from safedlora_app.core.model import module_shapes
 from safedlora_app.core.records import ARRAYS, METRICS
 from safedlora_app.core.round_plan import plan_round
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server.replies import evaluation_problem
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
@@ -101,7 +102,7 @@ def test_a_server_without_data_trains_and_evaluates_on_the_nodes_own_files(run_c
     assert all(r["eval-bytes-down"] > 0 for r in rows[1:]) and summary["eval-mb"] > 0
     assert summary["final-fed-accuracy"] == rows[-1]["fed-accuracy"]
     assert sum(rows[-1]["model-ranks"].values()) == rows[-1]["budget"]  # ranks logged without evaluating
-    assert json.loads((run_dir / "config.json").read_text())["label-names"] == LABELS
+    assert RunFolder(run_dir).config()["label-names"] == LABELS
     assert (run_dir / "adapter" / "adapter_config.json").exists()
 
 

@@ -137,3 +137,12 @@ print(" ".join(m for m in heavy if m in sys.modules))
     answer, *loaded = result.stdout.splitlines()
     assert answer == "3"  # the query was answered, from the node's config
     assert " ".join(loaded).split() == []
+
+
+def test_the_app_never_imports_the_lab_or_what_only_the_lab_needs():
+    """The lab (lab/safedlora_lab, the `lab` extra) sits beside the app: node images install the app's dependencies
+    only, so no module of the app may import the lab or the lab's own dependencies."""
+    lab_only = ("safedlora_lab", "pandas", "scipy", "tqdm")
+    for path in APP.rglob("*.py"):
+        found = {name for name in imported_modules(path) if name.split(".")[0] in lab_only}
+        assert not found, f"{path.relative_to(APP)} imports {sorted(found)}"

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def project_requirements():
+    """Every requirement of the app and its extras (an extra naming the app itself, as test names lab, left out)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return [req for r in project["dependencies"] + extras if (req := Requirement(r)).name != project["name"]]
 
 
 def test_this_environment_is_the_pinned_one():

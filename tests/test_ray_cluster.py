@@ -1,7 +1,6 @@
 """The simulation on a Ray cluster the user started (`ray start --head`, `ray start --address=...`): two raylets
 on this machine, one CPU each, so that the two simulated nodes' actors must land one on each."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.tools.simulation import BIN, LocalFlower, free_port, stop_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.extended, pytest.mark.xdist_group("flower-simulation")]
@@ -93,7 +93,7 @@ def run(flower: LocalFlower, out: Path, name: str) -> tuple[list[dict], dict]:
                         federation=FEDERATION, timeout=600)
     output = result.stdout + result.stderr
     assert flower.run_status(output) == "finished:completed", output[-4000:]
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(out / name).records()
     return rows, load_file(str(out / name / "adapter" / "adapter_model.safetensors"))
 
 

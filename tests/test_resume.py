@@ -15,6 +15,7 @@ from support.runs import WALL_CLOCK, InProcessGrid, run_server
 
 from safedlora_app import server_app
 from safedlora_app.core.config import RunConfig
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server import checkpoint
 from safedlora_app.server.checkpoint import CheckpointError
 from safedlora_app.server.outputs import RunRecorder
@@ -68,7 +69,7 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapter_and_metrics(unin
                                                                   state=RecordDict(), run_config=config))
     run_dir = whole_dir.parent / "killed"
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"] == 1
-    assert not (run_dir / "summary.json").exists()
+    assert not RunFolder(run_dir).finished
     resumed_dir, resumed_rows, summary = run_server({**config, "resume": True})
     assert comparable(resumed_rows) == comparable(whole_rows)
     assert summary["rounds"] == 3
@@ -92,7 +93,7 @@ def test_a_finished_run_extends_with_more_rounds(uninterrupted, tmp_path):
     # Issue #36: the schedule goes on from its end instead of being planned anew for 5 rounds (which gave round 4
     # budget 50 after round 3's 54, and 0.23x of lr after 0.1x).
     assert [r["budget"] for r in rows[3:]] == [whole_rows[3]["budget"]] * 3
-    config_json = json.loads((tmp_path / "whole" / "config.json").read_text())
+    config_json = RunFolder(tmp_path / "whole").config()
     assert config_json["given"]["schedule-rounds"] == 3
 
 

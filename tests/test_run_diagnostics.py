@@ -1,8 +1,8 @@
-"""scripts/run_diagnostics.py on a hand-made comparison directory: the runs at the multiplier each method used."""
+"""safedlora_lab.run_diagnostics on a hand-made comparison directory: the runs at the multiplier each method used."""
 
 import json
 
-import run_diagnostics  # scripts/run_diagnostics.py (pytest's pythonpath)
+from safedlora_lab import run_diagnostics
 
 
 def write_run(run_dir, rounds):

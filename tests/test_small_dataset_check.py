@@ -1,11 +1,12 @@
-"""scripts/small_dataset_check.py: the skewed set's class shares and site mixes, and one run's summary."""
+"""lab/safedlora_lab/small_dataset_check.py: the skewed set's class shares and site mixes, and one run's summary."""
 
 import csv
 import json
 from collections import Counter
 
 import pytest
-import small_dataset_check as check  # scripts/small_dataset_check.py (pytest's pythonpath)
+
+from safedlora_lab import small_dataset_check as check
 
 
 def test_the_skewed_set_has_a_65_percent_majority_and_two_sites_with_different_mixes(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 #: attention output, both feed-forward layers and the pooler.
 ALL_LINEAR = "query,key,value,dense"
 
-#: The modules and ranks of the ``accurate`` profile: ``safedlora compare`` runs them as ``sa-all-r16``.
+#: The modules and ranks of the ``accurate`` profile: the lab's arm ``sa-all-r16`` runs them (a test checks it).
 ACCURATE_ADAPTER = {"target-modules": ALL_LINEAR, "rank-max": 16, "rank-min": 8}
 
 #: profile -> run-config values it sets.

@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.files import atomic_write_json, atomic_write_text, sync_file
+from safedlora_app.core.run_folder import METRICS_FILE, RunFolder
 
 MB = 1e6
 #: Central evaluation's keys in a metrics.jsonl line: the test set's, and the validation set's (``val-``).
@@ -189,7 +190,7 @@ def run_directory(config: RunConfig) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"resume = true, but run-name = {name!r} has no directory {path}")
         return path
-    if (path / "metrics.jsonl").exists():
+    if RunFolder(path).started:
         raise FileExistsError(f"run-name = {name!r}: {path} already holds a run; choose another run-name, "
                               "or set resume = true to continue it")
     path.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,7 @@ class RunRecorder(RoundLog):
 
     def __init__(self, run_dir: Path, num_rounds: int):
         super().__init__()
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.num_rounds = num_rounds
         self.records: list[dict] = []
         self._last = time.perf_counter()

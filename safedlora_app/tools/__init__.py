@@ -1,1 +1,1 @@
-"""Tools around the app: the local Flower runner (simulation) and ``safedlora compare``."""
+"""Tools around the app: the local Flower runner (simulation), shared by the tests, the benchmarks and the lab."""

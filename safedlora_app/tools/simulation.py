@@ -1,6 +1,6 @@
 """Run the app through the real `flwr run` CLI on a private local SuperLink (free ports, own FLWR_HOME).
 
-Used by the end-to-end tests and by ``safedlora compare``: every run goes through Flower's own
+Used by the end-to-end tests, the benchmarks and the lab (``safedlora compare``): every run goes through Flower's own
 simulation exactly as a user's ``flwr run .`` does, and only the SuperLink started here is stopped.
 The process helpers (free ports, the environment, a run's status, stopping a process tree) serve the
 deployment tests too.

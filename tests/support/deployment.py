@@ -1,7 +1,6 @@
 """Real SuperLink and SuperNode processes on loopback, driven with the ``flwr`` CLI of a private FLWR_HOME
 (test_deployment.py, test_compose.py, test_arm64.py)."""
 
-import json
 import os
 import re
 import subprocess
@@ -9,10 +8,11 @@ import time
 import tomllib
 from pathlib import Path
 
-import psutil
 import pytest
 
-from safedlora_app.tools.simulation import flower_env, free_port, run_status, stop_processes
+from safedlora_app.core.run_folder import RunFolder
+from safedlora_app.tools.deployment import LocalDeployment
+from safedlora_app.tools.simulation import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = Path(os.environ.get("SAFEDLORA_DEPLOY_APP_DIR", ROOT)).resolve()
@@ -48,32 +48,12 @@ def free_ports(n):
     return sorted(ports)
 
 
-class Deployment:
-    """Processes of one test, their logs, and the `flwr` CLI with a private FLWR_HOME."""
+class Deployment(LocalDeployment):
+    """The app's launcher of local federations (``tools/deployment.py``) with a test's waits and checks."""
 
     def __init__(self, tmp):
+        super().__init__(tmp, HF_HOME=str(tmp / "hf-home"))
         self.tmp = tmp
-        self.procs = {}
-        self.home = tmp / "flwr-home"
-        self.home.mkdir()
-        self.env = flower_env(self.home, HF_HOME=str(tmp / "hf-home"), PYTHONUNBUFFERED="1")
-
-    # --- processes ---
-    def start(self, name, argv, **env):
-        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own handle
-            self.procs[name] = subprocess.Popen(
-                [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=self.tmp, env={**self.env, **env},
-                start_new_session=True,  # own process group, stopped as a whole in stop()
-            )
-        return self.procs[name]
-
-    def log(self, name, tail=4000):
-        return (self.tmp / f"{name}.log").read_text(errors="replace")[-tail:]
-
-    def logs(self):
-        return "\n".join(f"--- {n} (rc={p.poll()}) ---\n{self.log(n, 2500)}"
-                         for n, p in self.procs.items())
 
     def wait_for(self, check, what, timeout=START_TIMEOUT, alive=()):
         """Poll `check` until truthy; fail early if a process in `alive` has exited."""
@@ -87,55 +67,8 @@ class Deployment:
             time.sleep(0.5)
         pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
 
-    def stop(self):
-        """Every started process, its descendants, and what is left in its process group (its own session:
-        children orphaned by a crash stay there), all recorded before the first signal."""
-        groups = {p.pid for p in self.procs.values()}
-        tree = {}
-        for process in psutil.process_iter():
-            try:
-                if os.getpgid(process.pid) in groups:
-                    tree[process.pid] = process
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
-        for p in self.procs.values():
-            try:
-                root = psutil.Process(p.pid)
-                tree.update({c.pid: c for c in [root, *root.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                pass
-        stop_processes(list(tree.values()), timeout=20)  # SuperNodes take a few seconds to shut down
-        for p in self.procs.values():
-            p.wait(timeout=10)
-
-    # --- flwr CLI ---
-    def connection(self, name, address, **options):
-        """A `[superlink.NAME]` entry in FLWR_HOME/config.toml, as a user writes it."""
-        lines = [f"[superlink.{name}]", f'address = "{address}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
-        with open(self.home / "config.toml", "a") as f:
-            f.write("\n".join(lines) + "\n\n")
-
-    def flwr(self, *args, timeout=60, check=True):
-        result = subprocess.run(["flwr", *map(str, args)], capture_output=True, text=True,
-                                env=self.env, cwd=self.tmp, timeout=timeout)
-        if check:
-            assert result.returncode == 0, f"flwr {args}: {result.stdout}\n{result.stderr}"
-        return result
-
-    def flwr_json(self, *args):
-        out = self.flwr(*args, "--format", "json", check=False).stdout
-        try:
-            return json.loads(out)
-        except json.JSONDecodeError:
-            return {"success": False, "output": out}
-
-    def online_nodes(self, conn):
-        """Node ids the SuperLink lists as online, or None while it is not reachable."""
-        data = self.flwr_json("supernode", "ls", conn)
-        if not data.get("success"):
-            return None
-        return {str(n["node-id"]) for n in data["nodes"] if n["status"] == "online"}
+    def flwr(self, *args, timeout=60, check=True):  # a test's flwr command must succeed unless it says otherwise
+        return super().flwr(*args, timeout=timeout, check=check)
 
     def launch(self, conn, run_name, settings="", app_dir=APP_DIR):
         """Start `flwr run APP CONN --stream` of the tiny settings (plus ``settings``) in the background."""
@@ -172,7 +105,7 @@ class Deployment:
 
         # `flwr run` exits 0 even when the run failed: the run's status is the verdict.
         def finished():
-            status = run_status(run_id, self.env, self.tmp, conn)
+            status = self.run_status(run_id, conn)
             return status if status.startswith("finished") else None
 
         status = self.wait_for(finished, f"run {run_id} to finish", timeout=60, alive=alive)
@@ -185,13 +118,12 @@ class Deployment:
         cli, log, outputs = self.launch(conn, run_name, settings)
         self.complete(conn, cli, log, alive=alive)
         # The ServerApp wrote its outputs where it was told, and both SuperNodes trained.
-        rows = [json.loads(line) for line in (outputs / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(outputs).records()
         assert [row["round"] for row in rows][-1] == 2
         assert all(row["replies"] == 2 for row in rows if row["round"] >= 1), rows
-        assert json.loads((outputs / "summary.json").read_text())["rounds"] == 2
+        assert RunFolder(outputs).summary()["rounds"] == 2
         return outputs
 
 
 def metrics_rows(outputs):
-    path = outputs / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return RunFolder(outputs).records()

@@ -4,7 +4,6 @@ on first use, so that tests without them start fast."""
 
 import contextlib
 import io
-import json
 import logging
 import tomllib
 import warnings
@@ -82,9 +81,10 @@ def run_server(config: dict, node_configs: list[dict] | None = None, grid=None) 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what Flower sets in a ServerApp
     server_app.main(grid or InProcessGrid(config, node_configs=node_configs),
                     Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    run_dir = Path(config["out-dir"]) / config["run-name"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return run_dir, rows, json.loads((run_dir / "summary.json").read_text())
+    from safedlora_app.core.run_folder import RunFolder
+
+    run = RunFolder(Path(config["out-dir"]) / config["run-name"])
+    return run.path, run.records(), run.summary()
 
 
 class _Output:

@@ -5,7 +5,6 @@ Reads what the app wrote in each run directory (``metrics.jsonl``, ``summary.jso
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server.outputs import run_totals
 
 from .plan import HEADLINE, METHODS, REFERENCES, SPLITS, USER_NAMES, CompareOptions, RunSpec, clients_per_round
@@ -101,8 +101,8 @@ def paired_rows(root: Path, plan: Sequence[RunSpec], method: str = "sa-fedlora",
     """
     finished: dict[tuple[str, str, int], list[dict]] = {}
     for spec in plan:
-        if read_summary(run_dir(root, spec)) is not None:
-            finished[(spec.split, spec.method, spec.seed)] = read_records(run_dir(root, spec))
+        if (folder := run_folder(root, spec)).finished:
+            finished[(spec.split, spec.method, spec.seed)] = folder.records()
     rows = []
     for split in dict.fromkeys(s.split for s in plan):
         for reference in references:
@@ -305,15 +305,9 @@ def run_dir(root: Path, spec: RunSpec) -> Path:
     return root / "runs" / spec.split / spec.run_name
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    """The run's ``metrics.jsonl`` lines."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    """The run's ``summary.json``, or ``None`` if the run did not finish."""
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def run_folder(root: Path, spec: RunSpec) -> RunFolder:
+    """The app's files of one planned run."""
+    return RunFolder(run_dir(root, spec))
 
 
 # --- Reporting ---------------------------------------------------------------------------------------
@@ -324,8 +318,8 @@ def build_rows(root: Path, plan: Sequence[RunSpec], target: float) -> list[dict[
         groups.setdefault((spec.split, spec.method), []).append(spec)
     finished = {}
     for key, specs in groups.items():
-        finished[key] = [(summary, read_records(run_dir(root, spec))) for spec in specs
-                         if (summary := read_summary(run_dir(root, spec))) is not None]
+        finished[key] = [(summary, folder.records()) for spec in specs
+                         if (summary := (folder := run_folder(root, spec)).summary()) is not None]
     rows = []
     for (split, method), specs in groups.items():
         reference = finished.get((split, REFERENCES[1]), [])
@@ -344,8 +338,8 @@ def write_plots(root: Path, plan: Sequence[RunSpec]) -> list[Path]:
     for split in dict.fromkeys(s.split for s in plan):
         runs: dict[str, list[dict]] = {}
         for spec in plan:
-            if spec.split == split and spec.method not in runs and read_summary(run_dir(root, spec)) is not None:
-                runs[spec.method] = read_records(run_dir(root, spec))
+            if spec.split == split and spec.method not in runs and (folder := run_folder(root, spec)).finished:
+                runs[spec.method] = folder.records()
         if not runs:
             continue
         out = root / "plots" / split

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 #: The runs committed with the app (relative to the app's directory), reused by default: those of the protocol.
 #: The older ones (docs/results/runs) ran on data before deduplication and the validation split: a record only.
 STORED_RUNS = "docs/results/protocol-runs"
+#: --task: the comparison of the tweets' splits (the default), or the language-model comparison (:mod:`.lm`).
+TASKS = ("text-classification", "causal-lm")
+#: What --task causal-lm reads of the command line (argparse dests); any other option given is refused.
+LM_OPTIONS = {"command", "task", "out", "name", "seeds", "set", "report_only"}
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -119,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "same seeds, partitions, rounds, clients and evaluation, through `flwr run`, and write "
                     "<out>/<name>/{runs,plots,table.csv,table.md,comparison.json}. Finished runs are skipped "
                     "when the command is run again.")
+    p.add_argument("--task", choices=TASKS, default=TASKS[0],
+                   help="text-classification (default): the methods on the tweets' splits; causal-lm: sa-fedlora "
+                        "against fedit on the causal-lm defaults, paired by seed (with --out, --name, --seeds, --set "
+                        "and --report-only alone)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="protocol",
                    help="'protocol' (default): the app's two points as shipped against fedavg and fixed-rank LoRA "
                         "under docs/comparison.md's protocol (lr searched on validation, tuning seed apart); "
@@ -311,11 +319,11 @@ def validation_losses(root: Path, search: Sequence[RunSpec]) -> dict[str, dict[f
     CompareError
         For a finished run without a validation score (``val-size = 0``).
     """
-    from .tables import read_summary, run_dir
+    from .tables import run_folder
 
     out: dict[str, dict[float, float | None]] = {}
     for spec in search:
-        summary = read_summary(run_dir(root, spec))
+        summary = run_folder(root, spec).summary()
         if summary and summary.get("final-val-loss") is None:
             raise CompareError(f"lr search run {spec.key} has no validation loss: the search chooses on the "
                                "validation split, so give val-size > 0 (e.g. --set val-size=1000)")
@@ -509,11 +517,38 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--task causal-lm`` (:mod:`.lm`): refuses the options that only the text-classification comparison reads."""
+    from .lm import compare_lm, lm_seeds
+
+    defaults = build_parser().parse_args(["compare"])
+    ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+               if key not in LM_OPTIONS and value != getattr(defaults, key)]
+    if ignored:
+        allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(LM_OPTIONS - {"command", "task"}))
+        parser.exit(2, f"safedlora compare: error: {', '.join(ignored)}: not allowed with --task causal-lm; "
+                       f"allowed: {allowed}\n")
+    try:
+        settings = parse_set(args.set)
+    except CompareError as error:
+        parser.exit(2, f"safedlora compare: error: {error}\n")
+    out = Path(os.path.expanduser(args.out)).resolve() / (args.name or "causal-lm")
+    with sigterm_as_interrupt():
+        try:
+            return compare_lm(out, lm_seeds(args.seeds or 3), settings, args.report_only,
+                              lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            print("interrupted; run the same command again to resume (finished runs are skipped)", flush=True)
+            return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``safedlora`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task == "causal-lm":
+        return compare_causal_lm(parser, args)
     try:
         options = resolve_options(args)
     except CompareError as error:

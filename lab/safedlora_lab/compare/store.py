@@ -21,20 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from safedlora_app.core.config import ConfigError, RunConfig
+from safedlora_app.core.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder, without_where
 
 #: What a stored run holds of the app's outputs: enough for every table, plot and paired difference.
-SMALL_FILES = ("config.json", "summary.json", "metrics.jsonl")
+SMALL_FILES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE)
 #: What the store adds: the number of nodes (not a run-config key) and where the run came from.
 RUN_FILE = "run.json"
-#: Keys that say where a run was written, not what it ran.
-WHERE_KEYS = ("out-dir", "run-name", "cache-dir", "resume")
 
 
 def full_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Every run-config key (today's defaults where ``settings`` is silent, e.g. a key added after the run was
-    stored), typed as the app types them, without ``WHERE_KEYS``."""
+    stored), typed as the app types them, without the keys that say where it was written (``run_folder.WHERE_KEYS``)."""
     config = RunConfig.from_mapping({**settings, "out-dir": "/unused", "run-name": "unused"}).to_dict()
-    return {k: v for k, v in config.items() if k not in WHERE_KEYS}
+    return without_where(config)
 
 
 def run_key(settings: Mapping[str, Any], num_supernodes: int) -> str:
@@ -88,10 +87,8 @@ class RunStore:
 
     @staticmethod
     def _key_of(folder: Path) -> tuple[str, str | None]:
-        given = json.loads((folder / "config.json").read_text())["given"]
-        run = json.loads((folder / RUN_FILE).read_text())
-        dtype = json.loads((folder / "summary.json").read_text()).get("compute-dtype")
-        return run_key(given, run["num-supernodes"]), dtype
+        run, outputs = json.loads((folder / RUN_FILE).read_text()), RunFolder(folder)
+        return run_key(outputs.given(), run["num-supernodes"]), outputs.summary().get("compute-dtype")
 
     def find(self, settings: Mapping[str, Any], num_supernodes: int, dtype: str) -> Path | None:
         """The stored run made with these settings (app defaults filled in) on ``num_supernodes`` nodes in
@@ -100,9 +97,9 @@ class RunStore:
 
     def put(self, run_dir: Path, split: str, num_supernodes: int, federation: str = "") -> Path:
         """Store a finished run's small outputs (a run already stored under its key is left as it is)."""
-        given = json.loads((run_dir / "config.json").read_text())["given"]
-        dtype = json.loads((run_dir / "summary.json").read_text()).get("compute-dtype")
-        key = (run_key(given, num_supernodes), dtype)
+        folder = RunFolder(run_dir)
+        dtype = folder.summary().get("compute-dtype")
+        key = (run_key(folder.given(), num_supernodes), dtype)
         if key in self.index():
             return self.index()[key]
         target = self.root / split / f"{run_dir.name}-{key[0]}-{dtype or 'unknown'}"
@@ -124,6 +121,6 @@ class RunStore:
         finished)."""
         run_dir.mkdir(parents=True)
         for name in SMALL_FILES:
-            if name != "summary.json":
+            if name != SUMMARY_FILE:
                 shutil.copy2(stored / name, run_dir / name)
-        shutil.copy2(stored / "summary.json", run_dir / "summary.json")
+        shutil.copy2(stored / SUMMARY_FILE, run_dir / SUMMARY_FILE)

@@ -16,93 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safedlora_app.core.profiles import ACCURATE_ADAPTER, ALL_LINEAR
+from .arms import load_arms
 
-# --- Methods and splits -------------------------------------------------------------------------
-#: 32 rounds with the preset's stage shape (1 initiating round, the second half cooling): twice the full
-#: preset's 16. Fixed, whatever ``--rounds`` says (and so left out of the quick preset).
-LONG_RUN = {"num-server-rounds": 32, "init-rounds": 1, "heat-rounds": 0, "cool-rounds": 16}
+# --- Methods (the arms, one TOML file each: arms.py) and splits ---------------------------------------------
+ARMS = load_arms()
 #: label -> run-config overrides. ``"{rank-min}"`` is replaced by the settings' rank-min.
-METHODS: dict[str, dict[str, Any]] = {
-    "fedavg": {"method": "fedavg"},
-    "fedprox": {"method": "fedprox"},
-    "fedit-rmax": {"method": "fedit"},
-    "fedit-rmin": {"method": "fedit", "rank-max": "{rank-min}"},
-    "sa-fedlora": {"method": "sa-fedlora"},
-    "sa-no-init": {"method": "sa-fedlora", "init-rounds": 0},
-    "sa-no-anneal": {"method": "sa-fedlora", "schedule": "constant"},
-    "sa-uniform": {"method": "sa-fedlora", "allocation": "uniform"},
-    "sa-ab-avg": {"method": "sa-fedlora", "aggregation": "factors"},
-    "sa-orth-a": {"method": "sa-fedlora", "factor-form": "orthonormal-a"},
-    "sa-fp16": {"method": "sa-fedlora", "wire-dtype": "float16"},
-    # The budget shrinks over 3/4 of the annealing rounds instead of half: more rank late, still < 50% of fedit's bytes.
-    "sa-short-cool": {"method": "sa-fedlora", "cool-rounds": -1, "cool-fraction": 0.25},
-    # Partitions 0, 2, 4, 6 of the 7 (both splits have 7 nodes) stand in for 1 GB boards (node-config max-rank 2).
-    "sa-half-capped": {"method": "sa-fedlora", "partition-max-rank": "2,0,2,0,2,0,2"},
-    # float16 halves the bytes per rank, so the byte goal affords a higher floor: rank-min 4 plans ~30% of
-    # fedit-rmax's float32 bytes, rank-min 6 ~40% (sa-fedlora here, rank-min 2 at float32, plans 40%).
-    "sa-fp16-rmin4": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4},
-    "sa-fp16-rmin6": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 6},
-    # Issue #22's levers towards full fine-tuning's accuracy (each searches its own lr with --lr-search).
-    # LoRA on every Linear layer of the encoder (query, key, value, attention output, both feed-forward layers)
-    # and the pooler: 37 modules instead of 12, rank 16 annealed to 8.
-    "sa-all-r16": {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER},
-    "fedit-all-r16": {"method": "fedit", "target-modules": ALL_LINEAR, "rank-max": 16},
-    # A higher heating rank, annealed to the defaults' floor.
-    "sa-qv-r16": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-max": 16, "rank-min": 4},
-    # More rounds (32 instead of the preset's 16) at the same settings: the curves still rise at round 16.
-    "sa-fp16-rmin4-32r": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, **LONG_RUN},
-    "sa-all-r16-32r": {"method": "sa-fedlora", "wire-dtype": "float16", **ACCURATE_ADAPTER, **LONG_RUN},
-    # The paper's reading: the initiating round trains the whole model (backbone + head), then the defaults.
-    "sa-paper-init": {"method": "sa-fedlora", "wire-dtype": "float16", "rank-min": 4, "init-trainable": "full"},
-    # The app's two points exactly as a user selects them (the protocol preset: "the row is its key").
-    "defaults": {},
-    "accurate": {"profile": "accurate"},
-}
-METHOD_DESCRIPTIONS = {
-    "fedavg": "full fine-tuning (FedAvg)",
-    "fedprox": "full fine-tuning + proximal term (FedProx)",
-    "fedit-rmax": "LoRA at fixed rank-max, A/B averaged (FedIT)",
-    "fedit-rmin": "LoRA at fixed rank-min, A/B averaged (FedIT)",
-    "sa-fedlora": "SA-FedLoRA at the comparison's shared settings (rank-min 2, float32 on the wire)",
-    "sa-no-init": "SA-FedLoRA without initiating stage (init-rounds=0)",
-    "sa-no-anneal": "SA-FedLoRA without annealing (schedule='constant')",
-    "sa-uniform": "SA-FedLoRA with uniform allocation",
-    "sa-ab-avg": "SA-FedLoRA with separate A/B averaging (aggregation='factors')",
-    "sa-orth-a": "SA-FedLoRA with FlexLoRA's factor split A = V^T, B = U S (factor-form='orthonormal-a')",
-    "sa-fp16": "SA-FedLoRA with float16 factors and head on the wire (wire-dtype='float16')",
-    "sa-short-cool": "SA-FedLoRA cooling for a quarter of the annealing rounds, not half (cool-fraction=0.25)",
-    "sa-half-capped": "SA-FedLoRA with 4 of the 7 nodes capped at rank 2 (partition-max-rank='2,0,2,0,2,0,2')",
-    "sa-fp16-rmin4": "SA-FedLoRA with float16 on the wire and a budget floor of rank 4 (rank-min=4): the app's "
-                     "defaults",
-    "sa-fp16-rmin6": "SA-FedLoRA with float16 on the wire and a budget floor of rank 6 (rank-min=6)",
-    "sa-all-r16": "SA-FedLoRA on every Linear layer (37 modules), rank 16 annealed to 8, float16 on the wire",
-    "fedit-all-r16": "LoRA on every Linear layer (37 modules) at fixed rank 16, A/B averaged (FedIT)",
-    "sa-qv-r16": "SA-FedLoRA heating at rank 16, annealed to the defaults' floor of 4, float16 on the wire",
-    "sa-fp16-rmin4-32r": "the defaults (sa-fp16-rmin4) over 32 rounds instead of 16",
-    "sa-all-r16-32r": "sa-all-r16 over 32 rounds instead of 16",
-    "sa-paper-init": "SA-FedLoRA whose initiating round trains the whole model (init-trainable='full'), then the "
-                     "defaults (float16 LoRA rounds, floor rank 4); the lr search scales lr and full-lr together",
-    "defaults": "the app's defaults, no key set (SA-FedLoRA, query and value, rank 8 -> 4)",
-    "accurate": "profile = 'accurate' and nothing else (every Linear layer, rank 16 -> 8)",
-}
+METHODS: dict[str, dict[str, Any]] = {name: dict(arm.run_config) for name, arm in ARMS.items()}
+METHOD_DESCRIPTIONS = {name: arm.description for name, arm in ARMS.items()}
 #: What a user knows a method as, where it is one of the app's two points or a baseline (plot legends).
-USER_NAMES = {"fedavg": "full fine-tuning", "fedit-rmax": "fixed-rank LoRA", "sa-fp16-rmin4": "the defaults",
-              "sa-all-r16-32r": "profile 'accurate'", "defaults": "the defaults", "accurate": "profile 'accurate'"}
-FULL_METHODS = ("fedavg", "fedprox")
+USER_NAMES = {name: arm.user_name for name, arm in ARMS.items() if arm.user_name}
+FULL_METHODS = tuple(name for name, arm in ARMS.items() if arm.full_model)
 FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-no-anneal", "sa-uniform", "sa-ab-avg",
                        "sa-orth-a", "sa-fp16", "sa-short-cool", "sa-half-capped", "sa-fp16-rmin4",
                        "sa-fp16-rmin6")
 #: Methods repeated over every seed (on the headline splits); the others run on the ablation seeds and splits.
-HEADLINE = ("fedavg", "fedit-rmax", "sa-fedlora", "defaults", "accurate")
+HEADLINE = tuple(name for name, arm in ARMS.items() if arm.headline)
 #: Methods that ``--lr-search`` searches for themselves (the others take their family's rate, :func:`lr_source`).
-OWN_LR_SEARCH = HEADLINE + ("sa-all-r16", "fedit-all-r16", "sa-paper-init")
-#: Methods that take another method's searched rate (the rest of the sa-fedlora variants take sa-fedlora's).
-LR_FAMILY = {"fedprox": "fedavg", "fedit-rmin": "fedit-rmax", "sa-all-r16-32r": "sa-all-r16"}
+OWN_LR_SEARCH = tuple(name for name, arm in ARMS.items() if arm.lr == "own")
 #: Byte savings are reported against these (per split).
-REFERENCES = ("fedavg", "fedit-rmax")
+REFERENCES = tuple(name for name, arm in ARMS.items() if arm.reference)
 #: The protocol's claims: each of the app's points minus the baselines (and the lean point), paired by seed.
-PROTOCOL_PAIRS = {"accurate": ("fedavg", "fedit-rmax", "defaults"), "defaults": ("fedit-rmax", "fedavg")}
+PROTOCOL_PAIRS = {name: arm.paired_against for name, arm in ARMS.items() if arm.paired_against}
 
 #: split -> (run-config settings, number of supernodes). Same for every method.
 SPLITS: dict[str, tuple[dict[str, Any], int]] = {
@@ -500,10 +434,8 @@ def plan_runs(base: Mapping[str, Any], methods: Sequence[str], splits: Sequence[
 
 
 def lr_source(method: str) -> str:
-    """The headline method whose searched lr ``method`` uses: its own for a headline method, else its family's."""
-    if method in OWN_LR_SEARCH:
-        return method
-    return LR_FAMILY.get(method, "sa-fedlora")
+    """The method whose searched lr ``method`` uses: its own, or its arm's ``lr`` source."""
+    return ARMS[method].lr_source
 
 
 def plan_lr_search(base: Mapping[str, Any], methods: Sequence[str], split: str, seed: int,

@@ -1,6 +1,6 @@
 """Per-round diagnostics of a comparison's runs, as Markdown: what docs/comparison.md's diagnosis quotes.
 
-    python scripts/run_diagnostics.py results/full --split natural --seed 42
+    python -m safedlora_lab.run_diagnostics results/full --split natural --seed 42
 
 For each finished run of that split and seed (one row per method, at the lr the comparison used): the global
 test loss at the evaluated rounds, the clients' mean training loss, the share of each round's new update that
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from safedlora_app.tools.compare.plan import RunSpec
+from safedlora_app.core.run_folder import RunFolder
+from safedlora_lab.compare.plan import RunSpec
 
 SERIES = {
     "test loss (evaluated rounds)": "loss",
@@ -33,8 +34,7 @@ PERCENT = {"dropped-update", "first-step-a-ratio"}
 
 def load_run(run_dir: Path) -> pd.DataFrame:
     """One row per round of ``metrics.jsonl``, with the factor norms as columns ``norm-B`` and ``norm-A``."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows).set_index("round")
+    frame = pd.DataFrame(RunFolder(run_dir).records()).set_index("round")
     norms = frame["factor-norms"].apply(lambda n: n if isinstance(n, dict) else {})
     frame["norm-B"], frame["norm-A"] = norms.map(lambda n: n.get("B")), norms.map(lambda n: n.get("A"))
     return frame
@@ -58,7 +58,7 @@ def chosen_runs(results: Path, split: str, seed: int) -> dict[str, Path]:
     for row in rows:
         if row["split"] == split:
             spec = RunSpec(split, row["method"], seed, float(row["lr_multiplier"]), {})
-            if (results / "runs" / split / spec.run_name / "summary.json").exists():
+            if RunFolder(results / "runs" / split / spec.run_name).finished:
                 runs[row["method"]] = results / "runs" / split / spec.run_name
     return runs
 

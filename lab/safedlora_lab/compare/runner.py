@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from safedlora_app.core.checks import is_number
 from safedlora_app.core.config import DEPRECATED_VALUES
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.server.outputs import run_totals
 
 from .plan import CompareError, RunSpec, estimate_seconds, run_config_string
 from .store import RunStore, local_dtype
-from .tables import MB, read_records, read_summary, run_dir
+from .tables import MB, run_dir
 
 
 # --- Checks: resuming, the machine -----------------------------------------------------------------
@@ -115,16 +116,16 @@ class Comparison:
     def finished(self, spec: RunSpec) -> bool:
         """Whether the run finished earlier (and was made with the same settings)."""
         run_dir = self.run_dir(spec)
-        if not (run_dir / "summary.json").exists():
+        folder = RunFolder(run_dir)
+        if not folder.finished:
             return False
-        config = run_dir / "config.json"
-        given = json.loads(config.read_text()).get("given", {}) if config.exists() else {}
+        given = folder.given()
         problems = config_mismatch(spec.settings, given) if given else []
         made_with = given.get("precision", "auto")
         if given and made_with != spec.settings.get("precision", "auto"):
             from .store import local_dtype
 
-            computed = json.loads((run_dir / "summary.json").read_text()).get("compute-dtype")
+            computed = folder.summary().get("compute-dtype")
             if computed != (planned := local_dtype(spec.settings)):
                 problems.append(f"computed in {computed}, planned {planned}")
         if problems:
@@ -201,7 +202,7 @@ class Comparison:
 
     def describe(self, spec: RunSpec) -> str:
         """``acc 58.3% (best 59.0%) | 7.19 MB`` of a finished run."""
-        records = read_records(self.run_dir(spec))
+        records = RunFolder(self.run_dir(spec)).records()
         t = run_totals(records)
         best = "" if t["best-accuracy"] is None else f" (best {t['best-accuracy']:.1%})"
         dropped = (f" | WARNING: {t['dropped-replies']} client replies dropped (see the log)"
@@ -234,7 +235,7 @@ class Comparison:
         except (AssertionError, json.JSONDecodeError, KeyError, IndexError, subprocess.SubprocessError) as error:
             status = f"unknown ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
         seconds = time.perf_counter() - start
-        if status != "finished:completed" or read_summary(run_dir) is None:
+        if status != "finished:completed" or not RunFolder(run_dir).finished:
             return Outcome(spec, "failed", seconds, f"status {status}; log {log}", command)
         return Outcome(spec, "finished", seconds, "", command)
 

@@ -1,7 +1,7 @@
 """Small-dataset checks: a user's own CSV of 1,000 real rows, 3 classes, 2 nodes.
 
-    python scripts/small_dataset_check.py --out /tmp/small-check                  # issue #10's check
-    python scripts/small_dataset_check.py --data skewed --out /tmp/skewed-check   # issue #22's, every variant
+    python -m safedlora_lab.small_dataset_check --out /tmp/small-check                  # issue #10's check
+    python -m safedlora_lab.small_dataset_check --data skewed --out /tmp/skewed-check   # issue #22's, every variant
 
 Two datasets, both drawn (seeded) from the embedded tweets and written as ``text,label[,site]``:
 
@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from safedlora_app.core.data import SENTIMENTS, load_default_tweets
+from safedlora_app.core.run_folder import RunFolder
 from safedlora_app.tools.simulation import LocalFlower
 
 TEST_SIZE, VAL_SIZE = 200, 100
@@ -90,9 +91,9 @@ def write_skewed_csv(path: Path, seed: int = 0) -> list[tuple[str, str]]:
 
 def summarise(run_dir: Path) -> dict:
     """One run's accuracy, macro-F1 and held-out loss by round, and the figures the check prints."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("accuracy") is not None]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    folder = RunFolder(run_dir)
+    rows = [r for r in folder.records() if r.get("accuracy") is not None]
+    summary = folder.summary()
     accuracy = [r["accuracy"] for r in rows]
     loss = [r["loss"] for r in rows]
     return {"final": accuracy[-1], "best": max(accuracy[1:]), "last3": sum(accuracy[-3:]) / 3,
@@ -132,7 +133,7 @@ def main() -> int:
                 for seed in seeds:
                     name = f"{method}-s{seed}" if variant == "defaults" else f"{method}-{variant}-s{seed}"
                     run_dir = out / "runs" / name
-                    if not (run_dir / "summary.json").exists():
+                    if not RunFolder(run_dir).finished:
                         resume = (run_dir / "checkpoint" / "state.json").exists()
                         config = (f"dataset-name='{csv_path}' test-size={TEST_SIZE} val-size={VAL_SIZE} "
                                   f"{DATASETS[args.data]['config']} "
@@ -152,7 +153,7 @@ def main() -> int:
     finally:
         flower.stop()
     write_results(out / "results.json", args.data, results,
-                  json.loads((out / "runs" / name / "config.json").read_text())["label-names"])
+                  RunFolder(out / "runs" / name).config()["label-names"])
     return 0
 
 

@@ -1,7 +1,0 @@
-"""``python -m safedlora_app.tools.compare``: the same as the ``safedlora`` console script."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
