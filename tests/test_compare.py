@@ -713,6 +713,7 @@ TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size
 
 
 @pytest.mark.e2e  # no xdist_group: its own SuperLink, on a worker beside test_e2e_simulation.py's
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
     argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--methods", "fedit-rmax,sa-fedlora",
             "--splits", "natural", "--rounds", "2", "--target-accuracy", "0.4", *TINY]
@@ -873,5 +874,9 @@ def test_the_language_model_comparison_refuses_the_options_it_does_not_read(caps
     with pytest.raises(SystemExit) as exit_:
         cli.main(["compare", "--task", "causal-lm", "--splits", "natural", "--lr-search"])
     assert exit_.value.code == 2
-    assert ("--splits, --lr-search: not allowed with --task causal-lm; allowed: --name, --out, --report-only, "
-            "--seeds, --set") in capsys.readouterr().err
+    assert ("--splits, --lr-search: not allowed with --task causal-lm; allowed: --methods, --name, --out, "
+            "--report-only, --seeds, --set") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--task", "causal-lm", "--methods", "sa-fedlora,fedavg"])
+    assert "--methods fedavg: not allowed with --task causal-lm; choose from: sa-fedlora, fedit-rmax, ffa-lora" in \
+        capsys.readouterr().err

@@ -42,7 +42,8 @@ def test_a_key_given_wins_over_the_task_and_profile_even_at_the_app_default(give
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"method": "fedsgd"}, "method = 'fedsgd' is not allowed; choose one of: sa-fedlora, fedavg, fedprox, fedit"),
+    ({"method": "fedsgd"},
+     "method = 'fedsgd' is not allowed; choose one of: sa-fedlora, fedavg, fedprox, fedit, ffa-lora"),
     ({"schedule": "quadratic"}, "schedule = 'quadratic' is not allowed; choose one of: cubic, linear"),
     ({"rank-min": 9, "rank-max": 8}, "rank-min = 9 is not allowed; it must be <= rank-max = 8"),
     ({"init-rounds": 13}, "init-rounds = 13 is not allowed; it must be <= num-server-rounds = 12"),
@@ -94,7 +95,7 @@ def test_choices_are_the_literal_types_and_match_what_uses_them():
 
     assert typing.get_args(config.Schedule) == tuple(SHRINK_CURVES) and set(config.LrDecay.__args__) == set(LR_DECAYS)
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    assert config.allowed(fields["method"]) == "one of: sa-fedlora, fedavg, fedprox, fedit"
+    assert config.allowed(fields["method"]) == "one of: sa-fedlora, fedavg, fedprox, fedit, ffa-lora"
     assert config.allowed(fields["fraction_train"]) == "in (0, 1]" and config.allowed(fields["lr"]) == "> 0"
     assert config.allowed(fields["model_name"]) == ""
 

@@ -1,5 +1,7 @@
 """The round config: one typed record, written by the server's round plan and read by the nodes."""
 
+import dataclasses
+
 import pytest
 from flwr.app import ConfigRecord
 
@@ -15,6 +17,8 @@ def test_a_lora_round_config_travels_as_a_config_record_and_back():
                             "label-names": ["neg", "pos"], "backbone-hash": "ab12", "lora-modules": ["m0", "m1"],
                             "lora-ranks": [4, 2], "lora-scale": 2.0}
     assert RoundConfig.from_record(record) == sent
+    frozen = dataclasses.replace(sent, lora_frozen_a=True)
+    assert frozen.to_record()["lora-frozen-a"] is True and RoundConfig.from_record(frozen.to_record()) == frozen
 
 
 def test_a_full_round_config_has_no_lora_keys():

@@ -26,6 +26,7 @@ from safedlora_app.core.data import DataError
 from safedlora_app.core.model import (
     build_lora_model,
     checkpoint_activations,
+    freeze_lora_a,
     full_state,
     get_lora_weights,
     head_parameters,
@@ -35,7 +36,7 @@ from safedlora_app.core.model import (
     set_lora_weights,
 )
 from safedlora_app.core.records import ARRAYS, CONFIG, METRICS, NODE, RoundConfig
-from safedlora_app.core.round_plan import FULL
+from safedlora_app.core.round_plan import FULL, frozen_a
 from safedlora_app.core.seeds import Stream, holdout_split, mix_seed, sample_indices
 from safedlora_app.core.training import compute_dtype, train
 from safedlora_app.tasks import get_task
@@ -80,10 +81,15 @@ def _received_model(received: dict[str, torch.Tensor], round_config: RoundConfig
     ranks = pl.announced_ranks(round_config.lora_modules, round_config.lora_ranks)
     if max_rank and max(ranks.values(), default=0) > max_rank:
         raise pl.PayloadError(f"the server sent rank {max(ranks.values())}, above this node's max-rank = {max_rank}")
-    received = pl.from_wire(received, ranks, module_shapes(base, list(ranks)))
+    shapes = module_shapes(base, list(ranks))
+    received = pl.from_wire(received, ranks, shapes, round_config.lora_frozen_a)
+    if round_config.lora_frozen_a:  # FFA-LoRA: A is regenerated here, exactly as the server planned it
+        received.update({pl.key(pl.LORA_A, m): a for m, a in frozen_a(config, ranks, shapes).items()})
     model = build_lora_model(base, ranks, round_config.lora_scale, config.lora_dropout, head_modules)
     head = pl.bare(received, pl.HEAD)
     set_lora_weights(model, pl.lora_factors(received), head)
+    if round_config.lora_frozen_a:
+        freeze_lora_a(model)
     return model, ranks
 
 
@@ -132,7 +138,7 @@ def train_reply(msg: Message, context: Context) -> Message:
         reply = {pl.key(pl.HEAD, n): v for n, v in new_head.items()}
         for m, (b, a) in factors.items():
             reply[pl.key(pl.LORA_B, m)], reply[pl.key(pl.LORA_A, m)] = b, a
-        reply = pl.to_wire(reply, list(ranks))
+        reply = pl.to_wire(reply, list(ranks), round_config.lora_frozen_a)
 
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-time": result.seconds, "peak-memory-mb": result.peak_memory_mb})

@@ -22,7 +22,7 @@ from .checks import is_integer, is_number
 from .profiles import METHOD_PRESETS, PROFILES
 from .task_spec import TASK_SPECS, TEXT_CLASSIFICATION, TaskSpec
 
-Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit"]
+Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit", "ffa-lora"]
 Schedule = Literal["cubic", "linear", "cosine", "exponential", "constant"]  # schedule.SHRINK_CURVES (a test checks)
 Allocation = Literal["global", "uniform"]
 Aggregation = Literal["product", "factors"]
@@ -87,8 +87,10 @@ class RunConfig:
     # --- Method and rounds ---------------------------------------------------------------
     method: Method = option(
         "sa-fedlora",
-        "``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term) or ``fedit`` "
-        "(LoRA at fixed ``rank-max``, A and B averaged separately).")
+        "``sa-fedlora``, ``fedavg`` (full fine-tuning), ``fedprox`` (full + proximal term), ``fedit`` "
+        "(LoRA at fixed ``rank-max``, A and B averaged separately) or ``ffa-lora`` (FFA-LoRA: LoRA at fixed "
+        "``rank-max`` with A frozen at its seeded initial value on every node; only B and the head are trained, "
+        "sent and averaged, so the mean is exact and the factors cost about half of fedit's bytes).")
     profile: str = option(
         "",
         "A named set of values for other keys (``RunConfig.from_mapping`` applies it): ``\"\"`` (none: the "
@@ -441,6 +443,11 @@ class RunConfig:
         config = dataclasses.replace(self, **fixed) if fixed else self
         heat, cool = config.phase_rounds()
         return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
+
+    @property
+    def frozen_a(self) -> bool:
+        """Whether A stays at its seeded initial value and only B travels (``method = "ffa-lora"``)."""
+        return self.method == "ffa-lora"
 
     @property
     def task_spec(self) -> TaskSpec:

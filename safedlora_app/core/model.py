@@ -229,6 +229,14 @@ def set_lora_weights(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch
     set_peft_model_state_dict(peft_model, {**state, **given})
 
 
+def freeze_lora_a(peft_model) -> int:
+    """Stop training every lora_A weight (FFA-LoRA); B and the head stay trainable. Returns how many were frozen."""
+    frozen = [p for n, p in peft_model.named_parameters() if ".lora_A." in n]
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
 def get_lora_weights(peft_model, modules: Sequence[str], head_names: Sequence[str]
                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """``({module: (B, A)}, {head parameter: tensor})`` from a peft model (detached, CPU; peft's public API)."""

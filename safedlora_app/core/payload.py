@@ -101,24 +101,32 @@ def announced_ranks(modules: Sequence[str], ranks: Sequence[int]) -> dict[str, i
     return dict(zip(modules, ranks))
 
 
-def to_wire(tensors: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Replace the lora_B/lora_A entries of ``modules`` by one flat ``lora::packed`` tensor (B then A each)."""
+def _wire_kinds(frozen_a: bool) -> tuple[str, ...]:
+    return (LORA_B,) if frozen_a else (LORA_B, LORA_A)
+
+
+def to_wire(tensors: Mapping[str, torch.Tensor], modules: Sequence[str], frozen_a: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """Replace the lora_B/lora_A entries of ``modules`` by one flat ``lora::packed`` tensor (B then A each; B alone
+    with ``frozen_a``, whose A entries are left out: both sides know A)."""
     factor_keys = {key(kind, m) for m in modules for kind in (LORA_B, LORA_A)}
     out = {k: v for k, v in tensors.items() if k not in factor_keys}
     if modules:
         out[PACKED] = torch.cat([tensors[key(kind, m)].detach().to("cpu", torch.float32).reshape(-1)
-                                 for m in modules for kind in (LORA_B, LORA_A)])
+                                 for m in modules for kind in _wire_kinds(frozen_a)])
     return out
 
 
-def packed_size(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> int:
-    """Values in ``lora::packed`` for ``{module: rank}`` and ``{module: (d_out, d_in)}``."""
-    return sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items())
+def packed_size(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], frozen_a: bool = False) -> int:
+    """Values in ``lora::packed`` for ``{module: rank}`` and ``{module: (d_out, d_in)}`` (B alone with
+    ``frozen_a``)."""
+    return sum(r * (shapes[m][0] + (0 if frozen_a else shapes[m][1])) for m, r in ranks.items())
 
 
 def from_wire(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
-              shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Inverse of ``to_wire``: split ``lora::packed`` into lora_B/lora_A entries at ``ranks`` (in their order).
+              shapes: Mapping[str, tuple[int, int]], frozen_a: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of ``to_wire``: split ``lora::packed`` into lora_B/lora_A entries at ``ranks`` (in their order;
+    lora_B alone with ``frozen_a``).
 
     Raises
     ------
@@ -131,7 +139,7 @@ def from_wire(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
     if PACKED not in tensors:
         raise PayloadError(f"no {PACKED!r} although the round has LoRA ranks")
     flat = tensors[PACKED].reshape(-1)
-    expected = packed_size(ranks, shapes)
+    expected = packed_size(ranks, shapes, frozen_a)
     if flat.numel() != expected:
         raise PayloadError(f"{PACKED} holds {flat.numel()} values; the announced ranks need {expected}")
     offset = 0
@@ -139,8 +147,9 @@ def from_wire(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
         d_out, d_in = shapes[m]
         out[key(LORA_B, m)] = flat[offset:offset + d_out * r].reshape(d_out, r)
         offset += d_out * r
-        out[key(LORA_A, m)] = flat[offset:offset + r * d_in].reshape(r, d_in)
-        offset += r * d_in
+        if not frozen_a:
+            out[key(LORA_A, m)] = flat[offset:offset + r * d_in].reshape(r, d_in)
+            offset += r * d_in
     return out
 
 

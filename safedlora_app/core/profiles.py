@@ -54,10 +54,13 @@ def node_config_text(values: dict[str, Any]) -> str:
 #: method -> the run-config values it fixes, over the user's (a function of the config: ``RunConfig``).
 #: ``fedit`` is LoRA at a fixed rank with A and B averaged separately; ``fedavg``/``fedprox`` fine-tune the
 #: full model every round (fedavg without the proximal term).
+_FIXED_RANK = {"init-rounds": 0, "schedule": "constant", "allocation": "uniform", "aggregation": "factors",
+               "prox-mu-anneal": 0.0, "heat-rounds": 0, "cool-rounds": 0}
 METHOD_PRESETS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "sa-fedlora": lambda config: {},
-    "fedit": lambda config: {"init-rounds": 0, "schedule": "constant", "allocation": "uniform",
-                             "aggregation": "factors", "prox-mu-anneal": 0.0, "heat-rounds": 0, "cool-rounds": 0},
+    "fedit": lambda config: dict(_FIXED_RANK),
+    # FFA-LoRA (Sun et al., ICLR 2024): fedit's fixed rank with A frozen (``RunConfig.frozen_a``).
+    "ffa-lora": lambda config: dict(_FIXED_RANK),
     "fedavg": lambda config: {"init-rounds": config.num_server_rounds, "init-trainable": "full", "prox-mu": 0.0},
     "fedprox": lambda config: {"init-rounds": config.num_server_rounds, "init-trainable": "full"},
 }

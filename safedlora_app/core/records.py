@@ -40,12 +40,16 @@ class RoundConfig:
     lora_ranks: tuple[int, ...] = ()
     """LoRA rounds: each module's rank (the node checks both lists agree)."""
     lora_scale: float = 0.0
+    lora_frozen_a: bool = False
+    """LoRA rounds: A is not sent; the node regenerates it (``round_plan.frozen_a``), trains B only and sends B only."""
 
     def to_record(self) -> ConfigRecord:
         """The message's config record (the LoRA keys only in LoRA rounds)."""
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.lora_modules:
             values = {k: v for k, v in values.items() if not k.startswith("lora-")}
+        if not self.lora_frozen_a:  # only FFA-LoRA's rounds say it: every other round config is as before
+            values.pop("lora-frozen-a", None)
         return ConfigRecord({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
 
     @classmethod
@@ -72,6 +76,8 @@ class RoundConfig:
 
 def _typed(key: str, value: Any, kind: str) -> Any:
     """``value`` as the field type named ``kind`` (``from __future__`` keeps annotations as strings)."""
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -91,6 +91,20 @@ def adapter_at(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     return ranks, out
 
 
+def frozen_a(config: RunConfig, ranks: Mapping[str, int], module_shapes: Mapping[str, tuple[int, int]]
+             ) -> dict[str, torch.Tensor]:
+    """FFA-LoRA's A of every module of ``ranks``: the rows a new component gets (``factor-form``'s init), seeded by
+    (seed, round 1, the module's position in ``ranks``). The server plans with them and every node regenerates them
+    from the run config, so A never travels; a node capped at a lower rank gets the first rows."""
+    out = {}
+    for index, (m, rank) in enumerate(ranks.items()):
+        d_out, d_in = module_shapes[m]
+        _, a, _ = am.revive_dead_components(torch.zeros(d_out, rank), torch.zeros(rank, d_in),
+                                            seed=mix_seed(config.seed, 1, index), form=config.factor_form)
+        out[m] = a
+    return out
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What every node trains in one round.
@@ -108,6 +122,8 @@ class RoundPlan:
     ranks: dict[str, int] = field(default_factory=dict)
     factors: Factors = field(default_factory=dict)
     revived: int = 0
+    frozen_a: bool = False
+    """A is FFA-LoRA's (:func:`frozen_a`): it is not sent, and nodes send B alone."""
 
     def capped(self, max_rank: int) -> RoundPlan:
         """The plan for a node that trains at most ``max_rank`` per module (0: this plan).
@@ -130,12 +146,14 @@ class RoundPlan:
         out = dict(received)
         for m, rank in self.ranks.items():
             kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
-            b, a = received[kb], received[ka]
+            sent_b, sent_a = self.factors[m]
+            b = received[kb]
+            a = sent_a[:b.shape[1]] if self.frozen_a else received[ka]  # a frozen A is the one sent
             kept = b.shape[1]
             if kept < rank:
-                sent_b, sent_a = self.factors[m]
-                out[kb] = torch.cat([b, sent_b[:, kept:rank].to(b.dtype)], dim=1)
-                out[ka] = torch.cat([a, sent_a[kept:rank].to(a.dtype)], dim=0)
+                b = torch.cat([b, sent_b[:, kept:rank].to(b.dtype)], dim=1)
+                a = torch.cat([a, sent_a[kept:rank].to(a.dtype)], dim=0)
+            out[kb], out[ka] = b, a
         return out
 
     def lora_payload(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,7 +161,7 @@ class RoundPlan:
         sent = pl.of_kind(tensors, pl.HEAD)
         for m, (b, a) in self.factors.items():
             sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
-        return pl.to_wire(sent, list(self.ranks))
+        return pl.to_wire(sent, list(self.ranks), self.frozen_a)
 
     def round_config(self, lora_scale: float, wire_dtype: str, label_names: Sequence[str],
                      backbone_hash: str = "") -> RoundConfig:
@@ -154,7 +172,7 @@ class RoundPlan:
                            wire_dtype=wire_dtype, label_names=tuple(label_names), backbone_hash=backbone_hash,
                            lora_modules=tuple(self.ranks) if lora else (),
                            lora_ranks=tuple(self.ranks.values()) if lora else (),
-                           lora_scale=lora_scale if lora else 0.0)
+                           lora_scale=lora_scale if lora else 0.0, lora_frozen_a=lora and self.frozen_a)
 
 
 def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],
@@ -177,7 +195,11 @@ def plan_round(config: RunConfig, server_round: int, tensors: Mapping[str, torch
         b, a, count = am.revive_dead_components(b, a, seed=mix_seed(config.seed, server_round, index),
                                                 form=config.factor_form)
         factors[m], revived = (b, a), revived + count
-    return RoundPlan(**common, budget=sum(ranks.values()), ranks=ranks, factors=factors, revived=revived)
+    if config.frozen_a:  # the same A in every round, by construction (round 1 revives it; later rounds keep it)
+        fixed = frozen_a(config, ranks, module_shapes)
+        factors = {m: (b, fixed[m]) for m, (b, _) in factors.items()}
+    return RoundPlan(**common, budget=sum(ranks.values()), ranks=ranks, factors=factors, revived=revived,
+                     frozen_a=config.frozen_a)
 
 
 def model_plan(config: RunConfig, server_round: int, tensors: Mapping[str, torch.Tensor],
@@ -192,4 +214,5 @@ def model_plan(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     if not pl.bare(tensors, pl.LORA_A):
         return RoundPlan(kind=FULL, **common)
     ranks, factors = adapter_at(config, server_round, tensors, module_shapes)
-    return RoundPlan(kind=LORA, **common, budget=sum(ranks.values()), ranks=ranks, factors=factors)
+    return RoundPlan(kind=LORA, **common, budget=sum(ranks.values()), ranks=ranks, factors=factors,
+                     frozen_a=config.frozen_a)

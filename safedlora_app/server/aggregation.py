@@ -69,7 +69,9 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     for m, (sent_b, sent_a) in plan.factors.items():
         bs = [r[pl.key(pl.LORA_B, m)] for r in received]
         as_ = [r[pl.key(pl.LORA_A, m)] for r in received]
-        if config.aggregation == "product":
+        if plan.frozen_a:  # every node trained B against the same A: mean(B_k) A is exactly the mean of B_k A
+            b, a = weighted_mean(bs, weights), sent_a
+        elif config.aggregation == "product":
             b, a, module_dropped, module_update = am.aggregate_module(bs, as_, weights, (sent_b, sent_a),
                                                                       config.rank_max, config.factor_form)
             if module_dropped is None:  # sketched (many replies): the discarded tail is not computed

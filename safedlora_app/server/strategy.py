@@ -245,7 +245,7 @@ class SAFedLoRA(Strategy):
                                 max_num_examples=self.config.max_num_examples,
                                 backbone_hash=sent.backbone_hash or None)
         tensors = {name: torch.from_numpy(values.astype(np.float32)) for name, values in arrays.items()}
-        return sent.plan.padded(pl.from_wire(tensors, to_node.plan.ranks, self.module_shapes))
+        return sent.plan.padded(pl.from_wire(tensors, to_node.plan.ranks, self.module_shapes, sent.plan.frozen_a))
 
     def _weights(self, server_round: int, valid: list[Accepted]) -> list[float]:
         """Each reply's ``num-examples``, at most the ``local-samples`` its node was asked to draw.

@@ -56,7 +56,7 @@ STORED_RUNS = "docs/results/protocol-runs"
 #: --task: the comparison of the tweets' splits (the default), or the language-model comparison (:mod:`.lm`).
 TASKS = ("text-classification", "causal-lm")
 #: What --task causal-lm reads of the command line (argparse dests); any other option given is refused.
-LM_OPTIONS = {"command", "task", "out", "name", "seeds", "set", "report_only"}
+LM_OPTIONS = {"command", "task", "methods", "out", "name", "seeds", "set", "report_only"}
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the command is run again.")
     p.add_argument("--task", choices=TASKS, default=TASKS[0],
                    help="text-classification (default): the methods on the tweets' splits; causal-lm: sa-fedlora "
-                        "against fedit on the causal-lm defaults, paired by seed (with --out, --name, --seeds, --set "
-                        "and --report-only alone)")
+                        "against fedit-rmax and ffa-lora on the causal-lm defaults, paired by seed (with --methods, "
+                        "--out, --name, --seeds, --set and --report-only alone)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="protocol",
                    help="'protocol' (default): the app's two points as shipped against fedavg and fixed-rank LoRA "
                         "under docs/comparison.md's protocol (lr searched on validation, tuning seed apart); "
@@ -519,7 +519,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``--task causal-lm`` (:mod:`.lm`): refuses the options that only the text-classification comparison reads."""
-    from .lm import compare_lm, lm_seeds
+    from .lm import LM_ARMS, compare_lm, lm_seeds
 
     defaults = build_parser().parse_args(["compare"])
     ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
@@ -528,6 +528,10 @@ def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace)
         allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(LM_OPTIONS - {"command", "task"}))
         parser.exit(2, f"safedlora compare: error: {', '.join(ignored)}: not allowed with --task causal-lm; "
                        f"allowed: {allowed}\n")
+    arms = args.methods or LM_ARMS
+    if unknown := [a for a in arms if a not in LM_ARMS]:
+        parser.exit(2, f"safedlora compare: error: --methods {','.join(unknown)}: not allowed with --task causal-lm; "
+                       f"choose from: {', '.join(LM_ARMS)}\n")
     try:
         settings = parse_set(args.set)
     except CompareError as error:
@@ -536,7 +540,7 @@ def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace)
     with sigterm_as_interrupt():
         try:
             return compare_lm(out, lm_seeds(args.seeds or 3), settings, args.report_only,
-                              lambda line: print(line, flush=True))
+                              lambda line: print(line, flush=True), arms)
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume (finished runs are skipped)", flush=True)
             return 130

@@ -1,15 +1,16 @@
-"""``safedlora compare --task causal-lm``: sa-fedlora against fedit on the causal-lm defaults, paired by seed.
+"""``safedlora compare --task causal-lm``: sa-fedlora against the fixed-rank baselines on the causal-lm defaults.
 
-    safedlora compare --task causal-lm [--out results] [--name causal-lm] [--seeds 3] [--set KEY=VALUE ...]
-                      [--report-only]
+    safedlora compare --task causal-lm [--methods sa-fedlora,fedit-rmax,ffa-lora] [--out results]
+                      [--name causal-lm] [--seeds 3] [--set KEY=VALUE ...] [--report-only]
 
-Each (method, seed) is one ``flwr run`` of ``task = "causal-lm"`` on its defaults (2 simulated nodes, SmolLM2, the
-chitchat conversations), the arm's run-config (``arms/sa-fedlora.toml``, ``arms/fedit-rmax.toml``) and ``--set``
-values over them, into ``<out>/<name>/runs/<method>-s<seed>`` (the app's ``method``: ``sa-fedlora``, ``fedit``).
+Each (arm, seed) is one ``flwr run`` of ``task = "causal-lm"`` on its defaults (2 simulated nodes, SmolLM2, the
+chitchat conversations), the arm's run-config (``arms/<arm>.toml``) and ``--set`` values over them, into
+``<out>/<name>/runs/<method>-s<seed>`` (named by the app's ``method``: ``sa-fedlora``, ``fedit``, ``ffa-lora``).
 A finished run is skipped, and an interrupted one resumes from its checkpoint, so the command goes on where it
-stopped. ``<out>/<name>/table.md`` holds each run's final and best held-out loss and MB sent, and sa-fedlora minus
-fedit per seed with the mean difference and its 95% Student-t interval. fedit runs at sa-fedlora's rank-max, on
-the same modules and wire dtype. ``--report-only --out docs/results`` rebuilds the committed table.
+stopped. ``<out>/<name>/table.md`` holds each finished run's final and best held-out loss and MB sent, and
+sa-fedlora minus each baseline per seed with the mean difference and its 95% Student-t interval. The baselines run
+at sa-fedlora's rank-max, on the same modules and wire dtype. ``--report-only --out docs/results`` rebuilds the
+committed table.
 """
 
 from __future__ import annotations
@@ -25,22 +26,28 @@ from safedlora_app.tools.simulation import LocalFlower
 from .plan import ARMS, FIRST_SEED, run_config_string
 from .tables import paired_interval
 
-#: The app's method -> the arm it runs (run names use the method, as the committed runs do).
-LM_ARMS = {"sa-fedlora": "sa-fedlora", "fedit": "fedit-rmax"}
+#: The arms --task causal-lm may run, the first against each other; run names use the arm's ``method``, as the
+#: committed runs do.
+LM_ARMS = ("sa-fedlora", "fedit-rmax", "ffa-lora")
 #: Seconds without a new metrics.jsonl line before a run counts as stuck.
 STALL_TIMEOUT = 900
 
 
-def lm_settings(method: str, seed: int, runs: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+def method_of(arm: str) -> str:
+    """The app's ``method`` an arm runs: its runs' name."""
+    return ARMS[arm].run_config["method"]
+
+
+def lm_settings(arm: str, seed: int, runs: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """One run's run-config; a run interrupted after round 0 continues from its checkpoint (``resume``)."""
-    name = f"{method}-s{seed}"
-    return {"task": "causal-lm", **settings, **ARMS[LM_ARMS[method]].run_config, "seed": seed,
+    name = f"{method_of(arm)}-s{seed}"
+    return {"task": "causal-lm", **settings, **ARMS[arm].run_config, "seed": seed,
             "out-dir": str(runs), "run-name": name, "resume": RunFolder(runs / name).started}
 
 
 def compare_lm(root: Path, seeds: Sequence[int], settings: Mapping[str, Any], report_only: bool = False,
-               say: Callable[[str], None] = print) -> int:
-    """Run (unless ``report_only``) every method and seed into ``root``, then write and print the table."""
+               say: Callable[[str], None] = print, arms: Sequence[str] = LM_ARMS) -> int:
+    """Run (unless ``report_only``) every arm and seed into ``root``, then write and print the table."""
     runs = root / "runs"
     if not report_only:
         root.mkdir(parents=True, exist_ok=True)
@@ -48,13 +55,14 @@ def compare_lm(root: Path, seeds: Sequence[int], settings: Mapping[str, Any], re
         flower = LocalFlower(root / "flwr-home")
         try:
             for seed in seeds:  # seed by seed: each finished seed is a finished pair
-                for method in LM_ARMS:
+                for method in map(method_of, arms):
                     folder = RunFolder(runs / f"{method}-s{seed}")
                     if folder.finished:
                         continue
                     started = time.time()
                     say(f"{time.strftime('%H:%M:%S')} {method} seed {seed} ...")
-                    result = flower.run(run_config_string(lm_settings(method, seed, runs, settings)),
+                    arm = next(a for a in arms if method_of(a) == method)
+                    result = flower.run(run_config_string(lm_settings(arm, seed, runs, settings)),
                                         timeout=STALL_TIMEOUT, progress=folder.file("metrics.jsonl"))
                     (root / f"{method}-s{seed}.log").write_text(result.stdout + result.stderr)
                     done = folder.summary()
@@ -68,8 +76,9 @@ def compare_lm(root: Path, seeds: Sequence[int], settings: Mapping[str, Any], re
 
 
 def report(root: Path, seeds: Sequence[int], settings: Mapping[str, Any]) -> str:
-    """``table.md``: every finished run, and sa-fedlora minus fedit paired by seed."""
-    folders = {(m, s): RunFolder(root / "runs" / f"{m}-s{s}") for m in LM_ARMS for s in seeds}
+    """``table.md``: every finished run, and sa-fedlora minus each baseline with finished pairs, paired by seed."""
+    methods = [method_of(arm) for arm in LM_ARMS]
+    folders = {(m, s): RunFolder(root / "runs" / f"{m}-s{s}") for m in methods for s in seeds}
     lines = ["| method | seed | final loss | best loss | final perplexity | MB sent | wall s |",
              "|---|---|---|---|---|---|---|"]
     for (method, seed), folder in folders.items():
@@ -77,18 +86,20 @@ def report(root: Path, seeds: Sequence[int], settings: Mapping[str, Any]) -> str
             best = min(r["loss"] for r in folder.rounds() if r["loss"] is not None)
             lines.append(f"| {method} | {seed} | {s['final-loss']:.4f} | {best:.4f} | {s['final-perplexity']:.2f} "
                          f"| {s['total-mb']:.2f} | {s['wall-seconds']:.0f} |")
-    pairs = [(a, b) for s in seeds
-             if (a := folders["sa-fedlora", s].summary()) and (b := folders["fedit", s].summary())]
-    lines += ["", f"Paired by seed ({len(pairs)} pairs), sa-fedlora minus fedit:", ""]
-    for label, key in (("final held-out loss", "final-loss"), ("MB sent", "total-mb")):
-        diffs = [a[key] - b[key] for a, b in pairs]
-        interval = paired_interval(diffs)
-        text = "n/a (fewer than 3 pairs)" if interval is None else \
-            f"{interval[0]:+.4f} (95% interval {interval[1]:+.4f} to {interval[2]:+.4f})"
-        lines.append(f"- {label}: {text}; per seed {', '.join(f'{d:+.4f}' for d in diffs)}")
-    if pairs:
+    first = methods[0]
+    for other in methods[1:]:
+        pairs = [(a, b) for s in seeds if (a := folders[first, s].summary()) and (b := folders[other, s].summary())]
+        if not pairs:
+            continue
+        lines += ["", f"Paired by seed ({len(pairs)} pairs), {first} minus {other}:", ""]
+        for label, key in (("final held-out loss", "final-loss"), ("MB sent", "total-mb")):
+            diffs = [a[key] - b[key] for a, b in pairs]
+            interval = paired_interval(diffs)
+            text = "n/a (fewer than 3 pairs)" if interval is None else \
+                f"{interval[0]:+.4f} (95% interval {interval[1]:+.4f} to {interval[2]:+.4f})"
+            lines.append(f"- {label}: {text}; per seed {', '.join(f'{d:+.4f}' for d in diffs)}")
         ratio = [a["total-mb"] / b["total-mb"] for a, b in pairs]
-        lines.append(f"- bytes of sa-fedlora / fedit: {min(ratio):.3f}-{max(ratio):.3f}")
+        lines.append(f"- bytes of {first} / {other}: {min(ratio):.3f}-{max(ratio):.3f}")
     lines += ["", f"Settings over the causal-lm defaults: {dict(settings) or 'none'}."]
     text = "\n".join(lines) + "\n"
     (root / "table.md").write_text(text)
