@@ -221,3 +221,41 @@ def test_the_aggregate_does_not_depend_on_the_order_of_the_replies(form):
     b2, a2 = am.aggregate_products([clients[i][0] for i in order], [clients[i][1] for i in order],
                                    [weights[i] for i in order], max_rank=4, form=form)
     assert torch.allclose(b, b2, atol=1e-5) and torch.allclose(a, a2, atol=1e-5)
+
+
+def test_allocate_by_cost_keeps_the_most_energy_per_value_that_fits():
+    # "small" costs 4 values per component, "large" 12: energy per value 9/4, 4/4 (small) and 16/12, 12/12 (large).
+    sigmas = {"small": torch.tensor([3.0, 3.0, 2.0]), "large": torch.tensor([4.0, 4.0, 3.5])}
+    costs = {"small": 4, "large": 12}
+    # Floor 1 costs 16; 20 more values: small's second (2.25 per value, 4) first, then large's second (16/12, 12);
+    # large's third (12.25/12) does not fit in the 4 left, small's third (1.0 per value, 4) does.
+    assert am.allocate_by_cost(sigmas, costs, 36, floor=1, cap=3) == {"small": 3, "large": 2}
+    # Rank-based allocation would hand the large module its extra components first (larger sigma).
+    assert am.allocate_ranks(sigmas, 4, floor=1, cap=3) == {"small": 1, "large": 3}
+    assert am.allocate_by_cost(sigmas, costs, 16, floor=1, cap=3) == {"small": 1, "large": 1}
+    fresh = {"a": torch.zeros(0), "b": torch.zeros(0)}  # all zeros: round-robin, as allocate_ranks
+    assert am.allocate_by_cost(fresh, {"a": 2, "b": 2}, 8, floor=1, cap=4) == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="budget 15 is below the floor's 16 values"):
+        am.allocate_by_cost(sigmas, costs, 15, floor=1, cap=3)
+
+
+def test_the_bytes_allocation_anneals_the_values_sent():
+    from safedlora_app.core.config import RunConfig
+    from safedlora_app.core.round_plan import adapter_at, value_budget
+
+    config = RunConfig.from_mapping({"allocation": "bytes", "rank-max": 4, "rank-min": 1, "num-server-rounds": 6,
+                                     "init-rounds": 1, "heat-rounds": 1, "cool-rounds": 1}).effective
+    shapes = {"k": (8, 2), "up": (8, 24)}  # a component of "up" costs 32 values, one of "k" 10
+    costs = {"k": 10, "up": 32}
+    budgets = [value_budget(config, t, costs) for t in range(1, 7)]
+    assert budgets[0] == 4 * 42 and budgets[-1] == 1 * 42 and budgets == sorted(budgets, reverse=True)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m, (d_out, d_in) in shapes.items():
+        tensors[f"lora_B::{m}"] = torch.randn(d_out, 4, generator=generator)
+        tensors[f"lora_A::{m}"] = torch.randn(4, d_in, generator=generator)
+    for t in range(1, 7):
+        ranks, factors = adapter_at(config, t, tensors, shapes)
+        assert sum(ranks[m] * costs[m] for m in ranks) <= budgets[t - 1] and all(1 <= r <= 4 for r in ranks.values())
+        assert all(factors[m][0].shape[1] == ranks[m] for m in ranks)
+    assert adapter_at(config, 6, tensors, shapes)[0] == {"k": 1, "up": 1}  # b_min: the floor everywhere

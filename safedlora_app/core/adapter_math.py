@@ -287,6 +287,53 @@ def allocate_ranks(sigmas: Mapping[str, Tensor], budget: int, floor: int, cap: i
     return ranks
 
 
+def allocate_by_cost(sigmas: Mapping[str, Tensor], costs: Mapping[str, int], budget: int, floor: int,
+                     cap: int) -> dict[str, int]:
+    """Split a budget of *values* over modules: the greedy knapsack on energy per value.
+
+    Every module keeps ``floor`` components; the rest of the budget goes to the components of largest
+    ``sigma**2 / cost`` across all modules (a component of module m costs ``costs[m]`` values, d_out + d_in),
+    at most ``cap`` per module, each taken while it fits. Within a module the singular values fall and the cost
+    is the same, so the kept components are always a module's first ones. Ties (all zeros at the start) go
+    round-robin by component index, as :func:`allocate_ranks`.
+
+    Parameters
+    ----------
+    sigmas : mapping of module name to Tensor
+        Each module's singular values, descending (missing components count as 0).
+    costs : mapping of module name to int
+        Values one component of the module sends (both factors).
+    budget : int
+        Values to spend, at least ``floor`` components of every module.
+    floor, cap : int
+        Per-module rank bounds, ``1 <= floor <= cap``.
+
+    Returns
+    -------
+    dict
+        Module name to rank, in the order of ``sigmas``; the kept components cost at most ``budget`` values.
+    """
+    names = list(sigmas)
+    if not 1 <= floor <= cap:
+        raise ValueError(f"need 1 <= floor ({floor}) <= cap ({cap})")
+    least = floor * sum(costs[n] for n in names)
+    if budget < least:
+        raise ValueError(f"budget {budget} is below the floor's {least} values")
+    candidates = []
+    for m, name in enumerate(names):
+        values = sigmas[name].double().tolist()
+        for j in range(floor, cap):
+            energy = values[j] ** 2 if j < len(values) else 0.0
+            candidates.append((-energy / costs[name], j, m))
+    candidates.sort()
+    ranks, left = dict.fromkeys(names, floor), budget - least
+    for _, _, m in candidates:
+        if costs[names[m]] <= left:
+            ranks[names[m]] += 1
+            left -= costs[names[m]]
+    return ranks
+
+
 def dead_components(b: Tensor, a: Tensor) -> Tensor:
     """Boolean mask of components whose A row and B column are both exactly zero.
 

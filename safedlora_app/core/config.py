@@ -24,7 +24,7 @@ from .task_spec import TASK_SPECS, TEXT_CLASSIFICATION, TaskSpec
 
 Method = Literal["sa-fedlora", "fedavg", "fedprox", "fedit", "ffa-lora"]
 Schedule = Literal["cubic", "linear", "cosine", "exponential", "constant"]  # schedule.SHRINK_CURVES (a test checks)
-Allocation = Literal["global", "uniform"]
+Allocation = Literal["global", "uniform", "bytes"]
 Aggregation = Literal["product", "factors"]
 # How the server splits an aggregated update into B and A (adapter_math.split_factors). Defined here, in a
 # module without torch, so that planning and validating a run (``safedlora compare --dry-run``) loads none.
@@ -157,7 +157,11 @@ class RunConfig:
         "Budget shrink: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``.")
     allocation: Allocation = option(
         "global",
-        "``global`` (keep the largest singular values across all modules) or ``uniform``.")
+        "``global`` (keep the largest singular values across all modules), ``uniform``, or ``bytes`` (the budget "
+        "counts values sent, not ranks: b_max = rank-max and b_min = rank-min components on every module, in "
+        "values, annealed by the schedule; the greedy knapsack keeps the components of most energy, sigma^2, per "
+        "value they cost, d_out + d_in). ``bytes`` gives a rank of a small module (a k_proj under grouped-query "
+        "attention) a chance against one of a large MLP projection that costs three times as much.")
     aggregation: Aggregation = option(
         "product",
         "``product`` (exact weighted mean of B·A, QR + small SVD) or ``factors`` (A and B averaged "

@@ -48,6 +48,14 @@ def budget(config: RunConfig, server_round: int, num_modules: int) -> int:
                         config.schedule)
 
 
+def value_budget(config: RunConfig, server_round: int, costs: Mapping[str, int]) -> int:
+    """``allocation = "bytes"``: the round's budget in values sent, annealed from rank-max to rank-min components
+    on every module (``costs``: values per component of each module)."""
+    planned, total = config.planned_rounds, sum(costs.values())
+    return round_budget(min(server_round, planned), planned, config.init_rounds, config.heat_rounds,
+                        config.cool_rounds, config.rank_max * total, config.rank_min * total, config.schedule)
+
+
 def lr_factor(config: RunConfig, server_round: int) -> float:
     """The round's multiplier of ``lr``/``full-lr``; rounds after the planned ones keep the plan's last."""
     planned = config.planned_rounds
@@ -81,8 +89,13 @@ def adapter_at(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     """
     factors = stored_factors(tensors, module_shapes)
     sigmas = {m: (am.singular_values(b, a) if b.shape[1] else torch.zeros(0)) for m, (b, a) in factors.items()}
-    ranks = am.allocate_ranks(sigmas, budget(config, server_round, len(module_shapes)), floor=config.rank_floor,
-                              cap=config.rank_max, uniform=config.allocation == "uniform")
+    if config.allocation == "bytes":
+        costs = {m: d_out + d_in for m, (d_out, d_in) in module_shapes.items()}
+        ranks = am.allocate_by_cost(sigmas, costs, value_budget(config, server_round, costs), floor=config.rank_floor,
+                                    cap=config.rank_max)
+    else:
+        ranks = am.allocate_ranks(sigmas, budget(config, server_round, len(module_shapes)), floor=config.rank_floor,
+                                  cap=config.rank_max, uniform=config.allocation == "uniform")
     out = {}
     for m, (b, a) in factors.items():
         if config.aggregation == "factors" and ranks[m] < b.shape[1]:
