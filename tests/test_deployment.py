@@ -188,6 +188,7 @@ def client_apps(supernode_pid):
     return found
 
 
+@pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_a_hung_client_app_is_replaced_and_its_late_reply_is_refused(deployment):
     """A live SuperNode whose ClientApp stops answering (SIGSTOP on the real `flwr-clientapp` process, as soon
     as it starts for round 2's message). The process sends no task heartbeats, so its SuperNode lets its token
