@@ -45,13 +45,14 @@ QUICKSTART_FEDERATION = "client-resources-num-cpus=1"
 
 
 def floors(config: RunConfig) -> tuple[dict[str, int], int]:
-    """``({module: d_in + d_out}, head values)`` of the default model."""
+    """``({module: values per rank on the wire}, head values)`` of the default model (d_out + d_in; d_out alone
+    under ``ffa-lora``, whose A never travels)."""
     base = load_base_model(config.model_name, config.task, SENTIMENTS, seed=config.seed)
     modules = adapted_modules(base, config.module_names(config.target_modules), ["classifier"])
     shapes = module_shapes(base, modules)
     params = dict(base.named_parameters())
     head = sum(params[n].numel() for n in head_parameters(base, config.module_names(config.head_modules)))
-    return {m: d_out + d_in for m, (d_out, d_in) in shapes.items()}, head
+    return {m: d_out + (0 if config.frozen_a else d_in) for m, (d_out, d_in) in shapes.items()}, head
 
 
 def concurrent_clients(federation: str) -> int:

@@ -856,7 +856,9 @@ def test_arms_are_toml_files_checked_against_each_other(tmp_path):
     for text, message in [('description = "z"\nlr = "nobody"\n', "lr = 'nobody' must be 'own' or an arm"),
                           ('description = "z"\npaired-against = ["ghost"]\nlr = "own"\n', "names no arm: ghost"),
                           ('description = "z"\nrate = 2\n', r"unknown key\(s\) rate; allowed: description"),
-                          ('description = ""\n', "description must be a non-empty string")]:
+                          ('description = ""\n', "description must be a non-empty string"),
+                          ('description = "z"\nheadline = "false"\n',
+                           "headline = 'false' is not allowed; it must be true or false")]:
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(ArmError, match=message):
             load_arms(tmp_path)
@@ -879,4 +881,26 @@ def test_the_language_model_comparison_refuses_the_options_it_does_not_read(caps
     with pytest.raises(SystemExit):
         cli.main(["compare", "--task", "causal-lm", "--methods", "sa-fedlora,fedavg"])
     assert "--methods fedavg: not allowed with --task causal-lm; choose from: sa-fedlora, fedit-rmax, ffa-lora" in \
+        capsys.readouterr().err
+
+
+def test_the_language_model_comparison_checks_its_name_and_every_runs_config_first(capsys, tmp_path):
+    for args, message in [(["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
+                          (["--set", "rank-min=9"], "sa-fedlora: rank-min = 9 is not allowed; it must be <= rank-max"),
+                          (["--out", str(APP_ROOT / "docs")], "lies inside the app directory")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["compare", "--task", "causal-lm", *(["--out", str(tmp_path)] if "--out" not in args else []),
+                      *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, args
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_without_the_lab_extra_the_command_says_what_to_install(monkeypatch, capsys, tmp_path):
+    for module in ("safedlora_lab.compare.lm", "safedlora_lab.compare.tables"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ModuleNotFoundError
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compare", "--task", "causal-lm", "--report-only", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert 'pandas is missing: the lab needs its extra (pip install -c constraints.txt -e ".[lab]"' in \
         capsys.readouterr().err

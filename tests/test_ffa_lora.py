@@ -48,6 +48,17 @@ def test_every_round_plans_the_same_seeded_a_and_sends_b_alone():
     assert frozen_a(config(seed=8), first.ranks, SHAPES)["q"].ne(expected["q"]).any()  # seeded by the run's seed
 
 
+@pytest.mark.parametrize("form", ["balanced", "orthonormal-a"])
+def test_a_capped_node_regenerates_exactly_the_rows_it_is_sent(form):
+    """A node with max-rank 1 is sent the plan cut to rank 1: the A it rebuilds from the config alone is those rows."""
+    c = config(**{"factor-form": form, "rank-max": 3})
+    plan = plan_round(c, 1, {}, SHAPES)
+    capped = plan.capped(1)
+    rebuilt = frozen_a(c, capped.ranks, SHAPES)
+    for m, (_, a) in capped.factors.items():
+        assert a.shape[0] == 1 and torch.equal(rebuilt[m], a)
+
+
 def test_the_aggregate_is_the_exact_weighted_mean_of_the_products():
     c = config()
     plan = plan_round(c, 1, {}, SHAPES)

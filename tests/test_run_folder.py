@@ -18,6 +18,8 @@ def test_a_folder_reads_its_rounds_its_summary_once_finished_and_skips_a_torn_la
     assert run.rounds() == [{"round": 1, "loss": 0.5}]
     (tmp_path / "summary.json").write_text('{"rounds": 2}')
     assert run.finished and run.summary() == {"rounds": 2}
+    with pytest.raises(ValueError, match="line 3 is not JSON"):  # a finished run's lines must all be whole
+        run.records()
 
 
 def test_a_line_that_is_not_json_before_the_last_is_an_error_naming_it(tmp_path):

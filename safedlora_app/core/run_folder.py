@@ -68,8 +68,9 @@ class RunFolder:
         return self.config()["effective"]
 
     def records(self) -> list[dict[str, Any]]:
-        """Every ``metrics.jsonl`` line, round 0 first ([] before the first line). A last line cut short by a
-        crash mid-write is left out: the run resumes from its checkpoint, which rewrites it."""
+        """Every ``metrics.jsonl`` line, round 0 first ([] before the first line). An unfinished run's last line
+        cut short by a crash mid-write is left out (the run resumes from its checkpoint, which rewrites it); in a
+        finished run every line must be whole."""
         if not self.started:
             return []
         lines = [line for line in self.file(METRICS_FILE).read_text().splitlines() if line.strip()]
@@ -78,7 +79,7 @@ class RunFolder:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                if number < len(lines):
+                if number < len(lines) or self.finished:
                     raise ValueError(f"{self.file(METRICS_FILE)}: line {number} is not JSON") from None
         return records
 

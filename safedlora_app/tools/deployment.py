@@ -70,7 +70,10 @@ class LocalDeployment:
         the first signal; SuperNodes take a few seconds to shut down."""
         stop_processes(list({p.pid: p for p in [*self.processes(), *also]}.values()), timeout=20)
         for p in self.procs.values():
-            p.wait(timeout=10)
+            try:
+                p.wait(timeout=10)  # reaped: stop_processes has killed what did not stop
+            except subprocess.TimeoutExpired:
+                pass
 
     # --- the flwr CLI ---
     def connection(self, name: str, address: str, **options) -> None:
@@ -88,8 +91,12 @@ class LocalDeployment:
             raise RuntimeError(f"flwr {' '.join(map(str, args))}: {result.stdout}\n{result.stderr}")
         return result
 
-    def flwr_json(self, *args) -> dict:
-        out = self.flwr(*args, "--format", "json", check=False).stdout
+    def flwr_json(self, *args, timeout: float = 120) -> dict:
+        """``flwr ARGS --format json``; ``{"success": False, ...}`` when it answers no JSON or not in time."""
+        try:
+            out = self.flwr(*args, "--format", "json", timeout=timeout, check=False).stdout
+        except subprocess.TimeoutExpired:
+            return {"success": False, "output": f"no answer within {timeout} s"}
         try:
             return json.loads(out)
         except json.JSONDecodeError:

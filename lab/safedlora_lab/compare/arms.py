@@ -7,7 +7,8 @@ An arm is a name (its file's stem) and the run-config keys it sets over the comp
     lr = "own"                        # "own": the lr search searches it; else the arm whose searched rate it
                                       # takes (default "sa-fedlora")
     headline = true                   # optional: every seed on the headline splits (default false)
-    reference = true                  # optional: byte savings are reported against it (default false)
+    reference = true                  # optional: byte savings are reported against it (default false); the
+                                      # tables have a column for each of fedavg and fedit-rmax, the two that say so
     paired-against = ["fedavg"]       # optional: the protocol's claims, this arm minus each, paired by seed
 
     [run-config]
@@ -74,6 +75,10 @@ def read_arm(path: Path) -> Arm:
     pairs = data.get("paired-against", [])
     if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
         raise ArmError(f"{path}: paired-against must be a list of arm names")
+    for key, kind, what in (("user-name", str, "a string"), ("lr", str, "'own' or an arm's name"),
+                            ("headline", bool, "true or false"), ("reference", bool, "true or false")):
+        if key in data and not isinstance(data[key], kind):
+            raise ArmError(f"{path}: {key} = {data[key]!r} is not allowed; it must be {what}")
     return Arm(name=path.stem, description=data["description"], run_config=run_config,
                user_name=data.get("user-name"), lr=str(data.get("lr", DEFAULT_LR_SOURCE)),
                headline=bool(data.get("headline", False)), reference=bool(data.get("reference", False)),

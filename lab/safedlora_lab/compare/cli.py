@@ -57,6 +57,8 @@ STORED_RUNS = "docs/results/protocol-runs"
 TASKS = ("text-classification", "causal-lm")
 #: What --task causal-lm reads of the command line (argparse dests); any other option given is refused.
 LM_OPTIONS = {"command", "task", "methods", "out", "name", "seeds", "set", "report_only"}
+#: What the lab installs beyond the app (pyproject's lab extra): a missing one gets a clear error.
+LAB_DEPENDENCIES = ("pandas", "scipy", "tqdm")
 
 
 # --- Command line ----------------------------------------------------------------------------------
@@ -518,8 +520,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--task causal-lm`` (:mod:`.lm`): refuses the options that only the text-classification comparison reads."""
-    from .lm import LM_ARMS, compare_lm, lm_seeds
+    """``--task causal-lm`` (:mod:`.lm`): refuses the options that only the text-classification comparison reads,
+    and checks every run's run-config before the first run starts."""
+    from safedlora_app.core.config import ConfigError, RunConfig
+    from safedlora_app.tools.simulation import APP_ROOT
+
+    from .lm import LM_ARMS, compare_lm, lm_seeds, lm_settings
 
     defaults = build_parser().parse_args(["compare"])
     ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
@@ -536,10 +542,23 @@ def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace)
         settings = parse_set(args.set)
     except CompareError as error:
         parser.exit(2, f"safedlora compare: error: {error}\n")
-    out = Path(os.path.expanduser(args.out)).resolve() / (args.name or "causal-lm")
+    name = args.name or "causal-lm"
+    if "/" in name or name in (".", "..") or name.startswith("-"):
+        parser.exit(2, f"safedlora compare: error: --name = {name!r} is not allowed; it must be a plain directory "
+                       "name, e.g. 'causal-lm'\n")
+    out = Path(os.path.expanduser(args.out)).resolve() / name
+    if not args.report_only and packaged_with_app(out, APP_ROOT):
+        parser.exit(2, f"safedlora compare: error: --out/--name = {out} is not allowed: it lies inside the app "
+                       f"directory {APP_ROOT}, so `flwr run` would pack the results into the app bundle\n")
+    seeds = lm_seeds(args.seeds or 3)
+    for arm in arms:
+        try:
+            RunConfig.from_mapping(lm_settings(arm, seeds[0], out / "runs", settings))
+        except ConfigError as error:
+            parser.exit(2, f"safedlora compare: error: {arm}: {error}\n")
     with sigterm_as_interrupt():
         try:
-            return compare_lm(out, lm_seeds(args.seeds or 3), settings, args.report_only,
+            return compare_lm(out, seeds, settings, args.report_only,
                               lambda line: print(line, flush=True), arms)
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume (finished runs are skipped)", flush=True)
@@ -551,6 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args, argv)
+    except ModuleNotFoundError as error:
+        if error.name not in LAB_DEPENDENCIES:
+            raise
+        parser.exit(2, f"safedlora compare: error: {error.name} is missing: the lab needs its extra "
+                       f"(pip install -c constraints.txt -e \".[lab]\" in the app's checkout)\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.task == "causal-lm":
         return compare_causal_lm(parser, args)
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arms import load_arms
+from .arms import ArmError, load_arms
 
 # --- Methods (the arms, one TOML file each: arms.py) and splits ---------------------------------------------
 ARMS = load_arms()
@@ -33,8 +33,11 @@ FULL_PRESET_METHODS = ("fedavg", "fedit-rmax", "sa-fedlora", "sa-no-init", "sa-n
 HEADLINE = tuple(name for name, arm in ARMS.items() if arm.headline)
 #: Methods that ``--lr-search`` searches for themselves (the others take their family's rate, :func:`lr_source`).
 OWN_LR_SEARCH = tuple(name for name, arm in ARMS.items() if arm.lr == "own")
-#: Byte savings are reported against these (per split).
-REFERENCES = tuple(name for name, arm in ARMS.items() if arm.reference)
+#: Byte savings are reported against these (per split): the tables have one column for each.
+REFERENCES = ("fedavg", "fedit-rmax")
+if (marked := tuple(name for name, arm in ARMS.items() if arm.reference)) != REFERENCES:
+    raise ArmError(f"the arms marked reference = true are {marked}; the tables report savings against exactly "
+                   f"{REFERENCES}")
 #: The protocol's claims: each of the app's points minus the baselines (and the lean point), paired by seed.
 PROTOCOL_PAIRS = {name: arm.paired_against for name, arm in ARMS.items() if arm.paired_against}
 
