@@ -307,8 +307,13 @@ def test_a_client_app_stuck_with_live_heartbeats_is_cut_off_by_the_deadline_and_
     # The deadline: round 1's training exchange (shorter than its round) times round-deadline-factor (1), at least
     # MIN_DEADLINE; the round adds its aggregation and evaluation.
     assert MIN_DEADLINE <= rows[2]["round-seconds"] <= max(MIN_DEADLINE, rows[1]["round-seconds"]) + 30, rows[:3]
-    # The late reply counts nowhere: rounds 3 and 4 aggregate exactly one reply per node.
-    assert all(r["replies"] == 3 and r["dropped"] == 0 for r in rows[3:]), rows[3:]
+    # The late reply counts nowhere: rounds 3 and 4 count at most one reply per node. On a busy machine the released
+    # node can stay a round behind (its ClientApp for round 3 starts after the late one ends, and each later reply
+    # misses its round's deadline too, as CI saw on 7 December): then it is named as missing, never counted.
+    for r in rows[3:]:
+        assert r["replies"] + r["dropped"] == 3 and r["replies"] >= 2, rows[3:]
+        if r["replies"] == 2:
+            assert re.search(rf"round {r['round']}: no training reply from node\(s\) \[\d+\]", text), text[-4000:]
     print(f"round 2 ended after {rows[2]['round-seconds']:.1f} s (round 1 {rows[1]['round-seconds']:.1f} s, "
           f"round 3 {rows[3]['round-seconds']:.1f} s)")
 
