@@ -241,13 +241,13 @@ def test_allocate_by_cost_keeps_the_most_energy_per_value_that_fits():
 
 def test_the_bytes_allocation_anneals_the_values_sent():
     from safedlora_app.core.config import RunConfig
-    from safedlora_app.core.round_plan import adapter_at, value_budget
+    from safedlora_app.core.round_plan import adapter_at, budget
 
     config = RunConfig.from_mapping({"allocation": "bytes", "rank-max": 4, "rank-min": 1, "num-server-rounds": 6,
                                      "init-rounds": 1, "heat-rounds": 1, "cool-rounds": 1}).effective
     shapes = {"k": (8, 2), "up": (8, 24)}  # a component of "up" costs 32 values, one of "k" 10
     costs = {"k": 10, "up": 32}
-    budgets = [value_budget(config, t, costs) for t in range(1, 7)]
+    budgets = [budget(config, t, sum(costs.values())) for t in range(1, 7)]
     assert budgets[0] == 4 * 42 and budgets[-1] == 1 * 42 and budgets == sorted(budgets, reverse=True)
     generator = torch.Generator().manual_seed(0)
     tensors = {}

@@ -39,21 +39,14 @@ def stage(config: RunConfig, server_round: int) -> str:
     return "initiating" if server_round <= config.init_rounds else "annealing"
 
 
-def budget(config: RunConfig, server_round: int, num_modules: int) -> int:
-    """Total LoRA rank over ``num_modules`` adapted modules in a round (b_max while initiating); rounds after the
-    planned ones (``schedule-rounds``) keep the plan's last budget."""
+def budget(config: RunConfig, server_round: int, units: int) -> int:
+    """The round's budget: ``units`` per unit of rank, b_max while initiating, then the schedule from rank-max to
+    rank-min units; rounds after the planned ones (``schedule-rounds``) keep the plan's last budget. ``units`` is the
+    number of adapted modules for a budget in ranks, or the values one component of every module sends
+    (``sum(d_out + d_in)``) for ``allocation = "bytes"``."""
     planned = config.planned_rounds
     return round_budget(min(server_round, planned), planned, config.init_rounds, config.heat_rounds,
-                        config.cool_rounds, config.rank_max * num_modules, config.rank_min * num_modules,
-                        config.schedule)
-
-
-def value_budget(config: RunConfig, server_round: int, costs: Mapping[str, int]) -> int:
-    """``allocation = "bytes"``: the round's budget in values sent, annealed from rank-max to rank-min components
-    on every module (``costs``: values per component of each module)."""
-    planned, total = config.planned_rounds, sum(costs.values())
-    return round_budget(min(server_round, planned), planned, config.init_rounds, config.heat_rounds,
-                        config.cool_rounds, config.rank_max * total, config.rank_min * total, config.schedule)
+                        config.cool_rounds, config.rank_max * units, config.rank_min * units, config.schedule)
 
 
 def lr_factor(config: RunConfig, server_round: int) -> float:
@@ -91,8 +84,8 @@ def adapter_at(config: RunConfig, server_round: int, tensors: Mapping[str, torch
     sigmas = {m: (am.singular_values(b, a) if b.shape[1] else torch.zeros(0)) for m, (b, a) in factors.items()}
     if config.allocation == "bytes":
         costs = {m: d_out + d_in for m, (d_out, d_in) in module_shapes.items()}
-        ranks = am.allocate_by_cost(sigmas, costs, value_budget(config, server_round, costs), floor=config.rank_floor,
-                                    cap=config.rank_max)
+        ranks = am.allocate_by_cost(sigmas, costs, budget(config, server_round, sum(costs.values())),
+                                    floor=config.rank_floor, cap=config.rank_max)
     else:
         ranks = am.allocate_ranks(sigmas, budget(config, server_round, len(module_shapes)), floor=config.rank_floor,
                                   cap=config.rank_max, uniform=config.allocation == "uniform")

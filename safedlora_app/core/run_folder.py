@@ -38,10 +38,6 @@ class RunFolder:
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
     def file(self, name: str) -> Path:
         return self.path / name
 
