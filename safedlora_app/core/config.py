@@ -316,6 +316,29 @@ class RunConfig:
         "Replies claiming more training examples than this are dropped as absurd; a claim above local-samples "
         "(when it is not 0) is capped to it.", low=1)
 
+    # --- Differential privacy (client-level, central: docs/privacy.md) ---------------------
+    dp_target_epsilon: float = option(
+        0.0,
+        "Client-level differential privacy at this epsilon over num-server-rounds (0 = no DP unless "
+        "dp-noise-multiplier is given): the noise multiplier is chosen by Opacus's RDP accountant for the rounds, "
+        "the sampling rate (fraction-train) and dp-delta. A run whose rounds would spend more stops before it "
+        "starts (or resumes).", low=0.0)
+    dp_noise_multiplier: float = option(
+        0.0,
+        "z of the Gaussian noise, z·dp-clip/m on every coordinate of the round's mean update (m = fraction-train "
+        "x the nodes connected in the run's first round); 0 = chosen from dp-target-epsilon. Given with "
+        "dp-target-epsilon, that target only bounds the run.", low=0.0)
+    dp_clip: float = option(
+        1.0,
+        "C: each node's update is scaled to an L2 norm of at most C before averaging. The update is taken where "
+        "the method's aggregation is linear: the weight change s·(B·A - B0·A0) of every module plus the head's "
+        "(sa-fedlora's product aggregation, full rounds), the change of A and B (fedit) or of B (ffa-lora). Each "
+        "round's median update norm is logged (dp-norm) to choose it.", above=0.0)
+    dp_delta: float = option(
+        0.0,
+        "delta of the (epsilon, delta) guarantee; 0 = min(1e-5, N^-1.1) for the N nodes connected in the run's "
+        "first round.", low=0.0, below=1.0)
+
     # --- Outputs -------------------------------------------------------------------------
     out_dir: str = option("~/safedlora-runs", "Absolute directory (or starting with ~) for run outputs.")
     resume: bool = option(
@@ -447,6 +470,11 @@ class RunConfig:
         config = dataclasses.replace(self, **fixed) if fixed else self
         heat, cool = config.phase_rounds()
         return dataclasses.replace(config, heat_rounds=heat, cool_rounds=cool)
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private (``dp-target-epsilon`` or ``dp-noise-multiplier`` > 0)."""
+        return self.dp_target_epsilon > 0 or self.dp_noise_multiplier > 0
 
     @property
     def frozen_a(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from safedlora_app.core import adapter_math as am
 from safedlora_app.core import payload as pl
+from safedlora_app.core import privacy as dp
 from safedlora_app.core.checks import is_number
 from safedlora_app.core.config import RunConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan
@@ -93,6 +94,96 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
                          "A": float(new[pl.key(pl.LORA_A, first)].norm())},
     }
     return new, diagnostics
+
+
+def update_space(config: RunConfig, plan: RoundPlan, previous: Tensors) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of a round's updates where its aggregation is linear (:func:`node_update`)."""
+    if plan.kind == FULL:
+        return {k: tuple(v.shape) for kind in (pl.BACKBONE, pl.HEAD) for k, v in pl.of_kind(previous, kind).items()}
+    space = {k: tuple(v.shape) for k, v in pl.of_kind(previous, pl.HEAD).items()}
+    for m, (b, a) in plan.factors.items():
+        if plan.frozen_a:
+            space[pl.key(pl.LORA_B, m)] = tuple(b.shape)
+        elif config.aggregation == "product":
+            space[PRODUCT + m] = (b.shape[0], a.shape[1])
+        else:
+            space[pl.key(pl.LORA_B, m)], space[pl.key(pl.LORA_A, m)] = tuple(b.shape), tuple(a.shape)
+    return space
+
+
+#: The name of a module's weight change ``s (B A - B0 A0)`` in a private product round's update.
+PRODUCT = "product::"
+
+
+def node_update(config: RunConfig, plan: RoundPlan, reply: Tensors, previous: Tensors) -> dict[str, dp.Part]:
+    """One node's update where the round's aggregation is linear, so that noise added to the mean of the clipped
+    updates survives the aggregation's last step as post-processing: in full rounds the reply itself (already the
+    change of every tensor); in LoRA rounds the head's change, and per module the weight change
+    ``s (B A - B0 A0)`` (``aggregation = "product"``, as a :class:`~safedlora_app.core.privacy.LowRank`), the
+    change of B and A (``"factors"``) or of B (A frozen)."""
+    if plan.kind == FULL:
+        return dict(reply)
+    update: dict[str, dp.Part] = {k: reply[k] - previous[k] for k in pl.of_kind(previous, pl.HEAD)}
+    for m, (sent_b, sent_a) in plan.factors.items():
+        kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
+        if plan.frozen_a:
+            update[kb] = reply[kb] - sent_b
+        elif config.aggregation == "product":
+            update[PRODUCT + m] = dp.product_change(reply[kb], reply[ka], sent_b, sent_a, config.lora_scale)
+        else:
+            update[kb], update[ka] = reply[kb] - sent_b, reply[ka] - sent_a
+    return update
+
+
+def private_aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tensors], previous: Tensors,
+                            mechanism: dp.Mechanism, generator: torch.Generator
+                            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(new global tensors, diagnostics)`` of a differentially private round (client-level, central).
+
+    Each valid reply's update (:func:`node_update`) is clipped to ``mechanism.clip``, the clipped updates are summed
+    over the expected number of nodes and noised (:func:`~safedlora_app.core.privacy.noised_mean`: the same with no
+    reply at all), and the noised mean is added to what the round started from. Under product aggregation each
+    module's new product ``B0 A0 + mean / s`` is then truncated to rank-max by SVD: after the noise, so it costs no
+    privacy. ``diagnostics`` adds ``dp`` (the replies' median update norm and the share clipped) to
+    :func:`aggregate_round`'s keys.
+    """
+    space = update_space(config, plan, previous)
+    mean, norms = dp.noised_mean([node_update(config, plan, r, previous) for r in received], space, mechanism,
+                                 generator)
+    if plan.kind == FULL:
+        new = {k: (previous[k].double() + mean[k]).float() for k in space}
+        return new, {"dropped_update": None, "factor_norms": {}, "dp": _clip_stats(norms, mechanism.clip)}
+    new = pl.of_kind(previous, pl.BACKBONE)
+    new.update({k: (previous[k].double() + mean[k]).float() for k in pl.of_kind(previous, pl.HEAD)})
+    dropped = update = 0.0
+    for m, (sent_b, sent_a) in plan.factors.items():
+        kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
+        if plan.frozen_a:
+            new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), sent_a
+        elif config.aggregation == "product":
+            change = mean[PRODUCT + m] / config.lora_scale
+            u, s, vh = torch.linalg.svd(sent_b.double() @ sent_a.double() + change, full_matrices=False)
+            new[kb], new[ka] = am.split_factors(u, s, vh, config.rank_max, config.factor_form)
+            dropped, update = dropped + float((s[config.rank_max:] ** 2).sum()), update + float(change.pow(2).sum())
+        else:
+            new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), (sent_a.double() + mean[ka]).float()
+    first = next(iter(plan.factors))
+    return new, {
+        "dropped_update": float(f"{dropped / update:.9g}") if config.aggregation == "product" and update > 0 else None,
+        "factor_norms": {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
+                         "A": float(new[pl.key(pl.LORA_A, first)].norm())},
+        "dp": _clip_stats(norms, mechanism.clip),
+    }
+
+
+def _clip_stats(norms: Sequence[float], clip: float) -> dict[str, float | None]:
+    """The replies' median update norm before clipping, and the share of them that clipping scaled down."""
+    if not norms:
+        return {"norm": None, "clipped": None}
+    ordered = sorted(norms)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"norm": median, "clipped": sum(n > clip for n in norms) / len(norms)}
 
 
 def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[str, float | int]:

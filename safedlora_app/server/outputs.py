@@ -80,6 +80,13 @@ class RoundStats:
     """Share of the round's mean update (sum over modules, squared Frobenius) that truncation to rank-max dropped."""
     factor_norms: dict[str, float] = field(default_factory=dict)
     """``||B||_F`` and ``||A||_F`` of the first module's global factors after aggregation."""
+    # Differential privacy (private runs only; docs/privacy.md).
+    dp_epsilon: float | None = None
+    """Epsilon spent after this round (the accountant's, at the run's delta)."""
+    dp_norm: float | None = None
+    """The replies' median update norm before clipping (compare with dp-clip)."""
+    dp_clipped: float | None = None
+    """Share of the replies that clipping scaled down."""
     # Federated evaluation (fraction-evaluate > 0): the round's global model on the nodes' held-out rows.
     eval_nodes: int = 0
     eval_replies: int = 0
@@ -243,6 +250,7 @@ def run_totals(records: Sequence[Mapping]) -> dict:
         "final-fed-accuracy": final.get("fed-accuracy"),
         "final-fed-macro-f1": final.get("fed-macro-f1"),
         "eval-mb": sum(r.get("eval-bytes-down", 0) + r.get("eval-bytes-up", 0) for r in rows) / MB,
+        "final-epsilon": final.get("dp-epsilon"),
     }
 
 
@@ -326,6 +334,8 @@ class RunRecorder(RoundLog):
         budget = (f"budget {line['budget']} (ranks {min(ranks.values())}-{max(ranks.values())})"
                   if line.get("budget") is not None else "full model")
         dropped = f" | dropped {line['dropped']}" if line.get("dropped") else ""
+        if line.get("dp-epsilon") is not None:
+            dropped += f" | epsilon {line['dp-epsilon']:.3f}"
         if federated := _scores(line, "fed-"):
             evaluation += f" | federated {federated} ({line['eval-rows']} rows, {line['eval-replies']} nodes)"
         return (f"[round {line['round']}/{self.num_rounds}] {line['stage']} | {budget} | "

@@ -31,9 +31,10 @@ from safedlora_app.core.records import CONFIG, METRICS, RoundConfig
 from safedlora_app.core.round_plan import FULL, RoundPlan, model_plan, plan_round
 from safedlora_app.core.seeds import Draw, mix_seed
 
-from .aggregation import aggregate_round, finite_value, reply_metrics
+from .aggregation import aggregate_round, finite_value, private_aggregate_round, reply_metrics
 from .dispatch import LIMITS_TIMEOUT, Dispatch, NodeLimits, Recipients, Wire, ask_limits, dispatch
 from .outputs import RoundLog, RoundStats, one_after_another
+from .private_rounds import PrivateRounds
 from .replies import Accepted, Screened, checked_evaluation, checked_update, screen
 
 
@@ -86,14 +87,21 @@ class SAFedLoRA(Strategy):
         self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
         self._evaluation: Dispatch | None = None  # the federated evaluation in flight
         self._sent_at = 0.0  # when configure_train handed the round's messages to Flower
+        self.private = PrivateRounds(config) if config.private else None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: which trained backbone each node holds (see
-        :mod:`~safedlora_app.server.checkpoint`). A node's limits are asked again."""
-        return {"node-backbone": {str(node_id): digest for node_id, digest in self.node_backbone.items()}}
+        :mod:`~safedlora_app.server.checkpoint`). A node's limits are asked again. A private run adds its mechanism
+        (:class:`~safedlora_app.server.private_rounds.PrivateRounds`)."""
+        state: dict[str, Any] = {"node-backbone": {str(n): digest for n, digest in self.node_backbone.items()}}
+        if self.private:
+            state["privacy"] = self.private.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.node_backbone = {int(node_id): digest for node_id, digest in state["node-backbone"].items()}
+        if self.private and state.get("privacy"):
+            self.private.load_state_dict(state["privacy"])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -147,12 +155,20 @@ class SAFedLoRA(Strategy):
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
         valid = self._account(server_round, "training", screened, sent.backbone_hash)
         stats.replies, stats.dropped = len(valid), len(screened.dropped) + len(screened.lost)
-        if not valid:
+        if not valid and not self.private:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
         weights = self._weights(server_round, valid)
-        new, diagnostics = aggregate_round(self.config, sent.plan, [reply.checked for reply in valid], weights,
-                                           previous)
+        checked = [reply.checked for reply in valid]
+        if self.private:  # noise is released whether or not anyone replied: the mechanism is the same every round
+            if not valid:
+                log(WARNING, "round %d: no valid reply; the global model moves by the noise alone", server_round)
+            new, diagnostics = private_aggregate_round(self.config, sent.plan, checked, previous,
+                                                       self.private.mechanism, self.private.generator)
+            stats.dp_epsilon = self.private.epsilon(server_round)
+            stats.dp_norm, stats.dp_clipped = diagnostics["dp"]["norm"], diagnostics["dp"]["clipped"]
+        else:
+            new, diagnostics = aggregate_round(self.config, sent.plan, checked, weights, previous)
         if not all(bool(torch.isfinite(tensor).all()) for tensor in new.values()):
             # Finite replies near float32's limit (wire-dtype float32) can make a product beyond it: such a model
             # would fail the next round's SVD, so the round is lost instead of the run.
@@ -291,6 +307,9 @@ class SAFedLoRA(Strategy):
             log(INFO, "round %d: waiting for nodes (%d of %d connected)", server_round, len(node_ids),
                 self.config.min_nodes)
             time.sleep(1.0)
+        if self.private and draw == Draw.TRAIN:
+            self.private.start(len(node_ids))
+            return sorted(self.private.sample(node_ids))
         size = how_many(len(node_ids))
         if size < len(node_ids):
             # Node ids differ between processes and runs; the names nodes report do not. Drawing from the nodes
