@@ -259,3 +259,16 @@ def test_the_bytes_allocation_anneals_the_values_sent():
         assert sum(ranks[m] * costs[m] for m in ranks) <= budgets[t - 1] and all(1 <= r <= 4 for r in ranks.values())
         assert all(factors[m][0].shape[1] == ranks[m] for m in ranks)
     assert adapter_at(config, 6, tensors, shapes)[0] == {"k": 1, "up": 1}  # b_min: the floor everywhere
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
+def test_top_svd_gives_the_leading_components_and_the_energy_left_out(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    u, s, vh, tail = am.top_svd(matrix, 3)
+    full_u, full_s, full_vh = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(s, full_s[:3])
+    torch.testing.assert_close((u * s) @ vh, (full_u[:, :3] * full_s[:3]) @ full_vh[:3])
+    assert tail == pytest.approx(float((full_s[3:] ** 2).sum()), rel=1e-9)
+    u, s, vh, tail = am.top_svd(matrix, 20)  # more than it has: every component, nothing left out
+    torch.testing.assert_close((u * s) @ vh, matrix)
+    assert tail == pytest.approx(0.0, abs=1e-9)

@@ -75,6 +75,30 @@ def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int, form: str = "bala
     return (u[:, :rank] * s).float(), a.float()
 
 
+def top_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(U, S, Vh, tail)``: the top ``rank`` SVD components of a dense matrix (float64) and the squared Frobenius
+    norm of the rest, from the eigendecomposition of its smaller Gram matrix.
+
+    LAPACK's full SVD of a 1536 x 384 matrix took about 2 s on this project's 2-core machine; the Gram matrix and its
+    eigendecomposition take a few hundredths of that. Squaring the matrix squares its condition number, so the
+    components far below the largest lose relative accuracy; the top ones, which truncation keeps, do not.
+    """
+    m = matrix.double()
+    wide = m.shape[0] < m.shape[1]
+    values, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    k = min(rank, values.numel())
+    s = values[:k].sqrt()
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # a zero component stays zero (split_factors marks it dead)
+    if wide:
+        u = vectors[:, :k]
+        vh = (u.T @ m) / safe[:, None]
+    else:
+        vh = vectors[:, :k].T
+        u = (m @ vh.T) / safe
+    return u, s, vh, max(float(m.pow(2).sum()) - float(values[:k].sum()), 0.0)
+
+
 #: Widest client stack (the replies' ranks summed) that :func:`top_product_svd` decomposes exactly with
 #: :func:`product_svd`, whose cost grows with the width squared. Wider stacks (more than 32 replies at rank 8)
 #: go through :func:`sketched_product_svd`, whose cost grows linearly in the number of replies.

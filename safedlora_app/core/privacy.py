@@ -116,10 +116,18 @@ def noised_mean(updates: Sequence[Mapping[str, Part]], space: Mapping[str, tuple
                                  f"({tuple(space[name]) if name in space else 'no such name'})")
     norms = [update_norm(update) for update in updates]
     mean = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in space.items()}
+    products: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # name -> the weighted b's and the a's
     for update, norm in zip(updates, norms):
         weight = clip_coefficient(norm, mechanism.clip) / mechanism.expected_nodes
         for name, part in update.items():
-            mean[name].add_(part.dense() if isinstance(part, LowRank) else part.double(), alpha=weight)
+            if isinstance(part, LowRank):
+                bs, as_ = products.setdefault(name, ([], []))
+                bs.append(part.b.double() * weight)
+                as_.append(part.a.double())
+            else:
+                mean[name].add_(part.double(), alpha=weight)
+    for name, (bs, as_) in products.items():  # sum_k w_k b_k a_k as one product of the stacks
+        mean[name].add_(torch.cat(bs, dim=1) @ torch.cat(as_, dim=0))
     if mechanism.noise_std > 0:
         for total in mean.values():
             total.add_(torch.randn(total.shape, generator=generator, dtype=torch.float64), alpha=mechanism.noise_std)

@@ -162,9 +162,9 @@ def private_aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequen
             new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), sent_a
         elif config.aggregation == "product":
             change = mean[PRODUCT + m] / config.lora_scale
-            u, s, vh = torch.linalg.svd(sent_b.double() @ sent_a.double() + change, full_matrices=False)
+            u, s, vh, tail = am.top_svd(sent_b.double() @ sent_a.double() + change, config.rank_max)
             new[kb], new[ka] = am.split_factors(u, s, vh, config.rank_max, config.factor_form)
-            dropped, update = dropped + float((s[config.rank_max:] ** 2).sum()), update + float(change.pow(2).sum())
+            dropped, update = dropped + tail, update + float(change.pow(2).sum())
         else:
             new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), (sent_a.double() + mean[ka]).float()
     first = next(iter(plan.factors))

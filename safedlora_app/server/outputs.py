@@ -49,6 +49,9 @@ class RoundStats:
     """Nodes sent lower ranks than ``ranks`` because of their node-config ``max-rank``."""
     replies: int = 0
     dropped: int = 0
+    trained: list[str] = field(default_factory=list)
+    """The nodes whose replies the round aggregated, by name (node-config ``node-name``; ``partition-<id>`` in a
+    simulation; else the node id): who a model's training rows came from (a membership check reads it)."""
     bytes_down: int = 0
     bytes_up: int = 0
     params_down: int = 0

@@ -155,6 +155,7 @@ class SAFedLoRA(Strategy):
         stats.bytes_up, stats.params_up = screened.bytes_up, screened.params_up
         valid = self._account(server_round, "training", screened, sent.backbone_hash)
         stats.replies, stats.dropped = len(valid), len(screened.dropped) + len(screened.lost)
+        stats.trained = sorted(self._name(reply.node_id) or str(reply.node_id) for reply in valid)
         if not valid and not self.private:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
