@@ -248,7 +248,10 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, config.num_server_rounds)
     strategy = SAFedLoRA(effective, shapes, expected_full={k: tuple(v.shape) for k, v in state.items()},
                          rounds=recorder, first_round=first_round)
-    deadlines = DeadlineGrid(grid, cap=config.round_timeout, factor=config.round_deadline_factor)
+    # A private round waits round-timeout: a deadline set by earlier rounds' timing would let one node's timing
+    # decide whether other nodes' replies count, an influence beyond the C/m that the accountant assumes.
+    factor = 0.0 if config.private else config.round_deadline_factor
+    deadlines = DeadlineGrid(grid, cap=config.round_timeout, factor=factor)
     parts = (recorder, strategy, deadlines)
     if resumed:
         checkpoint.restore(resumed, parts)

@@ -345,7 +345,8 @@ def test_config_mismatch_names_the_changed_keys():
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "argument --seeds: '0' is not allowed; it must be an integer >= 1"),
     (["--rounds", "ten"], "argument --rounds: 'ten' is not allowed; it must be an integer >= 1"),
-    (["--methods", "fedit,fedsgd"], "argument --methods: 'fedit' is not allowed; choose from: accurate, defaults"),
+    (["--methods", "fedit,fedsgd"],
+     "argument --methods: 'fedit' is not allowed; choose from: accurate-r32, accurate, defaults"),
     (["--splits", "iid"], "argument --splits: 'iid' is not allowed; choose from: natural, dirichlet"),
     (["--target-accuracy", "55"], "argument --target-accuracy: '55' is not allowed; it must be a fraction in (0, 1]"),
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),

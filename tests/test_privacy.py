@@ -3,7 +3,9 @@ fixed-weight mean, Gaussian noise, the SVD truncation after it, and the accounta
 hand-computed expectations."""
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from support.runs import run_server
@@ -81,7 +83,7 @@ def test_one_node_moves_the_mean_by_at_most_c_over_m_whatever_it_sends(method, c
     others = [a_reply(plan, previous, seed) for seed in (1, 2)]
 
     def moved(*replies):
-        new, _ = private_aggregate_round(c, plan, replies, previous, mechanism, torch.Generator())
+        new, _ = private_aggregate_round(c, plan, replies, previous, mechanism, np.random.default_rng(0))
         return dense(node_update(c, plan, new, previous))  # the aggregate's change from what the round started
 
     without = moved(*others)
@@ -99,7 +101,7 @@ def test_the_noise_has_the_stated_scale_and_is_released_with_no_reply():
     plan, previous = start(c, shapes={"q": (300, 200)}, head_shape=(300, 200))
     mechanism = dp.Mechanism(clip=0.5, noise_multiplier=2.0, expected_nodes=4.0)
     assert mechanism.noise_std == 0.25
-    new, diagnostics = private_aggregate_round(c, plan, [], previous, mechanism, torch.Generator().manual_seed(3))
+    new, diagnostics = private_aggregate_round(c, plan, [], previous, mechanism, np.random.default_rng(3))
     for change in (new[HEAD] - previous[HEAD], new["lora_B::q"] - plan.factors["q"][0]):
         n = change.numel()  # 60,000 and 1,200 draws: 5 standard errors of the mean and of the deviation
         assert abs(float(change.mean())) < 5 * 0.25 / math.sqrt(n)
@@ -114,12 +116,12 @@ def test_the_svd_truncation_comes_after_the_noise():
     plan, previous = start(c, shapes={"q": (12, 10)})
     mechanism = dp.Mechanism(clip=0.5, noise_multiplier=0.7, expected_nodes=2.0)
     node = a_reply(plan, previous, 4)
-    new, _ = private_aggregate_round(c, plan, [node], previous, mechanism, torch.Generator().manual_seed(9))
+    new, _ = private_aggregate_round(c, plan, [node], previous, mechanism, np.random.default_rng(9))
 
     update = dense(node_update(c, plan, node, previous))
     weight = min(1.0, 0.5 / math.sqrt(sum(float(p.pow(2).sum()) for p in update.values()))) / 2.0
-    g = torch.Generator().manual_seed(9)
-    noised = {k: weight * update[k] + mechanism.noise_std * torch.randn(shape, generator=g, dtype=torch.float64)
+    g = np.random.default_rng(9)
+    noised = {k: weight * update[k] + mechanism.noise_std * torch.from_numpy(g.standard_normal(shape))
               for k, shape in update_space(c, plan, previous).items()}  # drawn in the space's order
     sent_b, sent_a = plan.factors["q"]
     target = sent_b.double() @ sent_a.double() + noised["product::q"] / c.lora_scale
@@ -192,12 +194,20 @@ def test_the_mechanism_is_resolved_once_and_a_checkpoint_keeps_it():
     assert resumed.state_dict() == rounds.state_dict() and resumed.mechanism == rounds.mechanism
 
 
-def test_nodes_are_poisson_sampled_from_secret_randomness():
-    rounds = PrivateRounds(RunConfig.from_mapping({"dp-noise-multiplier": 1.0, "fraction-train": 0.05}))
-    nodes = list(range(10_000))
-    first, second = rounds.sample(nodes), rounds.sample(nodes)
+def test_nodes_are_poisson_sampled_and_noised_from_secret_randomness():
+    """Two runs of the same config, with every seedable generator seeded alike, sample other nodes and draw other
+    noise; the noise's generator holds more seed than anyone could try (torch's CPU generator keeps 32 bits)."""
+    config = RunConfig.from_mapping({"dp-noise-multiplier": 1.0, "fraction-train": 0.05})
+    nodes, draws = list(range(10_000)), []
+    for _ in range(2):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        rounds = PrivateRounds(config)
+        rounds.population = len(nodes)
+        draws.append((rounds.sample(nodes), rounds.generator.standard_normal(4).tolist()))
+        assert rounds.generator.bit_generator.seed_seq.entropy.bit_length() > 128
+    (first, noise), (second, other_noise) = draws
     assert all(390 < len(s) < 610 for s in (first, second))  # 500 expected, 5 standard deviations either way
-    assert first != second and set(first) <= set(nodes)
+    assert first != second and noise != other_noise and set(first) <= set(nodes)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -223,13 +233,62 @@ def test_a_private_strategy_round_drops_nothing_silently_and_accounts_every_roun
     assert len(messages) == 2  # q = 1: every node
     arrays, _ = strategy.aggregate_train(1, [reply(messages[0], trained(messages[0], 1), 10)])  # one lost
     stats = strategy.rounds.current
-    assert arrays is not None and stats.replies == 1 and stats.dp_clipped == 1.0 and stats.dp_norm > 1.0
+    assert arrays is not None and (stats.replies, stats.dropped) == (1, 1)
+    assert stats.dp_clipped == 1.0 and stats.dp_norm > 1.0
     assert stats.dp_epsilon == pytest.approx(accounting.epsilon(1.0, 1.0, 1, 1e-5))
     assert strategy.state_dict()["privacy"] == {"population": 2, "delta": 1e-5, "noise-multiplier": 1.0}
     send(strategy, 2, arrays, grid=grid)
     again, _ = strategy.aggregate_train(2, [])  # nobody replied: the noise is still released and accounted
     assert again is not None and strategy.rounds.current.dp_epsilon > stats.dp_epsilon
     assert not torch.equal(pl.unpack(again)["head::head.w"], pl.unpack(arrays)["head::head.w"])
+
+
+def test_one_node_moves_a_full_round_by_at_most_c_over_m():
+    """A full round (fedavg): the head and the backbone are clipped together; a huge reply moves the new model by
+    exactly C/m, and a noised BatchNorm variance stays >= 0."""
+    c = config(method="fedavg", **{"dp-noise-multiplier": 0.0})
+    plan = plan_round(c, 1, {}, SHAPES)
+    g = torch.Generator().manual_seed(2)
+    previous = {"backbone::w": torch.randn(4, 3, generator=g), HEAD: torch.randn(2, 3, generator=g)}
+    updates = [{k: size * torch.randn(v.shape, generator=g) for k, v in previous.items()} for size in (1.0, 2.0, 1e3)]
+    mechanism = dp.Mechanism(clip=0.5, noise_multiplier=0.0, expected_nodes=4.0)
+
+    def new(*replies, state=previous, z=0.0):
+        noisy = dp.Mechanism(0.5, z, 4.0)
+        return private_aggregate_round(c, plan, replies, state, noisy, np.random.default_rng(1))[0]
+
+    influence = distance({k: v.double() for k, v in new(*updates).items()},
+                         {k: v.double() for k, v in new(*updates[:2]).items()})
+    assert influence == pytest.approx(mechanism.sensitivity, rel=1e-6)
+    with_bn = {**previous, "backbone::bn.running_var": torch.full((3,), 1e-3)}
+    assert float(new(state=with_bn, z=50.0)["backbone::bn.running_var"].min()) >= 0.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resumed_run_extended_beyond_its_target_stops_before_its_next_round():
+    strategy = make_strategy(dp_target_epsilon=4.0, fraction_train=1.0)
+    send(strategy, 1, initial(strategy), grid=FakeGrid((11, 22)))
+    extended = make_strategy(dp_target_epsilon=4.0, fraction_train=1.0, num_server_rounds=12)
+    extended.load_state_dict(strategy.state_dict())  # the mechanism planned for 6 rounds
+    with pytest.raises(accounting.PrivacyBudgetError, match="12 rounds at dp-noise-multiplier"):
+        send(extended, 2, initial(extended), grid=FakeGrid((11, 22)))
+
+
+def test_epsilon_of_sampled_rounds_matches_an_independent_rdp_computation():
+    """q < 1: the Poisson-subsampled Gaussian's RDP at an integer order a is log(A_a) / (a - 1), with
+    A_a = sum_k C(a, k) (1 - q)^(a - k) q^k exp((k^2 - k) / (2 z^2)) (Mironov, Talwar & Zhang 2019, section 3.3),
+    converted as Opacus converts. Over the integer orders alone it can only be at least the accountant's, which also
+    searches fractional orders, and here it is within 2%."""
+    z, q, rounds, delta = 1.1, 0.05, 30, 1e-5
+    best = math.inf
+    for a in range(2, 128):
+        logs = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1) + (a - k) * math.log(1 - q)
+                + k * math.log(q) + (k * k - k) / (2 * z * z) for k in range(a + 1)]
+        top = max(logs)
+        rdp = rounds * (top + math.log(sum(math.exp(x - top) for x in logs))) / (a - 1)
+        best = min(best, rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a))
+    ours = accounting.epsilon(z, q, rounds, delta)
+    assert ours <= best <= 1.02 * ours, (ours, best)
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -85,7 +85,6 @@ def membership_auc(folder: RunFolder, nodes: int = NODES, rows: int = 2000) -> f
     """The loss-threshold attack's AUC on ``folder``'s final model, a run of ``nodes`` simulated nodes (see the
     module docstring), on at most ``rows`` members and ``rows`` non-members drawn at random (seed 0)."""
     from peft import PeftModel
-    from scipy.stats import mannwhitneyu
 
     from safedlora_app.core.data import partition_dataset
     from safedlora_app.tasks import get_task, load_task_data
@@ -125,8 +124,15 @@ def membership_auc(folder: RunFolder, nodes: int = NODES, rows: int = 2000) -> f
     inside = losses(*sample([t for part in members for t in part[column]],
                             [y for part in members for y in part["label"]]))
     outside = losses(*sample(list(data.test[column]), list(data.test["label"])))
-    # P(member loss < non-member loss) + half the ties: the Mann-Whitney U of the non-members over both sizes.
-    return float(mannwhitneyu(outside, inside).statistic / (len(inside) * len(outside)))
+    return loss_auc(inside, outside)
+
+
+def loss_auc(members: Sequence[float], others: Sequence[float]) -> float:
+    """P(a member's loss < a non-member's loss), ties counted half: the Mann-Whitney U of the non-members' losses
+    over the number of pairs. 0.5: the losses tell nothing; 1: every member below every non-member."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(others, members).statistic / (len(members) * len(others)))
 
 
 def report(root: Path, methods: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int]) -> str:

@@ -79,9 +79,9 @@ def top_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """``(U, S, Vh, tail)``: the top ``rank`` SVD components of a dense matrix (float64) and the squared Frobenius
     norm of the rest, from the eigendecomposition of its smaller Gram matrix.
 
-    LAPACK's full SVD of a 1536 x 384 matrix took about 2 s on this project's 2-core machine; the Gram matrix and its
-    eigendecomposition take a few hundredths of that. Squaring the matrix squares its condition number, so the
-    components far below the largest lose relative accuracy; the top ones, which truncation keeps, do not.
+    On one thread, for a 1536 x 576 matrix, the eigendecomposition took 0.045 s against the full SVD's 0.18 s on this
+    project's 2-core machine (7 December 2026). Squaring the matrix squares its condition number, so the components
+    far below the largest lose relative accuracy; the top ones, which truncation keeps, do not.
     """
     m = matrix.double()
     wide = m.shape[0] < m.shape[1]

@@ -120,7 +120,8 @@ class RunConfig:
         3.0,
         "After the first round, a round waits at most this many times the longest earlier round in which every "
         "node replied (at least 60 s, at most round-timeout), so that a hung node cannot hold each round for the "
-        "whole round-timeout; 0 = always round-timeout.", low=0.0)
+        "whole round-timeout; 0 = always round-timeout. Private runs (dp-*) always wait round-timeout: an "
+        "earlier round's timing must not decide whose replies count.", low=0.0)
 
     # --- Initiating stage ----------------------------------------------------------------
     init_rounds: int = option(1, "Rounds 1..init-rounds use the proximal term (0 disables the stage).", low=0)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -99,7 +100,7 @@ class Mechanism:
 
 
 def noised_mean(updates: Sequence[Mapping[str, Part]], space: Mapping[str, tuple[int, ...]], mechanism: Mechanism,
-                generator: torch.Generator) -> tuple[dict[str, Tensor], list[float]]:
+                generator: np.random.Generator) -> tuple[dict[str, Tensor], list[float]]:
     """``(mean, norms)``: the clipped updates summed over ``m`` with the mechanism's noise, dense float64, one tensor
     per name of ``space`` (every name gets noise, even one that no update holds, or with no update at all); and each
     update's norm before clipping.
@@ -128,13 +129,14 @@ def noised_mean(updates: Sequence[Mapping[str, Part]], space: Mapping[str, tuple
                 mean[name].add_(part.double(), alpha=weight)
     for name, (bs, as_) in products.items():  # sum_k w_k b_k a_k as one product of the stacks
         mean[name].add_(torch.cat(bs, dim=1) @ torch.cat(as_, dim=0))
-    if mechanism.noise_std > 0:
+    if mechanism.noise_std > 0:  # drawn in the space's order
         for total in mean.values():
-            total.add_(torch.randn(total.shape, generator=generator, dtype=torch.float64), alpha=mechanism.noise_std)
+            total.add_(torch.from_numpy(generator.standard_normal(tuple(total.shape))), alpha=mechanism.noise_std)
     return mean, norms
 
 
-def secret_generator() -> torch.Generator:
-    """A generator seeded from the operating system's randomness: the noise and the sampling of a private run
-    must not follow from anything a node or the public knows (the run's seed is in every node's run config)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+def secret_generator() -> np.random.Generator:
+    """A generator seeded with 256 bits of the operating system's randomness: the noise of a private run must not
+    follow from anything a node or the public knows (the run's seed is in every node's run config), nor from a seed
+    small enough to try them all (torch's CPU generator keeps 32 bits of its seed)."""
+    return np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence(int.from_bytes(os.urandom(32), "little"))))

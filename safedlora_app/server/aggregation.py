@@ -9,9 +9,11 @@ separately (``"factors"``, FedIT's way).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from safedlora_app.core import adapter_math as am
@@ -136,7 +138,7 @@ def node_update(config: RunConfig, plan: RoundPlan, reply: Tensors, previous: Te
 
 
 def private_aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tensors], previous: Tensors,
-                            mechanism: dp.Mechanism, generator: torch.Generator
+                            mechanism: dp.Mechanism, generator: np.random.Generator
                             ) -> tuple[dict[str, torch.Tensor], dict]:
     """``(new global tensors, diagnostics)`` of a differentially private round (client-level, central).
 
@@ -152,6 +154,9 @@ def private_aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequen
                                  generator)
     if plan.kind == FULL:
         new = {k: (previous[k].double() + mean[k]).float() for k in space}
+        for k in new:  # noise can make a BatchNorm variance negative; clamping it is post-processing
+            if k.endswith("running_var"):
+                new[k] = new[k].clamp_min(0.0)
         return new, {"dropped_update": None, "factor_norms": {}, "dp": _clip_stats(norms, mechanism.clip)}
     new = pl.of_kind(previous, pl.BACKBONE)
     new.update({k: (previous[k].double() + mean[k]).float() for k in pl.of_kind(previous, pl.HEAD)})
@@ -180,10 +185,7 @@ def _clip_stats(norms: Sequence[float], clip: float) -> dict[str, float | None]:
     """The replies' median update norm before clipping, and the share of them that clipping scaled down."""
     if not norms:
         return {"norm": None, "clipped": None}
-    ordered = sorted(norms)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return {"norm": median, "clipped": sum(n > clip for n in norms) / len(norms)}
+    return {"norm": statistics.median(norms), "clipped": sum(n > clip for n in norms) / len(norms)}
 
 
 def reply_metrics(records: Sequence[Mapping], weights: Sequence[float]) -> dict[str, float | int]:

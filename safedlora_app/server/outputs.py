@@ -337,13 +337,12 @@ class RunRecorder(RoundLog):
         budget = (f"budget {line['budget']} (ranks {min(ranks.values())}-{max(ranks.values())})"
                   if line.get("budget") is not None else "full model")
         dropped = f" | dropped {line['dropped']}" if line.get("dropped") else ""
-        if line.get("dp-epsilon") is not None:
-            dropped += f" | epsilon {line['dp-epsilon']:.3f}"
+        privacy = f" | epsilon {line['dp-epsilon']:.3f}" if line.get("dp-epsilon") is not None else ""
         if federated := _scores(line, "fed-"):
             evaluation += f" | federated {federated} ({line['eval-rows']} rows, {line['eval-replies']} nodes)"
         return (f"[round {line['round']}/{self.num_rounds}] {line['stage']} | {budget} | "
                 f"down {line['bytes-down'] / MB:.2f} MB up {line['bytes-up'] / MB:.2f} MB | "
-                f"{evaluation} | {line['round-seconds']:.1f} s{dropped}")
+                f"{evaluation} | {line['round-seconds']:.1f} s{dropped}{privacy}")
 
     def summary(self, config: RunConfig, wall_seconds: float, model_dir: Path | None,
                 best: BestRound | None = None, best_dir: Path | None = None) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.supercore import log
@@ -35,7 +35,7 @@ class PrivateRounds:
         self.noise_multiplier: float | None = None
         self.generator = dp.secret_generator()
         self._sampler = random.SystemRandom()
-        self._checked = False
+        self._checked = self._warned = False
 
     @property
     def sample_rate(self) -> float:
@@ -74,7 +74,13 @@ class PrivateRounds:
         return dp.Mechanism(self.config.dp_clip, self.noise_multiplier, self.sample_rate * self.population)
 
     def sample(self, node_ids: list[int]) -> list[int]:
-        """Poisson sampling: each node independently with probability q (possibly none)."""
+        """Poisson sampling: each node independently with probability q (possibly none). Warns once when the
+        connected nodes differ from the population by more than a tenth: m = q N no longer matches the round."""
+        if abs(len(node_ids) - self.population) > 0.1 * self.population and not self._warned:
+            self._warned = True
+            log(WARNING, "differential privacy: %d nodes are connected, against the %d of the run's first round that "
+                "fixed m = %.1f; the mean is scaled by the first round's N (set min-nodes to the federation's size so "
+                "that the first round waits for it)", len(node_ids), self.population, self.mechanism.expected_nodes)
         return [n for n in node_ids if self._sampler.random() < self.sample_rate]
 
     def epsilon(self, rounds: int) -> float:

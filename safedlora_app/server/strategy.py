@@ -87,21 +87,21 @@ class SAFedLoRA(Strategy):
         self._round: tuple[Dispatch, dict[str, torch.Tensor]]  # the round in flight, the global tensors it started from
         self._evaluation: Dispatch | None = None  # the federated evaluation in flight
         self._sent_at = 0.0  # when configure_train handed the round's messages to Flower
-        self.private = PrivateRounds(config) if config.private else None
+        self.privacy = PrivateRounds(config) if config.private else None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: which trained backbone each node holds (see
         :mod:`~safedlora_app.server.checkpoint`). A node's limits are asked again. A private run adds its mechanism
         (:class:`~safedlora_app.server.private_rounds.PrivateRounds`)."""
         state: dict[str, Any] = {"node-backbone": {str(n): digest for n, digest in self.node_backbone.items()}}
-        if self.private:
-            state["privacy"] = self.private.state_dict()
+        if self.privacy:
+            state["privacy"] = self.privacy.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.node_backbone = {int(node_id): digest for node_id, digest in state["node-backbone"].items()}
-        if self.private and state.get("privacy"):
-            self.private.load_state_dict(state["privacy"])
+        if self.privacy and state.get("privacy"):
+            self.privacy.load_state_dict(state["privacy"])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -156,17 +156,17 @@ class SAFedLoRA(Strategy):
         valid = self._account(server_round, "training", screened, sent.backbone_hash)
         stats.replies, stats.dropped = len(valid), len(screened.dropped) + len(screened.lost)
         stats.trained = sorted(self._name(reply.node_id) or str(reply.node_id) for reply in valid)
-        if not valid and not self.private:
+        if not valid and not self.privacy:
             log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
             return None, None
         weights = self._weights(server_round, valid)
         checked = [reply.checked for reply in valid]
-        if self.private:  # noise is released whether or not anyone replied: the mechanism is the same every round
+        if self.privacy:  # noise is released whether or not anyone replied: the mechanism is the same every round
             if not valid:
                 log(WARNING, "round %d: no valid reply; the global model moves by the noise alone", server_round)
             new, diagnostics = private_aggregate_round(self.config, sent.plan, checked, previous,
-                                                       self.private.mechanism, self.private.generator)
-            stats.dp_epsilon = self.private.epsilon(server_round)
+                                                       self.privacy.mechanism, self.privacy.generator)
+            stats.dp_epsilon = self.privacy.epsilon(server_round)
             stats.dp_norm, stats.dp_clipped = diagnostics["dp"]["norm"], diagnostics["dp"]["clipped"]
         else:
             new, diagnostics = aggregate_round(self.config, sent.plan, checked, weights, previous)
@@ -308,9 +308,11 @@ class SAFedLoRA(Strategy):
             log(INFO, "round %d: waiting for nodes (%d of %d connected)", server_round, len(node_ids),
                 self.config.min_nodes)
             time.sleep(1.0)
-        if self.private and draw == Draw.TRAIN:
-            self.private.start(len(node_ids))
-            return sorted(self.private.sample(node_ids))
+        if self.privacy and draw == Draw.TRAIN:
+            self.privacy.start(len(node_ids))
+            sampled = sorted(self.privacy.sample(node_ids))
+            self._ask_limits(grid, sampled, server_round)  # their names, in full rounds too (the round's `trained`)
+            return sampled
         size = how_many(len(node_ids))
         if size < len(node_ids):
             # Node ids differ between processes and runs; the names nodes report do not. Drawing from the nodes
