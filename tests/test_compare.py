@@ -345,8 +345,8 @@ def test_config_mismatch_names_the_changed_keys():
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "argument --seeds: '0' is not allowed; it must be an integer >= 1"),
     (["--rounds", "ten"], "argument --rounds: 'ten' is not allowed; it must be an integer >= 1"),
-    (["--methods", "fedit,fedsgd"],
-     "argument --methods: 'fedit' is not allowed; choose from: accurate-r32, accurate, defaults"),
+    (["--arms", "fedit,fedsgd"],
+     "argument --arms/--methods: 'fedit' is not allowed; choose from: accurate-r32, accurate, defaults"),
     (["--splits", "iid"], "argument --splits: 'iid' is not allowed; choose from: natural, dirichlet"),
     (["--target-accuracy", "55"], "argument --target-accuracy: '55' is not allowed; it must be a fraction in (0, 1]"),
     (["--name", "a/b"], "--name = 'a/b' is not allowed; it must be a plain directory name"),
@@ -369,7 +369,7 @@ def test_bad_values_exit_with_a_clear_error(args, message, capsys, tmp_path):
 
 def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
     assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--name", "x", "--seeds", "3",
-                     "--methods", "fedit-rmax,fedit-rmin", "--splits", "natural,dirichlet", "--rounds", "4"]) == 0
+                     "--arms", "fedit-rmax,fedit-rmin", "--splits", "natural,dirichlet", "--rounds", "4"]) == 0
     out = capsys.readouterr().out
     assert "dirichlet/fedit-rmax-s42  --run-config \"" in out and "dirichlet/fedit-rmax-s44" in out
     # ablations: the first 2 seeds, natural split only
@@ -382,7 +382,7 @@ def test_dry_run_prints_every_run_and_its_run_config(capsys, tmp_path):
 
 def test_ablation_seeds_run_the_ablations_on_more_of_the_seeds(capsys, tmp_path):
     assert cli.main(["compare", "--dry-run", "--out", str(tmp_path), "--seeds", "4", "--ablation-seeds", "3",
-                     "--methods", "fedit-rmax,sa-fp16", "--splits", "natural"]) == 0
+                     "--arms", "fedit-rmax,sa-fp16", "--splits", "natural"]) == 0
     out = capsys.readouterr().out
     assert "natural/sa-fp16-s44" in out and "sa-fp16-s45" not in out and "natural/fedit-rmax-s45" in out
 
@@ -390,7 +390,7 @@ def test_ablation_seeds_run_the_ablations_on_more_of_the_seeds(capsys, tmp_path)
 def test_ablation_splits_run_the_ablations_on_another_split(capsys, tmp_path):
     assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--seeds", "2",
                      "--ablation-splits", "dirichlet",
-                     "--methods", "fedit-rmax,sa-fp16", "--splits", "natural,dirichlet"]) == 0
+                     "--arms", "fedit-rmax,sa-fp16", "--splits", "natural,dirichlet"]) == 0
     out = capsys.readouterr().out
     assert "dirichlet/sa-fp16-s43" in out and "natural/sa-fp16" not in out and "natural/fedit-rmax-s43" in out
 
@@ -402,7 +402,7 @@ def planned_keys(out: str) -> set[str]:
 
 def test_headline_splits_add_seeds_on_those_splits_only(capsys, tmp_path):
     assert cli.main(["compare", "--preset", "full", "--dry-run", "--out", str(tmp_path), "--seeds", "5",
-                     "--ablation-seeds", "3", "--headline-splits", "natural", "--methods", "fedavg,sa-fedlora,sa-fp16",
+                     "--ablation-seeds", "3", "--headline-splits", "natural", "--arms", "fedavg,sa-fedlora,sa-fp16",
                      "--splits", "natural,dirichlet"]) == 0
     out = capsys.readouterr().out
 
@@ -431,7 +431,7 @@ def test_headline_splits_default_to_every_split_and_reach_the_plan_and_the_notes
 
 
 def test_dry_run_with_lr_search_lists_the_search_runs(capsys, tmp_path):
-    cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--methods", "fedavg"])
+    cli.main(["compare", "--dry-run", "--quick", "--lr-search", "--out", str(tmp_path), "--arms", "fedavg"])
     out = capsys.readouterr().out
     assert "natural/fedavg-lrx2-s41" in out and "full-lr=5e-05" in out and "full-lr=0.0002" in out
     assert "natural/fedavg-s42" in out  # reported on seed 42, searched on the tuning seed 41
@@ -509,7 +509,7 @@ class FakeFlower:
 
 def test_report_only_tabulates_the_finished_runs_and_runs_nothing(tmp_path):
     FakeFlower.runs = []
-    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "p", "--methods", "fedit-rmax"]
+    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "p", "--arms", "fedit-rmax"]
     assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(argv)), [], say=lambda _: None,
                        flower_factory=FakeFlower) == 0
     (tmp_path / "p" / "table.csv").unlink()
@@ -526,7 +526,7 @@ def test_report_only_tabulates_the_finished_runs_and_runs_nothing(tmp_path):
 def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax,sa-fedlora"]))
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--arms", "fedit-rmax,sa-fedlora"]))
     lines = []
     assert cli.compare(options, [], say=lines.append, flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == ["fedit-rmax-s42", "sa-fedlora-s42"]
@@ -544,7 +544,7 @@ def test_resume_skips_finished_runs_and_redoes_half_finished_ones(tmp_path):
                                                    "bracketed": None, "fixed": False}
     # other settings under the same name are refused, not mixed
     changed = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--rounds", "5"]))
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--arms", "fedit-rmax", "--rounds", "5"]))
     with pytest.raises(plan.CompareError, match="was made with other settings"):
         cli.compare(changed, [], say=lines.append, flower_factory=FakeFlower)
 
@@ -586,12 +586,12 @@ def test_a_stored_run_is_found_by_its_full_run_config_wherever_it_was_written(tm
 
 def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tmp_path):
     FakeFlower.runs = []
-    first = ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--methods", "fedit-rmax",
+    first = ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--arms", "fedit-rmax",
              "--store", str(tmp_path / "store")]
     assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(first)), [], say=lambda _: None,
                        flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == ["fedit-rmax-s42"] and len(list((tmp_path / "store" / "natural").iterdir())) == 1
-    second = ["compare", "--quick", "--out", str(tmp_path), "--name", "b", "--methods", "fedit-rmax,sa-fedlora",
+    second = ["compare", "--quick", "--out", str(tmp_path), "--name", "b", "--arms", "fedit-rmax,sa-fedlora",
               "--reuse", str(tmp_path / "store")]
     lines = []
     assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(second)), [], say=lines.append,
@@ -604,7 +604,7 @@ def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tm
     rows = list(csv.DictReader((tmp_path / "b" / "table.csv").read_text().splitlines()))
     assert [(r["method"], r["seeds"]) for r in rows] == [("fedit-rmax", "1"), ("sa-fedlora", "1")]
     # the tables are rebuilt from the stored runs alone
-    report = ["compare", "--quick", "--out", str(tmp_path), "--name", "d", "--methods", "fedit-rmax",
+    report = ["compare", "--quick", "--out", str(tmp_path), "--name", "d", "--arms", "fedit-rmax",
               "--reuse", str(tmp_path / "store"), "--report-only"]
     FakeFlower.runs = []
     assert cli.compare(cli.resolve_options(cli.build_parser().parse_args(report)), [], say=lambda _: None,
@@ -620,7 +620,7 @@ def test_stored_runs_are_reused_instead_of_run_again_and_their_tables_rebuilt(tm
 
 def test_fixed_lr_multipliers_skip_the_search_for_those_methods_and_their_family(capsys, tmp_path):
     argv = ["compare", "--preset", "full", "--out", str(tmp_path), "--lr-search", "--lr-multipliers", "sa-fedlora=2",
-            "--methods", "sa-fp16-rmin4,sa-all-r16,sa-qv-r16", "--splits", "natural", "--dry-run"]
+            "--arms", "sa-fp16-rmin4,sa-all-r16,sa-qv-r16", "--splits", "natural", "--dry-run"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     search, comparison = out.split("comparison (")
@@ -683,7 +683,7 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
 
     monkeypatch.setattr(FakeFlower, "run", run)
     options = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--methods", "fedit-rmax", "--lr-search",
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "s", "--arms", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet", "--store", str(tmp_path / "store")]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     # 3 search runs on natural, seed 41, chosen by validation loss; x2, the best, is the grid's edge, so x4
@@ -700,7 +700,7 @@ def test_lr_search_picks_each_methods_best_and_reuses_that_run(tmp_path, monkeyp
     # --report-only from the stored runs alone makes the same choice: the extension's x4 is reused too.
     FakeFlower.runs = []
     report = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--methods", "fedit-rmax", "--lr-search",
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "r", "--arms", "fedit-rmax", "--lr-search",
          "--splits", "natural,dirichlet", "--reuse", str(tmp_path / "store"), "--report-only"]))
     assert cli.compare(report, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     assert FakeFlower.runs == []
@@ -716,7 +716,7 @@ TINY = ["--set", "local-samples=16", "--set", "test-size=48", "--set", "val-size
 @pytest.mark.e2e  # no xdist_group: its own SuperLink, on a worker beside test_e2e_simulation.py's
 @pytest.mark.extended  # docs/testing.md: CI's tier leaves it out
 def test_tiny_comparison_end_to_end_then_resume(tmp_path, capsys):
-    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--methods", "fedit-rmax,sa-fedlora",
+    argv = ["compare", "--quick", "--out", str(tmp_path), "--name", "tiny", "--arms", "fedit-rmax,sa-fedlora",
             "--splits", "natural", "--rounds", "2", "--target-accuracy", "0.4", *TINY]
     assert cli.main(argv) == 0
     first = capsys.readouterr().out
@@ -769,7 +769,7 @@ def test_sigterm_stops_a_comparison_like_ctrl_c_and_the_old_handler_comes_back()
 def test_each_ablation_is_paired_against_sa_fedlora_and_fedit_rmax(tmp_path):
     FakeFlower.runs = []
     options = cli.resolve_options(cli.build_parser().parse_args(
-        ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--methods",
+        ["compare", "--quick", "--out", str(tmp_path), "--name", "a", "--arms",
          "fedit-rmax,sa-fedlora,sa-no-init,sa-fp16"]))
     assert cli.compare(options, [], say=lambda _: None, flower_factory=FakeFlower) == 0
     paired = json.loads((tmp_path / "a" / "comparison.json").read_text())["paired"]
@@ -877,11 +877,11 @@ def test_the_language_model_comparison_refuses_the_options_it_does_not_read(caps
     with pytest.raises(SystemExit) as exit_:
         cli.main(["compare", "--task", "causal-lm", "--splits", "natural", "--lr-search"])
     assert exit_.value.code == 2
-    assert ("--splits, --lr-search: not allowed with --task causal-lm; allowed: --methods, --name, --out, "
+    assert ("--splits, --lr-search: not allowed with --task causal-lm; allowed: --arms, --name, --out, "
             "--report-only, --seeds, --set") in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["compare", "--task", "causal-lm", "--methods", "sa-fedlora,fedavg"])
-    assert "--methods fedavg: not allowed with --task causal-lm; choose from: sa-fedlora, fedit-rmax, ffa-lora" in \
+        cli.main(["compare", "--task", "causal-lm", "--arms", "sa-fedlora,fedavg"])
+    assert "--arms fedavg: not allowed with --task causal-lm; choose from: sa-fedlora, fedit-rmax, ffa-lora" in \
         capsys.readouterr().err
 
 

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the command is run again.")
     p.add_argument("--task", choices=TASKS, default=TASKS[0],
                    help="text-classification (default): the methods on the tweets' splits; causal-lm: sa-fedlora "
-                        "against fedit-rmax and ffa-lora on the causal-lm defaults, paired by seed (with --methods, "
+                        "against fedit-rmax and ffa-lora on the causal-lm defaults, paired by seed (with --arms, "
                         "--out, --name, --seeds, --set and --report-only alone)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="protocol",
                    help="'protocol' (default): the app's two points as shipped against fedavg and fixed-rank LoRA "
@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--splits); on the other splits they run the first --ablation-seeds, so 'natural' with "
                         "--seeds 5 and --ablation-seeds 3 adds seeds on the natural split only; default: all of "
                         "--splits")
-    p.add_argument("--methods", type=choices_of(tuple(METHODS)), default=None,
-                   help=f"comma-separated, from: {', '.join(METHODS)}; default: all")
+    # The arms of lab/safedlora_lab/arms/ (a run-config each), not the app's `method` key; --methods is the old name.
+    p.add_argument("--arms", "--methods", dest="methods", type=choices_of(tuple(METHODS)), default=None,
+                   help=f"comma-separated arms (lab/safedlora_lab/arms/*.toml), from: {', '.join(METHODS)}; "
+                        "default: the preset's (--methods: the same, its older name)")
     p.add_argument("--splits", type=choices_of(tuple(SPLITS)), default=None,
                    help=f"comma-separated, from: {', '.join(SPLITS)}; default: preset")
     p.add_argument("--rounds", type=integer_at_least(1), default=None, help="num-server-rounds (>= 1); default: preset")
@@ -531,12 +533,13 @@ def compare_causal_lm(parser: argparse.ArgumentParser, args: argparse.Namespace)
     ignored = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
                if key not in LM_OPTIONS and value != getattr(defaults, key)]
     if ignored:
-        allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(LM_OPTIONS - {"command", "task"}))
+        flags = {"methods": "arms"}  # the dest of --arms keeps the option's older name
+        allowed = ", ".join(sorted("--" + flags.get(k, k).replace("_", "-") for k in LM_OPTIONS - {"command", "task"}))
         parser.exit(2, f"safedlora compare: error: {', '.join(ignored)}: not allowed with --task causal-lm; "
                        f"allowed: {allowed}\n")
     arms = args.methods or LM_ARMS
     if unknown := [a for a in arms if a not in LM_ARMS]:
-        parser.exit(2, f"safedlora compare: error: --methods {','.join(unknown)}: not allowed with --task causal-lm; "
+        parser.exit(2, f"safedlora compare: error: --arms {','.join(unknown)}: not allowed with --task causal-lm; "
                        f"choose from: {', '.join(LM_ARMS)}\n")
     try:
         settings = parse_set(args.set)
