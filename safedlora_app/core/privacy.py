@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,31 +28,41 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class LowRank:
-    """The ``d_out x d_in`` matrix ``b @ a`` (``b``: d_out x q, ``a``: q x d_in), formed only by :meth:`dense`."""
+    """``scale (b a - b0 a0)``, a d_out x d_in matrix held as its factors (references, not copies), formed only by
+    :meth:`dense`: a round's replies then cost no more memory than they already take."""
 
     b: Tensor
     a: Tensor
+    b0: Tensor
+    a0: Tensor
+    scale: float = 1.0
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.b.shape[0], self.a.shape[1]
 
+    def stacks(self) -> tuple[Tensor, Tensor]:
+        """The matrix as one product of stacked factors, float64: ``scale [b, -b0]`` times ``[a; a0]``."""
+        return (torch.cat([self.b.double(), -self.b0.double()], dim=1) * self.scale,
+                torch.cat([self.a.double(), self.a0.double()], dim=0))
+
     def squared_norm(self) -> float:
-        """``||b a||_F^2 = trace((b^T b)(a a^T))``: two q x q products instead of the d_out x d_in matrix."""
-        b, a = self.b.double(), self.a.double()
+        """``||B A||_F^2 = trace((B^T B)(A A^T))`` of the stacks: two q x q products instead of the d_out x d_in
+        matrix, for q = rank(b) + rank(b0)."""
+        b, a = self.stacks()
         return max(float(torch.trace((b.T @ b) @ (a @ a.T))), 0.0)
 
     def dense(self) -> Tensor:
-        return self.b.double() @ self.a.double()
+        b, a = self.stacks()
+        return b @ a
 
 
 Part = Tensor | LowRank
 
 
 def product_change(b: Tensor, a: Tensor, b0: Tensor, a0: Tensor, scale: float = 1.0) -> LowRank:
-    """``scale (b a - b0 a0)`` as one low-rank product of stacked factors, ``scale [b, -b0] [a; a0]``: its norm
-    costs (r + r0)^2 numbers, whatever the module's size."""
-    return LowRank(torch.cat([b.double(), -b0.double()], dim=1) * scale, torch.cat([a.double(), a0.double()], dim=0))
+    """``scale (b a - b0 a0)``: a module's weight change from its factors (see :class:`LowRank`)."""
+    return LowRank(b, a, b0, a0, scale)
 
 
 def squared_norm(part: Part) -> float:
@@ -100,10 +110,11 @@ class Mechanism:
 
 
 def noised_mean(updates: Sequence[Mapping[str, Part]], space: Mapping[str, tuple[int, ...]], mechanism: Mechanism,
-                generator: np.random.Generator) -> tuple[dict[str, Tensor], list[float]]:
-    """``(mean, norms)``: the clipped updates summed over ``m`` with the mechanism's noise, dense float64, one tensor
-    per name of ``space`` (every name gets noise, even one that no update holds, or with no update at all); and each
-    update's norm before clipping.
+                generator: np.random.Generator) -> tuple[Iterator[tuple[str, Tensor]], list[float]]:
+    """``(mean, norms)``: the clipped updates summed over ``m`` with the mechanism's noise, dense float64, one
+    ``(name, tensor)`` per name of ``space``, in its order and made as it is read (a caller that uses each before the
+    next holds one dense part at a time); every name gets noise, even one that no update holds, or with no update at
+    all. ``norms``: each update's norm before clipping. Both are checked and computed before the first part.
 
     Raises
     ------
@@ -116,23 +127,25 @@ def noised_mean(updates: Sequence[Mapping[str, Part]], space: Mapping[str, tuple
                 raise ValueError(f"update part {name!r} of shape {tuple(part.shape)} is not in the space "
                                  f"({tuple(space[name]) if name in space else 'no such name'})")
     norms = [update_norm(update) for update in updates]
-    mean = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in space.items()}
-    products: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # name -> the weighted b's and the a's
-    for update, norm in zip(updates, norms):
-        weight = clip_coefficient(norm, mechanism.clip) / mechanism.expected_nodes
-        for name, part in update.items():
-            if isinstance(part, LowRank):
-                bs, as_ = products.setdefault(name, ([], []))
-                bs.append(part.b.double() * weight)
-                as_.append(part.a.double())
-            else:
-                mean[name].add_(part.double(), alpha=weight)
-    for name, (bs, as_) in products.items():  # sum_k w_k b_k a_k as one product of the stacks
-        mean[name].add_(torch.cat(bs, dim=1) @ torch.cat(as_, dim=0))
-    if mechanism.noise_std > 0:  # drawn in the space's order
-        for total in mean.values():
-            total.add_(torch.from_numpy(generator.standard_normal(tuple(total.shape))), alpha=mechanism.noise_std)
-    return mean, norms
+    weights = [clip_coefficient(norm, mechanism.clip) / mechanism.expected_nodes for norm in norms]
+
+    def parts() -> Iterator[tuple[str, Tensor]]:
+        for name, shape in space.items():
+            total = torch.zeros(shape, dtype=torch.float64)
+            products = []
+            for weight, update in zip(weights, updates):
+                if isinstance(part := update.get(name), LowRank):
+                    products.append((weight, part.stacks()))
+                elif part is not None:
+                    total.add_(part.double(), alpha=weight)
+            if products:  # sum_k w_k B_k A_k as one product of the stacks
+                total.add_(torch.cat([w * b for w, (b, _) in products], dim=1)
+                           @ torch.cat([a for _, (_, a) in products]))
+            if mechanism.noise_std > 0:  # drawn in the space's order
+                total.add_(torch.from_numpy(generator.standard_normal(tuple(shape))), alpha=mechanism.noise_std)
+            yield name, total
+
+    return parts(), norms
 
 
 def secret_generator() -> np.random.Generator:

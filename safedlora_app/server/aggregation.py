@@ -150,35 +150,35 @@ def private_aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequen
     :func:`aggregate_round`'s keys.
     """
     space = update_space(config, plan, previous)
-    mean, norms = dp.noised_mean([node_update(config, plan, r, previous) for r in received], space, mechanism,
-                                 generator)
-    if plan.kind == FULL:
-        new = {k: (previous[k].double() + mean[k]).float() for k in space}
-        for k in new:  # noise can make a BatchNorm variance negative; clamping it is post-processing
-            if k.endswith("running_var"):
-                new[k] = new[k].clamp_min(0.0)
-        return new, {"dropped_update": None, "factor_norms": {}, "dp": _clip_stats(norms, mechanism.clip)}
-    new = pl.of_kind(previous, pl.BACKBONE)
-    new.update({k: (previous[k].double() + mean[k]).float() for k in pl.of_kind(previous, pl.HEAD)})
+    parts, norms = dp.noised_mean([node_update(config, plan, r, previous) for r in received], space, mechanism,
+                                  generator)
+    new = {} if plan.kind == FULL else pl.of_kind(previous, pl.BACKBONE)
+    sent = {key: factor for m, factors in plan.factors.items()
+            for key, factor in zip((pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)), factors)}
     dropped = update = 0.0
-    for m, (sent_b, sent_a) in plan.factors.items():
-        kb, ka = pl.key(pl.LORA_B, m), pl.key(pl.LORA_A, m)
-        if plan.frozen_a:
-            new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), sent_a
-        elif config.aggregation == "product":
-            change = mean[PRODUCT + m] / config.lora_scale
+    for name, change in parts:  # one noised part at a time: a module's dense mean lives only while it is used
+        if name.startswith(PRODUCT):  # truncated after the noise: post-processing
+            m = name[len(PRODUCT):]
+            sent_b, sent_a = plan.factors[m]
+            change /= config.lora_scale
             u, s, vh, tail = am.top_svd(sent_b.double() @ sent_a.double() + change, config.rank_max)
-            new[kb], new[ka] = am.split_factors(u, s, vh, config.rank_max, config.factor_form)
+            new[pl.key(pl.LORA_B, m)], new[pl.key(pl.LORA_A, m)] = am.split_factors(u, s, vh, config.rank_max,
+                                                                                 config.factor_form)
             dropped, update = dropped + tail, update + float(change.pow(2).sum())
-        else:
-            new[kb], new[ka] = (sent_b.double() + mean[kb]).float(), (sent_a.double() + mean[ka]).float()
-    first = next(iter(plan.factors))
-    return new, {
-        "dropped_update": float(f"{dropped / update:.9g}") if config.aggregation == "product" and update > 0 else None,
-        "factor_norms": {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
-                         "A": float(new[pl.key(pl.LORA_A, first)].norm())},
-        "dp": _clip_stats(norms, mechanism.clip),
-    }
+        else:  # the head, A and B (factors), B (A frozen), or a full round's tensor
+            new[name] = ((sent[name] if name in sent else previous[name]).double() + change).float()
+            if name.endswith("running_var"):  # noise can make a BatchNorm variance negative: clamped
+                new[name] = new[name].clamp_min(0.0)
+    if plan.frozen_a:
+        new.update({pl.key(pl.LORA_A, m): sent_a for m, (_, sent_a) in plan.factors.items()})
+    diagnostics = {"dropped_update": None, "factor_norms": {}, "dp": _clip_stats(norms, mechanism.clip)}
+    if plan.kind != FULL:
+        first = next(iter(plan.factors))
+        diagnostics["factor_norms"] = {"B": float(new[pl.key(pl.LORA_B, first)].norm()),
+                                       "A": float(new[pl.key(pl.LORA_A, first)].norm())}
+        if config.aggregation == "product" and not plan.frozen_a and update > 0:
+            diagnostics["dropped_update"] = float(f"{dropped / update:.9g}")
+    return new, diagnostics
 
 
 def _clip_stats(norms: Sequence[float], clip: float) -> dict[str, float | None]:
