@@ -98,23 +98,17 @@ def aggregate_round(config: RunConfig, plan: RoundPlan, received: Sequence[Tenso
     return new, diagnostics
 
 
-def update_space(config: RunConfig, plan: RoundPlan, previous: Tensors) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of a round's updates where its aggregation is linear (:func:`node_update`)."""
-    if plan.kind == FULL:
-        return {k: tuple(v.shape) for kind in (pl.BACKBONE, pl.HEAD) for k, v in pl.of_kind(previous, kind).items()}
-    space = {k: tuple(v.shape) for k, v in pl.of_kind(previous, pl.HEAD).items()}
-    for m, (b, a) in plan.factors.items():
-        if plan.frozen_a:
-            space[pl.key(pl.LORA_B, m)] = tuple(b.shape)
-        elif config.aggregation == "product":
-            space[PRODUCT + m] = (b.shape[0], a.shape[1])
-        else:
-            space[pl.key(pl.LORA_B, m)], space[pl.key(pl.LORA_A, m)] = tuple(b.shape), tuple(a.shape)
-    return space
-
-
 #: The name of a module's weight change ``s (B A - B0 A0)`` in a private product round's update.
 PRODUCT = "product::"
+
+
+def update_space(config: RunConfig, plan: RoundPlan, previous: Tensors) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of a round's updates where its aggregation is linear: those of :func:`node_update` for a
+    node that returns what it was sent."""
+    sent = {**pl.of_kind(previous, pl.HEAD), **(pl.of_kind(previous, pl.BACKBONE) if plan.kind == FULL else {})}
+    for m, (b, a) in plan.factors.items():
+        sent[pl.key(pl.LORA_B, m)], sent[pl.key(pl.LORA_A, m)] = b, a
+    return {k: tuple(part.shape) for k, part in node_update(config, plan, sent, previous).items()}
 
 
 def node_update(config: RunConfig, plan: RoundPlan, reply: Tensors, previous: Tensors) -> dict[str, dp.Part]:
